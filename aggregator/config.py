@@ -1,0 +1,100 @@
+"""Aggregator settings: named defaults, a TOML file, then command-line flags (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.quantize import CODECS
+from shared.settings import load_settings
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """Everything the aggregator service needs to run a federation."""
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    federation: str = "default"
+    model: str = "lenet5"
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    num_classes: int = 10
+    rounds: int = 20
+    min_clients: int = 2
+    fraction: float = 1.0
+    round_timeout: float = 120.0
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    codec: str = "int8"
+    eval_data: str | None = None
+    metrics_file: str | None = None
+    client_id: str = "aggregator"
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    max_update_bytes: int = 64 * 1024 * 1024
+    wait_clients_timeout: float = 600.0
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.rounds >= 1, "rounds must be ≥ 1"),
+            (self.min_clients >= 1, "min-clients must be ≥ 1"),
+            (0 < self.fraction <= 1, "fraction must be in (0, 1]"),
+            (self.round_timeout > 0, "round-timeout must be > 0"),
+            (self.local_epochs >= 1, "local-epochs must be ≥ 1"),
+            (self.batch_size >= 1, "batch-size must be ≥ 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.momentum >= 0, "momentum must be ≥ 0"),
+            (self.codec in CODECS, f"codec must be one of {sorted(CODECS)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every config field; unset flags do not override the file."""
+    parser.add_argument("--config", type=Path, help="TOML file with these settings")
+    d = AggregatorConfig()
+    parser.add_argument("--broker", help=f"broker URL (default {d.broker})")
+    parser.add_argument("--federation", help="federation name (topic namespace)")
+    parser.add_argument("--model", help="architecture: lenet5, cnn, mlp (default lenet5)")
+    parser.add_argument("--input-shape", type=_shape, help="C,H,W of one sample (default 1,28,28)")
+    parser.add_argument("--num-classes", type=int)
+    parser.add_argument("--rounds", type=int, help=f"rounds to run (default {d.rounds})")
+    parser.add_argument("--min-clients", type=int, help="quorum to close a round at its deadline")
+    parser.add_argument("--fraction", type=float, help="fraction of online agents selected")
+    parser.add_argument("--round-timeout", type=float, help="seconds before a round's deadline")
+    parser.add_argument("--local-epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--momentum", type=float)
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--codec", help=f"update codec: {', '.join(sorted(CODECS))}")
+    parser.add_argument("--eval-data", help="held-out data (.npz, IDX dir, image folder)")
+    parser.add_argument("--metrics-file", help="write metrics.json here after every round")
+    parser.add_argument("--client-id", help="MQTT client id of the aggregator")
+    parser.add_argument("--username")
+    parser.add_argument("--password")
+    parser.add_argument("--ca-file")
+    parser.add_argument("--max-update-bytes", type=int)
+    parser.add_argument("--wait-clients-timeout", type=float)
+    parser.add_argument("--threads", type=int, help="torch threads for evaluation")
+
+
+def from_args(args: argparse.Namespace) -> AggregatorConfig:
+    """Defaults < TOML ``[aggregator]`` < ``FEDMQ_AGGREGATOR_*`` environment < flags."""
+    return load_settings(AggregatorConfig, args, "aggregator", "FEDMQ_AGGREGATOR_")
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("input shape is C,H,W")
+    return (parts[0], parts[1], parts[2])

@@ -1,0 +1,200 @@
+"""``fedmq demo``: a whole federation on this machine, as separate processes over MQTT.
+
+Starts a Mosquitto broker (``broker_config/``) on a free loopback port, one aggregator process
+and N agent processes that talk only through the broker, after partitioning a dataset into one
+``.npz`` per agent (exactly what a device would hold). Shows one line per round from the
+``metrics`` topic and leaves a run directory with ``metrics.json``, ``metrics.png``, logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.monitor import RoundTable
+from aggregator.report import load_metrics, plot_metrics, summarize
+from shared.data import load_named_dataset, partition, save_npz
+from shared.local_broker import LocalBroker
+
+FEDERATION = "demo"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``fedmq demo``."""
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or mnist")
+    p.add_argument("--data-root", help="directory with the dataset's IDX files")
+    p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards"])
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    p.add_argument("--shards-per-client", type=int, default=2)
+    p.add_argument("--model", default="lenet5")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--fraction", type=float, default=1.0)
+    p.add_argument("--min-clients", type=int, help="default: all clients")
+    p.add_argument("--round-timeout", type=float, default=300.0)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--samples-per-client", type=int, help="cap each client's share (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="run directory (default runs/demo-<time>)")
+
+
+def prepare_data(args: argparse.Namespace, data_dir: Path) -> tuple[list[Path], Path]:
+    """Partition the training set into one .npz per client; save the test set for evaluation."""
+    train = load_named_dataset(args.dataset, train=True, root=args.data_root)
+    test = load_named_dataset(args.dataset, train=False, root=args.data_root)
+    rng = np.random.default_rng(args.seed)
+    parts = partition(
+        train.y,
+        args.clients,
+        args.partition,
+        rng,
+        alpha=args.alpha,
+        shards_per_client=args.shards_per_client,
+    )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, idx in enumerate(parts):
+        if args.samples_per_client:
+            idx = idx[: args.samples_per_client]
+        path = data_dir / f"client-{i:02d}.npz"
+        save_npz(path, train.subset(np.sort(idx)))
+        paths.append(path)
+    test_path = data_dir / "test.npz"
+    save_npz(test_path, test)
+    return paths, test_path
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # One BLAS/OpenMP thread per process: N agents share 2 cores without oversubscription.
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def start_processes(
+    args: argparse.Namespace, url: str, clients: list[Path], test: Path, out: Path
+) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
+    """Launch the aggregator and one agent per client, each logging to ``out/logs``."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = _child_env()
+    agg_cmd = [
+        sys.executable,
+        "-m",
+        "aggregator.service",
+        "--broker",
+        url,
+        "--federation",
+        FEDERATION,
+        "--model",
+        args.model,
+        "--rounds",
+        str(args.rounds),
+        "--min-clients",
+        str(args.min_clients or args.clients),
+        "--fraction",
+        str(args.fraction),
+        "--round-timeout",
+        str(args.round_timeout),
+        "--local-epochs",
+        str(args.local_epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--lr",
+        str(args.lr),
+        "--momentum",
+        str(args.momentum),
+        "--seed",
+        str(args.seed),
+        "--codec",
+        args.codec,
+        "--eval-data",
+        str(test),
+        "--metrics-file",
+        str(out / "metrics.json"),
+    ]
+    agents = []
+    for i, path in enumerate(clients):
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "--broker",
+            url,
+            "--federation",
+            FEDERATION,
+            "--client-id",
+            f"agent-{i:02d}",
+            "--data",
+            str(path),
+            "--val-fraction",
+            str(args.val_fraction),
+        ]
+        with open(logs / f"agent-{i:02d}.log", "wb") as fh:
+            agents.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
+    with open(logs / "aggregator.log", "wb") as fh:
+        aggregator = subprocess.Popen(agg_cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    return aggregator, agents
+
+
+def _stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    end = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the whole demo; return the aggregator's exit code."""
+    out: Path = args.out or Path("runs") / datetime.now().strftime("demo-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"preparing {args.dataset}: {args.clients} clients, {args.partition} partition ...")
+    clients, test = prepare_data(args, out / "data")
+    with LocalBroker(out / "broker") as broker:
+        print(
+            f"broker {broker.url}; watch it with: mosquitto_sub -h 127.0.0.1 -p {broker.port} "
+            "-v -t 'fl/#'"
+        )
+        table = RoundTable(broker.url, FEDERATION, args.rounds)
+        t0 = time.monotonic()
+        aggregator, agents = start_processes(args, broker.url, clients, test, out)
+        try:
+            table.follow(until=lambda: aggregator.poll() is not None)
+        finally:
+            _stop_all([aggregator])
+            _stop_all(agents)
+        wall = time.monotonic() - t0
+    code = aggregator.returncode
+    if code != 0:
+        print(f"aggregator exited with {code}; see {out / 'logs' / 'aggregator.log'}")
+        return code or 1
+    rounds = load_metrics(out)
+    png = plot_metrics(
+        rounds,
+        out / "metrics.png",
+        f"fedmq demo: {args.model}, {args.dataset}, {args.clients} clients, {args.partition}",
+    )
+    summary = summarize(rounds) | {"wall_time_s": wall, "clients": args.clients}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    table.print_summary(summary)
+    print(f"run directory: {out}  (metrics.json, {png.name}, summary.json, logs/)")
+    return 0

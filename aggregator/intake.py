@@ -1,0 +1,124 @@
+"""Screening one inbound update: envelope, frame, shapes, values — then into the sum.
+
+Everything that can be wrong with an update becomes a rejection with a reason; nothing raises
+out of :meth:`UpdateIntake.offer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from aggregator.rounds import RoundState, Verdict
+from aggregator.strategy import AggregationError, StreamingFedAvg
+from shared.codec import FrameError, decode_frame, read_header
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    """What an accepted update told us about its local training."""
+
+    client_id: str
+    num_samples: int
+    nbytes: int
+    train_loss: float | None
+    train_time_s: float | None
+    val_accuracy: float | None
+    val_samples: int
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The outcome of offering one update."""
+
+    verdict: Verdict
+    stats: UpdateStats | None = None
+
+
+class UpdateIntake:
+    """Validates updates for the open round and folds accepted ones into the running sum."""
+
+    def __init__(
+        self, federation: str, state: RoundState, acc: StreamingFedAvg, max_bytes: int
+    ) -> None:
+        self.federation = federation
+        self.state = state
+        self.acc = acc
+        self.max_bytes = max_bytes
+        self.stats: list[UpdateStats] = []
+        self.bytes_received = 0
+
+    def offer(self, topic_round: int, topic_client: str, payload: bytes) -> Offer:
+        """Screen, decode and (if valid) add one update. Never raises on bad input."""
+        self.bytes_received += len(payload)
+        verdict = self._screen(topic_round, topic_client, payload)
+        if verdict.accepted:
+            verdict, stats = self._decode_and_add(topic_client, payload)
+            if stats is not None:
+                self.stats.append(stats)
+                return Offer(verdict, stats)
+        if topic_round == self.state.round_id and topic_client not in self.state.accepted:
+            self.state.reject(topic_client, verdict.reason)
+        return Offer(verdict)
+
+    def _screen(self, topic_round: int, client: str, payload: bytes) -> Verdict:
+        try:
+            head = read_header(payload, max_bytes=self.max_bytes)
+        except FrameError as exc:
+            return Verdict(False, f"undecodable: {exc}")
+        mismatch = [
+            (head.kind != "update", f"frame kind is {head.kind!r}, not 'update'"),
+            (head.federation != self.federation, f"federation {head.federation!r} is not ours"),
+            (head.round != topic_round, f"frame round {head.round} != topic round {topic_round}"),
+            (head.client_id != client, f"frame client {head.client_id!r} != topic client"),
+            (head.num_samples <= 0, "num_samples must be positive"),
+        ]
+        for bad, reason in mismatch:
+            if bad:
+                return Verdict(False, reason)
+        return self.state.screen(client, head.round, head.base_hash)
+
+    def _decode_and_add(self, client: str, payload: bytes) -> tuple[Verdict, UpdateStats | None]:
+        try:
+            frame = decode_frame(payload, max_bytes=self.max_bytes, expect_shapes=self.acc.shapes)
+            self.acc.add(frame.tensors, frame.header.num_samples)
+        except (FrameError, AggregationError) as exc:
+            return Verdict(False, f"invalid update: {exc}"), None
+        head = frame.header
+        self.state.accept(client, head.num_samples)
+        meta = head.meta
+        stats = UpdateStats(
+            client_id=client,
+            num_samples=head.num_samples,
+            nbytes=len(payload),
+            train_loss=_num(meta.get("train_loss")),
+            train_time_s=_num(meta.get("train_time_s")),
+            val_accuracy=_num(meta.get("val_accuracy")),
+            val_samples=int(meta.get("val_samples", 0) or 0),
+        )
+        return Verdict(True), stats
+
+    def weighted_train_loss(self) -> float | None:
+        """Sample-weighted mean of the agents' reported training losses."""
+        pairs = [(s.train_loss, s.num_samples) for s in self.stats if s.train_loss is not None]
+        total = sum(n for _, n in pairs)
+        return sum(v * n for v, n in pairs) / total if total else None
+
+    def weighted_val_accuracy(self) -> float | None:
+        """Validation-sample-weighted mean of the agents' local accuracies."""
+        pairs = [(s.val_accuracy, s.val_samples) for s in self.stats if s.val_accuracy is not None]
+        total = sum(n for _, n in pairs)
+        return sum(v * n for v, n in pairs) / total if total else None
+
+    def slowest_train_s(self) -> float:
+        """The longest local training time among accepted updates."""
+        return max((s.train_time_s or 0.0 for s in self.stats), default=0.0)
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        v = float(value)
+        return v if v == v and abs(v) != float("inf") else None
+    return None

@@ -1,0 +1,80 @@
+"""Render a run directory's ``metrics.json`` as plots (PNG) and a summary table."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-round entries of ``run_dir/metrics.json``."""
+    path = run_dir / "metrics.json" if run_dir.is_dir() else run_dir
+    data = json.loads(path.read_text())
+    rounds = data.get("rounds") if isinstance(data, dict) else None
+    if not isinstance(rounds, list):
+        raise ValueError(f"{path}: no 'rounds' list")
+    return rounds
+
+
+def plot_metrics(rounds: list[dict[str, Any]], out_png: Path, title: str = "") -> Path:
+    """Accuracy and loss per round (and bytes per round) into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["round"] for r in rounds]
+    fig, (ax_acc, ax_loss, ax_bytes) = plt.subplots(1, 3, figsize=(15, 4.2))
+    acc = [r.get("test_accuracy") for r in rounds]
+    if any(a is not None for a in acc):
+        ax_acc.plot(xs, [100 * a if a is not None else None for a in acc], "o-", label="test")
+    val = [r.get("local_val_accuracy") for r in rounds]
+    if any(v is not None for v in val):
+        ax_acc.plot(
+            xs,
+            [100 * v if v is not None else None for v in val],
+            "s--",
+            label="agents' local validation",
+        )
+    ax_acc.set(xlabel="round", ylabel="accuracy (%)", title="accuracy")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend()
+    for key, label in (("test_loss", "test"), ("train_loss", "agents' training")):
+        ys = [r.get(key) for r in rounds]
+        if any(y is not None for y in ys):
+            ax_loss.plot(xs, ys, "o-", label=label)
+    ax_loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    ax_bytes.bar([x - 0.2 for x in xs], [r["bytes_up"] / 1e3 for r in rounds], 0.4, label="up")
+    ax_bytes.bar([x + 0.2 for x in xs], [r["bytes_down"] / 1e3 for r in rounds], 0.4, label="down")
+    ax_bytes.set(xlabel="round", ylabel="kB per round (all clients)", title="traffic")
+    ax_bytes.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Headline figures of a run: final accuracy, mean round time, bytes per round."""
+    last = rounds[-1]
+    n_up = [r["bytes_up"] / max(1, r["accepted"]) for r in rounds]
+    return {
+        "rounds": len(rounds),
+        "final_test_accuracy": last.get("test_accuracy"),
+        "final_test_loss": last.get("test_loss"),
+        "mean_round_time_s": statistics.fmean(r["round_time_s"] for r in rounds),
+        "mean_slowest_train_s": statistics.fmean(r["slowest_train_s"] for r in rounds),
+        "mean_aggregate_latency_ms": statistics.fmean(r["aggregate_latency_ms"] for r in rounds),
+        "max_aggregate_latency_ms": max(r["aggregate_latency_ms"] for r in rounds),
+        "mean_bytes_up_per_round": statistics.fmean(r["bytes_up"] for r in rounds),
+        "mean_bytes_up_per_client_round": statistics.fmean(n_up),
+        "mean_bytes_down_per_round": statistics.fmean(r["bytes_down"] for r in rounds),
+        "codec": last.get("codec", ""),
+    }

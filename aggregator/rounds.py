@@ -1,0 +1,124 @@
+"""The round state machine: selection, quorum, deadline, late and duplicate updates.
+
+Pure: no MQTT, no files; time comes in as arguments so tests drive it with a fake clock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+
+class RoundPhase(Enum):
+    """Where a round stands."""
+
+    OPEN = "open"  # waiting for updates
+    COMPLETE = "complete"  # every selected client reported: apply now
+    QUORUM = "quorum"  # deadline passed with at least min_clients updates: apply now
+    STARVED = "starved"  # deadline passed below quorum: extend or retry
+    CLOSED = "closed"  # applied; everything that arrives now is late
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether an update may enter the sum, and why not."""
+
+    accepted: bool
+    reason: str = ""
+
+
+ACCEPT = Verdict(True)
+
+
+def select_clients(
+    online: list[str], fraction: float, min_clients: int, rng: np.random.Generator
+) -> list[str]:
+    """Pick max(min_clients, ⌈fraction·|online|⌉) of the online clients, sorted."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    pool = sorted(set(online))
+    want = min(len(pool), max(min_clients, math.ceil(fraction * len(pool))))
+    picked = rng.choice(len(pool), size=want, replace=False) if want else np.array([], int)
+    return sorted(pool[int(i)] for i in picked)
+
+
+@dataclass
+class RoundState:
+    """One round's bookkeeping. The caller does the decoding and the math."""
+
+    round_id: int
+    base_hash: str
+    selected: set[str]
+    min_clients: int
+    deadline: float
+    started_at: float
+    accepted: dict[str, int] = field(default_factory=dict)  # client → num_samples
+    rejected: dict[str, str] = field(default_factory=dict)  # client → last reason
+    extensions: int = 0
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 1:
+            raise ValueError("min_clients must be ≥ 1")
+        if not self.selected:
+            raise ValueError("a round needs at least one selected client")
+
+    def screen(self, client_id: str, round_id: int, base_hash: str) -> Verdict:
+        """Check an update's envelope before it is decoded: round, base, selection, duplicates."""
+        if round_id < self.round_id or (round_id == self.round_id and self.closed):
+            return Verdict(False, f"late: round {round_id} is closed")
+        if round_id > self.round_id:
+            return Verdict(
+                False, f"wrong round: {round_id} has not started (current {self.round_id})"
+            )
+        if client_id in self.accepted:
+            return Verdict(False, f"duplicate: an update from {client_id} was already counted")
+        if client_id not in self.selected:
+            return Verdict(False, f"not selected for round {round_id}")
+        if base_hash != self.base_hash:
+            return Verdict(
+                False, f"stale base model {base_hash[:12]}, round is on {self.base_hash[:12]}"
+            )
+        return ACCEPT
+
+    def accept(self, client_id: str, num_samples: int) -> None:
+        """Record that ``client_id``'s update entered the sum."""
+        verdict = self.screen(client_id, self.round_id, self.base_hash)
+        if not verdict.accepted:
+            raise ValueError(verdict.reason)
+        self.accepted[client_id] = num_samples
+        self.rejected.pop(client_id, None)
+
+    def reject(self, client_id: str, reason: str) -> None:
+        """Record a rejection (for metrics)."""
+        self.rejected[client_id] = reason
+
+    def phase(self, now: float) -> RoundPhase:
+        """Decide whether the round should be applied now."""
+        if self.closed:
+            return RoundPhase.CLOSED
+        if self.selected <= set(self.accepted):
+            return RoundPhase.COMPLETE
+        if now < self.deadline:
+            return RoundPhase.OPEN
+        if len(self.accepted) >= self.min_clients:
+            return RoundPhase.QUORUM
+        return RoundPhase.STARVED
+
+    def extend(self, new_deadline: float, more_clients: list[str]) -> None:
+        """Keep a starved round open longer, optionally inviting more clients."""
+        self.deadline = new_deadline
+        self.selected |= set(more_clients)
+        self.extensions += 1
+
+    def close(self) -> None:
+        """Mark applied: later updates for this round are late."""
+        self.closed = True
+
+    @property
+    def num_samples(self) -> int:
+        """Total samples behind the accepted updates."""
+        return sum(self.accepted.values())

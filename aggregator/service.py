@@ -1,0 +1,319 @@
+"""The aggregator service: announces rounds, averages deltas, publishes global models.
+
+Wiring only: MQTT transport ⇄ round state machine (:mod:`aggregator.rounds`) ⇄ streaming
+FedAvg (:mod:`aggregator.strategy`). All work happens on the thread that calls :meth:`run`;
+paho's network thread only enqueues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import sys
+import time
+
+import numpy as np
+
+from aggregator.config import AggregatorConfig, add_arguments, from_args
+from aggregator.evaluation import Evaluator
+from aggregator.intake import UpdateIntake
+from aggregator.metrics_log import MetricsLog
+from aggregator.rounds import RoundPhase, RoundState, select_clients
+from aggregator.strategy import StreamingFedAvg
+from shared import messages as msg
+from shared import topics
+from shared.codec import FrameHeader, encode_frame, tensors_hash
+from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound, TransportError
+
+log = logging.getLogger("fedmq.aggregator")
+
+Tensors = dict[str, np.ndarray]
+
+
+class AggregatorService:
+    """Runs one federation from the initial model to the final one."""
+
+    def __init__(self, cfg: AggregatorConfig) -> None:
+        self.cfg = cfg
+        self.topics = topics.Topics(cfg.federation)
+        self.spec = msg.ModelSpec(
+            arch=cfg.model, input_shape=cfg.input_shape, num_classes=cfg.num_classes
+        )
+        self.evaluator = Evaluator(self.spec, cfg.eval_data, cfg.seed, cfg.threads)
+        self.params: Tensors = self.evaluator.initial_params()
+        self.shapes = {n: tuple(v.shape) for n, v in self.params.items()}
+        self.model_hash = tensors_hash(self.params)
+        self.model_bytes = 0
+        self.agents: dict[str, msg.AgentStatus] = {}
+        self.rng = np.random.default_rng(cfg.seed)
+        self.metrics = MetricsLog(cfg.metrics_file)
+        self.round_id = 0
+        self.transport = MqttTransport(
+            cfg.broker,
+            cfg.client_id,
+            subscriptions=[(self.topics.update_any, 1), (self.topics.agent_status_any, 1)],
+            will=Outbound(self.topics.aggregator_status, self._status("offline"), retain=True),
+            options=ConnectOptions(
+                username=cfg.username, password=cfg.password, ca_file=cfg.ca_file
+            ),
+        )
+
+    # --- life cycle --------------------------------------------------------------------
+    def run(self) -> int:
+        """Run every round; return the process exit code."""
+        cfg = self.cfg
+        self.transport.start()
+        self._publish(self.topics.aggregator_status, self._status("running"), retain=True)
+        self._publish_model(final=False)
+        for r in range(1, cfg.rounds + 1):
+            self.round_id = r
+            if not self._wait_for_agents(cfg.min_clients, cfg.wait_clients_timeout):
+                log.error(
+                    "fewer than %d agents online after %.0fs",
+                    cfg.min_clients,
+                    cfg.wait_clients_timeout,
+                )
+                self._finish("offline")
+                return 2
+            self._run_round(r)
+        self._finish("finished")
+        log.info("federation %s finished after %d rounds", cfg.federation, cfg.rounds)
+        return 0
+
+    def _finish(self, state: str) -> None:
+        self._publish(self.topics.round_start(self.round_id), b"", retain=True)
+        if state == "finished":
+            self._publish_model(final=True)
+        self.transport.stop(
+            [Outbound(self.topics.aggregator_status, self._status(state), retain=True)]
+        )
+
+    # --- one round ---------------------------------------------------------------------
+    def _run_round(self, r: int) -> None:
+        cfg = self.cfg
+        started = time.time()
+        selected = select_clients(self._online(), cfg.fraction, cfg.min_clients, self.rng)
+        state = RoundState(
+            r, self.model_hash, set(selected), cfg.min_clients, started + cfg.round_timeout, started
+        )
+        intake = UpdateIntake(
+            cfg.federation, state, StreamingFedAvg(self.shapes), cfg.max_update_bytes
+        )
+        self._announce(state)
+        last_update_at = time.monotonic()
+        while (phase := state.phase(time.time())) in (RoundPhase.OPEN, RoundPhase.STARVED):
+            if phase is RoundPhase.STARVED:
+                self._extend(state)
+                continue
+            item = self._next(timeout=max(0.01, state.deadline - time.time()))
+            if item is not None and self._handle(item, intake):
+                last_update_at = item.received_at
+        state.close()
+        self.params = intake.acc.apply(self.params)
+        self.model_hash = tensors_hash(self.params)
+        self._publish_model(final=False)
+        latency_ms = (time.monotonic() - last_update_at) * 1000
+        self._publish(self.topics.round_start(r), b"", retain=True)
+        self._report(state, intake, started, latency_ms)
+
+    def _announce(self, state: RoundState) -> None:
+        cfg = self.cfg
+        announcement = msg.RoundStart(
+            federation=cfg.federation,
+            round=state.round_id,
+            base_hash=state.base_hash,
+            deadline=state.deadline,
+            selected=sorted(state.selected),
+            model=self.spec,
+            train=msg.TrainParams(
+                local_epochs=cfg.local_epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay,
+                seed=cfg.seed * 100_003 + state.round_id,
+            ),
+            codec=cfg.codec,
+            max_update_bytes=cfg.max_update_bytes,
+        )
+        # Retained, so an agent that (re)connects mid-round learns the round at once.
+        self._publish(self.topics.round_start(state.round_id), announcement.to_json(), retain=True)
+        log.info(
+            "round %d started: %d selected, deadline in %.0fs",
+            state.round_id,
+            len(state.selected),
+            state.deadline - time.time(),
+        )
+
+    def _extend(self, state: RoundState) -> None:
+        extra = [c for c in self._online() if c not in state.selected]
+        state.extend(time.time() + self.cfg.round_timeout, extra)
+        log.warning(
+            "round %d below quorum at its deadline (%d/%d accepted): extended by %.0fs, "
+            "%d more agents invited",
+            state.round_id,
+            len(state.accepted),
+            state.min_clients,
+            self.cfg.round_timeout,
+            len(extra),
+        )
+        self._announce(state)
+
+    def _report(
+        self, state: RoundState, intake: UpdateIntake, started: float, latency_ms: float
+    ) -> None:
+        evaluation = self.evaluator.evaluate(self.params)
+        online = max(len(self._online()), len(state.selected))
+        metrics = msg.RoundMetrics(
+            federation=self.cfg.federation,
+            round=state.round_id,
+            participants=sorted(state.accepted),
+            accepted=len(state.accepted),
+            rejected=len(state.rejected),
+            num_samples=state.num_samples,
+            train_loss=intake.weighted_train_loss(),
+            local_val_accuracy=intake.weighted_val_accuracy(),
+            test_accuracy=evaluation.accuracy if evaluation else None,
+            test_loss=evaluation.loss if evaluation else None,
+            bytes_up=intake.bytes_received,
+            bytes_down=self.model_bytes * online,
+            round_time_s=time.time() - started,
+            slowest_train_s=intake.slowest_train_s(),
+            aggregate_latency_ms=latency_ms,
+            codec=self.cfg.codec,
+            model_hash=self.model_hash,
+        )
+        self._publish(self.topics.metrics, metrics.to_json(), retain=True)
+        self.metrics.append(metrics)
+        log.info(
+            "round %d applied: %d updates, acc=%s, %.1fs",
+            state.round_id,
+            metrics.accepted,
+            metrics.test_accuracy,
+            metrics.round_time_s,
+        )
+
+    # --- inbound -----------------------------------------------------------------------
+    def _next(self, timeout: float) -> Inbound | None:
+        try:
+            return self.transport.inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _handle(self, item: Inbound, intake: UpdateIntake | None) -> bool:
+        """Dispatch one message; True when it was an accepted update."""
+        try:
+            parsed = topics.parse(item.topic)
+        except topics.TopicError as exc:
+            log.warning("ignoring message on %s: %s", item.topic, exc)
+            return False
+        if parsed.kind == "agent_status":
+            self._on_status(item)
+            return False
+        if parsed.kind != "update" or parsed.round_id is None or parsed.client_id is None:
+            return False
+        if intake is None:
+            self._receipt(parsed.round_id, parsed.client_id, False, "no round is open")
+            return False
+        offer = intake.offer(parsed.round_id, parsed.client_id, item.payload)
+        self._receipt(
+            parsed.round_id, parsed.client_id, offer.verdict.accepted, offer.verdict.reason
+        )
+        if not offer.verdict.accepted:
+            log.warning(
+                "rejected update from %s for round %d: %s",
+                parsed.client_id,
+                parsed.round_id,
+                offer.verdict.reason,
+            )
+        return offer.verdict.accepted
+
+    def _on_status(self, item: Inbound) -> None:
+        if not item.payload:
+            return
+        try:
+            status = msg.decode(item.payload, msg.AgentStatus)
+        except msg.MessageError as exc:
+            log.warning("bad agent status on %s: %s", item.topic, exc)
+            return
+        self.agents[status.client_id] = status
+
+    def _online(self) -> list[str]:
+        return sorted(c for c, s in self.agents.items() if s.state != "offline")
+
+    def _wait_for_agents(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while len(self._online()) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            item = self._next(timeout=min(remaining, 1.0))
+            if item is not None:
+                self._handle(item, None)
+        return True
+
+    # --- outbound ----------------------------------------------------------------------
+    def _publish_model(self, final: bool) -> None:
+        header = FrameHeader(
+            kind="model",
+            federation=self.cfg.federation,
+            round=self.round_id,
+            codec="fp32",
+            meta={"model_hash": self.model_hash},
+        )
+        frame = encode_frame(header, self.params)
+        self.model_bytes = len(frame)
+        self._publish(self.topics.global_model, frame, retain=True)
+        meta = msg.GlobalMeta(
+            federation=self.cfg.federation,
+            round=self.round_id,
+            model_hash=self.model_hash,
+            model=self.spec,
+            nbytes=len(frame),
+            final=final,
+        )
+        self._publish(self.topics.global_meta, meta.to_json(), retain=True)
+
+    def _receipt(self, round_id: int, client_id: str, accepted: bool, reason: str) -> None:
+        receipt = msg.Receipt(
+            round=round_id,
+            client_id=client_id,
+            status="accepted" if accepted else "rejected",
+            reason=reason,
+        )
+        self._publish(self.topics.receipt(round_id, client_id), receipt.to_json(), wait=False)
+
+    def _publish(self, topic: str, payload: bytes, retain: bool = False, wait: bool = True) -> None:
+        self.transport.publish(topic, payload, retain=retain, wait=wait)
+
+    def _status(self, state: str) -> bytes:
+        return msg.AggregatorStatus(
+            federation=self.cfg.federation,
+            state=state,  # type: ignore[arg-type]
+            round=self.round_id,
+            rounds_total=self.cfg.rounds,
+        ).to_json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fedmq-aggregator``."""
+    parser = argparse.ArgumentParser(prog="fedmq-aggregator", description=__doc__)
+    add_arguments(parser)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = from_args(args)
+        return AggregatorService(cfg).run()
+    except (ValueError, OSError, TransportError) as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The edge agent: follows round announcements, trains locally, publishes compressed deltas.
+
+All work runs on the thread that calls :meth:`EdgeAgent.run`; paho's network thread only
+enqueues. State comes from retained topics (global model, current round), so an agent that
+joins late or restarts picks up the federation at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_agent.config import AgentConfig
+from edge_agent.local_training import LocalTrainer
+from shared import messages as msg
+from shared import topics
+from shared.codec import FrameError, FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.data import ArrayDataset, load_device_data, train_val_split
+from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound
+
+log = logging.getLogger("fedmq.agent")
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass
+class PendingUpdate:
+    """An update sent but not yet acknowledged by a receipt."""
+
+    round_id: int
+    topic: str
+    payload: bytes
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """The verified global model this agent holds."""
+
+    round_id: int
+    model_hash: str
+    params: Tensors
+
+
+class EdgeAgent:
+    """One device's participation in a federation."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.topics = topics.Topics(cfg.federation)
+        topics.validate_name("client id", cfg.client_id)
+        self.data, self.val = self._load_data()
+        self.trainer = LocalTrainer(cfg.client_id, cfg.threads)
+        self.global_model: GlobalModel | None = None
+        self.announcement: msg.RoundStart | None = None
+        self.done_rounds: set[int] = set()
+        self.pending: PendingUpdate | None = None
+        self.rounds_trained = 0
+        self.stop_event = threading.Event()
+        self.transport = MqttTransport(
+            cfg.broker,
+            cfg.client_id,
+            subscriptions=[
+                (self.topics.global_model, 1),
+                (self.topics.round_start_any, 1),
+                (self.topics.receipt_any_round(cfg.client_id), 1),
+                (self.topics.aggregator_status, 1),
+            ],
+            will=Outbound(
+                self.topics.agent_status(cfg.client_id), self._status("offline"), retain=True
+            ),
+            births=lambda: [
+                Outbound(
+                    self.topics.agent_status(cfg.client_id), self._status("online"), retain=True
+                )
+            ],
+            options=ConnectOptions(
+                username=cfg.username, password=cfg.password, ca_file=cfg.ca_file
+            ),
+        )
+
+    def _load_data(self) -> tuple[ArrayDataset, ArrayDataset | None]:
+        data = load_device_data(self.cfg.data)
+        if self.cfg.val_fraction <= 0:
+            return data, None
+        train, val = train_val_split(data, self.cfg.val_fraction, np.random.default_rng(0))
+        return train, val
+
+    # --- life cycle --------------------------------------------------------------------
+    def run(self) -> int:
+        """Participate until the federation finishes (or :meth:`stop`); return an exit code."""
+        log.info(
+            "%s: %d training samples%s",
+            self.cfg.client_id,
+            len(self.data),
+            f", {len(self.val)} validation" if self.val is not None else "",
+        )
+        self.transport.start(timeout=self.cfg.connect_timeout)
+        while not self.stop_event.is_set():
+            try:
+                item = self.transport.inbox.get(timeout=0.5)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._dispatch(item)
+            self._maybe_train()
+            self._maybe_resend()
+        self.transport.stop(
+            [
+                Outbound(
+                    self.topics.agent_status(self.cfg.client_id),
+                    self._status("offline"),
+                    retain=True,
+                )
+            ]
+        )
+        log.info("%s: stopped after training %d rounds", self.cfg.client_id, self.rounds_trained)
+        return 0
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current step."""
+        self.stop_event.set()
+
+    # --- inbound -----------------------------------------------------------------------
+    def _dispatch(self, item: Inbound) -> None:
+        try:
+            parsed = topics.parse(item.topic)
+        except topics.TopicError as exc:
+            log.warning("ignoring %s: %s", item.topic, exc)
+            return
+        if not item.payload:  # a cleared retained message
+            return
+        handlers = {
+            "global_model": self._on_global_model,
+            "round_start": self._on_round_start,
+            "receipt": self._on_receipt,
+            "aggregator_status": self._on_aggregator_status,
+        }
+        handler = handlers.get(parsed.kind)
+        if handler is None:
+            return
+        try:
+            handler(item)
+        except (FrameError, msg.MessageError) as exc:
+            log.warning("rejected message on %s: %s", item.topic, exc)
+
+    def _on_global_model(self, item: Inbound) -> None:
+        frame = decode_frame(item.payload, max_bytes=self.cfg.max_frame_bytes)
+        head = frame.header
+        if head.kind != "model" or head.federation != self.cfg.federation:
+            raise FrameError(f"not a global model of {self.cfg.federation!r}")
+        claimed = head.meta.get("model_hash")
+        actual = tensors_hash(frame.tensors)
+        if claimed != actual:
+            raise FrameError(f"model hash mismatch: frame says {claimed!r}, content is {actual}")
+        if self.global_model is not None and head.round < self.global_model.round_id:
+            raise FrameError(f"older model (round {head.round} < {self.global_model.round_id})")
+        self.global_model = GlobalModel(head.round, actual, frame.tensors)
+        log.debug("global model of round %d (%s)", head.round, actual[:12])
+
+    def _on_round_start(self, item: Inbound) -> None:
+        ann = msg.decode(item.payload, msg.RoundStart)
+        if ann.federation != self.cfg.federation:
+            return
+        if ann.deadline < time.time() - 1.0:
+            log.debug("ignoring expired announcement of round %d", ann.round)
+            return
+        self.announcement = ann
+
+    def _on_receipt(self, item: Inbound) -> None:
+        receipt = msg.decode(item.payload, msg.Receipt)
+        if receipt.client_id != self.cfg.client_id:
+            return
+        counted = receipt.status == "accepted" or receipt.reason.startswith("duplicate")
+        (log.info if counted else log.warning)(
+            "round %d: update %s%s",
+            receipt.round,
+            receipt.status,
+            f" ({receipt.reason})" if receipt.reason else "",
+        )
+        if self.pending is not None and self.pending.round_id == receipt.round:
+            self.pending = None
+
+    def _on_aggregator_status(self, item: Inbound) -> None:
+        status = msg.decode(item.payload, msg.AggregatorStatus)
+        # A retained "finished" is the previous federation's: keep waiting for the next one.
+        if status.state == "finished" and not item.retain and self.cfg.exit_when_finished:
+            log.info("federation %s finished", status.federation)
+            self.stop()
+
+    # --- training ----------------------------------------------------------------------
+    def _maybe_train(self) -> None:
+        ann, model = self.announcement, self.global_model
+        if ann is None or model is None or ann.round in self.done_rounds:
+            return
+        if self.cfg.client_id not in ann.selected or model.model_hash != ann.base_hash:
+            return  # not invited, or the announced base model has not arrived yet
+        self._publish_status("training", ann.round)
+        local = self.trainer.train(ann.model, model.params, ann.train, self.data, self.val)
+        t0 = time.perf_counter()
+        header = FrameHeader(
+            kind="update",
+            federation=self.cfg.federation,
+            round=ann.round,
+            client_id=self.cfg.client_id,
+            base_hash=ann.base_hash,
+            codec=ann.codec,
+            num_samples=local.num_samples,
+            meta=local.meta,
+        )
+        payload = encode_frame(header, local.delta, rng=np.random.default_rng(ann.train.seed))
+        log.info(
+            "round %d: trained %d samples in %.2fs (loss %.4f), update %d bytes "
+            "(%s, encoded in %.0f ms)",
+            ann.round,
+            local.num_samples,
+            local.meta["train_time_s"],
+            local.meta["train_loss"],
+            len(payload),
+            ann.codec,
+            (time.perf_counter() - t0) * 1000,
+        )
+        topic = self.topics.update(ann.round, self.cfg.client_id)
+        self.done_rounds.add(ann.round)
+        self.rounds_trained += 1
+        self.pending = PendingUpdate(ann.round, topic, payload, time.monotonic())
+        self.transport.publish(topic, payload, qos=1, wait=False)
+        self._publish_status("online", ann.round)
+
+    def _maybe_resend(self) -> None:
+        """Re-send an unacknowledged update while its round is still open (receipt lost)."""
+        p = self.pending
+        if p is None or time.monotonic() - p.sent_at < self.cfg.resend_after_s:
+            return
+        ann = self.announcement
+        if ann is None or ann.round != p.round_id or ann.deadline < time.time():
+            self.pending = None
+            return
+        log.warning(
+            "round %d: no receipt after %.0fs, re-sending", p.round_id, self.cfg.resend_after_s
+        )
+        p.sent_at = time.monotonic()
+        self.transport.publish(p.topic, p.payload, qos=1, wait=False)
+
+    # --- outbound ----------------------------------------------------------------------
+    def _publish_status(self, state: str, round_id: int) -> None:
+        self.transport.publish(
+            self.topics.agent_status(self.cfg.client_id),
+            self._status(state, round_id),
+            retain=True,
+            wait=False,
+        )
+
+    def _status(self, state: str, round_id: int = -1) -> bytes:
+        return msg.AgentStatus(
+            client_id=self.cfg.client_id,
+            state=state,  # type: ignore[arg-type]
+            num_samples=len(self.data),
+            round=round_id,
+            device={"machine": platform.machine(), "python": platform.python_version()},
+        ).to_json()

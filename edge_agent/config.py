@@ -1,0 +1,69 @@
+"""Agent settings: named defaults, a TOML file, environment, then flags (flags win)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.settings import load_settings
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything one device's agent needs."""
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    federation: str = "default"
+    client_id: str = ""
+    data: str = ""
+    val_fraction: float = 0.0
+    threads: int = 1
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    max_frame_bytes: int = 256 * 1024 * 1024
+    resend_after_s: float = 30.0
+    connect_timeout: float = 60.0
+    exit_when_finished: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.client_id:
+            raise ValueError("client-id is required")
+        if not self.data:
+            raise ValueError("data is required: the device's own data (.npz, IDX, image folder)")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError("val-fraction must be in [0, 1)")
+        if self.threads < 1:
+            raise ValueError("threads must be ≥ 1")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every setting; unset flags do not override the file or environment."""
+    parser.add_argument("--config", type=Path, help="TOML file ([agent] table)")
+    parser.add_argument("--broker", help="broker URL, e.g. mqtt://192.168.1.10:1883")
+    parser.add_argument("--federation", help="federation name")
+    parser.add_argument("--client-id", help="this device's id, e.g. pi-07")
+    parser.add_argument("--data", help="the device's data: .npz (x, y), IDX files, image folder")
+    parser.add_argument(
+        "--val-fraction", type=float, help="hold out this fraction for local validation (default 0)"
+    )
+    parser.add_argument("--threads", type=int, help="torch threads for training (default 1)")
+    parser.add_argument("--username")
+    parser.add_argument("--password")
+    parser.add_argument("--ca-file")
+    parser.add_argument("--max-frame-bytes", type=int)
+    parser.add_argument("--resend-after-s", type=float)
+    parser.add_argument("--connect-timeout", type=float)
+    parser.add_argument(
+        "--stay",
+        dest="exit_when_finished",
+        action="store_const",
+        const=False,
+        help="keep running after the federation finishes",
+    )
+
+
+def from_args(args: argparse.Namespace) -> AgentConfig:
+    """Defaults < TOML ``[agent]`` < ``FEDMQ_AGENT_*`` environment < flags."""
+    return load_settings(AgentConfig, args, "agent", "FEDMQ_AGENT_")

@@ -1,0 +1,87 @@
+"""One round of on-device training: global model in, weight delta and statistics out.
+
+torch is imported here, lazily, when the first round is trained: an agent that only reports
+presence never pays the ~500 MB of ``import torch``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from shared.data import ArrayDataset
+from shared.messages import ModelSpec, TrainParams
+
+if TYPE_CHECKING:
+    import torch
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """The result of training one round locally."""
+
+    delta: Tensors
+    num_samples: int
+    meta: dict[str, Any]
+
+
+class LocalTrainer:
+    """Keeps one model instance per architecture and trains it from a given global model."""
+
+    def __init__(self, client_id: str, threads: int = 1) -> None:
+        self.client_id = client_id
+        self.threads = threads
+        self._models: dict[tuple[Any, ...], torch.nn.Module] = {}
+
+    def _model(self, spec: ModelSpec) -> torch.nn.Module:
+        import torch
+
+        from shared.models import build_model
+
+        # One thread per agent: several agents (or agent + other services) share a Pi's cores.
+        torch.set_num_threads(self.threads)
+        key = (spec.arch, spec.input_shape, spec.num_classes)
+        if key not in self._models:
+            self._models[key] = build_model(spec.arch, spec.input_shape, spec.num_classes)
+        return self._models[key]
+
+    def train(
+        self,
+        spec: ModelSpec,
+        global_params: Tensors,
+        params: TrainParams,
+        data: ArrayDataset,
+        val: ArrayDataset | None,
+    ) -> LocalRound:
+        """Train from ``global_params``; return the delta (local − global) and statistics."""
+        from shared.modelio import get_params, set_params, subtract
+        from shared.training import TrainConfig, evaluate, train_local
+
+        model = self._model(spec)
+        set_params(model, global_params)
+        # Per-client seed: the same round seed must not give every device the same shuffles.
+        seed = (params.seed * 1_000_003 + zlib.crc32(self.client_id.encode())) % (2**63)
+        cfg = TrainConfig(
+            local_epochs=params.local_epochs,
+            batch_size=params.batch_size,
+            lr=params.lr,
+            momentum=params.momentum,
+            weight_decay=params.weight_decay,
+            seed=seed,
+        )
+        result = train_local(model, data, cfg)
+        meta: dict[str, Any] = {
+            "train_loss": result.train_loss,
+            "train_time_s": result.train_time_s,
+            "steps": result.steps,
+        }
+        if val is not None and len(val):
+            ev = evaluate(model, val)
+            meta.update(val_accuracy=ev.accuracy, val_loss=ev.loss, val_samples=ev.num_samples)
+        delta = subtract(get_params(model), global_params)
+        return LocalRound(delta=delta, num_samples=len(data), meta=meta)

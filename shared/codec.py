@@ -1,0 +1,293 @@
+"""Self-describing binary frames for tensor payloads (global models and weight deltas).
+
+Frame layout (little endian)::
+
+    b"FMQ" + version byte | u32 header length | header (UTF-8 JSON) | zstd(body)
+
+The JSON header names the frame kind, federation, round, client, base-model hash, codec,
+sample count and every tensor (name, shape, codec parameters), so a frame can be decoded and
+checked without any other context. The body is the concatenation of each tensor's encoded
+bytes, compressed with zstd (with its content checksum). Nothing here executes payload data:
+no pickle, no ``torch.load``. Decoding validates every length, shape and value and raises
+:class:`FrameError` with a reason; the caller turns that into a receipt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from shared.quantize import CODECS, CodecError, TensorCodec
+
+MAGIC = b"FMQ\x01"
+_HEADER_LEN = struct.Struct("<I")
+MAX_HEADER_BYTES = 1 << 20
+MAX_TENSORS = 4096
+MAX_ELEMENTS = 1 << 28  # 1 GiB of fp32: far above any model a Pi trains
+DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
+_TENSOR_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+_KINDS = ("update", "model")
+
+Tensors = dict[str, np.ndarray]
+
+
+class FrameError(ValueError):
+    """A binary frame is malformed, inconsistent or does not match what was expected."""
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """What a frame says about itself."""
+
+    kind: str
+    federation: str
+    round: int
+    codec: str
+    client_id: str = ""
+    base_hash: str = ""
+    num_samples: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A decoded frame: its header and fp32 tensors in frame order."""
+
+    header: FrameHeader
+    tensors: Tensors
+    nbytes: int
+
+
+def tensors_hash(tensors: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over names, shapes and fp32 bytes, in name order: the identity of a model."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name], dtype="<f4")
+        h.update(name.encode())
+        h.update(json.dumps(list(arr.shape)).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def encode_frame(
+    header: FrameHeader,
+    tensors: Mapping[str, np.ndarray],
+    rng: np.random.Generator | None = None,
+    level: int = 3,
+) -> bytes:
+    """Encode ``tensors`` with ``header.codec`` into one frame."""
+    codec = _codec(header.codec, FrameError)
+    rng = rng if rng is not None else np.random.default_rng()
+    specs: list[dict[str, Any]] = []
+    parts: list[bytes] = []
+    for name, value in tensors.items():
+        arr = np.asarray(value, dtype=np.float32)
+        if not _TENSOR_NAME_RE.match(name):
+            raise FrameError(f"tensor name {name!r} is not allowed in a frame")
+        if not np.isfinite(arr).all():
+            raise FrameError(f"tensor {name!r} has non-finite values")
+        try:
+            params, data = codec.encode(arr.ravel(), rng)
+        except CodecError as exc:
+            raise FrameError(f"tensor {name!r}: {exc}") from exc
+        specs.append({"name": name, "shape": list(arr.shape), "params": params})
+        parts.append(data)
+    body = b"".join(parts)
+    head = {
+        "kind": header.kind,
+        "federation": header.federation,
+        "round": header.round,
+        "client_id": header.client_id,
+        "base_hash": header.base_hash,
+        "codec": header.codec,
+        "num_samples": header.num_samples,
+        "meta": header.meta,
+        "raw_len": len(body),
+        "tensors": specs,
+    }
+    head_bytes = json.dumps(head, separators=(",", ":")).encode()
+    compressed = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(body)
+    return MAGIC + _HEADER_LEN.pack(len(head_bytes)) + head_bytes + compressed
+
+
+def decode_frame(
+    payload: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    expect_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> Frame:
+    """Decode and fully validate a frame; raise FrameError with a reason on any problem.
+
+    ``expect_shapes`` (name → shape, in order) rejects frames that do not match the model.
+    """
+    head = read_header(payload, max_bytes=max_bytes)
+    codec = _codec(head.codec, FrameError)
+    specs, raw_len, body_start = _tensor_specs(payload)
+    if expect_shapes is not None:
+        got = {s.name: s.shape for s in specs}
+        if got != dict(expect_shapes):
+            raise FrameError(
+                f"tensor names/shapes do not match the model: {_shape_diff(got, expect_shapes)}"
+            )
+    sizes = [_spec_size(codec, s) for s in specs]
+    if sum(sizes) != raw_len:
+        raise FrameError(f"header raw_len {raw_len} does not match tensors ({sum(sizes)} bytes)")
+    try:
+        body = zstandard.ZstdDecompressor().decompress(
+            payload[body_start:], max_output_size=max(raw_len, 1)
+        )
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"body does not decompress: {exc}") from exc
+    if len(body) != raw_len:
+        raise FrameError(f"body is {len(body)} bytes, header says {raw_len}")
+    tensors: Tensors = {}
+    offset = 0
+    view = memoryview(body)
+    for spec, size in zip(specs, sizes, strict=True):
+        try:
+            flat = codec.decode(view[offset : offset + size], spec.numel, spec.params)
+        except CodecError as exc:
+            raise FrameError(f"tensor {spec.name!r}: {exc}") from exc
+        if not np.isfinite(flat).all():
+            raise FrameError(f"tensor {spec.name!r} decodes to non-finite values")
+        tensors[spec.name] = flat.reshape(spec.shape)
+        offset += size
+    return Frame(head, tensors, len(payload))
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    params: dict[str, Any]
+
+
+def read_header(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FrameHeader:
+    """Parse only the header: cheap enough to reject a frame before decompressing it."""
+    head = _header_json(payload, max_bytes)
+    try:
+        kind, fed, rnd = head["kind"], head["federation"], head["round"]
+        hdr = FrameHeader(
+            kind=kind,
+            federation=fed,
+            round=rnd,
+            codec=head["codec"],
+            client_id=head.get("client_id", ""),
+            base_hash=head.get("base_hash", ""),
+            num_samples=head.get("num_samples", 0),
+            meta=head.get("meta", {}),
+        )
+    except KeyError as exc:
+        raise FrameError(f"header lacks field {exc}") from exc
+    _check(kind in _KINDS, f"unknown frame kind {kind!r}")
+    _check(isinstance(fed, str), "federation must be a string")
+    _check(_is_int(rnd) and rnd >= 0, f"bad round {rnd!r}")
+    _check(isinstance(hdr.codec, str), "codec must be a string")
+    _check(isinstance(hdr.client_id, str), "client_id must be a string")
+    _check(isinstance(hdr.base_hash, str), "base_hash must be a string")
+    ns = hdr.num_samples
+    _check(_is_int(ns) and 0 <= ns < 1 << 40, f"bad num_samples {ns!r}")
+    _check(isinstance(hdr.meta, dict), "meta must be an object")
+    return hdr
+
+
+def _header_json(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise FrameError("payload is not bytes")
+    if len(payload) > max_bytes:
+        raise FrameError(f"frame of {len(payload)} bytes exceeds the limit of {max_bytes}")
+    if len(payload) < len(MAGIC) + _HEADER_LEN.size:
+        raise FrameError(f"frame too short ({len(payload)} bytes)")
+    if bytes(payload[:3]) != MAGIC[:3]:
+        raise FrameError("not a fedmq frame (bad magic)")
+    if bytes(payload[:4]) != MAGIC:
+        raise FrameError(f"unsupported frame version {payload[3]}")
+    (hlen,) = _HEADER_LEN.unpack_from(payload, 4)
+    start = len(MAGIC) + _HEADER_LEN.size
+    if hlen > MAX_HEADER_BYTES or start + hlen > len(payload):
+        raise FrameError(f"header length {hlen} is out of range")
+    try:
+        head = json.loads(bytes(payload[start : start + hlen]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FrameError(f"header is not valid JSON: {exc}") from exc
+    if not isinstance(head, dict):
+        raise FrameError("header is not a JSON object")
+    return head
+
+
+def _tensor_specs(payload: bytes) -> tuple[list[_Spec], int, int]:
+    head = _header_json(payload, len(payload))
+    (hlen,) = _HEADER_LEN.unpack_from(payload, 4)
+    raw = head.get("tensors")
+    raw_len = head.get("raw_len")
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_TENSORS:
+        raise FrameError("bad tensor list")
+    if not _is_int(raw_len) or not isinstance(raw_len, int) or raw_len < 0:
+        raise FrameError("bad raw_len")
+    specs: list[_Spec] = []
+    seen: set[str] = set()
+    total = 0
+    for item in raw:
+        _check(isinstance(item, dict), "tensor entry is not an object")
+        name, shape, params = item.get("name"), item.get("shape"), item.get("params", {})
+        _check(isinstance(name, str) and bool(_TENSOR_NAME_RE.match(name)), f"bad name {name!r}")
+        _check(name not in seen, f"duplicate tensor {name!r}")
+        _check(
+            isinstance(shape, list)
+            and len(shape) <= 8
+            and all(_is_int(d) and d >= 0 for d in shape),
+            f"bad shape for {name!r}",
+        )
+        _check(isinstance(params, dict), f"bad params for {name!r}")
+        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        total += numel
+        _check(total <= MAX_ELEMENTS, "too many elements")
+        seen.add(name)
+        specs.append(_Spec(name, tuple(shape), numel, params))
+    return specs, raw_len, len(MAGIC) + _HEADER_LEN.size + hlen
+
+
+def _spec_size(codec: TensorCodec, spec: _Spec) -> int:
+    try:
+        return codec.encoded_size(spec.numel, spec.params)
+    except CodecError as exc:
+        raise FrameError(f"tensor {spec.name!r}: {exc}") from exc
+
+
+def _codec(name: str, err: type[Exception]) -> TensorCodec:
+    try:
+        return CODECS[name]
+    except (KeyError, TypeError):
+        raise err(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}") from None
+
+
+def _shape_diff(got: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]]) -> str:
+    missing = sorted(set(want) - set(got))
+    extra = sorted(set(got) - set(want))
+    wrong = sorted(n for n in set(got) & set(want) if tuple(got[n]) != tuple(want[n]))
+    bits = []
+    if missing:
+        bits.append(f"missing {missing[:5]}")
+    if extra:
+        bits.append(f"unexpected {extra[:5]}")
+    for n in wrong[:5]:
+        bits.append(f"{n}: got {list(got[n])}, want {list(want[n])}")
+    return "; ".join(bits) or "order differs"
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(cond: bool, reason: str) -> None:
+    if not cond:
+        raise FrameError(reason)

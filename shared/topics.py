@@ -1,0 +1,168 @@
+"""Every MQTT topic of the fedmq protocol, built and parsed in one place.
+
+Layout (protocol version in the namespace, like Sparkplug's ``spBv1.0``)::
+
+    fl/v1/{fed}/aggregator/status          retained JSON: running | finished | offline (will)
+    fl/v1/{fed}/global/meta                retained JSON: round, model hash, size, arch
+    fl/v1/{fed}/global/model               retained binary frame: the full global model
+    fl/v1/{fed}/round/{r}/start            retained JSON: round announcement (cleared next round)
+    fl/v1/{fed}/round/{r}/update/{cid}     binary frame: an agent's compressed delta (QoS 1)
+    fl/v1/{fed}/round/{r}/receipt/{cid}    JSON: accepted | rejected + reason (QoS 1)
+    fl/v1/{fed}/agents/{cid}/status        retained JSON: online | busy | offline (will)
+    fl/v1/{fed}/metrics                    JSON per applied round (latest retained)
+
+No other module writes a topic literal.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+PROTOCOL = "fl/v1"
+
+# Federation names and client ids become topic levels: forbid MQTT wildcards, separators
+# and anything a shell user would have to quote, so ACL patterns (%c) stay predictable.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+class TopicError(ValueError):
+    """A topic or topic component is not valid for the fedmq protocol."""
+
+
+def validate_name(kind: str, value: str) -> str:
+    """Return ``value`` if it is a legal federation name / client id, else raise TopicError."""
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise TopicError(
+            f"invalid {kind} {value!r}: use 1-64 characters from [A-Za-z0-9_.-], "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic builder for one federation."""
+
+    federation: str
+
+    def __post_init__(self) -> None:
+        validate_name("federation", self.federation)
+
+    @property
+    def root(self) -> str:
+        """Prefix of every topic of this federation."""
+        return f"{PROTOCOL}/{self.federation}"
+
+    @property
+    def all(self) -> str:
+        """Wildcard subscription covering the whole federation (for monitors)."""
+        return f"{self.root}/#"
+
+    @property
+    def aggregator_status(self) -> str:
+        """Retained aggregator life-cycle status (with a last will)."""
+        return f"{self.root}/aggregator/status"
+
+    @property
+    def global_meta(self) -> str:
+        """Retained JSON description of the current global model."""
+        return f"{self.root}/global/meta"
+
+    @property
+    def global_model(self) -> str:
+        """Retained binary frame holding the current global model."""
+        return f"{self.root}/global/model"
+
+    @property
+    def metrics(self) -> str:
+        """Per-round metrics published by the aggregator."""
+        return f"{self.root}/metrics"
+
+    def round_start(self, round_id: int) -> str:
+        """Announcement of round ``round_id``."""
+        return f"{self.root}/round/{_round(round_id)}/start"
+
+    @property
+    def round_start_any(self) -> str:
+        """Subscription to every round announcement."""
+        return f"{self.root}/round/+/start"
+
+    def update(self, round_id: int, client_id: str) -> str:
+        """Where ``client_id`` publishes its delta for ``round_id``."""
+        return (
+            f"{self.root}/round/{_round(round_id)}/update/{validate_name('client id', client_id)}"
+        )
+
+    @property
+    def update_any(self) -> str:
+        """Subscription to every update of every round (the aggregator's)."""
+        return f"{self.root}/round/+/update/+"
+
+    def receipt(self, round_id: int, client_id: str) -> str:
+        """Where the aggregator acknowledges ``client_id``'s update for ``round_id``."""
+        cid = validate_name("client id", client_id)
+        return f"{self.root}/round/{_round(round_id)}/receipt/{cid}"
+
+    def receipt_any_round(self, client_id: str) -> str:
+        """Subscription to one client's receipts, all rounds."""
+        return f"{self.root}/round/+/receipt/{validate_name('client id', client_id)}"
+
+    def agent_status(self, client_id: str) -> str:
+        """Retained presence/status of one agent."""
+        return f"{self.root}/agents/{validate_name('client id', client_id)}/status"
+
+    @property
+    def agent_status_any(self) -> str:
+        """Subscription to every agent's status."""
+        return f"{self.root}/agents/+/status"
+
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    """A topic of the protocol split into its parts."""
+
+    federation: str
+    kind: str  # aggregator_status | global_meta | global_model | metrics | round_start |
+    # update | receipt | agent_status
+    round_id: int | None = None
+    client_id: str | None = None
+
+
+def parse(topic: str) -> ParsedTopic:
+    """Parse a concrete (wildcard-free) fedmq topic; raise TopicError when it is not one."""
+    parts = topic.split("/")
+    if len(parts) < 4 or "/".join(parts[:2]) != PROTOCOL:
+        raise TopicError(f"not a {PROTOCOL} topic: {topic!r}")
+    fed = validate_name("federation", parts[2])
+    rest = parts[3:]
+    simple = {
+        ("aggregator", "status"): "aggregator_status",
+        ("global", "meta"): "global_meta",
+        ("global", "model"): "global_model",
+        ("metrics",): "metrics",
+    }
+    if tuple(rest) in simple:
+        return ParsedTopic(fed, simple[tuple(rest)])
+    if len(rest) == 3 and rest[0] == "agents" and rest[2] == "status":
+        return ParsedTopic(fed, "agent_status", client_id=validate_name("client id", rest[1]))
+    if len(rest) >= 3 and rest[0] == "round":
+        round_id = _parse_round(rest[1], topic)
+        if len(rest) == 3 and rest[2] == "start":
+            return ParsedTopic(fed, "round_start", round_id=round_id)
+        if len(rest) == 4 and rest[2] in ("update", "receipt"):
+            cid = validate_name("client id", rest[3])
+            return ParsedTopic(fed, rest[2], round_id=round_id, client_id=cid)
+    raise TopicError(f"unknown fedmq topic: {topic!r}")
+
+
+def _round(round_id: int) -> int:
+    if not isinstance(round_id, int) or isinstance(round_id, bool) or round_id < 0:
+        raise TopicError(f"round id must be a non-negative int, got {round_id!r}")
+    return round_id
+
+
+def _parse_round(text: str, topic: str) -> int:
+    if not text.isdigit() or len(text) > 9:
+        raise TopicError(f"bad round id {text!r} in topic {topic!r}")
+    return int(text)

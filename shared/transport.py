@@ -1,0 +1,255 @@
+"""The one place that talks to paho-mqtt (2.x, VERSION2 callbacks, MQTT v5).
+
+Callbacks run on paho's network thread and do nothing but hand messages over to a queue; the
+agent's trainer and the aggregator's worker consume the queue on their own thread. paho's
+errors are translated here, once, into :class:`TransportError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
+
+
+class TransportError(RuntimeError):
+    """The broker could not be reached, refused us, or did not take a message in time."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker listens, parsed from ``mqtt://host:port`` or ``mqtts://host:port``."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Parse a broker URL; a bare ``host[:port]`` means plain MQTT."""
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise TransportError(f"unsupported broker scheme {parsed.scheme!r} in {url!r}")
+        tls = parsed.scheme in ("mqtts", "ssl")
+        if not parsed.hostname:
+            raise TransportError(f"no host in broker URL {url!r}")
+        return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A message handed over from the network thread."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    received_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """A message to publish (births, wills)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass
+class ConnectOptions:
+    """How to authenticate and secure the connection."""
+
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class MqttTransport:
+    """A reconnecting MQTT v5 client whose inbound messages land in ``self.inbox``.
+
+    On every (re)connect it subscribes to ``subscriptions`` and publishes ``births()``
+    (Sparkplug-style: presence is re-announced after each reconnect).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        subscriptions: Iterable[tuple[str, int]] = (),
+        will: Outbound | None = None,
+        births: Callable[[], list[Outbound]] | None = None,
+        options: ConnectOptions | None = None,
+    ) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.client_id = client_id
+        self.options = options or ConnectOptions()
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self._subs = list(subscriptions)
+        self._births = births
+        self.connected = threading.Event()
+        self._refused: str | None = None
+        self._closing = False
+        self._client = self._make_client(will)
+
+    def _make_client(self, will: Outbound | None) -> mqtt.Client:
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        opts = self.options
+        if opts.username is not None:
+            client.username_pw_set(opts.username, opts.password)
+        if self.address.tls:
+            client.tls_set(
+                ca_certs=opts.ca_file,
+                certfile=opts.cert_file,
+                keyfile=opts.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        client.reconnect_delay_set(
+            min_delay=max(1, int(opts.reconnect_min_s)), max_delay=int(opts.reconnect_max_s)
+        )
+        # Updates of several MB at QoS 1 must not be refused by paho's own queue limits.
+        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(20)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    # --- paho callbacks: network thread, hand over only -------------------------------
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            log.error("broker %s refused %s: %s", self.address, self.client_id, reason_code)
+            return
+        self._refused = None
+        if self._subs:
+            client.subscribe([(t, mqtt.SubscribeOptions(qos=q)) for t, q in self._subs])
+        for msg in self._births() if self._births else []:
+            client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+        self.connected.set()
+        log.info("%s connected to %s", self.client_id, self.address)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        if not self._closing:
+            log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    # --- API for the worker thread -----------------------------------------------------
+    def start(self, timeout: float = 30.0) -> MqttTransport:
+        """Connect (retrying with backoff) and start the network thread; wait for CONNACK."""
+        self._client.connect_async(
+            self.address.host, self.address.port, keepalive=self.options.keepalive
+        )
+        self._client.loop_start()
+        if not self.wait_connected(timeout):
+            self._client.loop_stop()
+            why = f"refused: {self._refused}" if self._refused else "no answer"
+            raise TransportError(
+                f"could not connect to {self.address} as {self.client_id!r} "
+                f"within {timeout:.0f}s ({why})"
+            )
+        return self
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected or ``timeout``; True when connected."""
+        return self.connected.wait(timeout)
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Add a subscription now and after every reconnect."""
+        self._subs.append((topic, qos))
+        if self.connected.is_set():
+            self._client.subscribe(topic, qos=qos)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float = 60.0,
+        wait: bool = True,
+    ) -> None:
+        """Publish and, for QoS ≥ 1 and ``wait``, wait for the broker's acknowledgement.
+
+        With ``wait=False`` the message is queued in paho (sent on reconnect if need be).
+        """
+        if not wait:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+            return
+        deadline = time.monotonic() + timeout
+        if not self.wait_connected(timeout):
+            raise TransportError(f"not connected to {self.address}; cannot publish to {topic}")
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if qos == 0:
+            return
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            try:
+                info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as exc:
+                raise TransportError(f"publish to {topic} failed: {exc}") from exc
+        # A publish queued while disconnected (NO_CONN) is sent by paho on reconnect.
+        while not info.is_published():
+            if time.monotonic() > deadline:
+                raise TransportError(f"broker did not acknowledge {topic} within {timeout:.0f}s")
+            time.sleep(0.01)
+
+    def stop(self, final: Iterable[Outbound] = ()) -> None:
+        """Publish ``final`` messages (e.g. an offline status), then disconnect cleanly."""
+        self._closing = True
+        for msg in final:
+            try:
+                self.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, timeout=5)
+            except TransportError as exc:
+                log.warning("could not publish final message to %s: %s", msg.topic, exc)
+        self._client.disconnect()
+        self._client.loop_stop()
