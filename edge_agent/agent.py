@@ -101,6 +101,8 @@ class EdgeAgent:
             len(self.data),
             f", {len(self.val)} validation" if self.val is not None else "",
         )
+        # Ready before announcing presence: "online" means able to train right away.
+        log.info("%s: training stack loaded in %.1fs", self.cfg.client_id, self.trainer.warm_up())
         self.transport.start(timeout=self.cfg.connect_timeout)
         while not self.stop_event.is_set():
             try:

@@ -6,6 +6,7 @@ presence never pays the ~500 MB of ``import torch``.
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,16 @@ class LocalTrainer:
         self.client_id = client_id
         self.threads = threads
         self._models: dict[tuple[Any, ...], torch.nn.Module] = {}
+
+    def warm_up(self) -> float:
+        """Import the training stack now (seconds taken), so round 1 is not slowed by it."""
+        t0 = time.perf_counter()
+        import torch
+
+        import shared.training  # noqa: F401
+
+        torch.set_num_threads(self.threads)
+        return time.perf_counter() - t0
 
     def _model(self, spec: ModelSpec) -> torch.nn.Module:
         import torch

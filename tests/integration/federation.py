@@ -1,0 +1,150 @@
+"""Helpers for integration tests: generated device data and real agent/aggregator processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from shared.data import ArrayDataset, save_npz
+
+FEDERATION = "itest"
+INPUT_SHAPE = (1, 8, 8)
+NUM_CLASSES = 4
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_dataset(n: int, seed: int) -> ArrayDataset:
+    """A small learnable image task: each class is a fixed random prototype plus noise."""
+    protos = np.random.default_rng(1234).uniform(0, 255, size=(NUM_CLASSES, *INPUT_SHAPE))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, NUM_CLASSES, size=n)
+    x = protos[y] + rng.normal(0, 40, size=(n, *INPUT_SHAPE))
+    return ArrayDataset(x=np.clip(x, 0, 255).astype(np.uint8), y=y.astype(np.int64))
+
+
+def write_client_data(directory: Path, clients: int, n: int = 300) -> list[Path]:
+    """One .npz per client plus ``eval.npz``; returns the client paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(clients):
+        path = directory / f"client-{i}.npz"
+        save_npz(path, make_dataset(n, seed=i + 1))
+        paths.append(path)
+    save_npz(directory / "eval.npz", make_dataset(500, seed=999))
+    return paths
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def start_aggregator(
+    url: str, workdir: Path, *extra: str, rounds: int = 3, min_clients: int = 3
+) -> subprocess.Popen[bytes]:
+    """Launch ``fedmq-aggregator`` (as a module) on the MLP for the generated task."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "aggregator.service",
+        "--broker",
+        url,
+        "--federation",
+        FEDERATION,
+        "--model",
+        "mlp",
+        "--input-shape",
+        ",".join(map(str, INPUT_SHAPE)),
+        "--num-classes",
+        str(NUM_CLASSES),
+        "--rounds",
+        str(rounds),
+        "--min-clients",
+        str(min_clients),
+        "--round-timeout",
+        "60",
+        "--lr",
+        "0.05",
+        "--eval-data",
+        str(workdir / "data" / "eval.npz"),
+        "--metrics-file",
+        str(workdir / "metrics.json"),
+        "--wait-clients-timeout",
+        "120",
+        *extra,
+    ]
+    log = open(workdir / "aggregator.log", "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+
+
+def start_agent(
+    url: str, client_id: str, data: Path, workdir: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    """Launch ``fedmq-agent`` (as a module) for one device."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_agent.cli",
+        "--broker",
+        url,
+        "--federation",
+        FEDERATION,
+        "--client-id",
+        client_id,
+        "--data",
+        str(data),
+        "--val-fraction",
+        "0.1",
+        *extra,
+    ]
+    log = open(workdir / f"{client_id}.log", "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
+    """Wait for ``proc``; on timeout kill it and fail with the tail of its log."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+        raise AssertionError(
+            f"{proc.args[2]} did not exit in {timeout}s; log tail:\n{tail}"
+        ) from None
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Terminate whatever still runs."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def metrics(workdir: Path) -> list[dict[str, object]]:
+    """The per-round entries the aggregator wrote."""
+    return list(json.loads((workdir / "metrics.json").read_text())["rounds"])
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``pred`` until true or fail naming ``what``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

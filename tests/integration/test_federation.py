@@ -1,0 +1,126 @@
+"""A real federation: Mosquitto, one aggregator process and agent processes over TCP."""
+
+from __future__ import annotations
+
+import json
+import queue
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from shared.codec import FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.local_broker import LocalBroker
+from shared.topics import Topics
+from tests.integration import federation as fed
+
+pytestmark = pytest.mark.integration
+
+T = Topics(fed.FEDERATION)
+
+
+def _collect(client: mqtt.Client, *subscriptions: str) -> queue.Queue[mqtt.MQTTMessage]:
+    inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    client.on_message = lambda _c, _u, m: inbox.put(m)
+    for topic in subscriptions:
+        client.subscribe(topic, qos=1)
+    return inbox
+
+
+def _next_on(inbox: queue.Queue[mqtt.MQTTMessage], topic: str, timeout: float) -> Any:
+    while True:
+        m = inbox.get(timeout=timeout)
+        if m.topic == topic and m.payload:
+            return m
+
+
+def test_three_agents_complete_three_rounds(broker: LocalBroker, tmp_path: Path) -> None:
+    clients = fed.write_client_data(tmp_path / "data", 3)
+    agg = fed.start_aggregator(broker.url, tmp_path, rounds=3, min_clients=3)
+    agents = [fed.start_agent(broker.url, f"pi-{i}", p, tmp_path) for i, p in enumerate(clients)]
+    try:
+        code = fed.wait_exit(agg, 180, tmp_path / "aggregator.log")
+        agent_codes = [fed.wait_exit(a, 30, tmp_path / f"pi-{i}.log") for i, a in enumerate(agents)]
+    finally:
+        fed.stop([agg, *agents])
+
+    assert code == 0
+    assert agent_codes == [0, 0, 0]  # agents leave when the federation finishes
+    rounds = fed.metrics(tmp_path)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["participants"] == ["pi-0", "pi-1", "pi-2"] for r in rounds)
+    assert all(r["num_samples"] == 3 * 270 for r in rounds)  # 10% held out for validation
+    assert rounds[-1]["test_accuracy"] > 0.9  # 4 classes: chance is 0.25
+    assert rounds[-1]["local_val_accuracy"] is not None
+    assert all(r["bytes_up"] > 0 and r["train_loss"] is not None for r in rounds)
+
+
+def test_late_agent_gets_retained_model(
+    broker: LocalBroker, tmp_path: Path, mqtt_client: Any
+) -> None:
+    clients = fed.write_client_data(tmp_path / "data", 3)
+    watcher = mqtt_client(broker.url)
+    inbox = _collect(watcher, T.global_meta)
+    agg = fed.start_aggregator(broker.url, tmp_path, rounds=2, min_clients=3)
+    procs = [agg] + [fed.start_agent(broker.url, f"pi-{i}", clients[i], tmp_path) for i in (0, 1)]
+    try:
+        # The initial model is published before the third agent exists: it can only get it
+        # from the broker's retained copy, and round 1 cannot start without it.
+        initial = json.loads(_next_on(inbox, T.global_meta, timeout=60).payload)
+        assert initial["round"] == 0
+        procs.append(fed.start_agent(broker.url, "pi-late", clients[2], tmp_path))
+        assert fed.wait_exit(agg, 180, tmp_path / "aggregator.log") == 0
+    finally:
+        fed.stop(procs)
+    rounds = fed.metrics(tmp_path)
+    assert all("pi-late" in r["participants"] for r in rounds)
+
+    late_reader = mqtt_client(broker.url)
+    models = _collect(late_reader, T.global_model)
+    retained = _next_on(models, T.global_model, timeout=10)
+    frame = decode_frame(retained.payload)
+    assert retained.retain
+    assert frame.header.round == 2
+    assert (
+        tensors_hash(frame.tensors) == frame.header.meta["model_hash"] == rounds[-1]["model_hash"]
+    )
+
+
+def test_malformed_updates_get_receipts_and_round_completes(
+    broker: LocalBroker, tmp_path: Path, mqtt_client: Any
+) -> None:
+    clients = fed.write_client_data(tmp_path / "data", 3)
+    intruder = mqtt_client(broker.url, client_id="intruder")
+    inbox = _collect(intruder, T.round_start(1), T.receipt_any_round("intruder"))
+    agg = fed.start_aggregator(broker.url, tmp_path, rounds=3, min_clients=3)
+    agents = [fed.start_agent(broker.url, f"pi-{i}", p, tmp_path) for i, p in enumerate(clients)]
+    try:
+        _next_on(inbox, T.round_start(1), timeout=90)
+        intruder.publish(T.update(1, "intruder"), b"\x00not a frame", qos=1)
+        foreign = encode_frame(
+            FrameHeader(
+                kind="update",
+                federation="other",
+                round=1,
+                codec="fp32",
+                client_id="intruder",
+                num_samples=5,
+            ),
+            {"w": np.zeros(3, np.float32)},
+        )
+        intruder.publish(T.update(1, "intruder"), foreign, qos=1)
+        receipts = [
+            json.loads(_next_on(inbox, T.receipt(1, "intruder"), 30).payload) for _ in range(2)
+        ]
+        assert fed.wait_exit(agg, 180, tmp_path / "aggregator.log") == 0
+    finally:
+        fed.stop([agg, *agents])
+
+    assert [r["status"] for r in receipts] == ["rejected", "rejected"]
+    assert receipts[0]["reason"].startswith("undecodable")
+    assert "not ours" in receipts[1]["reason"]
+    rounds = fed.metrics(tmp_path)
+    assert len(rounds) == 3 and all(r["accepted"] == 3 for r in rounds)
+    assert rounds[0]["rejected"] >= 1
