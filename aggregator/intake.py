@@ -83,12 +83,11 @@ class UpdateIntake:
     def _decode_and_add(self, client: str, payload: bytes) -> tuple[Verdict, UpdateStats | None]:
         try:
             frame = decode_frame(payload, max_bytes=self.max_bytes, expect_shapes=self.acc.shapes)
-            self.acc.add(frame.tensors, frame.header.num_samples)
-        except (FrameError, AggregationError) as exc:
+        except FrameError as exc:
             return Verdict(False, f"invalid update: {exc}"), None
         head = frame.header
-        self.state.accept(client, head.num_samples)
         meta = head.meta
+        # Everything is parsed before the delta touches the sum: nothing can fail after it.
         stats = UpdateStats(
             client_id=client,
             num_samples=head.num_samples,
@@ -96,8 +95,13 @@ class UpdateIntake:
             train_loss=_num(meta.get("train_loss")),
             train_time_s=_num(meta.get("train_time_s")),
             val_accuracy=_num(meta.get("val_accuracy")),
-            val_samples=int(meta.get("val_samples", 0) or 0),
+            val_samples=_count(meta.get("val_samples")),
         )
+        try:
+            self.acc.add(frame.tensors, head.num_samples)
+        except AggregationError as exc:
+            return Verdict(False, f"invalid update: {exc}"), None
+        self.state.accept(client, head.num_samples)
         return Verdict(True), stats
 
     def weighted_train_loss(self) -> float | None:
@@ -122,3 +126,9 @@ def _num(value: object) -> float | None:
         v = float(value)
         return v if v == v and abs(v) != float("inf") else None
     return None
+
+
+def _count(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 40:
+        return value
+    return 0

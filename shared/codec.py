@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from collections.abc import Mapping
@@ -33,7 +34,8 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 4096
 MAX_ELEMENTS = 1 << 28  # 1 GiB of fp32: far above any model a Pi trains
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
-_TENSOR_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+DEFAULT_MAX_RAW_BYTES = 1024 * 1024 * 1024
+_TENSOR_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
 _KINDS = ("update", "model")
 
 Tensors = dict[str, np.ndarray]
@@ -85,12 +87,14 @@ def encode_frame(
 ) -> bytes:
     """Encode ``tensors`` with ``header.codec`` into one frame."""
     codec = _codec(header.codec, FrameError)
+    if not 0 < len(tensors) <= MAX_TENSORS:
+        raise FrameError(f"a frame holds 1 to {MAX_TENSORS} tensors, got {len(tensors)}")
     rng = rng if rng is not None else np.random.default_rng()
     specs: list[dict[str, Any]] = []
     parts: list[bytes] = []
     for name, value in tensors.items():
         arr = np.asarray(value, dtype=np.float32)
-        if not _TENSOR_NAME_RE.match(name):
+        if not _TENSOR_NAME_RE.fullmatch(name):
             raise FrameError(f"tensor name {name!r} is not allowed in a frame")
         if not np.isfinite(arr).all():
             raise FrameError(f"tensor {name!r} has non-finite values")
@@ -123,10 +127,12 @@ def decode_frame(
     *,
     max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     expect_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    max_raw_bytes: int = DEFAULT_MAX_RAW_BYTES,
 ) -> Frame:
     """Decode and fully validate a frame; raise FrameError with a reason on any problem.
 
-    ``expect_shapes`` (name → shape, in order) rejects frames that do not match the model.
+    ``expect_shapes`` (name → shape) rejects frames whose tensors do not match the model;
+    ``max_raw_bytes`` bounds the decompressed size (a small frame may expand enormously).
     """
     head = read_header(payload, max_bytes=max_bytes)
     codec = _codec(head.codec, FrameError)
@@ -140,14 +146,9 @@ def decode_frame(
     sizes = [_spec_size(codec, s) for s in specs]
     if sum(sizes) != raw_len:
         raise FrameError(f"header raw_len {raw_len} does not match tensors ({sum(sizes)} bytes)")
-    try:
-        body = zstandard.ZstdDecompressor().decompress(
-            payload[body_start:], max_output_size=max(raw_len, 1)
-        )
-    except zstandard.ZstdError as exc:
-        raise FrameError(f"body does not decompress: {exc}") from exc
-    if len(body) != raw_len:
-        raise FrameError(f"body is {len(body)} bytes, header says {raw_len}")
+    if raw_len > max_raw_bytes:
+        raise FrameError(f"frame would decode to {raw_len} bytes, over the limit {max_raw_bytes}")
+    body = _decompress(payload[body_start:], raw_len)
     tensors: Tensors = {}
     offset = 0
     view = memoryview(body)
@@ -161,6 +162,30 @@ def decode_frame(
         tensors[spec.name] = flat.reshape(spec.shape)
         offset += size
     return Frame(head, tensors, len(payload))
+
+
+def _decompress(data: bytes, raw_len: int) -> bytes:
+    """zstd-decompress exactly one complete frame of exactly ``raw_len`` bytes.
+
+    The declared content size is checked first, so a bomb is refused before any allocation,
+    and a truncated frame (no end of frame / checksum) is refused even when it is tiny.
+    """
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"body is not a zstd frame: {exc}") from exc
+    if declared != raw_len:
+        raise FrameError(f"body declares {declared} bytes, header says {raw_len}")
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        body = dobj.decompress(data)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"body does not decompress: {exc}") from exc
+    if not dobj.eof or dobj.unused_data:
+        raise FrameError("body is truncated or has trailing data")
+    if len(body) != raw_len:
+        raise FrameError(f"body is {len(body)} bytes, header says {raw_len}")
+    return body
 
 
 @dataclass(frozen=True)
@@ -217,8 +242,8 @@ def _header_json(payload: bytes, max_bytes: int) -> dict[str, Any]:
         raise FrameError(f"header length {hlen} is out of range")
     try:
         head = json.loads(bytes(payload[start : start + hlen]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FrameError(f"header is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge ints, deep nesting
+        raise FrameError(f"header is not valid JSON: {type(exc).__name__}: {exc}") from exc
     if not isinstance(head, dict):
         raise FrameError("header is not a JSON object")
     return head
@@ -239,7 +264,9 @@ def _tensor_specs(payload: bytes) -> tuple[list[_Spec], int, int]:
     for item in raw:
         _check(isinstance(item, dict), "tensor entry is not an object")
         name, shape, params = item.get("name"), item.get("shape"), item.get("params", {})
-        _check(isinstance(name, str) and bool(_TENSOR_NAME_RE.match(name)), f"bad name {name!r}")
+        _check(
+            isinstance(name, str) and bool(_TENSOR_NAME_RE.fullmatch(name)), f"bad name {name!r}"
+        )
         _check(name not in seen, f"duplicate tensor {name!r}")
         _check(
             isinstance(shape, list)
@@ -248,7 +275,8 @@ def _tensor_specs(payload: bytes) -> tuple[list[_Spec], int, int]:
             f"bad shape for {name!r}",
         )
         _check(isinstance(params, dict), f"bad params for {name!r}")
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        numel = math.prod(shape)  # Python ints: no silent int64 wrap-around
+        _check(numel <= MAX_ELEMENTS, f"tensor {name!r} is too large")
         total += numel
         _check(total <= MAX_ELEMENTS, "too many elements")
         seen.add(name)

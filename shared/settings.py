@@ -23,7 +23,24 @@ def load_settings(cls: type[T], args: argparse.Namespace, section: str, env_pref
         flag = getattr(args, f.name, None)
         if flag is not None:
             values[f.name] = flag
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in values and f.default is not MISSING:
+            _check_type(f.name, values[f.name], f.default)
     return cls(**values)
+
+
+def _check_type(name: str, value: object, default: object) -> None:
+    """A setting must have its default's type (an int is fine where a float is expected)."""
+    if default is None or value is None:
+        return
+    want: tuple[type, ...] = (type(default),)
+    if isinstance(default, float) and not isinstance(default, bool):
+        want = (int, float)
+    if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, want):
+        raise ValueError(
+            f"setting {name!r} must be {type(default).__name__}, got {type(value).__name__} "
+            f"{value!r}"
+        )
 
 
 def load_toml(cls: type[Any], path: Path, section: str) -> dict[str, Any]:

@@ -23,7 +23,9 @@ PROTOCOL = "fl/v1"
 
 # Federation names and client ids become topic levels: forbid MQTT wildcards, separators
 # and anything a shell user would have to quote, so ACL patterns (%c) stay predictable.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_ROUND_RE = re.compile(r"0|[1-9][0-9]{0,8}")
+MAX_ROUND = 999_999_999
 
 
 class TopicError(ValueError):
@@ -32,7 +34,7 @@ class TopicError(ValueError):
 
 def validate_name(kind: str, value: str) -> str:
     """Return ``value`` if it is a legal federation name / client id, else raise TopicError."""
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise TopicError(
             f"invalid {kind} {value!r}: use 1-64 characters from [A-Za-z0-9_.-], "
             "starting with a letter or digit"
@@ -157,12 +159,16 @@ def parse(topic: str) -> ParsedTopic:
 
 
 def _round(round_id: int) -> int:
-    if not isinstance(round_id, int) or isinstance(round_id, bool) or round_id < 0:
-        raise TopicError(f"round id must be a non-negative int, got {round_id!r}")
+    if (
+        not isinstance(round_id, int)
+        or isinstance(round_id, bool)
+        or not 0 <= round_id <= MAX_ROUND
+    ):
+        raise TopicError(f"round id must be an int in [0, {MAX_ROUND}], got {round_id!r}")
     return round_id
 
 
 def _parse_round(text: str, topic: str) -> int:
-    if not text.isdigit() or len(text) > 9:
+    if not _ROUND_RE.fullmatch(text):
         raise TopicError(f"bad round id {text!r} in topic {topic!r}")
     return int(text)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -400,3 +402,17 @@ def test_train_val_split_rejects_fraction_of_one() -> None:
 
     with pytest.raises(ValueError, match="val_fraction"):
         train_val_split(ds, 1.0, np.random.default_rng(0))
+
+
+def test_importing_data_module_does_not_import_torch() -> None:
+    code = "import sys, shared.data; print(sorted({'torch', 'PIL'} & set(sys.modules)))"
+
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+    assert out.stdout.strip() == "[]"

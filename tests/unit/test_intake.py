@@ -361,15 +361,9 @@ def test_slowest_train_s_is_the_maximum() -> None:
     assert intake.slowest_train_s() == 7.5
 
 
-# --- offer never raises (known bugs) ---------------------------------------------------------
+# --- offer never raises ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    reason="BUG: intake.py _decode_and_add does int(meta.get('val_samples')) after the delta "
-    "is already in the sum and the client accepted: a non-numeric val_samples makes offer() "
-    "raise ValueError (inf: OverflowError), leaving the update counted but without stats",
-    strict=True,
-)
 @pytest.mark.parametrize("val_samples", ["many", float("inf")])
 def test_bad_val_samples_in_meta_does_not_make_offer_raise(val_samples: Any) -> None:
     intake = _intake()
@@ -381,11 +375,6 @@ def test_bad_val_samples_in_meta_does_not_make_offer_raise(val_samples: Any) -> 
     assert offer.verdict.accepted == (intake.acc.count == 1)
 
 
-@pytest.mark.xfail(
-    reason="BUG: _screen catches only FrameError from read_header, and read_header lets "
-    "RecursionError escape for a deeply nested JSON header, so offer() raises",
-    strict=True,
-)
 def test_deeply_nested_header_is_rejected_not_raised() -> None:
     intake = _intake()
     head = b"[" * 100_000 + b"]" * 100_000

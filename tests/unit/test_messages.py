@@ -228,11 +228,6 @@ def test_constructing_message_with_other_schema_version_raises() -> None:
         Receipt(round=0, client_id="c1", status="accepted", schema=SCHEMA + 1)
 
 
-@pytest.mark.xfail(
-    reason="BUG: the Name/Hash patterns end in '$', which matches before a trailing newline, "
-    "so 'lab-1\\n' passes as a federation and a 64-hex hash + '\\n' as base_hash (use \\Z)",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("field", "value"),
     [("federation", "lab-1\n"), ("base_hash", HASH + "\n"), ("selected", ["pi-01\n"])],

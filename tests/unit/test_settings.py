@@ -192,12 +192,6 @@ def test_config_constructor_validates(kwargs: dict[str, object], message: str) -
         AggregatorConfig(**kwargs)  # type: ignore[arg-type]
 
 
-@pytest.mark.xfail(
-    reason='BUG: TOML values are not type-checked: rounds = "ten" reaches '
-    "AggregatorConfig.__post_init__ and raises TypeError ('>=' between str and int), which "
-    "aggregator/service.py main() does not catch (it handles ValueError/OSError)",
-    strict=True,
-)
 def test_wrongly_typed_toml_value_raises_value_error(tmp_path: Path) -> None:
     path = _toml(tmp_path, '[aggregator]\nrounds = "ten"\n')
 

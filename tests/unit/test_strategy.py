@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def _params() -> dict[str, np.ndarray]:
     }
 
 
-def _deltas() -> list[tuple[dict[str, np.ndarray], int]]:
+def _deltas() -> list[tuple[Mapping[str, np.ndarray], int]]:
     """Three hand-made client deltas with unequal sample counts 10, 30, 60."""
     return [
         (
@@ -47,7 +48,7 @@ def _deltas() -> list[tuple[dict[str, np.ndarray], int]]:
 
 
 def _by_hand(
-    params: dict[str, np.ndarray], results: list[tuple[dict[str, np.ndarray], int]]
+    params: dict[str, np.ndarray], results: list[tuple[Mapping[str, np.ndarray], int]]
 ) -> dict[str, np.ndarray]:
     """θ + Σ nᵢΔᵢ / Σ nᵢ written out with numpy."""
     total = sum(n for _, n in results)
