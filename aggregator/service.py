@@ -12,6 +12,7 @@ import logging
 import queue
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,6 +30,27 @@ from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound, T
 log = logging.getLogger("fedmq.aggregator")
 
 Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class OpenRound:
+    """A round that has been announced and is collecting updates."""
+
+    state: RoundState
+    intake: UpdateIntake
+    started: float
+
+
+@dataclass(frozen=True)
+class ClosedRound:
+    """A round that has been applied, waiting to be evaluated and reported."""
+
+    round: OpenRound
+    round_time_s: float
+    latency_ms: float
+    params: Tensors
+    model_hash: str
+    bytes_down: int
 
 
 class AggregatorService:
@@ -66,23 +88,22 @@ class AggregatorService:
         self.transport.start()
         self._publish(self.topics.aggregator_status, self._status("running"), retain=True)
         self._publish_model(final=False)
-        for r in range(1, cfg.rounds + 1):
-            self.round_id = r
-            if not self._wait_for_agents(cfg.min_clients, cfg.wait_clients_timeout):
-                log.error(
-                    "fewer than %d agents online after %.0fs",
-                    cfg.min_clients,
-                    cfg.wait_clients_timeout,
-                )
+        current = self._open_round(1)
+        while current is not None:
+            closed = self._close_round(current)
+            # The next round starts before this one is evaluated, so held-out evaluation
+            # overlaps with the agents' training instead of adding to every round.
+            nxt = self._open_round(current.state.round_id + 1)
+            self._report(closed)
+            if nxt is None and current.state.round_id < cfg.rounds:
                 self._finish("offline")
                 return 2
-            self._run_round(r)
+            current = nxt
         self._finish("finished")
         log.info("federation %s finished after %d rounds", cfg.federation, cfg.rounds)
         return 0
 
     def _finish(self, state: str) -> None:
-        self._publish(self.topics.round_start(self.round_id), b"", retain=True)
         if state == "finished":
             self._publish_model(final=True)
         self.transport.stop(
@@ -90,8 +111,17 @@ class AggregatorService:
         )
 
     # --- one round ---------------------------------------------------------------------
-    def _run_round(self, r: int) -> None:
+    def _open_round(self, r: int) -> OpenRound | None:
+        """Select agents and announce round ``r``; None after the last round or without quorum."""
         cfg = self.cfg
+        if r > cfg.rounds:
+            return None
+        if not self._wait_for_agents(cfg.min_clients, cfg.wait_clients_timeout):
+            log.error(
+                "fewer than %d agents online after %.0fs", cfg.min_clients, cfg.wait_clients_timeout
+            )
+            return None
+        self.round_id = r
         started = time.time()
         selected = select_clients(self._online(), cfg.fraction, cfg.min_clients, self.rng)
         state = RoundState(
@@ -101,6 +131,11 @@ class AggregatorService:
             cfg.federation, state, StreamingFedAvg(self.shapes), cfg.max_update_bytes
         )
         self._announce(state)
+        return OpenRound(state, intake, started)
+
+    def _close_round(self, rnd: OpenRound) -> ClosedRound:
+        """Collect updates until the round may be applied; apply it and publish the model."""
+        state, intake = rnd.state, rnd.intake
         last_update_at = time.monotonic()
         while (phase := state.phase(time.time())) in (RoundPhase.OPEN, RoundPhase.STARVED):
             if phase is RoundPhase.STARVED:
@@ -114,8 +149,15 @@ class AggregatorService:
         self.model_hash = tensors_hash(self.params)
         self._publish_model(final=False)
         latency_ms = (time.monotonic() - last_update_at) * 1000
-        self._publish(self.topics.round_start(r), b"", retain=True)
-        self._report(state, intake, started, latency_ms)
+        self._publish(self.topics.round_start(state.round_id), b"", retain=True)
+        return ClosedRound(
+            rnd,
+            time.time() - rnd.started,
+            latency_ms,
+            dict(self.params),
+            self.model_hash,
+            self.model_bytes * max(len(self._online()), 1),
+        )
 
     def _announce(self, state: RoundState) -> None:
         cfg = self.cfg
@@ -160,11 +202,9 @@ class AggregatorService:
         )
         self._announce(state)
 
-    def _report(
-        self, state: RoundState, intake: UpdateIntake, started: float, latency_ms: float
-    ) -> None:
-        evaluation = self.evaluator.evaluate(self.params)
-        online = max(len(self._online()), len(state.selected))
+    def _report(self, closed: ClosedRound) -> None:
+        state, intake = closed.round.state, closed.round.intake
+        evaluation = self.evaluator.evaluate(closed.params)
         metrics = msg.RoundMetrics(
             federation=self.cfg.federation,
             round=state.round_id,
@@ -177,12 +217,12 @@ class AggregatorService:
             test_accuracy=evaluation.accuracy if evaluation else None,
             test_loss=evaluation.loss if evaluation else None,
             bytes_up=intake.bytes_received,
-            bytes_down=self.model_bytes * online,
-            round_time_s=time.time() - started,
+            bytes_down=closed.bytes_down,
+            round_time_s=closed.round_time_s,
             slowest_train_s=intake.slowest_train_s(),
-            aggregate_latency_ms=latency_ms,
+            aggregate_latency_ms=closed.latency_ms,
             codec=self.cfg.codec,
-            model_hash=self.model_hash,
+            model_hash=closed.model_hash,
         )
         self._publish(self.topics.metrics, metrics.to_json(), retain=True)
         self.metrics.append(metrics)
