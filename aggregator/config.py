@@ -25,8 +25,8 @@ class AggregatorConfig:
     round_timeout: float = 120.0
     local_epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.0
+    lr: float = 0.01
+    momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
     codec: str = "int8"

@@ -1,0 +1,90 @@
+"""``fedmq bench inprocess``: the demo's federation run in one process, as a yardstick.
+
+Same dataset, partition, model, seeds and hyper-parameters as ``fedmq demo``, but the clients
+train one after another in this process and FedAvg is applied directly — no broker, no codec.
+The per-round time it prints is what the distributed demo's round time is compared against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from aggregator.strategy import StreamingFedAvg
+from shared.data import load_named_dataset, partition, train_val_split
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``fedmq bench inprocess`` (the demo's defaults)."""
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-root")
+    p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards"])
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--model", default="lenet5")
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2 cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="write the per-round figures here as JSON")
+
+
+def run_inprocess(args: argparse.Namespace) -> int:
+    """Run and print one line per round: accuracy and wall time."""
+    import torch
+
+    from shared.modelio import get_params, set_params, subtract
+    from shared.models import build_model
+    from shared.training import TrainConfig, evaluate, train_local
+
+    torch.set_num_threads(args.threads)
+    train = load_named_dataset(args.dataset, train=True, root=args.data_root)
+    test = load_named_dataset(args.dataset, train=False, root=args.data_root)
+    parts = partition(
+        train.y, args.clients, args.partition, np.random.default_rng(args.seed), alpha=args.alpha
+    )
+    # Exactly the agents' training share: same split of the same per-client file contents.
+    shards = [
+        train_val_split(train.subset(np.sort(idx)), args.val_fraction, np.random.default_rng(0))[0]
+        for idx in parts
+    ]
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, train.input_shape, train.num_classes)
+    params = get_params(model)
+    rows = []
+    print(f"{'round':>5} {'test acc':>9} {'round s':>8}")
+    for r in range(1, args.rounds + 1):
+        t0 = time.perf_counter()
+        acc = StreamingFedAvg({n: v.shape for n, v in params.items()})
+        for i, shard in enumerate(shards):
+            set_params(model, params)
+            cfg = TrainConfig(
+                local_epochs=args.local_epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                momentum=args.momentum,
+                seed=r * 1000 + i,
+            )
+            train_local(model, shard, cfg)
+            acc.add(subtract(get_params(model), params), len(shard))
+        params = acc.apply(params)
+        wall = time.perf_counter() - t0
+        set_params(model, params)
+        ev = evaluate(model, test)
+        rows.append({"round": r, "test_accuracy": ev.accuracy, "round_time_s": wall})
+        print(f"{r:>5} {100 * ev.accuracy:>8.2f}% {wall:>8.2f}")
+    mean = sum(x["round_time_s"] for x in rows) / len(rows)
+    print(
+        f"mean round time {mean:.2f}s, final test accuracy {100 * rows[-1]['test_accuracy']:.2f}%"
+    )
+    if args.out:
+        args.out.write_text(json.dumps({"rounds": rows, "mean_round_time_s": mean}, indent=1))
+    return 0
