@@ -24,6 +24,7 @@ def plot_metrics(rounds: list[dict[str, Any]], out_png: Path, title: str = "") -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     xs = [r["round"] for r in rounds]
     fig, (ax_acc, ax_loss, ax_bytes) = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -36,7 +37,7 @@ def plot_metrics(rounds: list[dict[str, Any]], out_png: Path, title: str = "") -
             xs,
             [100 * v if v is not None else None for v in val],
             "s--",
-            label="agents' local validation",
+            label="agents' local validation (after local training)",
         )
     ax_acc.set(xlabel="round", ylabel="accuracy (%)", title="accuracy")
     ax_acc.grid(alpha=0.3)
@@ -52,6 +53,8 @@ def plot_metrics(rounds: list[dict[str, Any]], out_png: Path, title: str = "") -
     ax_bytes.bar([x + 0.2 for x in xs], [r["bytes_down"] / 1e3 for r in rounds], 0.4, label="down")
     ax_bytes.set(xlabel="round", ylabel="kB per round (all clients)", title="traffic")
     ax_bytes.legend()
+    for ax in (ax_acc, ax_loss, ax_bytes):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
