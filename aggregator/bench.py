@@ -14,26 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.demo import add_task_arguments, client_indices
 from aggregator.strategy import StreamingFedAvg
-from shared.data import load_named_dataset, partition, train_val_split
+from shared.data import load_named_dataset, train_val_split
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``fedmq bench inprocess`` (the demo's defaults)."""
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-root")
-    p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards"])
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--model", default="lenet5")
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.01)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    """Flags of ``fedmq bench inprocess``: the demo's task flags, same defaults."""
+    add_task_arguments(p)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2 cores)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the per-round figures here as JSON")
 
 
@@ -48,13 +37,10 @@ def run_inprocess(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     train = load_named_dataset(args.dataset, train=True, root=args.data_root)
     test = load_named_dataset(args.dataset, train=False, root=args.data_root)
-    parts = partition(
-        train.y, args.clients, args.partition, np.random.default_rng(args.seed), alpha=args.alpha
-    )
-    # Exactly the agents' training share: same split of the same per-client file contents.
+    # Exactly the agents' training share: same partition, same validation hold-out.
     shards = [
-        train_val_split(train.subset(np.sort(idx)), args.val_fraction, np.random.default_rng(0))[0]
-        for idx in parts
+        train_val_split(train.subset(idx), args.val_fraction, np.random.default_rng(0))[0]
+        for idx in client_indices(args, train.y)
     ]
     torch.manual_seed(args.seed)
     model = build_model(args.model, train.input_shape, train.num_classes)

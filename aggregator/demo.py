@@ -27,8 +27,8 @@ from shared.local_broker import LocalBroker
 FEDERATION = "demo"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``fedmq demo``."""
+def add_task_arguments(p: argparse.ArgumentParser) -> None:
+    """The learning task: data, partition, model and local training (shared with ``bench``)."""
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or mnist")
@@ -36,41 +36,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards"])
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     p.add_argument("--shards-per-client", type=int, default=2)
+    p.add_argument("--samples-per-client", type=int, help="cap each client's share (quick runs)")
     p.add_argument("--model", default="lenet5")
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of each client's data held out for local validation",
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``fedmq demo``."""
+    add_task_arguments(p)
     p.add_argument("--codec", default="int8")
     p.add_argument("--fraction", type=float, default=1.0)
     p.add_argument("--min-clients", type=int, help="default: all clients")
     p.add_argument("--round-timeout", type=float, default=300.0)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--samples-per-client", type=int, help="cap each client's share (quick runs)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="run directory (default runs/demo-<time>)")
 
 
-def prepare_data(args: argparse.Namespace, data_dir: Path) -> tuple[list[Path], Path]:
-    """Partition the training set into one .npz per client; save the test set for evaluation."""
-    train = load_named_dataset(args.dataset, train=True, root=args.data_root)
-    test = load_named_dataset(args.dataset, train=False, root=args.data_root)
+def client_indices(args: argparse.Namespace, labels: np.ndarray) -> list[np.ndarray]:
+    """Each client's sample indices (sorted), from the partition flags."""
     rng = np.random.default_rng(args.seed)
     parts = partition(
-        train.y,
+        labels,
         args.clients,
         args.partition,
         rng,
         alpha=args.alpha,
         shards_per_client=args.shards_per_client,
     )
+    cap = args.samples_per_client
+    return [np.sort(idx[:cap] if cap else idx) for idx in parts]
+
+
+def prepare_data(args: argparse.Namespace, data_dir: Path) -> tuple[list[Path], Path]:
+    """Partition the training set into one .npz per client; save the test set for evaluation."""
+    train = load_named_dataset(args.dataset, train=True, root=args.data_root)
+    test = load_named_dataset(args.dataset, train=False, root=args.data_root)
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, idx in enumerate(parts):
-        if args.samples_per_client:
-            idx = idx[: args.samples_per_client]
+    for i, idx in enumerate(client_indices(args, train.y)):
         path = data_dir / f"client-{i:02d}.npz"
-        save_npz(path, train.subset(np.sort(idx)))
+        save_npz(path, train.subset(idx))
         paths.append(path)
     test_path = data_dir / "test.npz"
     save_npz(test_path, test)
@@ -150,7 +164,8 @@ def start_processes(
     return aggregator, agents
 
 
-def _stop_all(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGTERM each process still running, then SIGKILL whatever outlives ``timeout``."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
@@ -180,8 +195,8 @@ def run_demo(args: argparse.Namespace) -> int:
         try:
             table.follow(until=lambda: aggregator.poll() is not None)
         finally:
-            _stop_all([aggregator])
-            _stop_all(agents)
+            stop_processes([aggregator])
+            stop_processes(agents)
         wall = time.monotonic() - t0
     code = aggregator.returncode
     if code != 0:

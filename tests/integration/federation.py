@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aggregator.demo import stop_processes
 from shared.data import ArrayDataset, save_npz
 
 FEDERATION = "itest"
@@ -124,15 +125,7 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
 
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     """Terminate whatever still runs."""
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop_processes(procs)
 
 
 def metrics(workdir: Path) -> list[dict[str, object]]:
