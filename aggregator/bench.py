@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.demo import add_task_arguments, client_indices
+from aggregator.demo import add_task_arguments, client_indices, load_task_data
 from aggregator.strategy import StreamingFedAvg
-from shared.data import load_named_dataset, train_val_split
+from shared.data import train_val_split
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,8 +35,7 @@ def run_inprocess(args: argparse.Namespace) -> int:
     from shared.training import TrainConfig, evaluate, train_local
 
     torch.set_num_threads(args.threads)
-    train = load_named_dataset(args.dataset, train=True, root=args.data_root)
-    test = load_named_dataset(args.dataset, train=False, root=args.data_root)
+    train, test = load_task_data(args)
     # Exactly the agents' training share: same partition, same validation hold-out.
     shards = [
         train_val_split(train.subset(idx), args.val_fraction, np.random.default_rng(0))[0]

@@ -21,7 +21,7 @@ import numpy as np
 
 from aggregator.monitor import RoundTable
 from aggregator.report import load_metrics, plot_metrics, summarize
-from shared.data import load_named_dataset, partition, save_npz
+from shared.data import ArrayDataset, load_named_dataset, partition, save_npz
 from shared.local_broker import LocalBroker
 
 FEDERATION = "demo"
@@ -33,6 +33,11 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist or mnist")
     p.add_argument("--data-root", help="directory with the dataset's IDX files")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="let torchvision download the dataset into --data-root (needs a network)",
+    )
     p.add_argument("--partition", default="dirichlet", choices=["iid", "dirichlet", "shards"])
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
     p.add_argument("--shards-per-client", type=int, default=2)
@@ -76,10 +81,18 @@ def client_indices(args: argparse.Namespace, labels: np.ndarray) -> list[np.ndar
     return [np.sort(idx[:cap] if cap else idx) for idx in parts]
 
 
+def load_task_data(args: argparse.Namespace) -> tuple[ArrayDataset, ArrayDataset]:
+    """The named dataset's training and test sets, from disk (or downloaded on request)."""
+    kw = {"root": args.data_root, "download": args.download}
+    return (
+        load_named_dataset(args.dataset, train=True, **kw),
+        load_named_dataset(args.dataset, train=False, **kw),
+    )
+
+
 def prepare_data(args: argparse.Namespace, data_dir: Path) -> tuple[list[Path], Path]:
     """Partition the training set into one .npz per client; save the test set for evaluation."""
-    train = load_named_dataset(args.dataset, train=True, root=args.data_root)
-    test = load_named_dataset(args.dataset, train=False, root=args.data_root)
+    train, test = load_task_data(args)
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, idx in enumerate(client_indices(args, train.y)):
@@ -156,6 +169,9 @@ def start_processes(
             str(path),
             "--val-fraction",
             str(args.val_fraction),
+            # Per-run device state (top-k residuals): runs must not inherit each other's.
+            "--state-dir",
+            str(out / "state" / f"agent-{i:02d}"),
         ]
         with open(logs / f"agent-{i:02d}.log", "wb") as fh:
             agents.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
