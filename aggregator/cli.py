@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from aggregator import bench, demo
+from aggregator import bench, demo, ops_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +23,33 @@ def main(argv: list[str] | None = None) -> int:
         "inprocess", help="the demo's federation in one process (the round-time yardstick)"
     )
     bench.add_arguments(p_inproc)
+    from aggregator import bench_compression
+
+    bench_compression.add_arguments(
+        bench_sub.add_parser(
+            "compression", help="one federation per update codec: bytes vs accuracy"
+        )
+    )
+    ops_cli.add_commands(sub)
+    from aggregator import provision  # broker init, device add
+
+    provision.add_subcommands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("broker", "device"):
+        return provision.run(args)
+    if args.command in ops_cli.COMMANDS:
+        return ops_cli.run(args)
     if args.command == "demo":
         return demo.run_demo(args)
+    if args.command == "bench" and args.bench == "compression":
+        return bench_compression.run_compression(args)
     if args.command == "bench":
         return bench.run_inprocess(args)
-    from aggregator.report import load_metrics, plot_metrics, summarize
+    from aggregator.report import load_metrics, plot_metrics, print_summary, summarize
 
     rounds = load_metrics(args.run_dir)
     png = plot_metrics(rounds, args.run_dir / "metrics.png")
-    print(json.dumps(summarize(rounds), indent=1))
+    print_summary(summarize(rounds), rounds)
     print(f"plot: {png}")
     return 0
 

@@ -6,8 +6,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.quantize import CODECS
+from shared.quantize import CodecError
 from shared.settings import load_settings
+from shared.sparsify import KNOWN as KNOWN_CODECS
+from shared.sparsify import resolve_codec
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,17 @@ class AggregatorConfig:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Ed25519 private key (PEM) signing every global model; None = unsigned (dev only).
+    signing_key: str | None = None
+    # Reject updates whose delta has a larger L2 norm (over all tensors); None = off.
+    max_update_norm: float | None = None
     max_update_bytes: int = 64 * 1024 * 1024
     wait_clients_timeout: float = 600.0
     threads: int = 1
+    onnx: bool = True
+    state_dir: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -50,7 +60,11 @@ class AggregatorConfig:
             (self.batch_size >= 1, "batch-size must be ≥ 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.momentum >= 0, "momentum must be ≥ 0"),
-            (self.codec in CODECS, f"codec must be one of {sorted(CODECS)}"),
+            (_known_codec(self.codec), f"codec must be one of: {KNOWN_CODECS}"),
+            (
+                self.max_update_norm is None or self.max_update_norm > 0,
+                "max-update-norm must be > 0",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -76,21 +90,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--momentum", type=float)
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--codec", help=f"update codec: {', '.join(sorted(CODECS))}")
+    parser.add_argument("--codec", help=f"update codec: {KNOWN_CODECS} (default int8)")
     parser.add_argument("--eval-data", help="held-out data (.npz, IDX dir, image folder)")
     parser.add_argument("--metrics-file", help="write metrics.json here after every round")
     parser.add_argument("--client-id", help="MQTT client id of the aggregator")
     parser.add_argument("--username")
     parser.add_argument("--password")
-    parser.add_argument("--ca-file")
+    parser.add_argument("--ca-file", help="CA certificate that signed the broker's (mqtts://)")
+    parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
+    parser.add_argument("--key-file", help="private key of --cert-file")
+    parser.add_argument("--signing-key", help="Ed25519 private key (PEM) to sign global models")
+    parser.add_argument(
+        "--max-update-norm", type=float, help="reject deltas with a larger L2 norm (default off)"
+    )
     parser.add_argument("--max-update-bytes", type=int)
     parser.add_argument("--wait-clients-timeout", type=float)
     parser.add_argument("--threads", type=int, help="torch threads for evaluation")
+    parser.add_argument(
+        "--onnx",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="export, verify and publish each new global model as ONNX (default on)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="save global_model.fmq/.onnx here each round (default: the metrics file's dir)",
+    )
 
 
 def from_args(args: argparse.Namespace) -> AggregatorConfig:
     """Defaults < TOML ``[aggregator]`` < ``FEDMQ_AGGREGATOR_*`` environment < flags."""
     return load_settings(AggregatorConfig, args, "aggregator", "FEDMQ_AGGREGATOR_")
+
+
+def _known_codec(name: str) -> bool:
+    try:
+        resolve_codec(name)
+    except CodecError:
+        return False
+    return True
 
 
 def _shape(text: str) -> tuple[int, int, int]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from aggregator.rounds import RoundState, Verdict
 from aggregator.strategy import AggregationError, StreamingFedAvg
+from aggregator.update_bounds import norm_violation
 from shared.codec import FrameError, decode_frame, read_header
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,18 @@ class UpdateIntake:
     """Validates updates for the open round and folds accepted ones into the running sum."""
 
     def __init__(
-        self, federation: str, state: RoundState, acc: StreamingFedAvg, max_bytes: int
+        self,
+        federation: str,
+        state: RoundState,
+        acc: StreamingFedAvg,
+        max_bytes: int,
+        max_norm: float | None = None,
     ) -> None:
         self.federation = federation
         self.state = state
         self.acc = acc
         self.max_bytes = max_bytes
+        self.max_norm = max_norm
         self.stats: list[UpdateStats] = []
         self.bytes_received = 0
 
@@ -86,6 +93,9 @@ class UpdateIntake:
         except FrameError as exc:
             return Verdict(False, f"invalid update: {exc}"), None
         head = frame.header
+        too_long = norm_violation(frame.tensors, self.max_norm)
+        if too_long is not None:
+            return Verdict(False, too_long), None
         meta = head.meta
         # Everything is parsed before the delta touches the sum: nothing can fail after it.
         stats = UpdateStats(

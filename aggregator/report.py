@@ -81,3 +81,32 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_bytes_down_per_round": statistics.fmean(r["bytes_down"] for r in rounds),
         "codec": last.get("codec", ""),
     }
+
+
+def print_summary(summary: dict[str, Any], rounds: list[dict[str, Any]]) -> None:
+    """Print the per-round table and the headline figures with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    per_round = Table(title="rounds")
+    cols = ("round", "clients", "test acc", "test loss", "train loss", "up kB", "down kB", "s")
+    for col in cols:
+        per_round.add_column(col, justify="right")
+    for r in rounds:
+        acc, loss, train = r.get("test_accuracy"), r.get("test_loss"), r.get("train_loss")
+        per_round.add_row(
+            str(r["round"]),
+            str(r.get("accepted", "")),
+            "-" if acc is None else f"{100 * acc:.2f}%",
+            "-" if loss is None else f"{loss:.4f}",
+            "-" if train is None else f"{train:.4f}",
+            f"{r['bytes_up'] / 1e3:.1f}",
+            f"{r['bytes_down'] / 1e3:.1f}",
+            f"{r['round_time_s']:.2f}",
+        )
+    headline = Table(title="summary", show_header=False)
+    for key, value in summary.items():
+        headline.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console = Console()
+    console.print(per_round)
+    console.print(headline)

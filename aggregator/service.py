@@ -20,11 +20,13 @@ from aggregator.config import AggregatorConfig, add_arguments, from_args
 from aggregator.evaluation import Evaluator
 from aggregator.intake import UpdateIntake
 from aggregator.metrics_log import MetricsLog
+from aggregator.onnx_export import RoundExporter, state_dir_of
 from aggregator.rounds import RoundPhase, RoundState, select_clients
 from aggregator.strategy import StreamingFedAvg
 from shared import messages as msg
 from shared import topics
 from shared.codec import FrameHeader, encode_frame, tensors_hash
+from shared.signing import load_private_key, sign_model
 from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound, TransportError
 
 log = logging.getLogger("fedmq.aggregator")
@@ -63,6 +65,14 @@ class AggregatorService:
             arch=cfg.model, input_shape=cfg.input_shape, num_classes=cfg.num_classes
         )
         self.evaluator = Evaluator(self.spec, cfg.eval_data, cfg.seed, cfg.threads)
+        self.exporter = RoundExporter(
+            self.spec,
+            cfg.federation,
+            onnx=cfg.onnx,
+            state_dir=state_dir_of(cfg.state_dir, cfg.metrics_file),
+            holdout=self.evaluator.data,
+            seed=cfg.seed,
+        )
         self.params: Tensors = self.evaluator.initial_params()
         self.shapes = {n: tuple(v.shape) for n, v in self.params.items()}
         self.model_hash = tensors_hash(self.params)
@@ -71,13 +81,18 @@ class AggregatorService:
         self.rng = np.random.default_rng(cfg.seed)
         self.metrics = MetricsLog(cfg.metrics_file)
         self.round_id = 0
+        self.signing_key = load_private_key(cfg.signing_key) if cfg.signing_key else None
         self.transport = MqttTransport(
             cfg.broker,
             cfg.client_id,
             subscriptions=[(self.topics.update_any, 1), (self.topics.agent_status_any, 1)],
             will=Outbound(self.topics.aggregator_status, self._status("offline"), retain=True),
             options=ConnectOptions(
-                username=cfg.username, password=cfg.password, ca_file=cfg.ca_file
+                username=cfg.username,
+                password=cfg.password,
+                ca_file=cfg.ca_file,
+                cert_file=cfg.cert_file,
+                key_file=cfg.key_file,
             ),
         )
 
@@ -128,7 +143,11 @@ class AggregatorService:
             r, self.model_hash, set(selected), cfg.min_clients, started + cfg.round_timeout, started
         )
         intake = UpdateIntake(
-            cfg.federation, state, StreamingFedAvg(self.shapes), cfg.max_update_bytes
+            cfg.federation,
+            state,
+            StreamingFedAvg(self.shapes),
+            cfg.max_update_bytes,
+            cfg.max_update_norm,
         )
         self._announce(state)
         return OpenRound(state, intake, started)
@@ -205,6 +224,7 @@ class AggregatorService:
     def _report(self, closed: ClosedRound) -> None:
         state, intake = closed.round.state, closed.round.intake
         evaluation = self.evaluator.evaluate(closed.params)
+        exported = self.exporter.after_round(closed.params, state.round_id, self._publish)
         metrics = msg.RoundMetrics(
             federation=self.cfg.federation,
             round=state.round_id,
@@ -223,6 +243,7 @@ class AggregatorService:
             aggregate_latency_ms=closed.latency_ms,
             codec=self.cfg.codec,
             model_hash=closed.model_hash,
+            onnx_export_s=exported.export_s if exported else None,
         )
         self._publish(self.topics.metrics, metrics.to_json(), retain=True)
         self.metrics.append(metrics)
@@ -277,6 +298,10 @@ class AggregatorService:
         except msg.MessageError as exc:
             log.warning("bad agent status on %s: %s", item.topic, exc)
             return
+        if topics.parse(item.topic).client_id != status.client_id:
+            # The ACL lets a device write only its own status topic: the payload must agree.
+            log.warning("ignoring status for %r on %s", status.client_id, item.topic)
+            return
         self.agents[status.client_id] = status
 
     def _online(self) -> list[str]:
@@ -295,12 +320,17 @@ class AggregatorService:
 
     # --- outbound ----------------------------------------------------------------------
     def _publish_model(self, final: bool) -> None:
+        signature = (
+            sign_model(self.signing_key, self.cfg.federation, self.round_id, self.model_hash)
+            if self.signing_key is not None
+            else ""
+        )
         header = FrameHeader(
             kind="model",
             federation=self.cfg.federation,
             round=self.round_id,
             codec="fp32",
-            meta={"model_hash": self.model_hash},
+            meta={"model_hash": self.model_hash, "signature": signature},
         )
         frame = encode_frame(header, self.params)
         self.model_bytes = len(frame)
@@ -312,6 +342,7 @@ class AggregatorService:
             model=self.spec,
             nbytes=len(frame),
             final=final,
+            signature=signature,
         )
         self._publish(self.topics.global_meta, meta.to_json(), retain=True)
 

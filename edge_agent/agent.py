@@ -17,11 +17,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_agent.config import AgentConfig
+from edge_agent.error_feedback import DeviceFeedback
 from edge_agent.local_training import LocalTrainer
+from edge_agent.model_guard import HeldModel, check_global_model
 from shared import messages as msg
 from shared import topics
 from shared.codec import FrameError, FrameHeader, decode_frame, encode_frame, tensors_hash
 from shared.data import ArrayDataset, load_device_data, train_val_split
+from shared.signing import load_public_key
+from shared.sparsify import is_sparse
 from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound
 
 log = logging.getLogger("fedmq.agent")
@@ -57,6 +61,12 @@ class EdgeAgent:
         topics.validate_name("client id", cfg.client_id)
         self.data, self.val = self._load_data()
         self.trainer = LocalTrainer(cfg.client_id, cfg.threads)
+        self.feedback = DeviceFeedback(cfg.resolved_state_dir(), cfg.federation)
+        self.model_key = load_public_key(cfg.model_public_key) if cfg.model_public_key else None
+        if self.model_key is None:
+            log.warning(
+                "%s: no --model-public-key: unsigned global models are accepted", cfg.client_id
+            )
         self.global_model: GlobalModel | None = None
         self.announcement: msg.RoundStart | None = None
         self.done_rounds: set[int] = set()
@@ -81,7 +91,11 @@ class EdgeAgent:
                 )
             ],
             options=ConnectOptions(
-                username=cfg.username, password=cfg.password, ca_file=cfg.ca_file
+                username=cfg.username,
+                password=cfg.password,
+                ca_file=cfg.ca_file,
+                cert_file=cfg.cert_file,
+                key_file=cfg.key_file,
             ),
         )
 
@@ -102,7 +116,10 @@ class EdgeAgent:
             f", {len(self.val)} validation" if self.val is not None else "",
         )
         # Ready before announcing presence: "online" means able to train right away.
-        log.info("%s: training stack loaded in %.1fs", self.cfg.client_id, self.trainer.warm_up())
+        if self.cfg.warm_up:
+            log.info(
+                "%s: training stack loaded in %.1fs", self.cfg.client_id, self.trainer.warm_up()
+            )
         self.transport.start(timeout=self.cfg.connect_timeout)
         while not self.stop_event.is_set():
             try:
@@ -155,14 +172,15 @@ class EdgeAgent:
     def _on_global_model(self, item: Inbound) -> None:
         frame = decode_frame(item.payload, max_bytes=self.cfg.max_frame_bytes)
         head = frame.header
-        if head.kind != "model" or head.federation != self.cfg.federation:
-            raise FrameError(f"not a global model of {self.cfg.federation!r}")
-        claimed = head.meta.get("model_hash")
         actual = tensors_hash(frame.tensors)
-        if claimed != actual:
-            raise FrameError(f"model hash mismatch: frame says {claimed!r}, content is {actual}")
-        if self.global_model is not None and head.round < self.global_model.round_id:
-            raise FrameError(f"older model (round {head.round} < {self.global_model.round_id})")
+        held = self.global_model
+        check_global_model(
+            head,
+            actual,
+            self.cfg.federation,
+            HeldModel(held.round_id, held.model_hash) if held is not None else None,
+            self.model_key,
+        )
         self.global_model = GlobalModel(head.round, actual, frame.tensors)
         log.debug("global model of round %d (%s)", head.round, actual[:12])
 
@@ -206,6 +224,8 @@ class EdgeAgent:
         self._publish_status("training", ann.round)
         local = self.trainer.train(ann.model, model.params, ann.train, self.data, self.val)
         t0 = time.perf_counter()
+        sparse = is_sparse(ann.codec)  # top-k drops values: error feedback sends them later
+        delta = self.feedback.compensate(local.delta) if sparse else local.delta
         header = FrameHeader(
             kind="update",
             federation=self.cfg.federation,
@@ -216,7 +236,9 @@ class EdgeAgent:
             num_samples=local.num_samples,
             meta=local.meta,
         )
-        payload = encode_frame(header, local.delta, rng=np.random.default_rng(ann.train.seed))
+        payload = encode_frame(header, delta, rng=np.random.default_rng(ann.train.seed))
+        if sparse:
+            self.feedback.commit(delta, payload)
         log.info(
             "round %d: trained %d samples in %.2fs (loss %.4f), update %d bytes "
             "(%s, encoded in %.0f ms)",

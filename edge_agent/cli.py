@@ -15,7 +15,13 @@ log = logging.getLogger("fedmq.agent")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fedmq-agent``."""
+    """Entry point of ``fedmq-agent``: the training agent, or ``predict`` / ``serve``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("predict", "serve"):
+        # Inference-only devices: onnxruntime, no torch (edge_agent.inference).
+        from edge_agent.inference import main as inference_main
+
+        return inference_main(argv)
     parser = argparse.ArgumentParser(prog="fedmq-agent", description="fedmq edge agent")
     add_arguments(parser)
     parser.add_argument("--log-level", default="INFO")

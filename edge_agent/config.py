@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,17 @@ class AgentConfig:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    # Pinned Ed25519 key: only models signed by it are loaded. None = dev mode (unsigned OK).
+    model_public_key: str | None = None
     max_frame_bytes: int = 256 * 1024 * 1024
     resend_after_s: float = 30.0
     connect_timeout: float = 60.0
     exit_when_finished: bool = True
+    # Device-local state (error-feedback residual); "" = $XDG_STATE_HOME/fedmq/<client-id>
+    state_dir: str = ""
+    warm_up: bool = True  # import torch before going online (False: import at first round)
 
     def __post_init__(self) -> None:
         if not self.client_id:
@@ -36,6 +44,13 @@ class AgentConfig:
             raise ValueError("val-fraction must be in [0, 1)")
         if self.threads < 1:
             raise ValueError("threads must be ≥ 1")
+
+    def resolved_state_dir(self) -> Path:
+        """``state_dir``, or ``~/.local/state/fedmq/<client-id>`` (XDG_STATE_HOME honoured)."""
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "fedmq" / self.client_id
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,16 +66,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads for training (default 1)")
     parser.add_argument("--username")
     parser.add_argument("--password")
-    parser.add_argument("--ca-file")
+    parser.add_argument("--ca-file", help="CA certificate that signed the broker's (mqtts://)")
+    parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
+    parser.add_argument("--key-file", help="private key of --cert-file")
+    parser.add_argument(
+        "--model-public-key",
+        help="Ed25519 public key (PEM): load only global models signed by it (no rollback)",
+    )
     parser.add_argument("--max-frame-bytes", type=int)
     parser.add_argument("--resend-after-s", type=float)
     parser.add_argument("--connect-timeout", type=float)
+    parser.add_argument(
+        "--state-dir", help="device state, e.g. the error-feedback residual of top-k codecs"
+    )
     parser.add_argument(
         "--stay",
         dest="exit_when_finished",
         action="store_const",
         const=False,
         help="keep running after the federation finishes",
+    )
+    parser.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_const",
+        const=False,
+        help="do not load torch before going online (a presence-only agent stays small)",
     )
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from shared.quantize import CODECS, CodecError, TensorCodec
+from shared.quantize import CodecError, TensorCodec
+from shared.sparsify import resolve_codec
 
 MAGIC = b"FMQ\x01"
 _HEADER_LEN = struct.Struct("<I")
@@ -293,9 +294,9 @@ def _spec_size(codec: TensorCodec, spec: _Spec) -> int:
 
 def _codec(name: str, err: type[Exception]) -> TensorCodec:
     try:
-        return CODECS[name]
-    except (KeyError, TypeError):
-        raise err(f"unknown codec {name!r}; known: {', '.join(sorted(CODECS))}") from None
+        return resolve_codec(name)  # dense by name, or a parameterised top-k name
+    except CodecError as exc:
+        raise err(str(exc)) from None
 
 
 def _shape_diff(got: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]]) -> str:

@@ -353,8 +353,10 @@ class LocalBroker:
         override the template's single-valued settings (e.g. ``max_packet_size``).
         """
         text = self._template_text()
-        if "{port}" not in text:
+        if "{port}" not in text and self._auto_port:
             # Without it mosquitto would listen elsewhere and start() would wait in vain.
+            # A caller-chosen port may come with an already rendered config (e.g. from
+            # `fedmq broker init --port N`): the caller vouches that they agree.
             raise BrokerError("broker config template has no {port} placeholder")
         values = {
             "{port}": str(self.port),

@@ -105,6 +105,8 @@ class GlobalMeta(Message, frozen=True, kw_only=True):
     model: ModelSpec
     nbytes: NonNeg
     final: bool = False
+    # base64 Ed25519 over (federation, round, model_hash), see shared/signing.py; "" = unsigned
+    signature: str = ""
 
 
 class AggregatorStatus(Message, frozen=True, kw_only=True):
@@ -136,6 +138,7 @@ class RoundMetrics(Message, frozen=True, kw_only=True):
     aggregate_latency_ms: NonNegFloat = 0.0
     codec: str = ""
     model_hash: str = ""
+    onnx_export_s: NonNegFloat | None = None  # None: ONNX export off or failed
 
 
 M = TypeVar("M", bound=Message)

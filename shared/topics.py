@@ -5,11 +5,13 @@ Layout (protocol version in the namespace, like Sparkplug's ``spBv1.0``)::
     fl/v1/{fed}/aggregator/status          retained JSON: running | finished | offline (will)
     fl/v1/{fed}/global/meta                retained JSON: round, model hash, size, arch
     fl/v1/{fed}/global/model               retained binary frame: the full global model
+    fl/v1/{fed}/global/onnx                retained ONNX frame of the global model (inference)
     fl/v1/{fed}/round/{r}/start            retained JSON: round announcement (cleared next round)
     fl/v1/{fed}/round/{r}/update/{cid}     binary frame: an agent's compressed delta (QoS 1)
     fl/v1/{fed}/round/{r}/receipt/{cid}    JSON: accepted | rejected + reason (QoS 1)
     fl/v1/{fed}/agents/{cid}/status        retained JSON: online | busy | offline (will)
     fl/v1/{fed}/metrics                    JSON per applied round (latest retained)
+    fl/v1/{fed}/infer/{cid}/request|response  JSON/npz inference requests to a device (local)
 
 No other module writes a topic literal.
 """
@@ -77,6 +79,19 @@ class Topics:
         return f"{self.root}/global/model"
 
     @property
+    def global_onnx(self) -> str:
+        """Retained ONNX frame of the current global model (inference without torch)."""
+        return f"{self.root}/global/onnx"
+
+    def infer_request(self, client_id: str) -> str:
+        """Where local clients ask ``client_id``'s inference server for predictions."""
+        return f"{self.root}/infer/{validate_name('client id', client_id)}/request"
+
+    def infer_response(self, client_id: str) -> str:
+        """Where ``client_id``'s inference server answers."""
+        return f"{self.root}/infer/{validate_name('client id', client_id)}/response"
+
+    @property
     def metrics(self) -> str:
         """Per-round metrics published by the aggregator."""
         return f"{self.root}/metrics"
@@ -105,6 +120,11 @@ class Topics:
         """Where the aggregator acknowledges ``client_id``'s update for ``round_id``."""
         cid = validate_name("client id", client_id)
         return f"{self.root}/round/{_round(round_id)}/receipt/{cid}"
+
+    @property
+    def receipt_any(self) -> str:
+        """Subscription to every receipt of every round (for monitors)."""
+        return f"{self.root}/round/+/receipt/+"
 
     def receipt_any_round(self, client_id: str) -> str:
         """Subscription to one client's receipts, all rounds."""
@@ -142,6 +162,7 @@ def parse(topic: str) -> ParsedTopic:
         ("aggregator", "status"): "aggregator_status",
         ("global", "meta"): "global_meta",
         ("global", "model"): "global_model",
+        ("global", "onnx"): "global_onnx",
         ("metrics",): "metrics",
     }
     if tuple(rest) in simple:

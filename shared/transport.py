@@ -21,6 +21,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from shared.connect_errors import describe_connect_error, describe_refusal
+
 log = logging.getLogger(__name__)
 
 
@@ -153,8 +155,9 @@ class MqttTransport:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
-            self._refused = str(reason_code)
-            log.error("broker %s refused %s: %s", self.address, self.client_id, reason_code)
+            self._refused = describe_refusal(reason_code)
+            # paho retries with backoff (reconnect_delay_set): one line per attempt, no trace.
+            log.error("broker %s refused %s: %s", self.address, self.client_id, self._refused)
             return
         self._refused = None
         if self._subs:
@@ -181,12 +184,15 @@ class MqttTransport:
 
     # --- API for the worker thread -----------------------------------------------------
     def start(self, timeout: float = 30.0) -> MqttTransport:
-        """Connect (retrying with backoff) and start the network thread; wait for CONNACK."""
-        self._client.connect_async(
-            self.address.host, self.address.port, keepalive=self.options.keepalive
-        )
+        """Connect (retrying with backoff) and start the network thread; wait for CONNACK.
+
+        Every failed attempt (refused, TLS, bad credentials) is one log line; after
+        ``timeout`` a TransportError names the last reason.
+        """
+        deadline = time.monotonic() + timeout
+        self._open_connection(deadline)
         self._client.loop_start()
-        if not self.wait_connected(timeout):
+        if not self.wait_connected(max(0.0, deadline - time.monotonic())):
             self._client.loop_stop()
             why = f"refused: {self._refused}" if self._refused else "no answer"
             raise TransportError(
@@ -194,6 +200,24 @@ class MqttTransport:
                 f"within {timeout:.0f}s ({why})"
             )
         return self
+
+    def _open_connection(self, deadline: float) -> None:
+        """Open the socket (and TLS session) and send CONNECT, retrying with backoff."""
+        delay = max(0.1, self.options.reconnect_min_s)
+        while True:
+            try:
+                self._client.connect(
+                    self.address.host, self.address.port, keepalive=self.options.keepalive
+                )
+                return
+            except OSError as exc:  # ssl.SSLError and socket errors are OSErrors
+                why = describe_connect_error(exc, str(self.address))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransportError(f"{self.client_id!r} could not connect: {why}")
+            log.warning("%s; retrying in %.1fs", why, min(delay, remaining))
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, max(delay, self.options.reconnect_max_s))
 
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected or ``timeout``; True when connected."""

@@ -1,0 +1,205 @@
+"""``fedmq bench compression``: the same federation once per update codec, over real MQTT.
+
+For each codec: a fresh Mosquitto, one aggregator and N agent processes (the ``fedmq demo``
+machinery), same data partition, seeds and rounds. From each run's ``metrics.json``: bytes up
+and down per client-round and the final test accuracy; plus a micro-benchmark of the codec's
+encode/decode throughput on the model's real tensor shapes. Writes ``compression.md``,
+``compression.json`` and ``compression.png`` into the output directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aggregator.demo import add_task_arguments, prepare_data, start_processes, stop_processes
+from aggregator.report import load_metrics
+from shared.codec import FrameHeader, decode_frame, encode_frame
+from shared.local_broker import LocalBroker
+
+DEFAULT_CODECS = "fp32,int8,topk:0.01+fp16,topk8:0.01,topk4:0.01,topk8:0.005"
+# Sized for ~30 minutes on a 2-core machine (10 agents share the cores).
+SIZING = {"lenet5": {"rounds": 10, "samples": 2000}, "cnn": {"rounds": 4, "samples": 500}}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags: the demo's task flags plus the codecs to compare."""
+    add_task_arguments(p)
+    p.set_defaults(rounds=None)
+    p.add_argument("--codecs", default=DEFAULT_CODECS, help="comma-separated codec names")
+    p.add_argument("--round-timeout", type=float, default=600.0)
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per codec run")
+    p.add_argument("--out", type=Path, help="output directory (default runs/compression-<time>)")
+
+
+def run_compression(args: argparse.Namespace) -> int:
+    """Run every codec, then write the table and plot; return 0 when every run finished."""
+    sizing = SIZING.get(args.model, SIZING["lenet5"])
+    args.rounds = args.rounds or sizing["rounds"]
+    args.samples_per_client = args.samples_per_client or sizing["samples"]
+    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    out: Path = args.out or Path("runs") / datetime.now().strftime("compression-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"preparing {args.dataset}: {args.clients} clients, {args.partition} α={args.alpha}")
+    clients, test = prepare_data(args, out / "data")
+    rows = []
+    for codec in codecs:
+        print(f"--- {codec}: {args.rounds} rounds, {args.model} ...", flush=True)
+        row = _run_one(args, codec, clients, test, out / _slug(codec))
+        row.update(_throughput(args, codec))
+        rows.append(row)
+        print(f"    {json.dumps(row)}", flush=True)
+    _relative_to_fp32(rows)
+    command = "fedmq bench compression " + " ".join(
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in (
+            ("model", args.model),
+            ("rounds", args.rounds),
+            ("samples_per_client", args.samples_per_client),
+            ("clients", args.clients),
+            ("codecs", args.codecs),
+        )
+    )
+    result = {"command": command, "task": _task(args), "rows": rows}
+    (out / "compression.json").write_text(json.dumps(result, indent=1))
+    (out / "compression.md").write_text(markdown_table(rows, command))
+    _plot(
+        rows, out / "compression.png", f"{args.model}, {args.clients} clients, {args.rounds} rounds"
+    )
+    print(markdown_table(rows, command))
+    print(f"written: {out / 'compression.md'}, compression.json, compression.png")
+    return 0 if all(r["finished"] for r in rows) else 1
+
+
+def _run_one(
+    args: argparse.Namespace, codec: str, clients: list[Path], test: Path, out: Path
+) -> dict[str, Any]:
+    run_args = copy.copy(args)
+    run_args.codec, run_args.fraction, run_args.min_clients = codec, 1.0, args.clients
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    with LocalBroker(out / "broker") as broker:
+        aggregator, agents = start_processes(run_args, broker.url, clients, test, out)
+        try:
+            aggregator.wait(args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"    {codec}: no result after {args.timeout:.0f}s, stopping it")
+        finally:
+            stop_processes([aggregator])
+            stop_processes(agents)
+    wall = time.monotonic() - t0
+    rounds = load_metrics(out) if (out / "metrics.json").exists() else []
+    updates = sum(int(r["accepted"]) for r in rounds) or 1
+    client_rounds = len(rounds) * args.clients or 1
+    last = rounds[-1] if rounds else {}
+    return {
+        "codec": codec,
+        "finished": aggregator.returncode == 0 and len(rounds) == args.rounds,
+        "rounds": len(rounds),
+        "bytes_up_per_client_round": sum(int(r["bytes_up"]) for r in rounds) / updates,
+        "bytes_down_per_client_round": sum(int(r["bytes_down"]) for r in rounds) / client_rounds,
+        "final_test_accuracy": last.get("test_accuracy"),
+        "accuracy_per_round": [r.get("test_accuracy") for r in rounds],
+        "wall_time_s": round(wall, 1),
+    }
+
+
+def _throughput(args: argparse.Namespace, codec: str, repeats: int = 5) -> dict[str, float]:
+    """Encode/decode MB/s (fp32-equivalent) of one update frame on the model's real shapes."""
+    from shared.modelio import param_shapes
+    from shared.models import build_model
+
+    shapes = param_shapes(build_model(args.model, (1, 28, 28), 10))
+    rng = np.random.default_rng(args.seed)
+    # A trained delta is roughly Gaussian per tensor; scale matters little to the codecs.
+    delta = {n: rng.normal(0, 0.01, size=s).astype(np.float32) for n, s in shapes.items()}
+    mb = 4 * sum(v.size for v in delta.values()) / 1e6
+    header = FrameHeader(
+        kind="update", federation="bench", round=1, codec=codec, client_id="c", num_samples=1
+    )
+    encode_s, decode_s = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        frame = encode_frame(header, delta, rng=rng)
+        encode_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        decode_frame(frame)
+        decode_s.append(time.perf_counter() - t)
+    return {
+        "encode_mb_s": round(mb / min(encode_s), 1),
+        "decode_mb_s": round(mb / min(decode_s), 1),
+    }
+
+
+def _relative_to_fp32(rows: list[dict[str, Any]]) -> None:
+    base = next((r for r in rows if r["codec"] == "fp32"), None)
+    for r in rows:
+        up = r["bytes_up_per_client_round"]
+        r["ratio_vs_fp32"] = (base["bytes_up_per_client_round"] / up) if base and up else None
+        acc, ref = r["final_test_accuracy"], base and base["final_test_accuracy"]
+        r["accuracy_diff_vs_fp32"] = (acc - ref) if acc is not None and ref is not None else None
+
+
+def markdown_table(rows: list[dict[str, Any]], command: str) -> str:
+    """The comparison as a markdown table."""
+    lines = [
+        f"`{command}`",
+        "",
+        "| codec | bytes up / client-round | bytes down / client-round | up ratio vs fp32 "
+        "| final test acc | Δacc vs fp32 (points) | encode MB/s | decode MB/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = f"{r['ratio_vs_fp32']:.1f}×" if r.get("ratio_vs_fp32") else "–"
+        acc = r["final_test_accuracy"]
+        diff = r.get("accuracy_diff_vs_fp32")
+        lines.append(
+            f"| `{r['codec']}` | {r['bytes_up_per_client_round']:,.0f} "
+            f"| {r['bytes_down_per_client_round']:,.0f} | {ratio} "
+            f"| {'–' if acc is None else f'{100 * acc:.2f}%'} "
+            f"| {'–' if diff is None else f'{100 * diff:+.2f}'} "
+            f"| {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} |"
+            + ("" if r["finished"] else " (unfinished)")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_b, ax_a) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = [r["codec"] for r in rows]
+    ax_b.bar(names, [r["bytes_up_per_client_round"] / 1e3 for r in rows])
+    ax_b.set(yscale="log", ylabel="kB up per client-round (log)", title="upload size")
+    for r in rows:
+        accs = [100 * a for a in r["accuracy_per_round"] if a is not None]
+        ax_a.plot(range(1, len(accs) + 1), accs, "o-", label=r["codec"])
+    ax_a.set(xlabel="round", ylabel="test accuracy (%)", title="accuracy")
+    ax_a.grid(alpha=0.3)
+    ax_a.legend(fontsize=8)
+    ax_b.tick_params(axis="x", labelrotation=30)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def _task(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("dataset", "model", "clients", "partition", "alpha", "rounds", "samples_per_client")
+    return {k: getattr(args, k) for k in keys} | {"local_epochs": args.local_epochs}
+
+
+def _slug(codec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", codec)

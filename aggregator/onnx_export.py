@@ -1,0 +1,290 @@
+"""Export global models to ONNX, verify them against torch, and publish/save them.
+
+The TorchScript-based exporter (``dynamo=False``) is used: on this class of model (plain
+``nn.Sequential`` stacks) it takes ~0.2 s where the dynamo exporter takes ~5 s, and it needs
+no onnxscript. Every export is checked with ``onnx.checker`` and run through onnxruntime on a
+held-out batch: logits must agree with torch within :data:`PARITY_TOLERANCE` and give the same
+argmax, or the model is not published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.codec import FrameError, FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.data import ArrayDataset
+from shared.messages import ModelSpec
+from shared.modelio import set_params
+from shared.models import build_model
+from shared.onnx_frame import OnnxHeader, encode_onnx_frame, sha256
+from shared.topics import Topics
+
+log = logging.getLogger("fedmq.onnx")
+
+OPSET = 17
+PARITY_TOLERANCE = 1e-4
+STATE_MODEL_FILE = "global_model.fmq"
+STATE_ONNX_FILE = "global_model.onnx"
+Publish = Callable[[str, bytes, bool], None]
+Tensors = dict[str, np.ndarray]
+
+
+class ExportError(RuntimeError):
+    """The ONNX export failed its checks (checker or parity with torch)."""
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely onnxruntime reproduces torch on one batch."""
+
+    max_abs_diff: float
+    same_argmax: bool
+    batch: int
+
+
+@dataclass(frozen=True)
+class OnnxExport:
+    """A verified export: the ONNX bytes, its frame, and what it cost."""
+
+    onnx: bytes
+    frame: bytes
+    parity: Parity
+    export_s: float
+
+
+def export_onnx(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> bytes:
+    """ONNX bytes of ``model`` (eval mode) with a dynamic batch axis named ``batch``."""
+    model.eval()
+    example = torch.zeros((1, *input_shape), dtype=torch.float32)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (example,),
+            buf,  # type: ignore[arg-type]  # file-like objects are accepted at run time
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=OPSET,
+        )
+    return buf.getvalue()
+
+
+def check_onnx(onnx_bytes: bytes) -> None:
+    """Run ``onnx.checker`` on the model; raise ExportError when it is not valid."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(onnx.load_from_string(onnx_bytes), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"onnx.checker rejected the export: {exc}") from exc
+
+
+def verify_parity(model: torch.nn.Module, onnx_bytes: bytes, batch: np.ndarray) -> Parity:
+    """Compare torch and onnxruntime logits on ``batch`` (float32 N×C×H×W)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    session = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    x = np.ascontiguousarray(batch, dtype=np.float32)
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(x)).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    diff = float(np.max(np.abs(got - want))) if len(x) else 0.0
+    same = bool(np.array_equal(got.argmax(axis=1), want.argmax(axis=1)))
+    return Parity(diff, same, len(x))
+
+
+def holdout_batch(
+    data: ArrayDataset | None, input_shape: tuple[int, int, int], n: int = 64, seed: int = 0
+) -> np.ndarray:
+    """The first ``n`` held-out samples, or seeded uniform noise without held-out data."""
+    if data is not None and len(data):
+        return data.subset(np.arange(min(n, len(data)))).as_float()
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.0, 1.0, size=(n, *input_shape)).astype(np.float32)
+
+
+def export_verified(
+    spec: ModelSpec,
+    params: Mapping[str, np.ndarray],
+    *,
+    federation: str,
+    round_id: int,
+    batch: np.ndarray,
+    model: torch.nn.Module | None = None,
+) -> OnnxExport:
+    """Export ``params`` as ONNX, check it, verify parity, and frame it; or raise ExportError."""
+    t0 = time.perf_counter()
+    model = model or build_model(spec.arch, spec.input_shape, spec.num_classes)
+    set_params(model, params)
+    onnx_bytes = export_onnx(model, spec.input_shape)
+    check_onnx(onnx_bytes)
+    parity = verify_parity(model, onnx_bytes, batch)
+    if parity.max_abs_diff > PARITY_TOLERANCE or not parity.same_argmax:
+        raise ExportError(
+            f"onnxruntime disagrees with torch: max |Δlogit| {parity.max_abs_diff:.2e}, "
+            f"same argmax: {parity.same_argmax}"
+        )
+    header = OnnxHeader(
+        federation=federation,
+        round=round_id,
+        model_hash=tensors_hash(params),
+        onnx_sha256=sha256(onnx_bytes),
+        input_shape=spec.input_shape,
+        num_classes=spec.num_classes,
+        arch=spec.arch,
+        opset=OPSET,
+    )
+    frame = encode_onnx_frame(header, onnx_bytes)
+    return OnnxExport(onnx_bytes, frame, parity, time.perf_counter() - t0)
+
+
+def model_frame(federation: str, round_id: int, spec: ModelSpec, params: Tensors) -> bytes:
+    """A global-model frame that also names its architecture (for offline export)."""
+    header = FrameHeader(
+        kind="model",
+        federation=federation,
+        round=round_id,
+        codec="fp32",
+        meta={
+            "model_hash": tensors_hash(params),
+            "model": {
+                "arch": spec.arch,
+                "input_shape": list(spec.input_shape),
+                "num_classes": spec.num_classes,
+            },
+        },
+    )
+    return encode_frame(header, params)
+
+
+class RoundExporter:
+    """After each applied round: save the model frame (state dir) and publish its ONNX."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        federation: str,
+        *,
+        onnx: bool,
+        state_dir: Path | None,
+        holdout: ArrayDataset | None,
+        seed: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.federation = federation
+        self.onnx = onnx
+        self.state_dir = state_dir
+        self.topics = Topics(federation)
+        self.batch = holdout_batch(holdout, spec.input_shape, seed=seed)
+        self.model = build_model(spec.arch, spec.input_shape, spec.num_classes)
+
+    def after_round(
+        self, params: Tensors, round_id: int, publish: Publish | None
+    ) -> OnnxExport | None:
+        """Save and export; failures are logged (the federation carries on without ONNX)."""
+        if self.state_dir is not None:
+            _write_atomic(
+                self.state_dir / STATE_MODEL_FILE,
+                model_frame(self.federation, round_id, self.spec, params),
+            )
+        if not self.onnx:
+            return None
+        try:
+            done = export_verified(
+                self.spec,
+                params,
+                federation=self.federation,
+                round_id=round_id,
+                batch=self.batch,
+                model=self.model,
+            )
+        except (ExportError, RuntimeError, ValueError) as exc:
+            log.error("round %d: ONNX export failed, not published: %s", round_id, exc)
+            return None
+        if publish is not None:
+            publish(self.topics.global_onnx, done.frame, True)
+        if self.state_dir is not None:
+            _write_atomic(self.state_dir / STATE_ONNX_FILE, done.onnx)
+        log.info(
+            "round %d: ONNX model %d bytes exported and verified in %.0f ms "
+            "(max |Δlogit| %.1e on %d held-out samples)",
+            round_id,
+            len(done.onnx),
+            done.export_s * 1000,
+            done.parity.max_abs_diff,
+            done.parity.batch,
+        )
+        return done
+
+
+def state_dir_of(state_dir: str | None, metrics_file: str | None) -> Path | None:
+    """Where the aggregator saves its models: ``--state-dir``, else the metrics file's dir."""
+    if state_dir:
+        return Path(state_dir)
+    return Path(metrics_file).parent if metrics_file else None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+# --- ``fedmq export`` ---------------------------------------------------------------------
+def run_export(args: argparse.Namespace) -> int:
+    """Export a saved global model to ONNX offline; print what was checked."""
+    try:
+        frame = decode_frame(Path(args.model_file).read_bytes())
+    except (FrameError, OSError) as exc:
+        print(f"error: {args.model_file}: {exc}")
+        return 1
+    if frame.header.kind != "model":
+        print(f"error: {args.model_file} holds a {frame.header.kind!r} frame, not a model")
+        return 1
+    named = frame.header.meta.get("model") or {}
+    shape_text = args.input_shape or ",".join(map(str, named.get("input_shape", (1, 28, 28))))
+    spec = ModelSpec(
+        arch=args.model or named.get("arch", "lenet5"),
+        input_shape=tuple(int(p) for p in shape_text.split(",")),  # type: ignore[arg-type]
+        num_classes=args.num_classes or named.get("num_classes", 10),
+    )
+    holdout = None
+    if args.eval_data:
+        from shared.data import load_device_data
+
+        holdout = load_device_data(args.eval_data)
+    try:
+        done = export_verified(
+            spec,
+            frame.tensors,
+            federation=frame.header.federation,
+            round_id=frame.header.round,
+            batch=holdout_batch(holdout, spec.input_shape),
+        )
+    except (ExportError, RuntimeError, ValueError) as exc:
+        print(f"error: export failed: {exc}")
+        return 1
+    _write_atomic(Path(args.out), done.frame if args.frame else done.onnx)
+    print(
+        f"{args.out}: {spec.arch} round {frame.header.round}, {len(done.onnx)} bytes ONNX, "
+        f"exported and verified in {done.export_s * 1000:.0f} ms, "
+        f"max |Δlogit| {done.parity.max_abs_diff:.2e} on {done.parity.batch} samples, "
+        f"sha256 {sha256(done.onnx)}"
+    )
+    return 0

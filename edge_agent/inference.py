@@ -1,0 +1,221 @@
+"""On-device inference with onnxruntime: no torch, no training stack.
+
+``fedmq-agent predict --model model.onnx FILE...`` classifies files; ``fedmq-agent serve``
+follows the federation's retained ONNX topic, hot-swaps to every new verified model and
+answers prediction requests over MQTT. Imports numpy, onnxruntime and the protocol modules
+only (never torch, ``shared.models``, ``shared.training`` or ``shared.modelio``), so a Pi
+that only infers needs the ``inference`` extra and ~10x less memory than a training agent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.data import DataFormatError, load_device_data
+from shared.onnx_frame import MAGIC, OnnxFrameError, OnnxHeader, decode_onnx_frame, sha256
+from shared.transport import TransportError
+
+log = logging.getLogger("fedmq.inference")
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_BATCH = 4096
+
+
+class InferenceError(ValueError):
+    """A model or an input cannot be used for inference."""
+
+
+class OnnxClassifier:
+    """An onnxruntime session over one verified model; ``predict`` returns labels + confidence."""
+
+    def __init__(self, onnx: bytes, header: OnnxHeader | None = None, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(1, threads)
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(onnx, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidGraph errors
+            raise InferenceError(f"onnxruntime cannot load the model: {exc}") from exc
+        self.header = header
+        self.sha256 = sha256(onnx)
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_shape = header.input_shape if header else _static_shape(self.session)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, threads: int = 1) -> OnnxClassifier:
+        """A raw ``.onnx`` file or a fedmq ONNX frame (verified against its SHA-256)."""
+        if data[:4] == MAGIC:
+            frame = decode_onnx_frame(data)
+            return cls(frame.onnx, frame.header, threads)
+        return cls(data, None, threads)
+
+    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Class ids and softmax confidence for a batch (uint8 0..255 or float in [0, 1])."""
+        batch = prepare(x, self.input_shape)
+        logits = self.session.run(None, {self.input_name: batch})[0]
+        z = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        labels = probs.argmax(axis=1)
+        return labels, probs[np.arange(len(labels)), labels]
+
+    def describe(self) -> dict[str, Any]:
+        """Identity of the model being served (for responses and logs)."""
+        h = self.header
+        return {
+            "round": h.round if h else None,
+            "model_hash": h.model_hash if h else None,
+            "onnx_sha256": self.sha256,
+        }
+
+
+def _static_shape(session: Any) -> tuple[int, int, int]:
+    dims = session.get_inputs()[0].shape[1:]
+    if len(dims) != 3 or not all(isinstance(d, int) for d in dims):
+        raise InferenceError(f"model input shape {dims} is not a static C,H,W")
+    return (dims[0], dims[1], dims[2])
+
+
+def prepare(x: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """A float32 N×C×H×W batch in [0, 1] from uint8 pixels or floats, with checks."""
+    arr = np.asarray(x)
+    if arr.ndim == len(input_shape):  # one sample
+        arr = arr[None]
+    if arr.ndim == 3 and input_shape[0] == 1:  # N×H×W grayscale
+        arr = arr[:, None]
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(input_shape):
+        raise InferenceError(f"input shape {arr.shape} does not match model input {input_shape}")
+    if len(arr) > MAX_BATCH:
+        raise InferenceError(f"batch of {len(arr)} exceeds {MAX_BATCH}")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    out = arr.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise InferenceError("input has non-finite values")
+    return out
+
+
+# --- inputs from files ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Inputs:
+    """Samples to classify, their names, and labels when the files carry them."""
+
+    x: np.ndarray
+    names: list[str]
+    labels: np.ndarray | None
+
+
+def load_inputs(paths: list[Path], input_shape: tuple[int, int, int]) -> Inputs:
+    """Read .npz / IDX files and images (files or directories, via PIL) into one batch."""
+    xs: list[np.ndarray] = []
+    names: list[str] = []
+    labels: list[np.ndarray] = []
+    for path in paths:
+        images = _image_files(path)
+        if images:
+            xs.append(np.stack([_read_image(f, input_shape) for f in images]))
+            names += [str(f) for f in images]
+            labels.append(np.full(len(images), -1))
+            continue
+        data = load_device_data(path)
+        xs.append(prepare(data.x, input_shape))
+        names += [f"{path}[{i}]" for i in range(len(data))]
+        labels.append(data.y)
+    if not xs:
+        raise InferenceError("no inputs")
+    y = np.concatenate(labels)
+    return Inputs(np.concatenate(xs), names, y if (y >= 0).all() else None)
+
+
+def _image_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path] if path.suffix.lower() in IMAGE_SUFFIXES else []
+    if path.is_dir() and not any(p.name.endswith(("ubyte", "ubyte.gz")) for p in path.iterdir()):
+        return sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+    return []
+
+
+def _read_image(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise InferenceError(f"{path}: reading images needs Pillow (pip install pillow)") from None
+    channels, height, width = input_shape
+    with Image.open(path) as img:
+        sized = img.convert("L" if channels == 1 else "RGB").resize((width, height))
+        arr = np.asarray(sized, dtype=np.float32) / np.float32(255.0)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``fedmq-agent predict``: print one line per sample (and accuracy when labelled)."""
+    try:
+        model = OnnxClassifier.from_bytes(Path(args.model).read_bytes(), args.threads)
+        inputs = load_inputs(list(args.files), model.input_shape)
+    except (OSError, InferenceError, OnnxFrameError, DataFormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    pred, conf = model.predict(inputs.x)
+    elapsed = time.perf_counter() - t0
+    shown = len(pred) if args.limit is None else min(args.limit, len(pred))
+    for i in range(shown):
+        print(f"{inputs.names[i]}\t{int(pred[i])}\t{float(conf[i]):.4f}")
+    summary = f"{len(pred)} samples in {elapsed * 1000:.1f} ms"
+    if inputs.labels is not None:
+        summary += f", accuracy {float((pred == inputs.labels).mean()):.4f}"
+    print(summary, file=sys.stderr)
+    return 0
+
+
+# --- command line -------------------------------------------------------------------------
+def main(argv: list[str]) -> int:
+    """``fedmq-agent predict ...`` and ``fedmq-agent serve ...``."""
+    parser = argparse.ArgumentParser(prog="fedmq-agent", description="fedmq on-device inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_predict = sub.add_parser("predict", help="classify files with an ONNX model")
+    p_predict.add_argument("--model", required=True, help=".onnx file or fedmq ONNX frame")
+    p_predict.add_argument("files", nargs="+", type=Path, help=".npz, IDX, images, image dirs")
+    p_predict.add_argument("--limit", type=int, help="print at most this many lines")
+    p_predict.add_argument("--threads", type=int, default=1)
+    p_serve = sub.add_parser("serve", help="serve predictions over MQTT with the latest model")
+    from edge_agent.serve import add_serve_arguments
+
+    add_serve_arguments(p_serve)
+    for p in (p_predict, p_serve):
+        p.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.command == "predict":
+        return run_predict(args)
+    return _run_serve(args)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from edge_agent.serve import InferenceServer, serve_config
+
+    try:
+        server = InferenceServer(serve_config(args))
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    try:
+        return server.run()
+    except TransportError as exc:
+        log.error("%s", exc)
+        return 1

@@ -1,0 +1,216 @@
+"""Top-k sparsification codecs, and the one place that turns a codec *name* into a codec.
+
+Names (the operator's ``--codec``, carried in ``RoundStart.codec`` and in every frame header):
+
+    fp32 | fp16 | int8                     dense codecs of :mod:`shared.quantize`
+    topk:<density>[+fp32|+fp16|+int8|+int4]  keep the ceil(density·n) largest-magnitude values
+    topk8:<density>, topk4:<density>        short for topk:<density>+int8 / +int4
+
+e.g. ``topk:0.01+int8`` or ``topk8:0.01``. The density only matters when encoding; everything
+the decoder needs (k, the Rice parameter, the index stream length, the value block size) is in
+the tensor's ``params``, and all of it is validated before any data is touched.
+
+Per-tensor layout: ``values | unary index stream | remainder stream`` (see :mod:`shared.rice`).
+Quantised values use blockwise symmetric scales and *nearest* rounding: the top-k codec is
+biased anyway (it drops mass), which the agent's error feedback
+(:mod:`edge_agent.error_feedback`) returns in later rounds; nearest rounding halves the error.
+
+Error bounds (per kept value): fp32 exact; fp16 relative 2⁻¹¹; int8 ≤ scale/2 with
+scale = max|block|/127; int4 ≤ scale/2 with scale = max|block|/7. Dropped values decode to 0
+and are no larger in magnitude than the smallest kept one.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any
+
+import numpy as np
+
+from shared import rice
+from shared.quantize import CODECS, CodecError, TensorCodec
+
+DEFAULT_BLOCK = 256
+_NAME_RE = re.compile(
+    r"topk(?P<alias>8|4)?:(?P<density>(?:0|[1-9][0-9]*)?\.?[0-9]+(?:[eE]-?[0-9]+)?)"
+    r"(?:\+(?P<values>fp32|fp16|int8|int4))?"
+)
+_LEVELS = {"int8": 127, "int4": 7}
+KNOWN = "fp32, fp16, int8, topk:<density>[+fp32|+fp16|+int8|+int4], topk8:<density>"
+
+
+class TopKCodec:
+    """Top-k by magnitude, Rice-coded indices, values in ``values`` precision."""
+
+    def __init__(self, name: str, density: float, values: str, block: int = DEFAULT_BLOCK):
+        if not 0 < density <= 1:
+            raise CodecError(f"top-k density must be in (0, 1], got {density}")
+        self.name = name
+        self.density = density
+        self.values = values
+        self.block = block
+
+    def k_for(self, numel: int) -> int:
+        """How many values a tensor of ``numel`` keeps (at least one, unless empty)."""
+        return min(numel, max(1, math.ceil(self.density * numel))) if numel else 0
+
+    # --- encode ------------------------------------------------------------------------
+    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, Any], bytes]:
+        """Select, sort and encode the k largest-magnitude values."""
+        n = flat.size
+        k = self.k_for(n)
+        idx = np.sort(np.argpartition(np.abs(flat), n - k)[n - k :]) if k else np.zeros(0, int)
+        idx = idx.astype(np.int64)
+        b = rice.choose_rice_bits(n, k)
+        ubits, unary, rem = rice.encode_indices(idx, b)
+        vparams, vbytes = self._encode_values(flat[idx].astype(np.float32))
+        params: dict[str, Any] = {"k": k, "rice": b, "ubits": ubits, **vparams}
+        return params, vbytes + unary + rem
+
+    def _encode_values(self, v: np.ndarray) -> tuple[dict[str, Any], bytes]:
+        if self.values == "fp32":
+            return {}, v.astype("<f4").tobytes()
+        if self.values == "fp16":
+            if v.size and float(np.abs(v).max()) > 65504.0:
+                raise CodecError("value exceeds the fp16 range (65504)")
+            return {}, v.astype("<f2").tobytes()
+        levels, b = _LEVELS[self.values], self.block
+        nblocks = -(-v.size // b)
+        padded = np.zeros(nblocks * b, dtype=np.float32)
+        padded[: v.size] = v
+        blocks = padded.reshape(nblocks, b)
+        scale = (np.abs(blocks).max(axis=1) / levels).astype(np.float32)
+        safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint(blocks / safe[:, None]), -levels, levels).astype(np.int8)
+        q = q.ravel()[: v.size]
+        if self.values == "int4":
+            q = _pack_nibbles(q)
+        return {"block": b}, scale.astype("<f4").tobytes() + q.tobytes()
+
+    # --- sizes and decode --------------------------------------------------------------
+    def _value_size(self, k: int, params: dict[str, Any]) -> int:
+        if self.values == "fp32":
+            return 4 * k
+        if self.values == "fp16":
+            return 2 * k
+        nblocks = -(-k // _block(params))
+        return 4 * nblocks + (k if self.values == "int8" else -(-k // 2))
+
+    def encoded_size(self, numel: int, params: dict[str, Any]) -> int:
+        """Exact byte length, from validated params (k ≤ numel, stream lengths in bounds)."""
+        k, b, ubits = _sparse_params(numel, params)
+        usize, rsize = rice.stream_sizes(k, ubits, b)
+        return self._value_size(k, params) + usize + rsize
+
+    def decode(self, buf: memoryview, numel: int, params: dict[str, Any]) -> np.ndarray:
+        """Scatter the decoded values into a zero array of ``numel``."""
+        k, b, ubits = _sparse_params(numel, params)
+        vsize = self._value_size(k, params)
+        usize, rsize = rice.stream_sizes(k, ubits, b)
+        if len(buf) != vsize + usize + rsize:
+            raise CodecError(
+                f"top-k tensor is {len(buf)} bytes, params imply {vsize + usize + rsize}"
+            )
+        values = self._decode_values(buf[:vsize], k, params)
+        idx = rice.decode_indices(
+            buf[vsize : vsize + usize], buf[vsize + usize :], k, ubits, b, numel
+        )
+        out = np.zeros(numel, dtype=np.float32)
+        out[idx] = values
+        return out
+
+    def _decode_values(self, buf: memoryview, k: int, params: dict[str, Any]) -> np.ndarray:
+        if self.values in ("fp32", "fp16"):
+            v = np.frombuffer(buf, dtype="<f4" if self.values == "fp32" else "<f2", count=k)
+            v = v.astype(np.float32)
+            if not np.isfinite(v).all():
+                raise CodecError("top-k values must be finite")
+            return v
+        b = _block(params)
+        nblocks = -(-k // b)
+        scale = np.frombuffer(buf, dtype="<f4", count=nblocks)
+        if not np.isfinite(scale).all() or (scale < 0).any():
+            raise CodecError("top-k block scales must be finite and non-negative")
+        raw = np.frombuffer(buf, dtype=np.int8, offset=4 * nblocks)
+        q = _unpack_nibbles(raw, k) if self.values == "int4" else raw[:k]
+        levels = _LEVELS[self.values]
+        if q.size and int(np.abs(q.astype(np.int16)).max()) > levels:
+            raise CodecError(f"quantised top-k value out of range ±{levels}")
+        padded = np.zeros(nblocks * b, dtype=np.float32)
+        padded[:k] = q
+        with np.errstate(over="ignore"):
+            v = (padded.reshape(nblocks, b) * scale[:, None]).ravel()[:k]
+        if not np.isfinite(v).all():
+            raise CodecError("top-k values overflow on decode")
+        return v
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    u = (q.astype(np.int16) & 0xF).astype(np.uint8)
+    if u.size % 2:
+        u = np.append(u, np.uint8(0))
+    return (u[0::2] << 4) | u[1::2]
+
+
+def _unpack_nibbles(raw: np.ndarray, k: int) -> np.ndarray:
+    u = raw.view(np.uint8)
+    nib = np.empty(u.size * 2, dtype=np.uint8)
+    nib[0::2], nib[1::2] = u >> 4, u & 0xF
+    if k % 2 and nib[k]:
+        raise CodecError("int4 padding nibble is not zero")
+    s = nib[:k].astype(np.int8)
+    return np.where(s > 7, s - 16, s).astype(np.int8)
+
+
+def _int_param(params: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = params.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise CodecError(f"bad top-k param {key}={v!r} (want an int in [{lo}, {hi}])")
+    return v
+
+
+def _sparse_params(numel: int, params: dict[str, Any]) -> tuple[int, int, int]:
+    k = _int_param(params, "k", 0, numel)
+    b = _int_param(params, "rice", 0, rice.MAX_RICE_BITS)
+    lo = k
+    ubits = _int_param(params, "ubits", lo, rice.unary_bits_bound(numel, k, b))
+    return k, b, ubits
+
+
+def _block(params: dict[str, Any]) -> int:
+    return _int_param(params, "block", 1, 1 << 20)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_topk(name: str) -> TopKCodec:
+    m = _NAME_RE.fullmatch(name)
+    if m is None:
+        raise CodecError(f"unknown codec {name!r}; known: {KNOWN}")
+    alias, values = m["alias"], m["values"]
+    if alias and values:
+        raise CodecError(f"codec {name!r}: topk{alias} already fixes the value precision")
+    values = {"8": "int8", "4": "int4"}.get(alias or "", values or "fp32")
+    density = float(m["density"])
+    if not 0 < density <= 1:
+        raise CodecError(f"codec {name!r}: density must be in (0, 1]")
+    return TopKCodec(name, density, values)
+
+
+def resolve_codec(name: object) -> TensorCodec:
+    """The codec called ``name``, or CodecError naming the known ones."""
+    if isinstance(name, str):
+        if name in CODECS:
+            return CODECS[name]
+        if name.startswith("topk"):
+            return _parse_topk(name)
+    raise CodecError(f"unknown codec {name!r}; known: {KNOWN}")
+
+
+def is_sparse(name: str) -> bool:
+    """True for codecs that drop values (and so want error feedback on the device)."""
+    try:
+        return isinstance(resolve_codec(name), TopKCodec)
+    except CodecError:
+        return False

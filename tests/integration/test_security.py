@@ -1,0 +1,309 @@
+"""Secure-by-default broker: real Mosquitto with the config rendered by `fedmq broker init`.
+
+TLS on a free loopback port, per-identity passwords, the ACL from broker_config/acl.conf,
+and a signed federation whose agents pin the model-signing key.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from aggregator import provision
+from shared.codec import FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.local_broker import LocalBroker, free_port
+from shared.topics import Topics
+from shared.transport import ConnectOptions, MqttTransport, TransportError
+from tests.conftest import require_mosquitto
+from tests.integration import federation as fed
+
+pytestmark = pytest.mark.integration
+
+T = Topics(fed.FEDERATION)
+DEVICES = ("pi-0", "pi-1", "pi-2")
+
+
+@dataclass
+class SecureBroker:
+    """A provisioned directory and the TLS broker running from its mosquitto.conf."""
+
+    root: Path
+    broker: LocalBroker
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://localhost:{self.broker.port}"
+
+    def password(self, user: str) -> str:
+        sub = "identities" if user in provision.RESERVED else "devices"
+        return (self.root / sub / user / "password").read_text().strip()
+
+
+@pytest.fixture
+def secure(tmp_path: Path) -> Iterator[SecureBroker]:
+    require_mosquitto()
+    root = tmp_path / "pki"
+    port = free_port()
+    provision.broker_init(root, port=port, bind="127.0.0.1", federation=fed.FEDERATION)
+    for name in DEVICES:
+        provision.device_add(root, name)
+    broker = LocalBroker(tmp_path / "run", port=port, template=root / "mosquitto.conf")
+    broker.start()
+    try:
+        yield SecureBroker(root, broker)
+    finally:
+        broker.stop()
+
+
+def _connect(
+    sb: SecureBroker, user: str | None, password: str | None = None, client_id: str = ""
+) -> tuple[mqtt.Client, Any]:
+    """A TLS client; returns it (loop running) and its CONNACK reason code."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.tls_set(ca_certs=str(sb.root / "ca.crt"))
+    if user is not None:
+        client.username_pw_set(user, password if password is not None else sb.password(user))
+    done = threading.Event()
+    result: list[Any] = []
+
+    def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        result.append(rc)
+        done.set()
+
+    client.on_connect = on_connect
+    client.connect("localhost", sb.broker.port)
+    client.loop_start()
+    assert done.wait(10), "no CONNACK"
+    return client, result[0]
+
+
+def _client(sb: SecureBroker, user: str, client_id: str = "") -> mqtt.Client:
+    client, rc = _connect(sb, user, client_id=client_id)
+    assert not rc.is_failure, rc
+    return client
+
+
+def _collect(client: mqtt.Client, *subs: str) -> queue.Queue[mqtt.MQTTMessage]:
+    inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    granted = threading.Event()
+    client.on_message = lambda _c, _u, m: inbox.put(m)
+    client.on_subscribe = lambda *_a: granted.set()
+    client.subscribe([(s, 1) for s in subs])
+    assert granted.wait(5)
+    return inbox
+
+
+def _drain(inbox: queue.Queue[mqtt.MQTTMessage], wait: float = 1.0) -> list[tuple[str, bytes]]:
+    time.sleep(wait)
+    out = []
+    while not inbox.empty():
+        m = inbox.get()
+        out.append((m.topic, bytes(m.payload)))
+    return out
+
+
+def _publish(client: mqtt.Client, topic: str, payload: bytes, retain: bool = False) -> None:
+    client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5)
+
+
+def test_anonymous_and_wrong_password_clients_are_refused(secure: SecureBroker) -> None:
+    anon, anon_rc = _connect(secure, None)
+    wrong, wrong_rc = _connect(secure, "pi-0", "not-the-password")
+    good, good_rc = _connect(secure, "pi-0")
+    for c in (anon, wrong, good):
+        c.loop_stop()
+        c.disconnect()
+
+    assert anon_rc.is_failure and wrong_rc.is_failure
+    assert not good_rc.is_failure
+
+
+def test_transport_reports_bad_password_in_one_clear_line(secure: SecureBroker) -> None:
+    transport = MqttTransport(
+        secure.url,
+        "pi-0",
+        options=ConnectOptions(
+            username="pi-0", password="wrong", ca_file=str(secure.root / "ca.crt")
+        ),
+    )
+    with pytest.raises(TransportError, match="check --username/--password") as err:
+        transport.start(timeout=3)
+    assert "\n" not in str(err.value)
+
+
+def test_transport_reports_an_unknown_ca_in_one_clear_line(
+    secure: SecureBroker, tmp_path: Path
+) -> None:
+    other = provision.broker_init(tmp_path / "other", port=1)  # a different CA
+    assert other.of((tmp_path / "other" / "ca.crt").resolve()) == "created"
+    transport = MqttTransport(
+        secure.url,
+        "pi-0",
+        options=ConnectOptions(
+            username="pi-0",
+            password=secure.password("pi-0"),
+            ca_file=str(tmp_path / "other" / "ca.crt"),
+            reconnect_min_s=0.2,
+        ),
+    )
+    with pytest.raises(TransportError, match="not trusted") as err:
+        transport.start(timeout=1.5)
+    assert "\n" not in str(err.value)
+
+
+def test_transport_reports_a_refused_connection(tmp_path: Path) -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nobody listens there
+    transport = MqttTransport(url, "pi-0", options=ConnectOptions(reconnect_min_s=0.2))
+
+    with pytest.raises(TransportError, match="refused: is the broker running"):
+        transport.start(timeout=1.0)
+
+
+def test_device_cannot_forge_updates_models_or_rounds(secure: SecureBroker) -> None:
+    aggregator = _client(secure, "aggregator", "agg-watch")
+    seen = _collect(aggregator, "fl/v1/#")
+    device_a = _client(secure, "pi-0")
+
+    _publish(device_a, T.update(1, "pi-0"), b"own update")
+    _publish(device_a, T.update(1, "pi-1"), b"forged update for pi-1")
+    _publish(device_a, T.global_model, b"forged model", retain=True)
+    _publish(device_a, T.global_meta, b"forged meta", retain=True)
+    _publish(device_a, T.round_start(7), b"forged round", retain=True)
+    _publish(device_a, T.agent_status("pi-1"), b"forged status", retain=True)
+
+    assert _drain(seen) == [(T.update(1, "pi-0"), b"own update")]
+
+
+def test_device_cannot_read_other_devices_updates(secure: SecureBroker) -> None:
+    aggregator = _client(secure, "aggregator", "agg-watch")
+    agg_seen = _collect(aggregator, T.update_any)
+    device_a = _client(secure, "pi-0")
+    a_seen = _collect(device_a, T.update_any, "fl/v1/#")
+    device_b = _client(secure, "pi-1")
+
+    _publish(device_b, T.update(1, "pi-1"), b"private delta of pi-1")
+
+    assert _drain(agg_seen) == [(T.update(1, "pi-1"), b"private delta of pi-1")]
+    assert _drain(a_seen, wait=0.2) == []
+
+
+def test_monitor_reads_but_cannot_publish_and_never_sees_updates(secure: SecureBroker) -> None:
+    monitor = _client(secure, "monitor", "mon")
+    mon_seen = _collect(monitor, "fl/#")
+    aggregator = _client(secure, "aggregator", "agg")
+    agg_seen = _collect(aggregator, "fl/v1/#")
+    device = _client(secure, "pi-2")
+
+    _publish(device, T.agent_status("pi-2"), b"online")
+    _publish(device, T.update(1, "pi-2"), b"delta")
+    _publish(monitor, T.global_model, b"monitor model")
+    _publish(monitor, T.update(1, "monitor"), b"monitor update")
+    _publish(monitor, T.agent_status("monitor"), b"monitor status")
+
+    assert _drain(mon_seen) == [(T.agent_status("pi-2"), b"online")]
+    assert sorted(t for t, _ in _drain(agg_seen, 0.2)) == [
+        T.agent_status("pi-2"),
+        T.update(1, "pi-2"),
+    ]
+
+
+def _first(inbox: queue.Queue[mqtt.MQTTMessage], topic: str, timeout: float) -> bytes:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            m = inbox.get(timeout=max(0.01, end - time.monotonic()))
+        except queue.Empty:
+            break
+        if m.topic == topic and m.payload:
+            return bytes(m.payload)
+    raise AssertionError(f"nothing on {topic} within {timeout}s")
+
+
+def _forged_models(genuine: bytes) -> tuple[bytes, bytes]:
+    """An unsigned 'newer' model and a tampered copy of a genuine signed one."""
+    frame = decode_frame(genuine)
+    weights = {n: v + 1.0 for n, v in frame.tensors.items()}
+    unsigned = FrameHeader(
+        kind="model",
+        federation=fed.FEDERATION,
+        round=50,
+        codec="fp32",
+        meta={"model_hash": tensors_hash(weights)},
+    )
+    # Tampered: new weights and their hash, but the genuine signature of round 50's claim.
+    tampered = FrameHeader(
+        **{
+            **frame.header.__dict__,
+            "round": 60,
+            "meta": {**frame.header.meta, "model_hash": tensors_hash(weights)},
+        }
+    )
+    return encode_frame(unsigned, weights), encode_frame(tampered, weights)
+
+
+def test_signed_federation_rejects_forged_and_rolled_back_models_and_replays(
+    secure: SecureBroker, tmp_path: Path
+) -> None:
+    clients = fed.write_client_data(tmp_path / "data", 3)
+    # The attacker holds a broker login with write access to global/# (a stolen
+    # aggregator password) but not the model-signing key.
+    attacker = _client(secure, "aggregator", "attacker")
+    inbox = _collect(attacker, T.global_model, T.global_meta, T.round_start_any, T.update_any)
+    replayer = _client(secure, "pi-0", "pi-0-replayer")
+    receipts = _collect(replayer, T.receipt_any_round("pi-0"))
+    agg_toml = secure.root / "identities" / "aggregator" / "aggregator.toml"
+    agg = fed.start_aggregator(secure.url, tmp_path, "--config", str(agg_toml), rounds=3)
+    agents = [
+        fed.start_agent(
+            secure.url,
+            name,
+            clients[i],
+            tmp_path,
+            "--config",
+            str(secure.root / "devices" / name / "agent.toml"),
+        )
+        for i, name in enumerate(DEVICES)
+    ]
+    try:
+        genuine0 = _first(inbox, T.global_model, 60)
+        meta0 = json.loads(_first(inbox, T.global_meta, 10))
+        _first(inbox, T.round_start(1), 90)
+        unsigned, tampered = _forged_models(genuine0)
+        _publish(attacker, T.global_model, unsigned, retain=True)
+        _publish(attacker, T.global_model, tampered, retain=True)
+        update1 = _first(inbox, T.update(1, "pi-0"), 60)
+        _first(inbox, T.round_start(2), 60)
+        _publish(attacker, T.global_model, genuine0, retain=True)  # rollback to round 0
+        _drain(receipts, wait=0)  # pi-0's genuine round-1 receipt
+        _publish(replayer, T.update(1, "pi-0"), update1)  # replay of round 1's update
+        replay_receipt = json.loads(_first(receipts, T.receipt(1, "pi-0"), 30))
+        assert fed.wait_exit(agg, 120, tmp_path / "aggregator.log") == 0
+        codes = [
+            fed.wait_exit(a, 30, tmp_path / f"{n}.log")
+            for a, n in zip(agents, DEVICES, strict=True)
+        ]
+    finally:
+        fed.stop([agg, *agents])
+
+    assert meta0["signature"] and meta0["round"] == 0
+    assert codes == [0, 0, 0]
+    rounds = fed.metrics(tmp_path)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["participants"] == list(DEVICES) for r in rounds)
+    assert replay_receipt["status"] == "rejected"
+    assert replay_receipt["reason"] in ("late: round 1 is closed", "no round is open")
+    for name in DEVICES:
+        log = (tmp_path / f"{name}.log").read_text()
+        assert "model is not signed" in log, name
+        assert "bad signature" in log, name
+        assert "older model refused (round 0 < " in log, name

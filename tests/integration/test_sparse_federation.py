@@ -1,0 +1,46 @@
+"""A federation with the top-k codec and error feedback, over a real Mosquitto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.error_feedback import RESIDUAL_FILE, ResidualStore
+from shared.local_broker import LocalBroker
+from tests.integration import federation as fed
+
+pytestmark = pytest.mark.integration
+
+CODEC = "topk8:0.05"
+
+
+def test_topk_federation_learns_with_small_updates_and_persists_residuals(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    clients = fed.write_client_data(tmp_path / "data", 3)
+    agg = fed.start_aggregator(broker.url, tmp_path, "--codec", CODEC, rounds=4, min_clients=3)
+    agents = [
+        fed.start_agent(broker.url, f"pi-{i}", p, tmp_path, "--state-dir", str(tmp_path / f"s{i}"))
+        for i, p in enumerate(clients)
+    ]
+    try:
+        code = fed.wait_exit(agg, 180, tmp_path / "aggregator.log")
+        agent_codes = [fed.wait_exit(a, 30, tmp_path / f"pi-{i}.log") for i, a in enumerate(agents)]
+    finally:
+        fed.stop([agg, *agents])
+
+    assert code == 0 and agent_codes == [0, 0, 0]
+    rounds = fed.metrics(tmp_path)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert all(r["accepted"] == 3 and r["codec"] == CODEC for r in rounds)
+    assert rounds[-1]["test_accuracy"] > 0.85  # 4 classes: chance is 0.25
+    # The MLP has 54k params (≈ 216 kB in fp32): 5 % top-k with int8 values is far smaller.
+    per_update = max(r["bytes_up"] for r in rounds) / 3
+    assert per_update < 216_000 / 15
+    for i in range(3):
+        assert (tmp_path / f"s{i}" / RESIDUAL_FILE).exists()
+        residual = ResidualStore(tmp_path / f"s{i}", fed.FEDERATION).load().residual
+        assert residual and all(np.isfinite(v).all() for v in residual.values())
+        assert any(np.abs(v).sum() > 0 for v in residual.values())

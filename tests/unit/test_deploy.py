@@ -1,0 +1,96 @@
+"""The deployment kit: systemd units, install.sh, example configs, configuration docs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aggregator import config_docs
+from aggregator.config import AggregatorConfig
+from edge_agent.config import AgentConfig
+from edge_agent.serve import ServeConfig
+from shared.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+UNITS = sorted(DEPLOY.glob("*.service"))
+
+
+def test_configuration_docs_list_every_setting() -> None:
+    assert config_docs.missing_descriptions() == []
+    assert (REPO / "docs" / "configuration.md").read_text() == config_docs.render_markdown(), (
+        "docs/configuration.md is stale: run python -m aggregator.config_docs"
+    )
+
+
+@pytest.mark.parametrize(
+    ("cls", "section", "extra"),
+    [
+        (AgentConfig, "agent", {}),
+        (ServeConfig, "inference", {}),
+        (AggregatorConfig, "aggregator", {}),
+    ],
+)
+def test_example_configs_load(cls: type, section: str, extra: dict[str, str]) -> None:
+    name = "aggregator" if section == "aggregator" else "agent"
+    args = argparse.Namespace(config=DEPLOY / f"{name}.example.toml")
+
+    cfg = load_settings(cls, args, section, "FEDMQ_TEST_UNUSED_")
+
+    assert cfg.federation == "shop-floor"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_systemd_unit_is_hardened(unit: Path) -> None:
+    text = unit.read_text()
+
+    for line in ("Restart=on-failure", "User=fedmq", "ProtectSystem=strict", "NoNewPrivileges=yes"):
+        assert line in text
+    assert "StateDirectory=fedmq" in text
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_systemd_unit_passes_systemd_analyze(unit: Path, tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify wants existing executables: point /opt/fedmq/venv at this checkout's venv.
+    venv = Path(sys.executable).parent.parent
+    copy = tmp_path / unit.name
+    copy.write_text(unit.read_text().replace("/opt/fedmq/venv", str(venv)))
+
+    out = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60)
+
+    problems = [
+        line
+        for line in (out.stdout + out.stderr).splitlines()
+        if unit.name in line or "error" in line.lower()
+    ]
+    assert out.returncode == 0 and not problems, out.stdout + out.stderr
+
+
+def test_install_sh_builds_an_inference_only_device_in_a_temp_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    env = dict(os.environ, FEDMQ_PYTHON=shutil.which("python3.11") or "python3")
+    cmd = ["bash", str(DEPLOY / "install.sh"), "--root", str(root), "--inference-only"]
+    cmd += ["--broker", "mqtt://10.0.0.2:1883", "--federation", "lab", "--client-id", "pi-9"]
+
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+
+    assert out.returncode == 0, out.stderr[-3000:]
+    venv = root / "opt" / "fedmq" / "venv"
+    unit = root / "etc" / "systemd" / "system" / "fedmq-inference.service"
+    toml = (root / "etc" / "fedmq" / "agent.toml").read_text()
+    assert 'client_id = "pi-9"' in toml and "[inference]" in toml
+    assert "ExecStart=/opt/fedmq/venv/bin/fedmq-agent serve" in unit.read_text()
+    assert "not enabling" in out.stderr
+    check = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True, timeout=60
+    )
+    assert check.returncode != 0  # inference-only: no torch in the device's venv

@@ -1,0 +1,121 @@
+"""The monitor's state and view, from recorded (topic, payload, retain) messages: no broker."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from aggregator.monitor_view import MonitorState, render, subscriptions
+from shared import messages as msg
+from shared.topics import Topics
+
+T = Topics("shop")
+H = "a" * 64
+NOW = 1_000.0
+
+
+def _recording() -> list[tuple[str, bytes, bool]]:
+    spec = msg.ModelSpec(arch="lenet5")
+    start = msg.RoundStart(
+        federation="shop",
+        round=3,
+        base_hash=H,
+        deadline=NOW + 42,
+        selected=["pi-1", "pi-2", "pi-3"],
+        model=spec,
+        train=msg.TrainParams(),
+    )
+    return [
+        (
+            T.aggregator_status,
+            msg.AggregatorStatus(
+                federation="shop", state="running", round=3, rounds_total=20
+            ).to_json(),
+            True,
+        ),
+        (T.agent_status("pi-1"), msg.AgentStatus(client_id="pi-1", state="online").to_json(), True),
+        (
+            T.agent_status("pi-2"),
+            msg.AgentStatus(client_id="pi-2", state="training", round=3, num_samples=900).to_json(),
+            True,
+        ),
+        (
+            T.agent_status("pi-3"),
+            msg.AgentStatus(client_id="pi-3", state="offline").to_json(),
+            True,
+        ),
+        (
+            T.metrics,
+            msg.RoundMetrics(
+                federation="shop",
+                round=2,
+                participants=["pi-1"],
+                accepted=1,
+                rejected=0,
+                num_samples=900,
+                test_accuracy=0.8125,
+                test_loss=0.5,
+                bytes_up=12_000,
+            ).to_json(),
+            True,
+        ),
+        (T.round_start(3), start.to_json(), True),
+        (
+            T.receipt(3, "pi-1"),
+            msg.Receipt(round=3, client_id="pi-1", status="accepted").to_json(),
+            False,
+        ),
+        (
+            T.receipt(3, "pi-3"),
+            msg.Receipt(
+                round=3, client_id="pi-3", status="rejected", reason="wrong base model"
+            ).to_json(),
+            False,
+        ),
+        ("fl/v1/shop/metrics", b"{not json", False),
+    ]
+
+
+def _state() -> MonitorState:
+    state = MonitorState("shop")
+    for topic, payload, retain in _recording():
+        state.apply(topic, payload, retain, NOW)
+    return state
+
+
+def test_state_follows_round_agents_receipts_and_metrics() -> None:
+    state = _state()
+
+    assert state.aggregator == "running" and state.rounds_total == 20
+    assert state.current is not None and state.current.round == 3
+    assert state.current.accepted == {"pi-1"}
+    assert state.current.rejected == {"pi-3": "wrong base model"}
+    assert state.counts() == {"online": 1, "training": 1, "offline": 1}
+    assert [m.round for m in state.history] == [2]
+    assert len(state.problems) == 1  # the bad metrics message is shown, not raised
+
+
+def test_cleared_round_start_marks_round_closed() -> None:
+    state = _state()
+
+    state.apply(T.round_start(3), b"", True, NOW)
+
+    assert state.current is not None and state.current.closed
+
+
+def test_render_shows_round_deadline_agents_and_history() -> None:
+    console = Console(record=True, width=140)
+
+    console.print(render(_state(), NOW))
+    text = console.export_text()
+
+    assert "round 3/20" in text and "deadline in 42s" in text
+    assert "1/3 updates accepted, 1 rejected" in text
+    assert "pi-3: wrong base model" in text
+    assert "1 online" in text and "1 training" in text and "1 offline" in text
+    assert "81.25%" in text and "12.0" in text
+
+
+def test_monitor_never_subscribes_to_update_payloads() -> None:
+    topics = [t for t, _ in subscriptions(T)]
+
+    assert T.update_any not in topics and T.receipt_any in topics

@@ -1,0 +1,184 @@
+"""Unit tests for broker/device provisioning (aggregator/provision.py, aggregator/pki.py).
+
+No broker here: tests/integration/test_security.py starts Mosquitto with these files.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from aggregator import pki, provision
+from aggregator.broker_templates import ACL, PROD_CONF_TEMPLATE
+from edge_agent.config import AgentConfig
+from shared.settings import load_toml
+from shared.signing import load_private_key, load_public_key
+
+REPO = Path(__file__).resolve().parents[2]
+SECRETS = (
+    "ca.key",
+    "broker.key",
+    "model-signing.key",
+    "passwd",
+    "identities/aggregator/password",
+    "identities/aggregator/client.key",
+    "identities/aggregator/aggregator.toml",
+    "identities/monitor/password",
+)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _init(root: Path, **kw: object) -> provision.Report:
+    return provision.broker_init(root, host="broker.lan", port=18883, federation="lab", **kw)  # type: ignore[arg-type]
+
+
+def test_broker_init_creates_every_file_with_secrets_private(tmp_path: Path) -> None:
+    _init(tmp_path)
+
+    for name in SECRETS:
+        assert _mode(tmp_path / name) == 0o600, name
+    assert _mode(tmp_path / "ca.crt") == 0o644
+    assert (tmp_path / "acl.conf").read_text() == ACL
+    conf = (tmp_path / "mosquitto.conf").read_text()
+    assert "listener 18883\n" in conf and "allow_anonymous false" in conf
+    assert f"password_file {tmp_path.resolve()}/passwd" in conf
+    assert "{" not in conf  # every placeholder rendered
+    load_private_key(tmp_path / "model-signing.key")
+    load_public_key(tmp_path / "model-signing.pub")
+
+
+def test_broker_certificate_names_localhost_loopback_and_host(tmp_path: Path) -> None:
+    _init(tmp_path)
+    cert = x509.load_pem_x509_certificate((tmp_path / "broker.crt").read_bytes())
+
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "broker.lan"}
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+
+
+def test_rerun_keeps_everything_and_reports_it(tmp_path: Path) -> None:
+    _init(tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    report = _init(tmp_path)
+
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before
+    assert {a for a, _ in report.actions} == {"kept"}
+
+
+def test_force_rotates_keys_and_passwords(tmp_path: Path) -> None:
+    _init(tmp_path)
+    old_pw = (tmp_path / "identities/aggregator/password").read_text()
+    old_key = (tmp_path / "model-signing.key").read_bytes()
+
+    report = _init(tmp_path, force=True)
+
+    assert (tmp_path / "identities/aggregator/password").read_text() != old_pw
+    assert (tmp_path / "model-signing.key").read_bytes() != old_key
+    assert report.of(tmp_path / "ca.key") == "rotated"
+    assert _mode(tmp_path / "ca.key") == 0o600
+    toml = (tmp_path / "identities/aggregator/aggregator.toml").read_text()
+    assert (tmp_path / "identities/aggregator/password").read_text().strip() in toml
+
+
+def test_device_add_writes_a_loadable_agent_config(tmp_path: Path) -> None:
+    _init(tmp_path)
+
+    provision.device_add(tmp_path, "pi-7")
+
+    ddir = tmp_path / "devices/pi-7"
+    settings = load_toml(AgentConfig, ddir / "agent.toml", "agent")
+    cfg = AgentConfig(**settings, data="x.npz")
+    assert cfg.broker == "mqtts://broker.lan:18883"
+    assert (cfg.client_id, cfg.username, cfg.federation) == ("pi-7", "pi-7", "lab")
+    assert cfg.password == (ddir / "password").read_text().strip()
+    assert Path(cfg.ca_file or "").read_bytes() == (tmp_path / "ca.crt").read_bytes()
+    assert cfg.model_public_key == str(ddir / "model-signing.pub")
+    assert _mode(ddir / "agent.toml") == _mode(ddir / "client.key") == 0o600
+
+
+def test_password_file_has_one_valid_entry_per_identity(tmp_path: Path) -> None:
+    _init(tmp_path)
+    provision.device_add(tmp_path, "pi-1")
+    provision.device_add(tmp_path, "pi-2")
+
+    entries = dict(line.split(":", 1) for line in (tmp_path / "passwd").read_text().splitlines())
+    assert sorted(entries) == ["aggregator", "monitor", "pi-1", "pi-2"]
+    pw = (tmp_path / "devices/pi-2/password").read_text().strip()
+    assert pki.mosquitto_verify(pw, entries["pi-2"])
+    assert not pki.mosquitto_verify(pw, entries["pi-1"])
+
+
+def test_device_add_twice_keeps_the_password_and_force_rotates_it(tmp_path: Path) -> None:
+    _init(tmp_path)
+    provision.device_add(tmp_path, "pi-1")
+    first = (tmp_path / "devices/pi-1/password").read_text()
+
+    again = provision.device_add(tmp_path, "pi-1")
+    assert (tmp_path / "devices/pi-1/password").read_text() == first
+    assert again.of(tmp_path / "passwd") == "kept"
+
+    provision.device_add(tmp_path, "pi-1", force=True)
+    assert (tmp_path / "devices/pi-1/password").read_text() != first
+
+
+@pytest.mark.parametrize("name", ["aggregator", "monitor", "a/b", "+", "#", ""])
+def test_reserved_or_unsafe_device_names_are_refused(tmp_path: Path, name: str) -> None:
+    _init(tmp_path)
+
+    with pytest.raises(ValueError):
+        provision.device_add(tmp_path, name)
+
+
+def test_device_add_needs_an_initialised_directory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="broker init"):
+        provision.device_add(tmp_path, "pi-1")
+
+
+def test_hash_matches_mosquitto_passwd_format() -> None:
+    hashed = pki.mosquitto_hash("s3cret", salt=b"\x01" * 12)
+
+    assert hashed.startswith("$7$101$AQEBAQEBAQEBAQEB$")
+    assert pki.mosquitto_verify("s3cret", hashed)
+    assert not pki.mosquitto_verify("s3cre", hashed)
+
+
+def test_we_verify_what_mosquitto_passwd_writes(tmp_path: Path) -> None:
+    tool = shutil.which("mosquitto_passwd")
+    if tool is None:
+        pytest.skip("mosquitto_passwd not installed")
+    subprocess.run([tool, "-c", "-b", str(tmp_path / "pw"), "alice", "s3cret"], check=True)
+
+    _, hashed = (tmp_path / "pw").read_text().strip().split(":", 1)
+
+    assert pki.mosquitto_verify("s3cret", hashed)
+
+
+def test_embedded_templates_match_broker_config_files() -> None:
+    assert (REPO / "broker_config/mosquitto-prod.conf").read_text() == PROD_CONF_TEMPLATE
+    assert (REPO / "broker_config/acl.conf").read_text() == ACL
+
+
+def test_cli_runs_broker_init_and_device_add(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aggregator.cli import main
+
+    assert main(["broker", "init", str(tmp_path), "--port", "18884"]) == 0
+    assert main(["device", "add", "pi-3", "--dir", str(tmp_path)]) == 0
+    assert main(["device", "add", "monitor", "--dir", str(tmp_path)]) == 1
+
+    out = capsys.readouterr().out
+    assert "created" in out and "reserved" in out

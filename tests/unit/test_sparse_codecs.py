@@ -1,0 +1,363 @@
+"""Top-k codecs (shared/sparsify.py, shared/rice.py) and error feedback (edge_agent)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edge_agent.error_feedback import DeviceFeedback, ErrorFeedback, ResidualStore
+from shared import rice
+from shared.codec import MAGIC, FrameError, FrameHeader, decode_frame, encode_frame
+from shared.quantize import CodecError
+from shared.sparsify import TopKCodec, is_sparse, resolve_codec
+
+SPARSE = ["topk:0.1", "topk:0.05+fp16", "topk:0.2+int8", "topk8:0.01", "topk4:0.3", "topk:1"]
+FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+values = st.floats(-1e3, 1e3, width=32, allow_nan=False, allow_infinity=False)
+flats = hnp.arrays(np.float32, st.integers(0, 600), elements=values)
+
+
+def _header(codec: str) -> FrameHeader:
+    return FrameHeader(
+        kind="update", federation="lab", round=1, codec=codec, client_id="pi-1", num_samples=9
+    )
+
+
+def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "conv.weight": rng.normal(0, 0.1, size=(6, 1, 5, 5)).astype(np.float32),
+        "conv.bias": rng.normal(0, 0.1, size=(6,)).astype(np.float32),
+        "fc.weight": rng.normal(0, 0.1, size=(40, 30)).astype(np.float32),
+        "scalar": np.array(0.5, dtype=np.float32),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+    }
+
+
+def _split(frame: bytes) -> tuple[dict[str, Any], bytes]:
+    (hlen,) = struct.unpack_from("<I", frame, 4)
+    body = zstandard.ZstdDecompressor().decompress(frame[8 + hlen :])
+    return json.loads(frame[8 : 8 + hlen]), body
+
+
+def _assemble(head: dict[str, Any], body: bytes) -> bytes:
+    hb = json.dumps(head).encode()
+    z = zstandard.ZstdCompressor(write_checksum=True).compress(body)
+    return MAGIC + struct.pack("<I", len(hb)) + hb + z
+
+
+def _kept_bound(codec: TopKCodec, top: np.ndarray) -> float:
+    """Max error on a kept value, as stated in shared/sparsify.py (``top``: kept magnitudes)."""
+    a = np.abs(top.astype(np.float64))
+    if codec.values in ("fp32", "fp16"):
+        return 0.0  # relative bounds: checked per value below
+    levels = {"int8": 127, "int4": 7}[codec.values]
+    # a block's scale is at most max|kept| / levels: a bound valid for every block
+    return float(a.max(initial=0.0)) / levels / 2 * (1 + 1e-6)
+
+
+# --- round trips ---------------------------------------------------------------------------
+
+
+@FAST
+@given(name=st.sampled_from(SPARSE), flat=flats)
+def test_topk_round_trip_is_within_stated_bound(name: str, flat: np.ndarray) -> None:
+    codec = resolve_codec(name)
+    assert isinstance(codec, TopKCodec)
+
+    params, data = codec.encode(flat, np.random.default_rng(0))
+    out = codec.decode(memoryview(data), flat.size, params)
+
+    k = codec.k_for(flat.size)
+    assert len(data) == codec.encoded_size(flat.size, params)
+    assert params["k"] == k and out.shape == flat.shape
+    assert np.count_nonzero(out) <= k
+    x = flat.astype(np.float64)
+    mags = np.sort(np.abs(x))[::-1]
+    threshold = mags[k - 1] if k else 0.0  # nothing smaller than this was kept
+    err = np.abs(out - x)
+    rel = {"fp32": 0.0, "fp16": 2.0**-11}.get(codec.values, 0.0)
+    kept_ok = err <= np.abs(x) * rel + (6e-8 if rel else 0.0) + _kept_bound(codec, mags[:k])
+    dropped_ok = (out == 0) & (np.abs(x) <= threshold)
+    assert (kept_ok | dropped_ok).all()
+
+
+@FAST
+@given(
+    idx=st.sets(st.integers(0, 5000), max_size=300).map(lambda s: np.array(sorted(s), np.int64)),
+    rice_bits=st.integers(0, 12),
+)
+def test_rice_index_coding_round_trips(idx: np.ndarray, rice_bits: int) -> None:
+    ubits, unary, rem = rice.encode_indices(idx, rice_bits)
+
+    assert (len(unary), len(rem)) == rice.stream_sizes(idx.size, ubits, rice_bits)
+    assert ubits <= rice.unary_bits_bound(5001, idx.size, rice_bits)
+    back = rice.decode_indices(memoryview(unary), memoryview(rem), idx.size, ubits, rice_bits, 5001)
+    np.testing.assert_array_equal(back, idx)
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_topk_frame_round_trip_keeps_shapes(name: str) -> None:
+    tensors = _tensors()
+
+    frame = decode_frame(encode_frame(_header(name), tensors))
+
+    assert {n: v.shape for n, v in frame.tensors.items()} == {
+        n: v.shape for n, v in tensors.items()
+    }
+    assert frame.header.codec == name
+
+
+def test_topk8_one_percent_of_lenet_sized_delta_is_over_60x_smaller_than_fp32() -> None:
+    rng = np.random.default_rng(0)
+    delta = {"w": rng.normal(0, 0.01, size=61_706).astype(np.float32)}
+
+    dense = encode_frame(_header("fp32"), delta)
+    sparse = encode_frame(_header("topk8:0.01"), delta)
+
+    assert len(dense) / len(sparse) > 60  # one tensor, so the header is small
+
+
+# --- names ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "density"),
+    [
+        ("topk:0.01", "fp32", 0.01),
+        ("topk:0.01+int8", "int8", 0.01),
+        ("topk8:0.01", "int8", 0.01),
+        ("topk4:.5", "int4", 0.5),
+        ("topk:1e-3+fp16", "fp16", 0.001),
+    ],
+)
+def test_codec_names_are_parsed(name: str, values: str, density: float) -> None:
+    codec = resolve_codec(name)
+
+    assert isinstance(codec, TopKCodec)
+    assert (codec.values, codec.density, codec.name) == (values, density, name)
+    assert is_sparse(name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["topk", "topk:", "topk:0", "topk:1.5", "topk:-0.1", "topk8:0.1+int8", "topk:0.1+int2",
+     "topk:abc", "topk:0.1 ", "TOPK:0.1", "topk16:0.1", "topk:nan", "topk:inf"],
+)  # fmt: skip
+def test_bad_codec_names_are_rejected(name: str) -> None:
+    with pytest.raises(CodecError):
+        resolve_codec(name)
+    assert not is_sparse(name)
+
+
+def test_dense_codecs_are_not_sparse() -> None:
+    assert not any(is_sparse(n) for n in ("fp32", "fp16", "int8"))
+
+
+# --- decoders reject bad input -------------------------------------------------------------
+
+
+def _one_tensor_frame(name: str = "topk8:0.1") -> tuple[dict[str, Any], bytes]:
+    rng = np.random.default_rng(1)
+    return _split(encode_frame(_header(name), {"w": rng.normal(size=500).astype(np.float32)}))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("k", 501),
+        ("k", -1),
+        ("k", "5"),
+        ("k", True),
+        ("k", None),
+        ("rice", 31),
+        ("rice", -1),
+        ("ubits", 10**9),
+        ("ubits", 0),
+        ("block", 0),
+        ("block", 1.5),
+    ],
+)
+def test_bad_params_raise_frame_error(key: str, value: object) -> None:
+    head, body = _one_tensor_frame()
+    head["tensors"][0]["params"][key] = value
+
+    with pytest.raises(FrameError):
+        decode_frame(_assemble(head, body))
+
+
+def test_missing_param_raises_frame_error() -> None:
+    head, body = _one_tensor_frame()
+    del head["tensors"][0]["params"]["ubits"]
+
+    with pytest.raises(FrameError, match="ubits"):
+        decode_frame(_assemble(head, body))
+
+
+def test_index_beyond_tensor_raises_frame_error() -> None:
+    head, body = _one_tensor_frame()
+    head["tensors"][0]["shape"] = [60]  # 50 kept indices cannot all fit below 60... nor k ≤ 60
+
+    with pytest.raises(FrameError):
+        decode_frame(_assemble(head, body))
+
+
+def test_nonzero_stream_padding_raises_frame_error() -> None:
+    codec = resolve_codec("topk:0.5")
+    flat = np.arange(1, 8, dtype=np.float32)
+    params, data = codec.encode(flat, np.random.default_rng(0))
+    tampered = bytearray(data)
+    tampered[-1] |= 0x01  # padding bit of the last stream
+
+    with pytest.raises(CodecError):
+        codec.decode(memoryview(bytes(tampered)), flat.size, params)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_and_scales_raise_codec_error(bad: float) -> None:
+    for name in ("topk:0.5", "topk8:0.5"):
+        codec = resolve_codec(name)
+        params, data = codec.encode(np.ones(8, np.float32), np.random.default_rng(0))
+        tampered = bytearray(data)
+        tampered[0:4] = struct.pack("<f", bad)
+
+        with pytest.raises(CodecError):
+            codec.decode(memoryview(bytes(tampered)), 8, params)
+
+
+def test_int4_minus_eight_is_rejected() -> None:
+    codec = resolve_codec("topk4:1")
+    params, data = codec.encode(np.ones(2, np.float32), np.random.default_rng(0))
+    tampered = bytearray(data)
+    tampered[4] = 0x88  # two nibbles of -8
+
+    with pytest.raises(CodecError, match="out of range"):
+        codec.decode(memoryview(bytes(tampered)), 2, params)
+
+
+@pytest.mark.parametrize("name", SPARSE)
+def test_every_truncation_raises_frame_error(name: str) -> None:
+    payload = encode_frame(_header(name), _tensors())
+
+    for cut in range(0, len(payload), 7):
+        with pytest.raises(FrameError):
+            decode_frame(payload[:cut])
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from(SPARSE), data=st.data())
+def test_random_body_bytes_never_crash(name: str, data: st.DataObject) -> None:
+    head, body = _one_tensor_frame(name)
+    junk = data.draw(st.binary(min_size=len(body), max_size=len(body)))
+
+    try:
+        frame = decode_frame(_assemble(head, junk))
+    except FrameError:
+        return
+    assert np.isfinite(frame.tensors["w"]).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(name=st.sampled_from(SPARSE), pos=st.integers(0, 10_000), byte=st.integers(0, 255))
+def test_mutated_frame_decodes_or_raises_frame_error(name: str, pos: int, byte: int) -> None:
+    payload = bytearray(encode_frame(_header(name), _tensors()))
+    payload[pos % len(payload)] = byte
+
+    with contextlib.suppress(FrameError):
+        decode_frame(bytes(payload))
+
+
+# --- error feedback ------------------------------------------------------------------------
+
+
+@FAST
+@given(
+    name=st.sampled_from(SPARSE),
+    rounds=st.lists(st.integers(0, 2**31), min_size=1, max_size=4),
+)
+def test_error_feedback_conserves_mass(name: str, rounds: list[int]) -> None:
+    ef = ErrorFeedback()
+    total_in = np.zeros(50, np.float64)
+    total_sent = np.zeros(50, np.float64)
+    for seed in rounds:
+        delta = {"w": np.random.default_rng(seed).normal(0, 1, 50).astype(np.float32)}
+        old = ef.residual.get("w", np.zeros(50, np.float32)).copy()
+        comp = ef.compensate(delta)
+        sent = decode_frame(encode_frame(_header(name), comp)).tensors
+        ef.update(comp, sent)
+
+        # sent + new residual == delta + old residual
+        np.testing.assert_allclose(
+            sent["w"] + ef.residual["w"], delta["w"] + old, rtol=1e-6, atol=1e-6
+        )
+        total_in += delta["w"]
+        total_sent += sent["w"]
+    np.testing.assert_allclose(total_sent + ef.residual["w"], total_in, atol=1e-5)
+
+
+def test_error_feedback_eventually_sends_small_coordinates() -> None:
+    ef = ErrorFeedback()
+    delta = {"w": np.array([1.0, 0.1, 0.1, 0.1], np.float32)}
+    sent_total = np.zeros(4)
+    for _ in range(40):
+        comp = ef.compensate(delta)
+        sent = decode_frame(encode_frame(_header("topk:0.25"), comp)).tensors
+        ef.update(comp, sent)
+        sent_total += sent["w"]
+
+    assert (sent_total[1:] > 0).all()  # plain top-k would never send them
+
+
+def test_residual_resets_when_architecture_changes() -> None:
+    ef = ErrorFeedback({"w": np.ones(3, np.float32)})
+
+    out = ef.compensate({"w": np.zeros(4, np.float32)})
+
+    np.testing.assert_array_equal(out["w"], np.zeros(4))
+    assert ef.residual == {}
+
+
+def test_residual_survives_restart(tmp_path: Path) -> None:
+    first = DeviceFeedback(tmp_path / "state", "lab")
+    comp = first.compensate({"w": np.arange(10, dtype=np.float32)})
+    first.commit(comp, encode_frame(_header("topk:0.2"), comp))
+
+    again = DeviceFeedback(tmp_path / "state", "lab")
+
+    np.testing.assert_array_equal(again.ef.residual["w"], first.ef.residual["w"])
+    assert again.ef.residual["w"][:8].sum() == sum(range(8))
+    assert not list((tmp_path / "state").glob(".residual-*"))  # no temp files left
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"garbage", b"PK\x03\x04broken zip", b"\x93NUMPY\x01\x00"]
+)
+def test_corrupt_residual_file_starts_from_zero(tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "residual.npz").write_bytes(content)
+
+    ef = ResidualStore(tmp_path, "lab").load()
+
+    assert ef.residual == {}
+
+
+def test_residual_of_other_federation_is_discarded(tmp_path: Path) -> None:
+    ResidualStore(tmp_path, "other").save(ErrorFeedback({"w": np.ones(3, np.float32)}))
+
+    assert ResidualStore(tmp_path, "lab").load().residual == {}
+    assert ResidualStore(tmp_path, "other").load().residual["w"].tolist() == [1, 1, 1]
+
+
+def test_pickled_residual_is_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "residual.npz", w=np.array([{"a": 1}], dtype=object))
+
+    assert ResidualStore(tmp_path, "lab").load().residual == {}
