@@ -74,7 +74,7 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "loaded; none: development mode (unsigned models accepted)",
         "state_dir": "device state, e.g. the error-feedback residual of top-k codecs "
         '(`""`: `$XDG_STATE_HOME/fedmq/<client_id>`)',
-        "warm_up": "import torch before going online (`--no-warm-up`: at the first round)",
+        "warm_up": "import torch before going online (default: at the first round it trains)",
     },
     "inference": {
         **_COMMON,
@@ -83,11 +83,13 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "output_topic": "response topic (empty: `fl/v1/{fed}/infer/{client_id}/response`)",
         "model": "ONNX file (or fedmq ONNX frame) served until the federation's model arrives",
         "max_model_bytes": "ONNX frames larger than this are refused",
+        "model_public_key": "aggregator's model-signing public key (PEM): only ONNX models it "
+        "signed are served (unset: unsigned models are served, with a warning)",
     },
 }
 
 # Flags that are not simply ``--`` + the key with dashes.
-FLAGS = {"exit_when_finished": "--stay", "warm_up": "--no-warm-up", "onnx": "--onnx`/`--no-onnx"}
+FLAGS = {"exit_when_finished": "--stay", "warm_up": "--warm-up", "onnx": "--onnx`/`--no-onnx"}
 
 SECTIONS: list[tuple[str, type[Any], str, str]] = [
     ("aggregator", AggregatorConfig, "FEDMQ_AGGREGATOR_", "fedmq-aggregator"),

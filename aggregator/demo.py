@@ -172,6 +172,9 @@ def start_processes(
             # Per-run device state (top-k residuals): runs must not inherit each other's.
             "--state-dir",
             str(out / "state" / f"agent-{i:02d}"),
+            # Ten agents importing torch at once on one small machine would make round 1 alone
+            # take tens of seconds; a real device imports it once, at its first round.
+            "--warm-up",
         ]
         with open(logs / f"agent-{i:02d}.log", "wb") as fh:
             agents.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))

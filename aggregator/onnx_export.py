@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.codec import FrameError, FrameHeader, decode_frame, encode_frame, tensors_hash
 from shared.data import ArrayDataset
@@ -27,6 +28,7 @@ from shared.messages import ModelSpec
 from shared.modelio import set_params
 from shared.models import build_model
 from shared.onnx_frame import OnnxHeader, encode_onnx_frame, sha256
+from shared.signing import ONNX_CONTEXT, sign_model
 from shared.topics import Topics
 
 log = logging.getLogger("fedmq.onnx")
@@ -126,6 +128,7 @@ def export_verified(
     round_id: int,
     batch: np.ndarray,
     model: torch.nn.Module | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> OnnxExport:
     """Export ``params`` as ONNX, check it, verify parity, and frame it; or raise ExportError."""
     t0 = time.perf_counter()
@@ -139,15 +142,23 @@ def export_verified(
             f"onnxruntime disagrees with torch: max |Δlogit| {parity.max_abs_diff:.2e}, "
             f"same argmax: {parity.same_argmax}"
         )
+    onnx_sha = sha256(onnx_bytes)
+    # Signed like the weights: a device pinning the aggregator's key serves nothing else.
+    signature = (
+        sign_model(signing_key, federation, round_id, onnx_sha, ONNX_CONTEXT)
+        if signing_key is not None
+        else ""
+    )
     header = OnnxHeader(
         federation=federation,
         round=round_id,
         model_hash=tensors_hash(params),
-        onnx_sha256=sha256(onnx_bytes),
+        onnx_sha256=onnx_sha,
         input_shape=spec.input_shape,
         num_classes=spec.num_classes,
         arch=spec.arch,
         opset=OPSET,
+        signature=signature,
     )
     frame = encode_onnx_frame(header, onnx_bytes)
     return OnnxExport(onnx_bytes, frame, parity, time.perf_counter() - t0)
@@ -184,8 +195,10 @@ class RoundExporter:
         state_dir: Path | None,
         holdout: ArrayDataset | None,
         seed: int = 0,
+        signing_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.spec = spec
+        self.signing_key = signing_key
         self.federation = federation
         self.onnx = onnx
         self.state_dir = state_dir
@@ -212,6 +225,7 @@ class RoundExporter:
                 round_id=round_id,
                 batch=self.batch,
                 model=self.model,
+                signing_key=self.signing_key,
             )
         except (ExportError, RuntimeError, ValueError) as exc:
             log.error("round %d: ONNX export failed, not published: %s", round_id, exc)

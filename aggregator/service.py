@@ -65,6 +65,7 @@ class AggregatorService:
             arch=cfg.model, input_shape=cfg.input_shape, num_classes=cfg.num_classes
         )
         self.evaluator = Evaluator(self.spec, cfg.eval_data, cfg.seed, cfg.threads)
+        self.signing_key = load_private_key(cfg.signing_key) if cfg.signing_key else None
         self.exporter = RoundExporter(
             self.spec,
             cfg.federation,
@@ -72,6 +73,7 @@ class AggregatorService:
             state_dir=state_dir_of(cfg.state_dir, cfg.metrics_file),
             holdout=self.evaluator.data,
             seed=cfg.seed,
+            signing_key=self.signing_key,
         )
         self.params: Tensors = self.evaluator.initial_params()
         self.shapes = {n: tuple(v.shape) for n, v in self.params.items()}
@@ -81,7 +83,6 @@ class AggregatorService:
         self.rng = np.random.default_rng(cfg.seed)
         self.metrics = MetricsLog(cfg.metrics_file)
         self.round_id = 0
-        self.signing_key = load_private_key(cfg.signing_key) if cfg.signing_key else None
         self.transport = MqttTransport(
             cfg.broker,
             cfg.client_id,

@@ -33,7 +33,7 @@ class AgentConfig:
     exit_when_finished: bool = True
     # Device-local state (error-feedback residual); "" = $XDG_STATE_HOME/fedmq/<client-id>
     state_dir: str = ""
-    warm_up: bool = True  # import torch before going online (False: import at first round)
+    warm_up: bool = False  # True: import torch before going online (first round is faster)
 
     def __post_init__(self) -> None:
         if not self.client_id:
@@ -87,11 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep running after the federation finishes",
     )
     parser.add_argument(
-        "--no-warm-up",
+        "--warm-up",
         dest="warm_up",
         action="store_const",
-        const=False,
-        help="do not load torch before going online (a presence-only agent stays small)",
+        const=True,
+        help="load torch before going online (by default torch is imported at the first round "
+        "the agent trains, so a waiting or presence-only agent stays small)",
     )
 
 

@@ -25,6 +25,7 @@ from edge_agent.inference import MAX_REQUEST_BYTES, InferenceError, OnnxClassifi
 from shared import topics
 from shared.onnx_frame import OnnxFrameError, decode_onnx_frame
 from shared.settings import load_settings
+from shared.signing import ONNX_CONTEXT, SignatureError, load_public_key, verify_model
 from shared.transport import ConnectOptions, Inbound, MqttTransport
 
 log = logging.getLogger("fedmq.serve")
@@ -46,6 +47,7 @@ class ServeConfig:
     ca_file: str | None = None
     connect_timeout: float = 60.0
     max_model_bytes: int = 256 * 1024 * 1024
+    model_public_key: str | None = None  # pin the aggregator's key: serve signed models only
 
     def __post_init__(self) -> None:
         if not self.client_id:
@@ -68,6 +70,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--password")
     parser.add_argument("--ca-file")
     parser.add_argument("--connect-timeout", type=float)
+    parser.add_argument(
+        "--model-public-key",
+        help="aggregator's model-signing public key (PEM): unsigned or "
+        "tampered ONNX models are refused",
+    )
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
@@ -86,6 +93,9 @@ class InferenceServer:
         self.model: OnnxClassifier | None = None
         self.swaps = 0
         self.stop_event = threading.Event()
+        self.model_key = load_public_key(cfg.model_public_key) if cfg.model_public_key else None
+        if self.model_key is None:
+            log.warning("no --model-public-key: unsigned ONNX models are served")
         if cfg.model:
             with open(cfg.model, "rb") as fh:
                 self.model = OnnxClassifier.from_bytes(fh.read(), cfg.threads)
@@ -131,11 +141,21 @@ class InferenceServer:
             frame = decode_onnx_frame(
                 payload, max_bytes=self.cfg.max_model_bytes, federation=self.cfg.federation
             )
+            head = frame.header
+            if self.model_key is not None:
+                verify_model(
+                    self.model_key,
+                    head.federation,
+                    head.round,
+                    head.onnx_sha256,
+                    head.signature,
+                    ONNX_CONTEXT,
+                )
             current = self.model.header if self.model else None
-            if current is not None and frame.header.round < current.round:
-                raise OnnxFrameError(f"older model (round {frame.header.round} < {current.round})")
+            if current is not None and head.round < current.round:
+                raise OnnxFrameError(f"older model (round {head.round} < {current.round})")
             model = OnnxClassifier(frame.onnx, frame.header, self.cfg.threads)
-        except (OnnxFrameError, InferenceError) as exc:
+        except (OnnxFrameError, InferenceError, SignatureError) as exc:
             log.warning("rejected ONNX model on %s: %s", self.topics.global_onnx, exc)
             return
         self.model = model  # one reference swap: requests never see half a model

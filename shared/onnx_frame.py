@@ -43,6 +43,8 @@ class OnnxHeader:
     num_classes: int
     arch: str = ""
     opset: int = 0
+    # Ed25519 over (federation, round, onnx_sha256) by the aggregator's key; "" = unsigned.
+    signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,7 @@ def _validate(head: dict[str, Any]) -> OnnxHeader:
             num_classes=head["num_classes"],
             arch=head.get("arch", ""),
             opset=head.get("opset", 0),
+            signature=head.get("signature", ""),
         )
     except KeyError as exc:
         raise OnnxFrameError(f"header lacks field {exc}") from exc
@@ -138,6 +141,7 @@ def _validate(head: dict[str, Any]) -> OnnxHeader:
         (_is_int(header.num_classes) and header.num_classes > 0, "bad num_classes"),
         (isinstance(header.arch, str), "bad arch"),
         (_is_int(header.opset) and header.opset >= 0, "bad opset"),
+        (isinstance(header.signature, str) and len(header.signature) <= 200, "bad signature"),
     ]
     for ok, reason in checks:
         if not ok:

@@ -21,26 +21,38 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 #: Domain separation: a signature over a model can never be mistaken for anything else.
 CONTEXT = "fedmq-global-model-v1"
+#: The same for ONNX exports, whose "hash" is the SHA-256 of the ONNX bytes.
+ONNX_CONTEXT = "fedmq-onnx-model-v1"
 
 
 class SignatureError(ValueError):
     """A model signature is missing, malformed, or does not verify."""
 
 
-def canonical_bytes(federation: str, round_id: int, model_hash: str) -> bytes:
+def canonical_bytes(
+    federation: str, round_id: int, model_hash: str, context: str = CONTEXT
+) -> bytes:
     """The exact bytes that are signed: a JSON array with fixed order, no whitespace."""
     return json.dumps(
-        [CONTEXT, federation, int(round_id), model_hash], separators=(",", ":")
+        [context, federation, int(round_id), model_hash], separators=(",", ":")
     ).encode()
 
 
-def sign_model(key: Ed25519PrivateKey, federation: str, round_id: int, model_hash: str) -> str:
-    """Return the base64 Ed25519 signature of one global model."""
-    return base64.b64encode(key.sign(canonical_bytes(federation, round_id, model_hash))).decode()
+def sign_model(
+    key: Ed25519PrivateKey, federation: str, round_id: int, model_hash: str, context: str = CONTEXT
+) -> str:
+    """Return the base64 Ed25519 signature of one global model (or, by context, its ONNX)."""
+    message = canonical_bytes(federation, round_id, model_hash, context)
+    return base64.b64encode(key.sign(message)).decode()
 
 
 def verify_model(
-    key: Ed25519PublicKey, federation: str, round_id: int, model_hash: str, signature: object
+    key: Ed25519PublicKey,
+    federation: str,
+    round_id: int,
+    model_hash: str,
+    signature: object,
+    context: str = CONTEXT,
 ) -> None:
     """Raise SignatureError unless ``signature`` signs exactly this federation/round/hash."""
     if not isinstance(signature, str) or not signature:
@@ -52,7 +64,7 @@ def verify_model(
     if len(raw) != 64:
         raise SignatureError(f"signature has {len(raw)} bytes, Ed25519 has 64")
     try:
-        key.verify(raw, canonical_bytes(federation, round_id, model_hash))
+        key.verify(raw, canonical_bytes(federation, round_id, model_hash, context))
     except InvalidSignature:
         raise SignatureError(
             f"bad signature for federation {federation!r} round {round_id} "
