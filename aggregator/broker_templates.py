@@ -92,6 +92,7 @@ topic readwrite fl/v1/#
 # cannot publish an update or a status of its own.
 user monitor
 topic deny fl/v1/+/round/+/update/+
+topic deny fl/v1/+/round/+/update/+/chunk/+
 topic deny fl/v1/+/agents/monitor/status
 topic read fl/v1/#
 
@@ -100,10 +101,13 @@ topic read fl/v1/#
 # their own receipts. Not others' updates, not others' receipts, and no write on
 # global/# or round/+/start, so no device can publish a model or a round.
 pattern write fl/v1/+/round/+/update/%u
+# Payloads over the packet limit travel in chunks (shared/chunking.py).
+pattern write fl/v1/+/round/+/update/%u/chunk/+
 pattern write fl/v1/+/agents/%u/status
 pattern read fl/v1/+/round/+/start
 pattern read fl/v1/+/global/meta
 pattern read fl/v1/+/global/model
+pattern read fl/v1/+/global/model/chunk/+
 pattern read fl/v1/+/aggregator/status
 pattern read fl/v1/+/round/+/receipt/%u
 """

@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
             "compression", help="one federation per update codec: bytes vs accuracy"
         )
     )
+    from aggregator import bench_codecs_inprocess
+
+    bench_codecs_inprocess.add_arguments(
+        bench_sub.add_parser(
+            "codecs-inprocess", help="update codecs in one process: bytes vs accuracy (research)"
+        )
+    )
     ops_cli.add_commands(sub)
     from aggregator import provision  # broker init, device add
 
@@ -43,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         return demo.run_demo(args)
     if args.command == "bench" and args.bench == "compression":
         return bench_compression.run_compression(args)
+    if args.command == "bench" and args.bench == "codecs-inprocess":
+        return bench_codecs_inprocess.run(args)
     if args.command == "bench":
         return bench.run_inprocess(args)
     from aggregator.report import load_metrics, plot_metrics, print_summary, summarize

@@ -49,6 +49,11 @@ class AggregatorConfig:
     threads: int = 1
     onnx: bool = True
     state_dir: str | None = None
+    # A round below quorum at its deadline: "extend" it (same selection plus newly online
+    # agents) or "retry" it (a fresh selection among online agents); accepted updates are
+    # kept either way. After max_extensions the federation fails (exit code 3).
+    on_starved: str = "extend"
+    max_extensions: int = 5
 
     def __post_init__(self) -> None:
         checks = [
@@ -61,6 +66,8 @@ class AggregatorConfig:
             (self.lr > 0, "lr must be > 0"),
             (self.momentum >= 0, "momentum must be ≥ 0"),
             (_known_codec(self.codec), f"codec must be one of: {KNOWN_CODECS}"),
+            (self.on_starved in ("extend", "retry"), "on-starved must be extend or retry"),
+            (self.max_extensions >= 0, "max-extensions must be ≥ 0"),
             (
                 self.max_update_norm is None or self.max_update_norm > 0,
                 "max-update-norm must be > 0",
@@ -114,7 +121,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--state-dir",
-        help="save global_model.fmq/.onnx here each round (default: the metrics file's dir)",
+        help="save global_model.fmq/.onnx here each round (default: the metrics file's dir); "
+        "when given, also a checkpoint + journal to resume after a crash",
+    )
+    add_resilience_arguments(parser)
+
+
+def add_resilience_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for what happens when a round starves (see AggregatorConfig.on_starved)."""
+    parser.add_argument(
+        "--on-starved",
+        choices=("extend", "retry"),
+        help="below quorum at the deadline: extend the round or retry it (default extend)",
+    )
+    parser.add_argument(
+        "--max-extensions",
+        type=int,
+        help="extensions/retries of one round before the federation fails (default 5)",
     )
 
 

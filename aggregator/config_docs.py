@@ -60,7 +60,12 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "onnx": "export each new global model to ONNX, verify it and publish it retained on "
         "`global/onnx` (`--no-onnx` to turn off)",
         "state_dir": "save `global_model.fmq` / `global_model.onnx` here every round "
-        "(default: the metrics file's directory)",
+        "(default: the metrics file's directory); when set, also a checkpoint and the open "
+        "round's journal, from which a restarted aggregator resumes (docs/resilience.md)",
+        "on_starved": "a round below quorum at its deadline: `extend` (same selection plus "
+        "newly online agents) or `retry` (fresh selection); accepted updates are kept",
+        "max_extensions": "extensions/retries of one starved round before the aggregator "
+        "gives up (exit code 3)",
     },
     "agent": {
         **_COMMON,

@@ -8,11 +8,14 @@ paho's network thread only enqueues.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import queue
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +24,7 @@ from aggregator.evaluation import Evaluator
 from aggregator.intake import UpdateIntake
 from aggregator.metrics_log import MetricsLog
 from aggregator.onnx_export import RoundExporter, state_dir_of
+from aggregator.resume import EXIT_STARVED, Durability, set_rng_state, starved_action
 from aggregator.rounds import RoundPhase, RoundState, select_clients
 from aggregator.strategy import StreamingFedAvg
 from shared import messages as msg
@@ -66,6 +70,12 @@ class AggregatorService:
         )
         self.evaluator = Evaluator(self.spec, cfg.eval_data, cfg.seed, cfg.threads)
         self.signing_key = load_private_key(cfg.signing_key) if cfg.signing_key else None
+        # Checkpoint + journal only with an explicit --state-dir: resuming is opt-in.
+        self.durable = Durability(Path(cfg.state_dir), cfg) if cfg.state_dir else None
+        # What the broker must hold (retained), re-published after every reconnect: a broker
+        # without persistence forgets it when it restarts.
+        self._retained: dict[str, bytes] = {}
+        self._seen_connects = 0
         self.exporter = RoundExporter(
             self.spec,
             cfg.federation,
@@ -102,11 +112,16 @@ class AggregatorService:
         """Run every round; return the process exit code."""
         cfg = self.cfg
         self.transport.start()
+        self._seen_connects = self.transport.connect_count
+        resumed = self._restore()
         self._publish(self.topics.aggregator_status, self._status("running"), retain=True)
-        self._publish_model(final=False)
-        current = self._open_round(1)
+        self._publish_model(final=self.round_id >= cfg.rounds)
+        current = resumed or self._open_round(self.round_id + 1)
         while current is not None:
             closed = self._close_round(current)
+            if closed is None:
+                self._finish("offline")
+                return EXIT_STARVED
             # The next round starts before this one is evaluated, so held-out evaluation
             # overlaps with the agents' training instead of adding to every round.
             nxt = self._open_round(current.state.round_id + 1)
@@ -115,6 +130,9 @@ class AggregatorService:
                 self._finish("offline")
                 return 2
             current = nxt
+        if self.round_id < cfg.rounds:  # no round could be opened at all
+            self._finish("offline")
+            return 2
         self._finish("finished")
         log.info("federation %s finished after %d rounds", cfg.federation, cfg.rounds)
         return 0
@@ -137,36 +155,94 @@ class AggregatorService:
                 "fewer than %d agents online after %.0fs", cfg.min_clients, cfg.wait_clients_timeout
             )
             return None
-        self.round_id = r
         started = time.time()
         selected = select_clients(self._online(), cfg.fraction, cfg.min_clients, self.rng)
         state = RoundState(
             r, self.model_hash, set(selected), cfg.min_clients, started + cfg.round_timeout, started
         )
-        intake = UpdateIntake(
+        self._announce(state)
+        return OpenRound(state, self._intake(state), started)
+
+    def _earlier_metrics(self, upto: int) -> list[dict[str, Any]]:
+        path = self.metrics.path
+        if path is None or not path.exists():
+            return []
+        try:
+            rounds = json.loads(path.read_text())["rounds"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("metrics file %s unreadable (%s): starting a new one", path, exc)
+            return []
+        return [e for e in rounds if isinstance(e, dict) and e.get("round", 0) <= upto]
+
+    def _intake(self, state: RoundState) -> UpdateIntake:
+        cfg = self.cfg
+        return UpdateIntake(
             cfg.federation,
             state,
             StreamingFedAvg(self.shapes),
             cfg.max_update_bytes,
             cfg.max_update_norm,
         )
+
+    def _restore(self) -> OpenRound | None:
+        """Continue from the checkpoint; re-open (and replay) its next round if announced."""
+        if self.durable is None:
+            return None
+        restored = self.durable.restore()  # CheckpointError (a ValueError): exit 1
+        ckpt, jr = restored.checkpoint, restored.open_round
+        if ckpt is not None:
+            self.params, self.model_hash, self.round_id = ckpt.params, ckpt.model_hash, ckpt.round
+            set_rng_state(self.rng, ckpt.rng_state)
+            self.metrics.entries = self._earlier_metrics(ckpt.round)
+            log.info("resumed from checkpoint: %d rounds applied", ckpt.round)
+        if jr is None or jr.round > self.cfg.rounds:
+            return None
+        ann = jr.announce
+        set_rng_state(self.rng, ann["rng_state"])
+        started = time.time()
+        # A full window after a crash: agents must notice the re-announcement and re-send.
+        deadline = max(float(ann["deadline"]), started + self.cfg.round_timeout)
+        state = RoundState(
+            jr.round,
+            self.model_hash,
+            set(ann["selected"]),
+            self.cfg.min_clients,
+            deadline,
+            started,
+            extensions=int(ann["extensions"]),
+        )
+        intake = self._intake(state)
+        for client, payload in self.durable.journal.frames(jr):
+            verdict = intake.offer(jr.round, client, payload).verdict
+            if not verdict.accepted:
+                log.error("journaled update of %s refused on replay: %s", client, verdict.reason)
+        log.info("round %d resumed with %d journaled updates", jr.round, len(state.accepted))
         self._announce(state)
         return OpenRound(state, intake, started)
 
-    def _close_round(self, rnd: OpenRound) -> ClosedRound:
-        """Collect updates until the round may be applied; apply it and publish the model."""
+    def _close_round(self, rnd: OpenRound) -> ClosedRound | None:
+        """Collect updates until the round may be applied; apply it and publish the model.
+
+        None when the round stayed below quorum after every extension (the federation fails).
+        """
         state, intake = rnd.state, rnd.intake
         last_update_at = time.monotonic()
         while (phase := state.phase(time.time())) in (RoundPhase.OPEN, RoundPhase.STARVED):
             if phase is RoundPhase.STARVED:
-                self._extend(state)
+                if not self._starved(state):
+                    return None
                 continue
-            item = self._next(timeout=max(0.01, state.deadline - time.time()))
+            self._after_reconnect()
+            item = self._next(timeout=min(1.0, max(0.01, state.deadline - time.time())))
             if item is not None and self._handle(item, intake):
                 last_update_at = item.received_at
         state.close()
         self.params = intake.acc.apply(self.params)
         self.model_hash = tensors_hash(self.params)
+        self.round_id = state.round_id
+        if self.durable is not None:
+            self.durable.applied(state, self.params, self.model_hash, self.rng)
+        self._decide(state, "applied", f"{phase.value}: {len(state.accepted)} updates")
         self._publish_model(final=False)
         latency_ms = (time.monotonic() - last_update_at) * 1000
         self._publish(self.topics.round_start(state.round_id), b"", retain=True)
@@ -181,6 +257,8 @@ class AggregatorService:
 
     def _announce(self, state: RoundState) -> None:
         cfg = self.cfg
+        if self.durable is not None:  # journaled first: a restart re-announces the same
+            self.durable.announced(state, self.rng)
         announcement = msg.RoundStart(
             federation=cfg.federation,
             round=state.round_id,
@@ -207,6 +285,46 @@ class AggregatorService:
             len(state.selected),
             state.deadline - time.time(),
         )
+
+    def _starved(self, state: RoundState) -> bool:
+        """Apply the --on-starved policy; False when the round has to fail."""
+        cfg = self.cfg
+        action = starved_action(state.extensions, cfg.on_starved, cfg.max_extensions)
+        if action == "fail":
+            why = f"below quorum ({len(state.accepted)}/{state.min_clients}) after "
+            log.error("round %d failed: %s%d extensions", state.round_id, why, state.extensions)
+            self._decide(state, "failed", why + f"{state.extensions} extensions")
+            return False
+        if action == "retry":
+            online = [c for c in self._online() if c not in state.accepted]
+            fresh = select_clients(online, cfg.fraction, 1, self.rng) if online else []
+            state.selected = set(state.accepted) | set(fresh) or state.selected
+        self._extend(state)
+        self._decide(state, "retried" if action == "retry" else "extended", "below quorum")
+        return True
+
+    def _decide(self, state: RoundState, decision: str, reason: str) -> None:
+        """Publish what happened to a round (operators and tests watch this topic)."""
+        body = msg.RoundDecision(
+            federation=self.cfg.federation,
+            round=state.round_id,
+            decision=decision,  # type: ignore[arg-type]
+            accepted=len(state.accepted),
+            min_clients=state.min_clients,
+            extensions=state.extensions,
+            deadline=state.deadline,
+            reason=reason,
+        )
+        self._publish(self.topics.round_decision(state.round_id), body.to_json(), wait=False)
+
+    def _after_reconnect(self) -> None:
+        """After a reconnect, put back what a restarted broker may have forgotten."""
+        if self.transport.connect_count == self._seen_connects:
+            return
+        self._seen_connects = self.transport.connect_count
+        log.warning("reconnected: re-publishing the retained model, meta and round")
+        for topic, payload in list(self._retained.items()):
+            self._publish(topic, payload, retain=True, wait=False)
 
     def _extend(self, state: RoundState) -> None:
         extra = [c for c in self._online() if c not in state.selected]
@@ -279,6 +397,11 @@ class AggregatorService:
             self._receipt(parsed.round_id, parsed.client_id, False, "no round is open")
             return False
         offer = intake.offer(parsed.round_id, parsed.client_id, item.payload)
+        if offer.verdict.accepted and self.durable is not None and offer.stats is not None:
+            # Durable before the receipt: an acknowledged update survives a crash.
+            self.durable.accepted(
+                parsed.round_id, parsed.client_id, offer.stats.num_samples, item.payload
+            )
         self._receipt(
             parsed.round_id, parsed.client_id, offer.verdict.accepted, offer.verdict.reason
         )
@@ -311,6 +434,7 @@ class AggregatorService:
     def _wait_for_agents(self, count: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while len(self._online()) < count:
+            self._after_reconnect()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
@@ -357,6 +481,8 @@ class AggregatorService:
         self._publish(self.topics.receipt(round_id, client_id), receipt.to_json(), wait=False)
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False, wait: bool = True) -> None:
+        if retain and not topic.startswith(f"{self.topics.root}/agents/"):
+            self._retained[topic] = payload
         self.transport.publish(topic, payload, retain=retain, wait=wait)
 
     def _status(self, state: str) -> bytes:

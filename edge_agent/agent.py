@@ -20,6 +20,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.error_feedback import DeviceFeedback
 from edge_agent.local_training import LocalTrainer
 from edge_agent.model_guard import HeldModel, check_global_model
+from edge_agent.outbox import Outbox, receipt_is_final
 from shared import messages as msg
 from shared import topics
 from shared.codec import FrameError, FrameHeader, decode_frame, encode_frame, tensors_hash
@@ -31,16 +32,6 @@ from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound
 log = logging.getLogger("fedmq.agent")
 
 Tensors = dict[str, np.ndarray]
-
-
-@dataclass
-class PendingUpdate:
-    """An update sent but not yet acknowledged by a receipt."""
-
-    round_id: int
-    topic: str
-    payload: bytes
-    sent_at: float
 
 
 @dataclass(frozen=True)
@@ -69,8 +60,11 @@ class EdgeAgent:
             )
         self.global_model: GlobalModel | None = None
         self.announcement: msg.RoundStart | None = None
-        self.done_rounds: set[int] = set()
-        self.pending: PendingUpdate | None = None
+        # Unacknowledged updates live on disk: a restarted agent re-sends, never re-trains.
+        self.outbox = Outbox(cfg.resolved_state_dir(), cfg.federation, cfg.client_id)
+        self.done_rounds: set[int] = set(self.outbox.rounds())
+        self.sent_at: dict[int, float] = {}  # round → monotonic time of the last send
+        self.seen_connects = 0
         self.rounds_trained = 0
         self.stop_event = threading.Event()
         self.transport = MqttTransport(
@@ -192,6 +186,18 @@ class EdgeAgent:
             log.debug("ignoring expired announcement of round %d", ann.round)
             return
         self.announcement = ann
+        for old in self.outbox.drop_before(ann.round):
+            log.info("round %d is over: its unacknowledged update is dropped", old)
+        stored = self.outbox.base_hash(ann.round)
+        if stored is not None and stored != ann.base_hash:
+            # Another run of the federation (or a rolled-back aggregator): train afresh.
+            log.warning("round %d: stored update is for another base model, dropped", ann.round)
+            self.outbox.remove(ann.round)
+            self.done_rounds.discard(ann.round)
+        elif stored is not None:
+            # (Re-)announced while we hold its update, e.g. by a restarted aggregator.
+            self.done_rounds.add(ann.round)
+            self._resend(ann.round, "round announced")
 
     def _on_receipt(self, item: Inbound) -> None:
         receipt = msg.decode(item.payload, msg.Receipt)
@@ -204,8 +210,9 @@ class EdgeAgent:
             receipt.status,
             f" ({receipt.reason})" if receipt.reason else "",
         )
-        if self.pending is not None and self.pending.round_id == receipt.round:
-            self.pending = None
+        if receipt_is_final(receipt.status, receipt.reason):
+            self.outbox.remove(receipt.round)
+            self.sent_at.pop(receipt.round, None)
 
     def _on_aggregator_status(self, item: Inbound) -> None:
         status = msg.decode(item.payload, msg.AggregatorStatus)
@@ -250,27 +257,45 @@ class EdgeAgent:
             ann.codec,
             (time.perf_counter() - t0) * 1000,
         )
-        topic = self.topics.update(ann.round, self.cfg.client_id)
+        # Durable before it leaves: a crash after this line re-sends instead of re-training.
+        self.outbox.put(ann.round, payload)
         self.done_rounds.add(ann.round)
         self.rounds_trained += 1
-        self.pending = PendingUpdate(ann.round, topic, payload, time.monotonic())
-        self.transport.publish(topic, payload, qos=1, wait=False)
+        self._send(ann.round, payload)
         self._publish_status("online", ann.round)
 
+    def _send(self, round_id: int, payload: bytes) -> None:
+        self.sent_at[round_id] = time.monotonic()
+        topic = self.topics.update(round_id, self.cfg.client_id)
+        self.transport.publish(topic, payload, qos=1, wait=False)
+
+    def _resend(self, round_id: int, why: str) -> None:
+        payload = self.outbox.get(round_id)
+        if payload is None:
+            return
+        log.warning("round %d: re-sending the unacknowledged update (%s)", round_id, why)
+        self._send(round_id, payload)
+
     def _maybe_resend(self) -> None:
-        """Re-send an unacknowledged update while its round is still open (receipt lost)."""
-        p = self.pending
-        if p is None or time.monotonic() - p.sent_at < self.cfg.resend_after_s:
-            return
+        """Re-send unacknowledged updates of the open round after a reconnect or a timeout.
+
+        The broker may have lost them (it restarted, or the connection died mid-upload),
+        or the aggregator did (it restarted): only a receipt ends the re-sending.
+        """
+        reconnected = self.transport.connect_count != self.seen_connects
+        self.seen_connects = self.transport.connect_count
         ann = self.announcement
-        if ann is None or ann.round != p.round_id or ann.deadline < time.time():
-            self.pending = None
+        if ann is None or ann.round not in self.done_rounds:
             return
-        log.warning(
-            "round %d: no receipt after %.0fs, re-sending", p.round_id, self.cfg.resend_after_s
-        )
-        p.sent_at = time.monotonic()
-        self.transport.publish(p.topic, p.payload, qos=1, wait=False)
+        if ann.deadline < time.time() - 1.0 and not reconnected:
+            return
+        last = self.sent_at.get(ann.round)
+        if reconnected and last is not None:
+            # The retained announcement that comes with a reconnect may have re-sent it.
+            if time.monotonic() - last >= 1.0:
+                self._resend(ann.round, "reconnected")
+        elif last is None or time.monotonic() - last >= self.cfg.resend_after_s:
+            self._resend(ann.round, "no receipt yet" if last is not None else "restarted")
 
     # --- outbound ----------------------------------------------------------------------
     def _publish_status(self, state: str, round_id: int) -> None:

@@ -37,16 +37,33 @@ def arch_key(tensors: Mapping[str, np.ndarray]) -> list[list[object]]:
 
 
 class ErrorFeedback:
-    """The residual of one device, for one model architecture."""
+    """The residual of one device, for one model architecture.
 
-    def __init__(self, residual: Tensors | None = None) -> None:
+    ``momentum`` > 0 adds DGC's momentum correction across rounds (research option, not
+    persisted): a velocity ``u ← m·u + delta`` is accumulated instead of ``delta``, and its
+    coordinates that were sent are zeroed (momentum factor masking). Then the invariant reads
+    ``sent + new_residual == u + old_residual``.
+    """
+
+    def __init__(self, residual: Tensors | None = None, momentum: float = 0.0) -> None:
         self.residual: Tensors = dict(residual or {})
+        self.momentum = momentum
+        self.velocity: Tensors = {}
 
     def compensate(self, delta: Mapping[str, np.ndarray]) -> Tensors:
         """``delta + residual``; a residual for another architecture is dropped first."""
         if self.residual and arch_key(self.residual) != arch_key(delta):
             log.warning("model architecture changed: error-feedback residual reset")
             self.residual = {}
+            self.velocity = {}
+        if self.momentum:
+            self.velocity = {
+                n: (self.momentum * self.velocity[n] + np.asarray(v, np.float32)).astype(np.float32)
+                if n in self.velocity
+                else np.asarray(v, np.float32).copy()
+                for n, v in delta.items()
+            }
+            delta = self.velocity
         return {
             n: (np.asarray(v, np.float32) + self.residual[n]).astype(np.float32)
             if n in self.residual
@@ -62,6 +79,8 @@ class ErrorFeedback:
             )
             for n in compensated
         }
+        for n, u in self.velocity.items():
+            u[np.asarray(sent[n]) != 0] = 0.0
 
     def norm(self) -> float:
         """L2 norm of the residual (for logs)."""

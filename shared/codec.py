@@ -2,7 +2,14 @@
 
 Frame layout (little endian)::
 
-    b"FMQ" + version byte | u32 header length | header (UTF-8 JSON) | zstd(body)
+    b"FMQ" + version byte | u32 header length | header | zstd(body)
+
+Version 1 (``MAGIC``): the header is UTF-8 JSON. Version 3 (``MAGIC_COMPACT``, written for
+sparse codecs, whose frames are so small that the JSON header would be half of them): the
+header is zstd(UTF-8 JSON) with a fixed built-in dictionary (``_HEADER_DICT_TEXT``), one
+complete zstd frame with its declared size (≤ ``MAX_HEADER_BYTES``) and checksum. Both
+versions are always decoded; dense codecs keep writing version 1, so devices that only know
+version 1 keep working with them. (Version 2 was never used and stays rejected.)
 
 The JSON header names the frame kind, federation, round, client, base-model hash, codec,
 sample count and every tensor (name, shape, codec parameters), so a frame can be decoded and
@@ -27,15 +34,53 @@ import numpy as np
 import zstandard
 
 from shared.quantize import CodecError, TensorCodec
-from shared.sparsify import resolve_codec
+from shared.sparsify import TopKCodec, resolve_codec
 
 MAGIC = b"FMQ\x01"
+MAGIC_COMPACT = b"FMQ\x03"
 _HEADER_LEN = struct.Struct("<I")
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 4096
 MAX_ELEMENTS = 1 << 28  # 1 GiB of fp32: far above any model a Pi trains
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_RAW_BYTES = 1024 * 1024 * 1024
+# Version-3 headers are zstd-compressed against this fixed raw-content dictionary: the skeleton
+# of a typical update header (keys, codec, the tensor table of the built-in models), so a
+# ~1.2 kB LeNet header costs ~200 bytes instead of ~420 with plain zstd. It is part of the
+# frame format: never edit it (a different dictionary needs a new version byte).
+_HEADER_DICT_TEXT = (
+    '{"kind":"update","federation":"demo","round":1,"client_id":"agent-0",'
+    '"base_hash":"","codec":"topk1:0.02@warmup2","num_samples":1,"meta":{"train_loss":0.,'
+    '"train_time_s":1.,"steps":1,"val_accuracy":0.,"val_loss":0.,"val_samples":1},'
+    '"raw_len":1,"tensors":['
+    '{"name":"1.weight","shape":[200,784],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"1.bias","shape":[200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"3.weight","shape":[200,200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"3.bias","shape":[200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"5.weight","shape":[10,200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"5.bias","shape":[10],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"0.weight","shape":[32,1,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"0.bias","shape":[32],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"3.weight","shape":[64,32,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"3.bias","shape":[64],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"7.weight","shape":[512,3136],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"7.bias","shape":[512],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"9.weight","shape":[10,512],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"9.bias","shape":[10],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"0.weight","shape":[6,1,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"0.bias","shape":[6],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"3.weight","shape":[16,6,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"3.bias","shape":[16],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"7.weight","shape":[120,400],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"7.bias","shape":[120],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"9.weight","shape":[84,120],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"9.bias","shape":[84],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"11.weight","shape":[10,84],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+    '{"name":"11.bias","shape":[10],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
+)
+_HEADER_DICT = zstandard.ZstdCompressionDict(
+    _HEADER_DICT_TEXT.encode(), dict_type=zstandard.DICT_TYPE_RAWCONTENT
+)
 _TENSOR_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
 _KINDS = ("update", "model")
 
@@ -85,9 +130,18 @@ def encode_frame(
     tensors: Mapping[str, np.ndarray],
     rng: np.random.Generator | None = None,
     level: int = 3,
+    compact: bool | None = None,
 ) -> bytes:
-    """Encode ``tensors`` with ``header.codec`` into one frame."""
+    """Encode ``tensors`` with ``header.codec`` into one frame.
+
+    ``compact`` (default: for sparse codecs) writes a version-3 frame, zstd-compressed header.
+    A codec with a density schedule encodes with the density of ``header.round``.
+    """
     codec = _codec(header.codec, FrameError)
+    if compact is None:
+        compact = isinstance(codec, TopKCodec)
+    if isinstance(codec, TopKCodec):
+        codec = codec.at_round(header.round)
     if not 0 < len(tensors) <= MAX_TENSORS:
         raise FrameError(f"a frame holds 1 to {MAX_TENSORS} tensors, got {len(tensors)}")
     rng = rng if rng is not None else np.random.default_rng()
@@ -119,8 +173,15 @@ def encode_frame(
         "tensors": specs,
     }
     head_bytes = json.dumps(head, separators=(",", ":")).encode()
-    compressed = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(body)
-    return MAGIC + _HEADER_LEN.pack(len(head_bytes)) + head_bytes + compressed
+    zc = zstandard.ZstdCompressor(level=level, write_checksum=True)
+    compressed = zc.compress(body)
+    magic = MAGIC
+    if compact:
+        zh = zstandard.ZstdCompressor(
+            level=19, dict_data=_HEADER_DICT, write_checksum=True, write_dict_id=False
+        )
+        magic, head_bytes = MAGIC_COMPACT, zh.compress(head_bytes)
+    return magic + _HEADER_LEN.pack(len(head_bytes)) + head_bytes + compressed
 
 
 def decode_frame(
@@ -227,6 +288,11 @@ def read_header(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> 
 
 
 def _header_json(payload: bytes, max_bytes: int) -> dict[str, Any]:
+    return _split_header(payload, max_bytes)[0]
+
+
+def _split_header(payload: bytes, max_bytes: int) -> tuple[dict[str, Any], int]:
+    """The header object and where the body starts."""
     if not isinstance(payload, bytes | bytearray | memoryview):
         raise FrameError("payload is not bytes")
     if len(payload) > max_bytes:
@@ -235,24 +301,44 @@ def _header_json(payload: bytes, max_bytes: int) -> dict[str, Any]:
         raise FrameError(f"frame too short ({len(payload)} bytes)")
     if bytes(payload[:3]) != MAGIC[:3]:
         raise FrameError("not a fedmq frame (bad magic)")
-    if bytes(payload[:4]) != MAGIC:
+    if bytes(payload[:4]) not in (MAGIC, MAGIC_COMPACT):
         raise FrameError(f"unsupported frame version {payload[3]}")
     (hlen,) = _HEADER_LEN.unpack_from(payload, 4)
     start = len(MAGIC) + _HEADER_LEN.size
     if hlen > MAX_HEADER_BYTES or start + hlen > len(payload):
         raise FrameError(f"header length {hlen} is out of range")
+    raw = bytes(payload[start : start + hlen])
+    if bytes(payload[:4]) == MAGIC_COMPACT:
+        raw = _inflate_header(raw)
     try:
-        head = json.loads(bytes(payload[start : start + hlen]))
+        head = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge ints, deep nesting
         raise FrameError(f"header is not valid JSON: {type(exc).__name__}: {exc}") from exc
     if not isinstance(head, dict):
         raise FrameError("header is not a JSON object")
-    return head
+    return head, start + hlen
+
+
+def _inflate_header(data: bytes) -> bytes:
+    """A version-3 header: exactly one complete zstd frame of at most MAX_HEADER_BYTES."""
+    try:
+        declared = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"compressed header is not a zstd frame: {exc}") from exc
+    if not 0 < declared <= MAX_HEADER_BYTES:
+        raise FrameError(f"compressed header declares {declared} bytes")
+    dobj = zstandard.ZstdDecompressor(dict_data=_HEADER_DICT).decompressobj()
+    try:
+        raw = dobj.decompress(data)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"compressed header does not decompress: {exc}") from exc
+    if not dobj.eof or dobj.unused_data or len(raw) != declared:
+        raise FrameError("compressed header is truncated or has trailing data")
+    return raw
 
 
 def _tensor_specs(payload: bytes) -> tuple[list[_Spec], int, int]:
-    head = _header_json(payload, len(payload))
-    (hlen,) = _HEADER_LEN.unpack_from(payload, 4)
+    head, body_start = _split_header(payload, len(payload))
     raw = head.get("tensors")
     raw_len = head.get("raw_len")
     if not isinstance(raw, list) or not 0 < len(raw) <= MAX_TENSORS:
@@ -282,7 +368,7 @@ def _tensor_specs(payload: bytes) -> tuple[list[_Spec], int, int]:
         _check(total <= MAX_ELEMENTS, "too many elements")
         seen.add(name)
         specs.append(_Spec(name, tuple(shape), numel, params))
-    return specs, raw_len, len(MAGIC) + _HEADER_LEN.size + hlen
+    return specs, raw_len, body_start
 
 
 def _spec_size(codec: TensorCodec, spec: _Spec) -> int:

@@ -109,6 +109,19 @@ class GlobalMeta(Message, frozen=True, kw_only=True):
     signature: str = ""
 
 
+class RoundDecision(Message, frozen=True, kw_only=True):
+    """What the aggregator decided about a round: applied, extended, retried or failed."""
+
+    federation: Name
+    round: NonNeg
+    decision: Literal["applied", "extended", "retried", "failed"]
+    accepted: NonNeg
+    min_clients: Positive
+    extensions: NonNeg = 0
+    deadline: float = 0.0  # the new deadline of an extended/retried round
+    reason: str = ""
+
+
 class AggregatorStatus(Message, frozen=True, kw_only=True):
     """Life-cycle of the aggregator: agents exit when the federation is finished."""
 

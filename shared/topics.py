@@ -9,6 +9,8 @@ Layout (protocol version in the namespace, like Sparkplug's ``spBv1.0``)::
     fl/v1/{fed}/round/{r}/start            retained JSON: round announcement (cleared next round)
     fl/v1/{fed}/round/{r}/update/{cid}     binary frame: an agent's compressed delta (QoS 1)
     fl/v1/{fed}/round/{r}/receipt/{cid}    JSON: accepted | rejected + reason (QoS 1)
+    fl/v1/{fed}/round/{r}/decision         JSON: applied | extended | retried | failed
+    <any topic>/chunk/{i}                  one chunk of a payload over the packet limit
     fl/v1/{fed}/agents/{cid}/status        retained JSON: online | busy | offline (will)
     fl/v1/{fed}/metrics                    JSON per applied round (latest retained)
     fl/v1/{fed}/infer/{cid}/request|response  JSON/npz inference requests to a device (local)
@@ -130,6 +132,10 @@ class Topics:
         """Subscription to one client's receipts, all rounds."""
         return f"{self.root}/round/+/receipt/{validate_name('client id', client_id)}"
 
+    def round_decision(self, round_id: int) -> str:
+        """What the aggregator decided about ``round_id`` at its deadline (or on closing)."""
+        return f"{self.root}/round/{_round(round_id)}/decision"
+
     def agent_status(self, client_id: str) -> str:
         """Retained presence/status of one agent."""
         return f"{self.root}/agents/{validate_name('client id', client_id)}/status"
@@ -173,10 +179,33 @@ def parse(topic: str) -> ParsedTopic:
         round_id = _parse_round(rest[1], topic)
         if len(rest) == 3 and rest[2] == "start":
             return ParsedTopic(fed, "round_start", round_id=round_id)
+        if len(rest) == 3 and rest[2] == "decision":
+            return ParsedTopic(fed, "decision", round_id=round_id)
         if len(rest) == 4 and rest[2] in ("update", "receipt"):
             cid = validate_name("client id", rest[3])
             return ParsedTopic(fed, rest[2], round_id=round_id, client_id=cid)
     raise TopicError(f"unknown fedmq topic: {topic!r}")
+
+
+CHUNK_LEVEL = "chunk"
+
+
+def chunk_topic(topic: str, index: int) -> str:
+    """Where chunk ``index`` of a payload too large for one packet on ``topic`` travels."""
+    return f"{topic}/{CHUNK_LEVEL}/{index}"
+
+
+def chunk_subscription(subscription: str) -> str | None:
+    """The subscription covering the chunks of ``subscription`` (None: ``#`` covers them)."""
+    return None if subscription.endswith("#") else f"{subscription}/{CHUNK_LEVEL}/+"
+
+
+def split_chunk_topic(topic: str) -> tuple[str, int] | None:
+    """``(base topic, chunk index)`` for a chunk topic, None for any other topic."""
+    base, sep, index = topic.rpartition(f"/{CHUNK_LEVEL}/")
+    if not sep or not base or not index.isdigit() or len(index) > 6:
+        return None
+    return base, int(index)
 
 
 def _round(round_id: int) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import ssl
 import threading
 import time
@@ -21,7 +22,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from shared.chunking import DEFAULT_MAX_CHUNK_BYTES, ChunkError, Reassembler, chunk_capacity, split
 from shared.connect_errors import describe_connect_error, describe_refusal
+from shared.topics import chunk_subscription, chunk_topic, split_chunk_topic
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +89,44 @@ class ConnectOptions:
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
     extra: dict[str, str] = field(default_factory=dict)
+    # Payloads larger than this (or than the broker's advertised maximum packet size, less
+    # room for headers) travel as chunks on <topic>/chunk/<i>: see shared/chunking.py.
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    # Bounds on chunked payloads being reassembled: incomplete ones are dropped after the
+    # timeout; beyond the caps new transfers are refused (the sender's outbox re-sends).
+    chunk_timeout_s: float = 120.0
+    max_transfers: int = 32
+    max_transfer_bytes: int = 512 * 1024 * 1024
+    max_payload_bytes: int = 256 * 1024 * 1024
+
+
+_STOPPING = (
+    mqtt._ConnectionState.MQTT_CS_DISCONNECTING,
+    mqtt._ConnectionState.MQTT_CS_DISCONNECTED,
+)
+
+
+class _JitteredClient(mqtt.Client):
+    """paho's client with *full jitter* on its capped exponential reconnect backoff.
+
+    paho (2.x) doubles its reconnect delay up to ``reconnect_delay_set``'s maximum but adds
+    no jitter, so a fleet that lost the same broker reconnects in lock-step. Overriding the
+    (private, but stable through 2.x) ``_reconnect_wait`` hook keeps paho's loop and adds
+    a random delay in [delay/2, delay].
+    """
+
+    def _reconnect_wait(self) -> None:
+        with self._reconnect_delay_mutex:
+            if self._reconnect_delay is None:
+                self._reconnect_delay = self._reconnect_min_delay
+            else:
+                self._reconnect_delay = min(self._reconnect_delay * 2, self._reconnect_max_delay)
+            delay = self._reconnect_delay * random.uniform(0.5, 1.0)
+        end = time.monotonic() + delay
+        while not self._thread_terminate and time.monotonic() < end:
+            if self._state in _STOPPING:
+                return
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
 
 
 class MqttTransport:
@@ -114,10 +155,23 @@ class MqttTransport:
         self.connected = threading.Event()
         self._refused: str | None = None
         self._closing = False
+        # Incremented on every successful (re)connect: workers compare it to notice a
+        # reconnect and re-send what the broker may have lost (outbox, retained state).
+        self.connect_count = 0
+        self.broker_max_packet: int | None = None
+        opts = self.options
+        self.reassembler = Reassembler(
+            max_transfers=opts.max_transfers,
+            max_bytes=opts.max_transfer_bytes,
+            max_payload=opts.max_payload_bytes,
+            timeout_s=opts.chunk_timeout_s,
+        )
+        # Topic → number of retained chunks we last published there (to clear stale ones).
+        self._retained_chunks: dict[str, int] = {}
         self._client = self._make_client(will)
 
     def _make_client(self, will: Outbound | None) -> mqtt.Client:
-        client = mqtt.Client(
+        client = _JitteredClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5,
@@ -160,10 +214,15 @@ class MqttTransport:
             log.error("broker %s refused %s: %s", self.address, self.client_id, self._refused)
             return
         self._refused = None
+        max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
+        self.broker_max_packet = int(max_packet) if max_packet else None
         if self._subs:
-            client.subscribe([(t, mqtt.SubscribeOptions(qos=q)) for t, q in self._subs])
+            client.subscribe(
+                [(t, mqtt.SubscribeOptions(qos=q)) for t, q in _with_chunk_subs(self._subs)]
+            )
         for msg in self._births() if self._births else []:
             client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+        self.connect_count += 1
         self.connected.set()
         log.info("%s connected to %s", self.client_id, self.address)
 
@@ -180,7 +239,24 @@ class MqttTransport:
             log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
+        chunk = split_chunk_topic(msg.topic)
+        if chunk is None:
+            self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            return
+        if not msg.payload:  # a cleared retained chunk
+            return
+        base = chunk[0]
+        try:
+            whole = self.reassembler.offer(base, bytes(msg.payload))
+        except ChunkError as exc:
+            log.warning("dropped chunk on %s: %s", msg.topic, exc)
+            return
+        if whole is not None:
+            self.inbox.put(Inbound(base, whole, bool(msg.retain)))
+
+    def chunk_capacity(self) -> int:
+        """Largest payload sent as one message; larger ones are chunked."""
+        return chunk_capacity(self.options.max_chunk_bytes, self.broker_max_packet)
 
     # --- API for the worker thread -----------------------------------------------------
     def start(self, timeout: float = 30.0) -> MqttTransport:
@@ -227,7 +303,8 @@ class MqttTransport:
         """Add a subscription now and after every reconnect."""
         self._subs.append((topic, qos))
         if self.connected.is_set():
-            self._client.subscribe(topic, qos=qos)
+            for t, q in _with_chunk_subs([(topic, qos)]):
+                self._client.subscribe(t, qos=q)
 
     def publish(
         self,
@@ -242,7 +319,32 @@ class MqttTransport:
         """Publish and, for QoS ≥ 1 and ``wait``, wait for the broker's acknowledgement.
 
         With ``wait=False`` the message is queued in paho (sent on reconnect if need be).
+        A payload over :meth:`chunk_capacity` is sent as chunk messages (shared/chunking.py).
         """
+        parts = self._chunk_plan(topic, payload, retain)
+        for part_topic, part in parts:
+            self._publish_one(part_topic, part, qos=qos, retain=retain, timeout=timeout, wait=wait)
+
+    def _chunk_plan(self, topic: str, payload: bytes, retain: bool) -> list[tuple[str, bytes]]:
+        """The messages that carry ``payload``: itself, or its chunks (+ retained clean-up)."""
+        capacity = self.chunk_capacity()
+        previous = self._retained_chunks.get(topic, 0) if retain else 0
+        if len(payload) <= capacity:
+            if retain:
+                self._retained_chunks.pop(topic, None)
+            # A retained whole message replaces retained chunks: clear them.
+            return [(topic, payload)] + [(chunk_topic(topic, i), b"") for i in range(previous)]
+        chunks = split(payload, capacity)
+        plan = [(chunk_topic(topic, i), c) for i, c in enumerate(chunks)]
+        if retain:
+            self._retained_chunks[topic] = len(chunks)
+            plan += [(chunk_topic(topic, i), b"") for i in range(len(chunks), previous)]
+            plan.append((topic, b""))  # no stale unchunked copy next to the chunks
+        return plan
+
+    def _publish_one(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool, timeout: float, wait: bool
+    ) -> None:
         if not wait:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
@@ -277,3 +379,14 @@ class MqttTransport:
                 log.warning("could not publish final message to %s: %s", msg.topic, exc)
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def _with_chunk_subs(subs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Each subscription plus the one covering its chunks (deduplicated, order kept)."""
+    out: dict[str, int] = {}
+    for topic, qos in subs:
+        out.setdefault(topic, qos)
+        chunked = chunk_subscription(topic)
+        if chunked is not None:
+            out.setdefault(chunked, qos)
+    return list(out.items())

@@ -17,11 +17,32 @@ from hypothesis.extra import numpy as hnp
 
 from edge_agent.error_feedback import DeviceFeedback, ErrorFeedback, ResidualStore
 from shared import rice
-from shared.codec import MAGIC, FrameError, FrameHeader, decode_frame, encode_frame
+from shared.codec import _HEADER_DICT as HEADER_DICT
+from shared.codec import (
+    MAGIC,
+    MAGIC_COMPACT,
+    FrameError,
+    FrameHeader,
+    decode_frame,
+    encode_frame,
+    read_header,
+)
 from shared.quantize import CodecError
 from shared.sparsify import TopKCodec, is_sparse, resolve_codec
 
-SPARSE = ["topk:0.1", "topk:0.05+fp16", "topk:0.2+int8", "topk8:0.01", "topk4:0.3", "topk:1"]
+SPARSE = [
+    "topk:0.1",
+    "topk:0.05+fp16",
+    "topk:0.2+int8",
+    "topk8:0.01",
+    "topk4:0.3",
+    "topk:1",
+    "topk1:0.1",
+    "topk:0.3+sign",
+    "topk1:0.02@warmup2",
+    "topk8:0.01@warmup3x4",
+    "topk1:0.01/min16@warmup2",
+]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 values = st.floats(-1e3, 1e3, width=32, allow_nan=False, allow_infinity=False)
 flats = hnp.arrays(np.float32, st.integers(0, 600), elements=values)
@@ -47,13 +68,18 @@ def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
 def _split(frame: bytes) -> tuple[dict[str, Any], bytes]:
     (hlen,) = struct.unpack_from("<I", frame, 4)
     body = zstandard.ZstdDecompressor().decompress(frame[8 + hlen :])
-    return json.loads(frame[8 : 8 + hlen]), body
+    hb = frame[8 : 8 + hlen]
+    if frame[:4] == MAGIC_COMPACT:
+        hb = zstandard.ZstdDecompressor(dict_data=HEADER_DICT).decompress(hb)
+    return json.loads(hb), body
 
 
-def _assemble(head: dict[str, Any], body: bytes) -> bytes:
+def _assemble(head: dict[str, Any], body: bytes, compact: bool = False) -> bytes:
     hb = json.dumps(head).encode()
+    if compact:
+        hb = zstandard.ZstdCompressor(dict_data=HEADER_DICT, write_checksum=True).compress(hb)
     z = zstandard.ZstdCompressor(write_checksum=True).compress(body)
-    return MAGIC + struct.pack("<I", len(hb)) + hb + z
+    return (MAGIC_COMPACT if compact else MAGIC) + struct.pack("<I", len(hb)) + hb + z
 
 
 def _kept_bound(codec: TopKCodec, top: np.ndarray) -> float:
@@ -61,6 +87,8 @@ def _kept_bound(codec: TopKCodec, top: np.ndarray) -> float:
     a = np.abs(top.astype(np.float64))
     if codec.values in ("fp32", "fp16"):
         return 0.0  # relative bounds: checked per value below
+    if codec.values == "sign":
+        return float(a.max(initial=0.0)) * (1 + 1e-6)  # sign(x)·mean|block|: ≤ max|kept|
     levels = {"int8": 127, "int4": 7}[codec.values]
     # a block's scale is at most max|kept| / levels: a bound valid for every block
     return float(a.max(initial=0.0)) / levels / 2 * (1 + 1e-6)
@@ -90,6 +118,99 @@ def test_topk_round_trip_is_within_stated_bound(name: str, flat: np.ndarray) -> 
     kept_ok = err <= np.abs(x) * rel + (6e-8 if rel else 0.0) + _kept_bound(codec, mags[:k])
     dropped_ok = (out == 0) & (np.abs(x) <= threshold)
     assert (kept_ok | dropped_ok).all()
+
+
+@FAST
+@given(flat=flats, density=st.floats(0.01, 1.0))
+def test_sign_values_keep_each_blocks_mass(flat: np.ndarray, density: float) -> None:
+    codec = TopKCodec("t", density, "sign", block=16)
+    params, data = codec.encode(flat, np.random.default_rng(0))
+    out = codec.decode(memoryview(data), flat.size, params)
+
+    k = codec.k_for(flat.size)
+    assert np.count_nonzero(out) <= k
+    both = (out != 0) & (flat != 0)
+    assert (np.sign(out[both]) == np.sign(flat[both])).all()  # signs are exact
+    # Σ|x̂| == Σ|x| over the k kept (largest) values: each block decodes to its mean magnitude
+    top = np.sort(np.abs(flat.astype(np.float64)))[::-1][:k]
+    np.testing.assert_allclose(np.abs(out).sum(dtype=np.float64), top.sum(), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("name", "densities"),
+    [
+        ("topk1:0.01@warmup3", [0.08, 0.04, 0.02, 0.01, 0.01]),
+        ("topk8:0.1@warmup2x4", [1.0, 0.4, 0.1, 0.1, 0.1]),
+        ("topk:0.5", [0.5] * 5),
+    ],
+)
+def test_warmup_schedule_densities(name: str, densities: list[float]) -> None:
+    codec = resolve_codec(name)
+    assert isinstance(codec, TopKCodec)
+
+    got = [codec.density_at(r) for r in range(1, 6)]
+
+    np.testing.assert_allclose(got, densities)
+    assert codec.density_at(0) == codec.density_at(1)  # round 0 is treated as the first
+
+
+def test_min_floor_keeps_small_tensors_and_survives_the_schedule() -> None:
+    codec = resolve_codec("topk1:0.01/min64@warmup2")
+    assert isinstance(codec, TopKCodec)
+
+    assert [codec.k_for(n) for n in (0, 10, 64, 1000, 100_000)] == [0, 10, 64, 64, 1000]
+    assert codec.at_round(1).k_for(1000) == 64 and codec.at_round(1).k_for(10_000) == 400
+
+
+def test_warmup_schedule_follows_the_frame_round() -> None:
+    w = {"w": np.random.default_rng(3).normal(size=1000).astype(np.float32)}
+    kept = []
+    for r in (1, 2, 3):
+        h = FrameHeader(kind="update", federation="lab", round=r, codec="topk8:0.01@warmup2")
+        kept.append(int(np.count_nonzero(decode_frame(encode_frame(h, w)).tensors["w"])))
+
+    assert kept == [40, 20, 10]
+
+
+def test_sparse_frames_have_a_compressed_header_and_dense_ones_do_not() -> None:
+    tensors = _tensors()
+    header = FrameHeader(
+        kind="update", federation="lab", round=4, codec="topk1:0.1", client_id="pi-1",
+        base_hash="ab" * 32, num_samples=9, meta={"train_loss": 0.123456789},
+    )  # fmt: skip
+
+    compact = encode_frame(header, tensors)
+    plain = encode_frame(header, tensors, compact=False)
+
+    assert compact[:4] == MAGIC_COMPACT and plain[:4] == MAGIC
+    assert len(compact) < len(plain)
+    assert read_header(compact) == read_header(plain) == header
+    for a, b in zip(
+        decode_frame(compact).tensors.values(), decode_frame(plain).tensors.values(), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert encode_frame(FrameHeader("update", "lab", 1, "int8"), tensors)[:4] == MAGIC
+
+
+@pytest.mark.parametrize(
+    "hb",
+    [
+        b"",
+        b"not zstd",
+        zstandard.ZstdCompressor().compress(b"[1, 2]"),
+        zstandard.ZstdCompressor().compress(b"{") ,
+        zstandard.ZstdCompressor(write_checksum=True).compress(b'{"kind": "update"}')[:-2],
+        zstandard.ZstdCompressor(write_content_size=False).compress(b"{}"),
+        zstandard.ZstdCompressor().compress(b" " * (1 << 20 + 1)),
+    ],
+)  # fmt: skip
+def test_bad_compressed_headers_raise_frame_error(hb: bytes) -> None:
+    payload = MAGIC_COMPACT + struct.pack("<I", len(hb)) + hb + b"\x00" * 16
+
+    with pytest.raises(FrameError):
+        read_header(payload)
+    with pytest.raises(FrameError):
+        decode_frame(payload)
 
 
 @FAST
@@ -139,6 +260,10 @@ def test_topk8_one_percent_of_lenet_sized_delta_is_over_60x_smaller_than_fp32() 
         ("topk8:0.01", "int8", 0.01),
         ("topk4:.5", "int4", 0.5),
         ("topk:1e-3+fp16", "fp16", 0.001),
+        ("topk1:0.02", "sign", 0.02),
+        ("topk:0.02+sign@warmup3", "sign", 0.02),
+        ("topk8:0.01@warmup4x1.5", "int8", 0.01),
+        ("topk1:0.01/min64@warmup2", "sign", 0.01),
     ],
 )
 def test_codec_names_are_parsed(name: str, values: str, density: float) -> None:
@@ -152,7 +277,11 @@ def test_codec_names_are_parsed(name: str, values: str, density: float) -> None:
 @pytest.mark.parametrize(
     "name",
     ["topk", "topk:", "topk:0", "topk:1.5", "topk:-0.1", "topk8:0.1+int8", "topk:0.1+int2",
-     "topk:abc", "topk:0.1 ", "TOPK:0.1", "topk16:0.1", "topk:nan", "topk:inf"],
+     "topk:abc", "topk:0.1 ", "TOPK:0.1", "topk16:0.1", "topk:nan", "topk:inf",
+     "topk1:0.1+sign", "topk1:0.1@warmup0", "topk1:0.1@warmup", "topk1:0.1@warmup2x1",
+     "topk1:0.1@warmup2x0.5", "topk1:0.1@warmup2x2000", "topk1:0.1@warmup12345",
+     "topk1:0.1@", "topk1:0.1@warmup2@warmup2", "int8@warmup2", "topk1:0.1@Warmup2",
+     "topk1:0.1/min0", "topk1:0.1/min", "topk1:0.1@warmup2/min4", "topk1:0.1/min-3"],
 )  # fmt: skip
 def test_bad_codec_names_are_rejected(name: str) -> None:
     with pytest.raises(CodecError):
@@ -361,3 +490,29 @@ def test_pickled_residual_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "residual.npz", w=np.array([{"a": 1}], dtype=object))
 
     assert ResidualStore(tmp_path, "lab").load().residual == {}
+
+
+@FAST
+@given(
+    name=st.sampled_from(SPARSE),
+    rounds=st.lists(st.integers(0, 2**31), min_size=1, max_size=4),
+    momentum=st.floats(0.1, 0.9),
+)
+def test_momentum_corrected_feedback_conserves_velocity_mass(
+    name: str, rounds: list[int], momentum: float
+) -> None:
+    ef = ErrorFeedback(momentum=momentum)
+    for seed in rounds:
+        delta = {"w": np.random.default_rng(seed).normal(0, 1, 50).astype(np.float32)}
+        old_res = ef.residual.get("w", np.zeros(50, np.float32)).copy()
+        old_u = ef.velocity.get("w", np.zeros(50, np.float32)).copy()
+        comp = ef.compensate(delta)
+        velocity = momentum * old_u + delta["w"]
+        sent = decode_frame(encode_frame(_header(name), comp)).tensors
+        ef.update(comp, sent)
+
+        # sent + new residual == velocity + old residual; sent coordinates lose their velocity
+        np.testing.assert_allclose(
+            sent["w"] + ef.residual["w"], velocity + old_res, rtol=1e-5, atol=1e-5
+        )
+        assert (ef.velocity["w"][sent["w"] != 0] == 0).all()

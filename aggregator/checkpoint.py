@@ -1,0 +1,168 @@
+"""The aggregator's checkpoint: everything needed to resume after a crash, written atomically.
+
+After every applied round the aggregator writes ``checkpoint.safetensors`` into its
+``--state-dir``: the global parameters as safetensors (safe to load: no pickle) and, in the
+safetensors metadata, a JSON document with the number of applied rounds, the model hash, the
+selection RNG state, a fingerprint of the settings that shape the model, and which clients
+were counted in each round. A readable copy of that JSON goes to ``checkpoint.json``; only
+the safetensors file is authoritative (one file, one rename: never a model from one round
+with the round number of another).
+
+Atomic = temporary file in the same directory, fsync, rename, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from shared.codec import tensors_hash
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINT_JSON = "checkpoint.json"
+_META_KEY = "fedmq"
+FORMAT = 1
+
+Tensors = dict[str, np.ndarray]
+
+# Settings that change what the model *is*: resuming under different ones would silently
+# mix two federations. Transport, timing and logging settings may change between runs.
+FINGERPRINT_FIELDS = (
+    "federation",
+    "model",
+    "input_shape",
+    "num_classes",
+    "rounds",
+    "seed",
+    "codec",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "local_epochs",
+    "batch_size",
+    "min_clients",
+    "fraction",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or belongs to another configuration."""
+
+
+def config_fingerprint(cfg: object) -> str:
+    """SHA-256 over the settings in :data:`FINGERPRINT_FIELDS`."""
+    values = {name: _plain(getattr(cfg, name, None)) for name in FINGERPRINT_FIELDS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The aggregator's state after ``round`` applied rounds."""
+
+    round: int
+    params: Tensors
+    model_hash: str
+    rng_state: dict[str, Any]
+    fingerprint: str
+    # One entry per applied round: {"round": r, "accepted": {client: num_samples}}.
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class CheckpointStore:
+    """``checkpoint.safetensors`` (+ ``checkpoint.json``) in the state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        self.path = self.dir / CHECKPOINT_FILE
+
+    def save(self, ckpt: Checkpoint) -> None:
+        """Write ``ckpt`` atomically (temp file, fsync, rename, directory fsync)."""
+        doc = {
+            "format": FORMAT,
+            "round": ckpt.round,
+            "model_hash": ckpt.model_hash,
+            "rng_state": ckpt.rng_state,
+            "fingerprint": ckpt.fingerprint,
+            "history": ckpt.history,
+        }
+        text = json.dumps(doc, separators=(",", ":"))
+        tensors = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in ckpt.params.items()}
+        write_atomic(self.path, st_save(tensors, metadata={_META_KEY: text}))
+        write_atomic(self.dir / CHECKPOINT_JSON, json.dumps(doc, indent=1).encode())
+
+    def load(self, fingerprint: str) -> Checkpoint | None:
+        """The saved checkpoint; None when there is none; CheckpointError when unusable."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            tensors = st_load(data)
+            doc = json.loads(_metadata(data)[_META_KEY])
+            ckpt = Checkpoint(
+                round=int(doc["round"]),
+                params={n: v.astype(np.float32) for n, v in tensors.items()},
+                model_hash=str(doc["model_hash"]),
+                rng_state=dict(doc["rng_state"]),
+                fingerprint=str(doc["fingerprint"]),
+                history=list(doc.get("history", [])),
+            )
+        except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint {self.path} is unreadable: {exc}") from exc
+        if ckpt.fingerprint != fingerprint:
+            raise CheckpointError(
+                f"checkpoint {self.path} was written with other model/federation settings; "
+                "restart with the same flags, or use another --state-dir"
+            )
+        if tensors_hash(ckpt.params) != ckpt.model_hash:
+            raise CheckpointError(f"checkpoint {self.path}: parameters do not match their hash")
+        return ckpt
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (8-byte length + JSON header)."""
+    (length,) = np.frombuffer(data[:8], dtype="<u8")
+    header = json.loads(data[8 : 8 + int(length)])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("safetensors metadata is not an object")
+    return meta
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data``: a crash leaves the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make renames and new files in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

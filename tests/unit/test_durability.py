@@ -1,0 +1,167 @@
+"""Agent outbox, aggregator checkpoint and round journal: durable state, no broker."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.checkpoint import Checkpoint, CheckpointError, CheckpointStore, config_fingerprint
+from aggregator.config import AggregatorConfig
+from aggregator.journal import RoundJournal
+from aggregator.resume import Durability, rng_state, set_rng_state, starved_action
+from aggregator.rounds import RoundState
+from edge_agent.outbox import Outbox, receipt_is_final
+from shared.codec import FrameHeader, encode_frame, tensors_hash
+
+PARAMS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+
+
+def _update(round_id: int, client: str = "pi-0", fed: str = "f", base: str = "a" * 64) -> bytes:
+    head = FrameHeader(
+        kind="update",
+        federation=fed,
+        round=round_id,
+        codec="fp32",
+        client_id=client,
+        base_hash=base,
+        num_samples=10,
+    )
+    return encode_frame(head, PARAMS)
+
+
+# --- outbox ------------------------------------------------------------------------------
+def test_outbox_keeps_an_update_across_instances(tmp_path: Path) -> None:
+    Outbox(tmp_path, "f", "pi-0").put(3, _update(3))
+
+    reopened = Outbox(tmp_path, "f", "pi-0")
+
+    assert reopened.rounds() == [3]
+    assert reopened.get(3) == _update(3)
+    assert reopened.base_hash(3) == "a" * 64
+
+
+def test_outbox_discards_foreign_and_corrupt_entries(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, "f", "pi-0")
+    box.put(1, _update(1, client="pi-9"))
+    box.put(2, b"garbage")
+    (box.dir / ".update-crash.tmp").write_bytes(b"half")
+
+    assert box.rounds() == []
+    assert list(box.dir.iterdir()) == []
+
+
+def test_outbox_drops_rounds_that_are_over(tmp_path: Path) -> None:
+    box = Outbox(tmp_path, "f", "pi-0")
+    for r in (1, 2, 3):
+        box.put(r, _update(r))
+
+    assert box.drop_before(3) == [1, 2]
+    assert box.rounds() == [3]
+
+
+@pytest.mark.parametrize(
+    ("status", "reason", "final"),
+    [
+        ("accepted", "", True),
+        ("rejected", "duplicate: an update from pi-0 was already counted", True),
+        ("rejected", "late: round 1 is closed", True),
+        ("rejected", "no round is open", False),
+        ("rejected", "wrong round: 2 has not started (current 1)", False),
+    ],
+)
+def test_which_receipts_end_the_resending(status: str, reason: str, final: bool) -> None:
+    assert receipt_is_final(status, reason) is final
+
+
+# --- checkpoint --------------------------------------------------------------------------
+def _ckpt(fp: str, round_id: int = 4) -> Checkpoint:
+    rng = np.random.default_rng(7)
+    rng.random(5)
+    return Checkpoint(round_id, PARAMS, tensors_hash(PARAMS), rng_state(rng), fp, [{"round": 1}])
+
+
+def test_checkpoint_round_trips_params_round_and_rng(tmp_path: Path) -> None:
+    fp = config_fingerprint(AggregatorConfig())
+    CheckpointStore(tmp_path).save(_ckpt(fp))
+
+    loaded = CheckpointStore(tmp_path).load(fp)
+
+    assert loaded is not None and loaded.round == 4
+    assert all(np.array_equal(loaded.params[k], PARAMS[k]) for k in PARAMS)
+    a, b = np.random.default_rng(0), np.random.default_rng(7)
+    b.random(5)
+    set_rng_state(a, loaded.rng_state)
+    assert a.random() == b.random()
+    assert (tmp_path / "checkpoint.json").exists()
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
+    CheckpointStore(tmp_path).save(_ckpt(config_fingerprint(AggregatorConfig())))
+    other = config_fingerprint(replace(AggregatorConfig(), model="cnn"))
+
+    with pytest.raises(CheckpointError, match="other model"):
+        CheckpointStore(tmp_path).load(other)
+
+
+def test_fingerprint_ignores_transport_settings() -> None:
+    a = AggregatorConfig()
+    assert config_fingerprint(a) == config_fingerprint(replace(a, broker="mqtt://x:1"))
+
+
+def test_corrupt_checkpoint_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"\x00" * 20)
+
+    with pytest.raises(CheckpointError):
+        CheckpointStore(tmp_path).load("x")
+
+
+# --- journal -----------------------------------------------------------------------------
+def test_journal_replays_accepted_updates_once_in_order(tmp_path: Path) -> None:
+    j = RoundJournal(tmp_path)
+    j.announce(2, "h" * 64, ["pi-0", "pi-1"], 100.0, 0, {"s": 1})
+    j.accept(2, "pi-1", 10, b"one")
+    j.accept(2, "pi-0", 10, b"two")
+    j.accept(2, "pi-1", 10, b"one")  # never happens, but must not count twice
+
+    jr = j.load(2)
+
+    assert jr is not None and jr.announce["selected"] == ["pi-0", "pi-1"]
+    assert list(j.frames(jr)) == [("pi-1", b"one"), ("pi-0", b"two")]
+
+
+def test_journal_skips_a_torn_last_line(tmp_path: Path) -> None:
+    j = RoundJournal(tmp_path)
+    j.announce(1, "h" * 64, ["pi-0"], 1.0, 0, {})
+    with (j.dir / "round-1.jsonl").open("a") as fh:
+        fh.write('{"event": "accep')
+
+    jr = j.load(1)
+
+    assert jr is not None and jr.accepted == []
+
+
+def test_applied_round_leaves_the_journal_for_the_checkpoint(tmp_path: Path) -> None:
+    cfg = AggregatorConfig()
+    d = Durability(tmp_path, cfg)
+    state = RoundState(1, tensors_hash(PARAMS), {"pi-0"}, 1, 10.0, 0.0)
+    rng = np.random.default_rng(0)
+    d.announced(state, rng)
+    d.accepted(1, "pi-0", 10, b"frame")
+    state.accept("pi-0", 10)
+
+    d.applied(state, PARAMS, tensors_hash(PARAMS), rng)
+    restored = Durability(tmp_path, cfg).restore()
+
+    assert restored.checkpoint is not None and restored.checkpoint.round == 1
+    assert restored.checkpoint.history == [{"round": 1, "accepted": {"pi-0": 10}}]
+    assert restored.open_round is None
+    assert not (tmp_path / "journal" / "round-1.jsonl").exists()
+
+
+def test_starved_policy_gives_up_after_the_allowed_extensions() -> None:
+    assert starved_action(0, "extend", 2) == "extend"
+    assert starved_action(1, "retry", 2) == "retry"
+    assert starved_action(2, "retry", 2) == "fail"
