@@ -13,7 +13,6 @@ import logging
 import queue
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from aggregator.intake import UpdateIntake
 from aggregator.metrics_log import MetricsLog
 from aggregator.onnx_export import RoundExporter, state_dir_of
 from aggregator.resume import EXIT_STARVED, Durability, set_rng_state, starved_action
+from aggregator.round_records import ClosedRound, OpenRound
 from aggregator.rounds import RoundPhase, RoundState, select_clients
 from aggregator.strategy import StreamingFedAvg
 from shared import messages as msg
@@ -36,27 +36,6 @@ from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound, T
 log = logging.getLogger("fedmq.aggregator")
 
 Tensors = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class OpenRound:
-    """A round that has been announced and is collecting updates."""
-
-    state: RoundState
-    intake: UpdateIntake
-    started: float
-
-
-@dataclass(frozen=True)
-class ClosedRound:
-    """A round that has been applied, waiting to be evaluated and reported."""
-
-    round: OpenRound
-    round_time_s: float
-    latency_ms: float
-    params: Tensors
-    model_hash: str
-    bytes_down: int
 
 
 class AggregatorService:
