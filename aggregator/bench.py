@@ -11,12 +11,16 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aggregator.demo import add_task_arguments, client_indices, load_task_data
 from aggregator.strategy import StreamingFedAvg
 from shared.data import train_val_split
+
+if TYPE_CHECKING:
+    from shared.training import TrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,13 +30,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="write the per-round figures here as JSON")
 
 
+def client_train_config(args: argparse.Namespace, round_id: int, client: int) -> TrainConfig:
+    """Local SGD settings of ``client`` in ``round_id`` for the in-process benchmarks."""
+    from shared.training import TrainConfig
+
+    return TrainConfig(
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        seed=round_id * 1000 + client,
+    )
+
+
 def run_inprocess(args: argparse.Namespace) -> int:
     """Run and print one line per round: accuracy and wall time."""
     import torch
 
     from shared.modelio import get_params, set_params, subtract
     from shared.models import build_model
-    from shared.training import TrainConfig, evaluate, train_local
+    from shared.training import evaluate, train_local
 
     torch.set_num_threads(args.threads)
     train, test = load_task_data(args)
@@ -51,13 +68,7 @@ def run_inprocess(args: argparse.Namespace) -> int:
         acc = StreamingFedAvg({n: v.shape for n, v in params.items()})
         for i, shard in enumerate(shards):
             set_params(model, params)
-            cfg = TrainConfig(
-                local_epochs=args.local_epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                momentum=args.momentum,
-                seed=r * 1000 + i,
-            )
+            cfg = client_train_config(args, r, i)
             train_local(model, shard, cfg)
             acc.add(subtract(get_params(model), params), len(shard))
         params = acc.apply(params)

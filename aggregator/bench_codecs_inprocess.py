@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.bench import client_train_config
 from aggregator.demo import add_task_arguments, client_indices, load_task_data
 from aggregator.strategy import StreamingFedAvg
 from edge_agent.error_feedback import ErrorFeedback
@@ -75,7 +76,7 @@ def run_codec(args: argparse.Namespace, codec: str, splits: list[Any], test: Any
 
     from shared.modelio import get_params, set_params, subtract
     from shared.models import build_model
-    from shared.training import TrainConfig, evaluate, train_local
+    from shared.training import evaluate, train_local
 
     torch.manual_seed(args.seed)
     model = build_model(args.model, test.input_shape, test.num_classes)
@@ -91,13 +92,7 @@ def run_codec(args: argparse.Namespace, codec: str, splits: list[Any], test: Any
         nbytes = []
         for i, (shard, val) in enumerate(splits):
             set_params(model, params)
-            cfg = TrainConfig(
-                local_epochs=args.local_epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                momentum=args.momentum,
-                seed=r * 1000 + i,
-            )
+            cfg = client_train_config(args, r, i)
             res = train_local(model, shard, cfg)
             ev = evaluate(model, val)
             meta = {

@@ -111,6 +111,14 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def agent_command(url: str, federation: str, client_id: str, data: Path, *extra: str) -> list[str]:
+    """The command line of one ``fedmq-agent`` process, run with this interpreter."""
+    return [
+        sys.executable, "-m", "edge_agent.cli", "--broker", url, "--federation", federation,
+        "--client-id", client_id, "--data", str(data), *extra,
+    ]  # fmt: skip
+
+
 def start_processes(
     args: argparse.Namespace, url: str, clients: list[Path], test: Path, out: Path
 ) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
@@ -155,18 +163,11 @@ def start_processes(
     ]
     agents = []
     for i, path in enumerate(clients):
-        cmd = [
-            sys.executable,
-            "-m",
-            "edge_agent.cli",
-            "--broker",
+        cmd = agent_command(
             url,
-            "--federation",
             FEDERATION,
-            "--client-id",
             f"agent-{i:02d}",
-            "--data",
-            str(path),
+            path,
             "--val-fraction",
             str(args.val_fraction),
             # Per-run device state (top-k residuals): runs must not inherit each other's.
@@ -175,7 +176,7 @@ def start_processes(
             # Ten agents importing torch at once on one small machine would make round 1 alone
             # take tens of seconds; a real device imports it once, at its first round.
             "--warm-up",
-        ]
+        )
         with open(logs / f"agent-{i:02d}.log", "wb") as fh:
             agents.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
     with open(logs / "aggregator.log", "wb") as fh:

@@ -164,15 +164,27 @@ def export_verified(
     return OnnxExport(onnx_bytes, frame, parity, time.perf_counter() - t0)
 
 
-def model_frame(federation: str, round_id: int, spec: ModelSpec, params: Tensors) -> bytes:
-    """A global-model frame that also names its architecture (for offline export)."""
+def model_frame(
+    federation: str,
+    round_id: int,
+    spec: ModelSpec,
+    params: Tensors,
+    *,
+    model_hash: str | None = None,
+    signature: str = "",
+) -> bytes:
+    """The global-model frame: fp32 tensors, their hash, signature and architecture.
+
+    The same bytes are published on ``global/model`` and saved for ``fedmq export``.
+    """
     header = FrameHeader(
         kind="model",
         federation=federation,
         round=round_id,
         codec="fp32",
         meta={
-            "model_hash": tensors_hash(params),
+            "model_hash": model_hash or tensors_hash(params),
+            "signature": signature,
             "model": {
                 "arch": spec.arch,
                 "input_shape": list(spec.input_shape),
@@ -207,14 +219,11 @@ class RoundExporter:
         self.model = build_model(spec.arch, spec.input_shape, spec.num_classes)
 
     def after_round(
-        self, params: Tensors, round_id: int, publish: Publish | None
+        self, params: Tensors, round_id: int, publish: Publish | None, frame: bytes
     ) -> OnnxExport | None:
-        """Save and export; failures are logged (the federation carries on without ONNX)."""
+        """Save the published model ``frame`` and export ONNX; failures are logged only."""
         if self.state_dir is not None:
-            _write_atomic(
-                self.state_dir / STATE_MODEL_FILE,
-                model_frame(self.federation, round_id, self.spec, params),
-            )
+            _write_atomic(self.state_dir / STATE_MODEL_FILE, frame)
         if not self.onnx:
             return None
         try:

@@ -31,3 +31,4 @@ class ClosedRound:
     params: Tensors
     model_hash: str
     bytes_down: int
+    frame: bytes  # the published global-model frame

@@ -22,14 +22,14 @@ from aggregator.config import AggregatorConfig, add_arguments, from_args
 from aggregator.evaluation import Evaluator
 from aggregator.intake import UpdateIntake
 from aggregator.metrics_log import MetricsLog
-from aggregator.onnx_export import RoundExporter, state_dir_of
+from aggregator.onnx_export import RoundExporter, model_frame, state_dir_of
 from aggregator.resume import EXIT_STARVED, Durability, set_rng_state, starved_action
 from aggregator.round_records import ClosedRound, OpenRound
 from aggregator.rounds import RoundPhase, RoundState, select_clients
 from aggregator.strategy import StreamingFedAvg
 from shared import messages as msg
 from shared import topics
-from shared.codec import FrameHeader, encode_frame, tensors_hash
+from shared.codec import tensors_hash
 from shared.signing import load_private_key, sign_model
 from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound, TransportError
 
@@ -68,6 +68,7 @@ class AggregatorService:
         self.shapes = {n: tuple(v.shape) for n, v in self.params.items()}
         self.model_hash = tensors_hash(self.params)
         self.model_bytes = 0
+        self.model_frame = b""
         self.agents: dict[str, msg.AgentStatus] = {}
         self.rng = np.random.default_rng(cfg.seed)
         self.metrics = MetricsLog(cfg.metrics_file)
@@ -232,6 +233,7 @@ class AggregatorService:
             dict(self.params),
             self.model_hash,
             self.model_bytes * max(len(self._online()), 1),
+            self.model_frame,
         )
 
     def _announce(self, state: RoundState) -> None:
@@ -322,7 +324,9 @@ class AggregatorService:
     def _report(self, closed: ClosedRound) -> None:
         state, intake = closed.round.state, closed.round.intake
         evaluation = self.evaluator.evaluate(closed.params)
-        exported = self.exporter.after_round(closed.params, state.round_id, self._publish)
+        exported = self.exporter.after_round(
+            closed.params, state.round_id, self._publish, closed.frame
+        )
         metrics = msg.RoundMetrics(
             federation=self.cfg.federation,
             round=state.round_id,
@@ -429,14 +433,15 @@ class AggregatorService:
             if self.signing_key is not None
             else ""
         )
-        header = FrameHeader(
-            kind="model",
-            federation=self.cfg.federation,
-            round=self.round_id,
-            codec="fp32",
-            meta={"model_hash": self.model_hash, "signature": signature},
+        frame = model_frame(
+            self.cfg.federation,
+            self.round_id,
+            self.spec,
+            self.params,
+            model_hash=self.model_hash,
+            signature=signature,
         )
-        frame = encode_frame(header, self.params)
+        self.model_frame = frame
         self.model_bytes = len(frame)
         self._publish(self.topics.global_model, frame, retain=True)
         meta = msg.GlobalMeta(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.demo import stop_processes
+from aggregator.demo import agent_command, stop_processes
 from shared.data import ArrayDataset, save_npz
 
 FEDERATION = "itest"
@@ -90,22 +90,7 @@ def start_agent(
     url: str, client_id: str, data: Path, workdir: Path, *extra: str
 ) -> subprocess.Popen[bytes]:
     """Launch ``fedmq-agent`` (as a module) for one device."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "edge_agent.cli",
-        "--broker",
-        url,
-        "--federation",
-        FEDERATION,
-        "--client-id",
-        client_id,
-        "--data",
-        str(data),
-        "--val-fraction",
-        "0.1",
-        *extra,
-    ]
+    cmd = agent_command(url, FEDERATION, client_id, data, "--val-fraction", "0.1", *extra)
     log = open(workdir / f"{client_id}.log", "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
 
