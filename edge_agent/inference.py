@@ -87,8 +87,13 @@ def _static_shape(session: Any) -> tuple[int, int, int]:
     return (dims[0], dims[1], dims[2])
 
 
-def prepare(x: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
-    """A float32 N×C×H×W batch in [0, 1] from uint8 pixels or floats, with checks."""
+def prepare(
+    x: np.ndarray, input_shape: tuple[int, int, int], max_batch: int | None = MAX_BATCH
+) -> np.ndarray:
+    """A float32 N×C×H×W batch in [0, 1] from uint8 pixels or floats, with checks.
+
+    ``max_batch`` bounds what one request may ask; local files pass None.
+    """
     arr = np.asarray(x)
     if arr.ndim == len(input_shape):  # one sample
         arr = arr[None]
@@ -96,8 +101,8 @@ def prepare(x: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
         arr = arr[:, None]
     if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(input_shape):
         raise InferenceError(f"input shape {arr.shape} does not match model input {input_shape}")
-    if len(arr) > MAX_BATCH:
-        raise InferenceError(f"batch of {len(arr)} exceeds {MAX_BATCH}")
+    if max_batch is not None and len(arr) > max_batch:
+        raise InferenceError(f"batch of {len(arr)} exceeds {max_batch}")
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / np.float32(255.0)
     out = arr.astype(np.float32)
@@ -129,7 +134,7 @@ def load_inputs(paths: list[Path], input_shape: tuple[int, int, int]) -> Inputs:
             labels.append(np.full(len(images), -1))
             continue
         data = load_device_data(path)
-        xs.append(prepare(data.x, input_shape))
+        xs.append(prepare(data.x, input_shape, max_batch=None))
         names += [f"{path}[{i}]" for i in range(len(data))]
         labels.append(data.y)
     if not xs:
@@ -167,7 +172,10 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
-    pred, conf = model.predict(inputs.x)
+    # MAX_BATCH bounds one network request; a local file of any size goes through in slices.
+    parts = [model.predict(inputs.x[i : i + MAX_BATCH]) for i in range(0, len(inputs.x), MAX_BATCH)]
+    pred = np.concatenate([p for p, _ in parts])
+    conf = np.concatenate([c for _, c in parts])
     elapsed = time.perf_counter() - t0
     shown = len(pred) if args.limit is None else min(args.limit, len(pred))
     for i in range(shown):

@@ -127,3 +127,37 @@ def _labels(onnx: bytes, batch: np.ndarray) -> np.ndarray:
 
     session = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
     return np.asarray(session.run(None, {"input": batch})[0].argmax(1), dtype=np.int64)
+
+
+def test_predict_command_handles_files_larger_than_one_request_batch(  # type: ignore[no-untyped-def]
+    lenet_export, tmp_path: Path
+) -> None:
+    from edge_agent.inference import MAX_BATCH
+
+    _, _, done = lenet_export
+    (tmp_path / "m.onnx").write_bytes(done.onnx)
+    n = MAX_BATCH + 10
+    x = np.random.default_rng(1).integers(0, 256, size=(n, 1, 28, 28), dtype=np.uint8)
+    save_npz(tmp_path / "big.npz", ArrayDataset(x, np.zeros(n, dtype=np.int64)))
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_agent.cli",
+            "predict",
+            "--model",
+            str(tmp_path / "m.onnx"),
+            str(tmp_path / "big.npz"),
+            "--limit",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=REPO,
+        timeout=120,
+    )
+
+    assert out.returncode == 0, out.stderr
+    assert f"{n} samples" in out.stderr
