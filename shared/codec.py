@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from shared.lowrank import LowRankCodec
 from shared.quantize import CodecError, TensorCodec
 from shared.sparsify import TopKCodec, resolve_codec
 
@@ -82,7 +83,7 @@ _HEADER_DICT = zstandard.ZstdCompressionDict(
     _HEADER_DICT_TEXT.encode(), dict_type=zstandard.DICT_TYPE_RAWCONTENT
 )
 _TENSOR_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
-_KINDS = ("update", "model")
+_KINDS = ("update", "model", "global_delta")
 
 Tensors = dict[str, np.ndarray]
 
@@ -139,7 +140,7 @@ def encode_frame(
     """
     codec = _codec(header.codec, FrameError)
     if compact is None:
-        compact = isinstance(codec, TopKCodec)
+        compact = isinstance(codec, TopKCodec | LowRankCodec)
     if isinstance(codec, TopKCodec):
         codec = codec.at_round(header.round)
     if not 0 < len(tensors) <= MAX_TENSORS:
@@ -154,7 +155,10 @@ def encode_frame(
         if not np.isfinite(arr).all():
             raise FrameError(f"tensor {name!r} has non-finite values")
         try:
-            params, data = codec.encode(arr.ravel(), rng)
+            if isinstance(codec, LowRankCodec):  # needs the matrix shape, not a flat array
+                params, data = codec.encode_tensor(arr, rng)
+            else:
+                params, data = codec.encode(arr.ravel(), rng)
         except CodecError as exc:
             raise FrameError(f"tensor {name!r}: {exc}") from exc
         specs.append({"name": name, "shape": list(arr.shape), "params": params})

@@ -123,4 +123,23 @@ def _block(params: dict[str, Any]) -> int:
     return b
 
 
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Signed 4-bit codes, two per byte (high nibble first), a zero nibble of padding."""
+    u = (q.astype(np.int16) & 0xF).astype(np.uint8)
+    if u.size % 2:
+        u = np.append(u, np.uint8(0))
+    return (u[0::2] << 4) | u[1::2]
+
+
+def unpack_nibbles(raw: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` signed 4-bit codes of ``raw``; CodecError on a non-zero padding nibble."""
+    u = raw.view(np.uint8)
+    nib = np.empty(u.size * 2, dtype=np.uint8)
+    nib[0::2], nib[1::2] = u >> 4, u & 0xF
+    if k % 2 and nib[k]:
+        raise CodecError("int4 padding nibble is not zero")
+    s = nib[:k].astype(np.int8)
+    return np.where(s > 7, s - 16, s).astype(np.int8)
+
+
 CODECS: dict[str, TensorCodec] = {c.name: c for c in (Fp32Codec(), Fp16Codec(), Int8Codec())}

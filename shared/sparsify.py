@@ -8,6 +8,7 @@ Names (the operator's ``--codec``, carried in ``RoundStart.codec`` and in every 
     topk1:<density>                         short for topk:<density>+sign (ternary, as STC)
     <top-k name>/min<M>                     keep at least min(n, M) values of every tensor
     <any top-k name>@warmup<R>[x<F>]        density schedule (DGC-style warm-up, see below)
+    lowrank:<rank>[+int8|+int4]             rank-r factors of every matrix (:mod:`shared.lowrank`)
 
 e.g. ``topk:0.01+int8``, ``topk8:0.01`` or ``topk1:0.02@warmup3``.
 
@@ -48,7 +49,9 @@ from typing import Any
 import numpy as np
 
 from shared import rice
-from shared.quantize import CODECS, CodecError, TensorCodec
+from shared.lowrank import LowRankCodec
+from shared.lowrank import parse as parse_lowrank
+from shared.quantize import CODECS, CodecError, TensorCodec, pack_nibbles, unpack_nibbles
 
 DEFAULT_BLOCK = 256
 _NAME_RE = re.compile(
@@ -62,7 +65,7 @@ _ALIASES = {"8": "int8", "4": "int4", "1": "sign"}
 KNOWN = (
     "fp32, fp16, int8, topk:<density>[+fp32|+fp16|+int8|+int4|+sign], topk8:<density>, "
     "topk4:<density>, topk1:<density>, each top-k name optionally with /min<M> and "
-    "@warmup<R>[x<F>]"
+    "@warmup<R>[x<F>], lowrank:<rank>[+int8|+int4]"
 )
 
 
@@ -145,7 +148,7 @@ class TopKCodec:
         q = np.clip(np.rint(blocks / safe[:, None]), -levels, levels).astype(np.int8)
         q = q.ravel()[: v.size]
         if self.values == "int4":
-            q = _pack_nibbles(q)
+            q = pack_nibbles(q)
         return {"block": b}, scale.astype("<f4").tobytes() + q.tobytes()
 
     # --- sizes and decode --------------------------------------------------------------
@@ -196,7 +199,7 @@ class TopKCodec:
         if self.values == "sign":
             return _decode_signs(buf[4 * nblocks :], k, scale, b)
         raw = np.frombuffer(buf, dtype=np.int8, offset=4 * nblocks)
-        q = _unpack_nibbles(raw, k) if self.values == "int4" else raw[:k]
+        q = unpack_nibbles(raw, k) if self.values == "int4" else raw[:k]
         levels = _LEVELS[self.values]
         if q.size and int(np.abs(q.astype(np.int16)).max()) > levels:
             raise CodecError(f"quantised top-k value out of range ±{levels}")
@@ -215,23 +218,6 @@ def _decode_signs(buf: memoryview, k: int, scale: np.ndarray, block: int) -> np.
         raise CodecError("sign stream has non-zero padding")
     mags = np.repeat(scale.astype(np.float32), block)[:k]
     return np.where(bits[:k] == 1, -mags, mags).astype(np.float32)
-
-
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    u = (q.astype(np.int16) & 0xF).astype(np.uint8)
-    if u.size % 2:
-        u = np.append(u, np.uint8(0))
-    return (u[0::2] << 4) | u[1::2]
-
-
-def _unpack_nibbles(raw: np.ndarray, k: int) -> np.ndarray:
-    u = raw.view(np.uint8)
-    nib = np.empty(u.size * 2, dtype=np.uint8)
-    nib[0::2], nib[1::2] = u >> 4, u & 0xF
-    if k % 2 and nib[k]:
-        raise CodecError("int4 padding nibble is not zero")
-    s = nib[:k].astype(np.int8)
-    return np.where(s > 7, s - 16, s).astype(np.int8)
 
 
 def _int_param(params: dict[str, Any], key: str, lo: int, hi: int) -> int:
@@ -285,12 +271,18 @@ def resolve_codec(name: object) -> TensorCodec:
             return CODECS[name]
         if name.startswith("topk"):
             return _parse_topk(name)
+        if name.startswith("lowrank"):
+            return parse_lowrank(name)
     raise CodecError(f"unknown codec {name!r}; known: {KNOWN}")
 
 
 def is_sparse(name: str) -> bool:
-    """True for codecs that drop values (and so want error feedback on the device)."""
+    """True for codecs that drop part of the update: top-k (values) and low-rank (directions).
+
+    Both are biased, so the device keeps what was not sent and adds it to its next update
+    (error feedback).
+    """
     try:
-        return isinstance(resolve_codec(name), TopKCodec)
+        return isinstance(resolve_codec(name), TopKCodec | LowRankCodec)
     except CodecError:
         return False

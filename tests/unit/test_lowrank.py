@@ -1,0 +1,301 @@
+"""Low-rank update codec (shared/lowrank.py): bounds, validation, error feedback, frames."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from edge_agent.error_feedback import ErrorFeedback
+from shared.codec import _HEADER_DICT as HEADER_DICT
+from shared.codec import MAGIC_COMPACT, FrameError, FrameHeader, decode_frame, encode_frame
+from shared.lowrank import LowRankCodec, parse
+from shared.quantize import CodecError
+from shared.sparsify import is_sparse, resolve_codec
+
+NAMES = ["lowrank:1", "lowrank:2+int4", "lowrank:3+int8", "lowrank:4+int4"]
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+values = st.floats(-1e3, 1e3, width=32, allow_nan=False, allow_infinity=False)
+matrices = st.tuples(st.integers(1, 40), st.integers(1, 60)).flatmap(
+    lambda mn: hnp.arrays(np.float32, mn, elements=values)
+)
+
+
+def _header(codec: str) -> FrameHeader:
+    return FrameHeader(
+        kind="update", federation="lab", round=1, codec=codec, client_id="pi-1", num_samples=9
+    )
+
+
+def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "conv.weight": rng.normal(0, 0.1, size=(16, 6, 5, 5)).astype(np.float32),
+        "conv.bias": rng.normal(0, 0.1, size=(16,)).astype(np.float32),
+        "fc.weight": rng.normal(0, 0.1, size=(40, 30)).astype(np.float32),
+        "scalar": np.array(0.5, dtype=np.float32),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+    }
+
+
+def _bound(x: np.ndarray, k: int, level: int) -> float:
+    """The module's stated bound on ‖X − X̂‖_F."""
+    s = np.linalg.svd(x.astype(np.float64), compute_uv=False)
+    tail = float(np.sqrt(np.sum(s[k:] ** 2)))
+    head = float(np.sum(s[:k]))
+    m, n = x.shape
+    e_p, e_q = np.sqrt(m * head) / (2 * level), np.sqrt(n * head) / (2 * level)
+    return tail + float(np.sqrt(s[0])) * (e_p + e_q) + e_p * e_q
+
+
+def _round_trip(codec: LowRankCodec, x: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
+    params, data = codec.encode_tensor(x, np.random.default_rng(0))
+    assert len(data) == codec.encoded_size(x.size, params)
+    return params, codec.decode(memoryview(data), x.size, params).reshape(x.shape)
+
+
+@FAST
+@given(x=matrices, name=st.sampled_from(NAMES))
+def test_round_trip_is_within_stated_bound(x: np.ndarray, name: str) -> None:
+    codec = parse(name)
+    params, got = _round_trip(codec, x)
+
+    if params["rank"] == 0:  # not worth factorising: dense int8, error < one block scale
+        assert np.all(np.abs(got - x) <= np.abs(x).max() / 127 * 1.0001 + 1e-30)
+        return
+    k, level = params["rank"], {8: 127, 4: 7}[params["bits"]]
+    err = float(np.linalg.norm(got.astype(np.float64) - x))
+    assert err <= _bound(x, k, level) * 1.0001 + 1e-3 * float(np.abs(x).max(initial=0)) + 1e-6
+
+
+def test_exactly_low_rank_matrix_is_recovered_closely() -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(60, 3)) @ rng.normal(size=(3, 80))).astype(np.float32)
+
+    _, got = _round_trip(parse("lowrank:3"), x)
+
+    assert np.linalg.norm(got - x) / np.linalg.norm(x) < 0.02
+
+
+def test_randomised_svd_on_a_large_matrix_is_near_optimal() -> None:
+    rng = np.random.default_rng(4)
+    u, v = rng.normal(size=(300, 4)), rng.normal(size=(4, 700))
+    x = (u @ v + 0.01 * rng.normal(size=(300, 700))).astype(np.float32)  # min side > 128
+
+    params, got = _round_trip(parse("lowrank:4"), x)
+
+    assert params["rank"] == 4
+    assert np.linalg.norm(got - x) <= 1.05 * _bound(x, 4, 127)
+
+
+def test_vectors_and_small_matrices_are_sent_dense() -> None:
+    codec = parse("lowrank:4")
+    for shape in [(16,), (3, 3), (4, 5)]:  # k·(m+n) ≥ m·n: factorising would not save
+        params, _ = codec.encode_tensor(np.ones(shape, np.float32), np.random.default_rng(0))
+        assert params["rank"] == 0
+
+
+def test_frame_round_trip_keeps_shapes_and_uses_the_compact_header() -> None:
+    tensors = _tensors()
+    payload = encode_frame(_header("lowrank:2+int4"), tensors)
+
+    frame = decode_frame(payload)
+
+    assert payload[:4] == MAGIC_COMPACT
+    assert {n: v.shape for n, v in frame.tensors.items()} == {
+        n: v.shape for n, v in tensors.items()
+    }
+
+
+def test_lenet_sized_update_is_over_100x_smaller_than_fp32() -> None:
+    rng = np.random.default_rng(5)
+    shapes = {
+        "conv1.weight": (6, 1, 5, 5),
+        "conv1.bias": (6,),
+        "conv2.weight": (16, 6, 5, 5),
+        "conv2.bias": (16,),
+        "fc1.weight": (120, 400),
+        "fc1.bias": (120,),
+        "fc2.weight": (84, 120),
+        "fc2.bias": (84,),
+        "fc3.weight": (10, 84),
+        "fc3.bias": (10,),
+    }
+    delta = {n: rng.normal(0, 1e-3, size=s).astype(np.float32) for n, s in shapes.items()}
+    numel = sum(v.size for v in delta.values())
+
+    payload = encode_frame(_header("lowrank:4+int4"), delta)
+
+    assert 4 * numel / len(payload) > 100
+
+
+def test_names_are_parsed_and_counted_as_needing_error_feedback() -> None:
+    codec = resolve_codec("lowrank:3+int4")
+    assert isinstance(codec, LowRankCodec) and (codec.rank, codec.bits) == (3, 4)
+    assert resolve_codec("lowrank:2").bits == 8  # type: ignore[attr-defined]
+    assert is_sparse("lowrank:2")
+
+
+@pytest.mark.parametrize(
+    "name", ["lowrank:0", "lowrank:", "lowrank:2+int2", "lowrank:-1", "lowrank:2+sign"]
+)
+def test_bad_names_are_rejected(name: str) -> None:
+    with pytest.raises(CodecError):
+        resolve_codec(name)
+    assert not is_sparse(name)
+
+
+# --- decoders reject bad input -------------------------------------------------------------
+
+
+def _frame_parts(name: str = "lowrank:2+int4") -> tuple[dict[str, Any], bytes]:
+    x = np.random.default_rng(1).normal(size=(20, 30)).astype(np.float32)
+    payload = encode_frame(_header(name), {"w": x})
+    (hlen,) = struct.unpack_from("<I", payload, 4)
+    head = json.loads(
+        zstandard.ZstdDecompressor(dict_data=HEADER_DICT).decompress(payload[8 : 8 + hlen])
+    )
+    return head, zstandard.ZstdDecompressor().decompress(payload[8 + hlen :])
+
+
+def _assemble(head: dict[str, Any], body: bytes) -> bytes:
+    hb = json.dumps(head).encode()
+    zc = zstandard.ZstdCompressor(write_checksum=True)
+    return b"FMQ\x01" + struct.pack("<I", len(hb)) + hb + zc.compress(body)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("rank", -1),
+        ("rank", 20),  # > min(m, n)
+        ("rank", 12),  # k·(m+n) ≥ m·n: not a compressing factorisation
+        ("rank", True),
+        ("rows", 7),  # does not divide 600
+        ("rows", 0),
+        ("bits", 2),
+        ("bits", "4"),
+    ],
+)
+def test_bad_params_raise_frame_error(key: str, value: object) -> None:
+    head, body = _frame_parts()
+    head["tensors"][0]["params"][key] = value
+
+    with pytest.raises(FrameError):
+        decode_frame(_assemble(head, body))
+
+
+def test_params_that_change_the_size_raise_frame_error() -> None:
+    head, body = _frame_parts()
+    head["tensors"][0]["params"]["rank"] = 1  # valid alone, but the body is rank 2's size
+
+    with pytest.raises(FrameError, match=r"raw_len|bytes"):
+        decode_frame(_assemble(head, body))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
+def test_bad_scales_raise_codec_error(bad: float) -> None:
+    codec = parse("lowrank:2")
+    params, data = codec.encode_tensor(
+        np.random.default_rng(2).normal(size=(20, 30)).astype(np.float32),
+        np.random.default_rng(0),
+    )
+    raw = bytearray(data)
+    raw[0:4] = struct.pack("<f", bad)
+
+    with pytest.raises(CodecError, match="scales"):
+        codec.decode(memoryview(bytes(raw)), 600, params)
+
+
+def test_int4_minus_eight_is_rejected() -> None:
+    codec = parse("lowrank:2+int4")
+    params, data = codec.encode_tensor(
+        np.random.default_rng(2).normal(size=(20, 30)).astype(np.float32),
+        np.random.default_rng(0),
+    )
+    raw = bytearray(data)
+    raw[16] = 0x88  # first codes byte after 4 scales: two nibbles of -8
+
+    with pytest.raises(CodecError, match="out of range"):
+        codec.decode(memoryview(bytes(raw)), 600, params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_truncation_raises_frame_error(name: str) -> None:
+    payload = encode_frame(_header(name), _tensors())
+
+    for cut in range(0, len(payload), 5):
+        with pytest.raises(FrameError):
+            decode_frame(payload[:cut])
+
+
+@settings(max_examples=150, deadline=None)
+@given(name=st.sampled_from(NAMES), data=st.data())
+def test_random_body_bytes_never_crash(name: str, data: st.DataObject) -> None:
+    head, body = _frame_parts(name)
+    junk = data.draw(st.binary(min_size=len(body), max_size=len(body)))
+
+    try:
+        frame = decode_frame(_assemble(head, junk))
+    except FrameError:
+        return
+    assert np.isfinite(frame.tensors["w"]).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(name=st.sampled_from(NAMES), pos=st.integers(0, 10_000), byte=st.integers(0, 255))
+def test_mutated_frame_decodes_or_raises_frame_error(name: str, pos: int, byte: int) -> None:
+    payload = bytearray(encode_frame(_header(name), _tensors()))
+    payload[pos % len(payload)] = byte
+
+    with contextlib.suppress(FrameError):
+        decode_frame(bytes(payload))
+
+
+# --- error feedback ------------------------------------------------------------------------
+
+
+@FAST
+@given(name=st.sampled_from(NAMES), rounds=st.lists(st.integers(0, 2**31), min_size=1, max_size=4))
+def test_error_feedback_conserves_mass(name: str, rounds: list[int]) -> None:
+    ef = ErrorFeedback()
+    total_in = np.zeros((12, 20), np.float64)
+    total_sent = np.zeros((12, 20), np.float64)
+    for seed in rounds:
+        delta = {"w": np.random.default_rng(seed).normal(0, 1, (12, 20)).astype(np.float32)}
+        old = ef.residual.get("w", np.zeros((12, 20), np.float32)).copy()
+        comp = ef.compensate(delta)
+        sent = decode_frame(encode_frame(_header(name), comp)).tensors
+        ef.update(comp, sent)
+
+        np.testing.assert_allclose(
+            sent["w"] + ef.residual["w"], delta["w"] + old, rtol=1e-5, atol=1e-5
+        )
+        total_in += delta["w"]
+        total_sent += sent["w"]
+    np.testing.assert_allclose(total_sent + ef.residual["w"], total_in, atol=1e-4)
+
+
+def test_error_feedback_sends_every_direction_eventually() -> None:
+    """A constant full-rank delta: rank-2 updates plus feedback converge to it on average."""
+    rng = np.random.default_rng(6)
+    delta = {"w": rng.normal(size=(10, 14)).astype(np.float32)}
+    ef = ErrorFeedback()
+    sent_total = np.zeros((10, 14))
+    rounds = 60
+    for _ in range(rounds):
+        comp = ef.compensate(delta)
+        sent = decode_frame(encode_frame(_header("lowrank:2+int4"), comp)).tensors
+        ef.update(comp, sent)
+        sent_total += sent["w"]
+
+    rel = np.linalg.norm(sent_total / rounds - delta["w"]) / np.linalg.norm(delta["w"])
+    assert rel < 0.1
