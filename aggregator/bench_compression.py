@@ -4,7 +4,9 @@ For each codec: a fresh Mosquitto, one aggregator and N agent processes (the ``f
 machinery), same data partition, seeds and rounds. From each run's ``metrics.json``: bytes up
 and down per client-round and the final test accuracy; plus a micro-benchmark of the codec's
 encode/decode throughput on the model's real tensor shapes. Writes ``compression.md``,
-``compression.json`` and ``compression.png`` into the output directory.
+``compression.json`` and ``compression.png`` into the output directory. Every run except the
+``fp32`` baseline downloads global deltas with ``--download-codec`` (default int8); the
+``fp32`` row is the uncompressed (Flower-like) baseline both ways: full models down.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from aggregator.demo import add_task_arguments, prepare_data, start_processes, stop_processes
 from aggregator.report import load_metrics
 from shared.codec import FrameHeader, decode_frame, encode_frame
+from shared.global_delta import DOWNLOAD_CODECS
 from shared.local_broker import LocalBroker
 
 DEFAULT_CODECS = "fp32,int8,topk8:0.01,topk1:0.02@warmup2,topk1:0.025@warmup1"
@@ -36,6 +39,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_task_arguments(p)
     p.set_defaults(rounds=None)
     p.add_argument("--codecs", default=DEFAULT_CODECS, help="comma-separated codec names")
+    p.add_argument(
+        "--download-codec",
+        default="int8",
+        choices=DOWNLOAD_CODECS,
+        help="global deltas for every run except the fp32 baseline, which always downloads "
+        "the full model (default int8)",
+    )
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per codec run")
     p.add_argument("--out", type=Path, help="output directory (default runs/compression-<time>)")
@@ -69,6 +79,7 @@ def run_compression(args: argparse.Namespace) -> int:
             ("samples_per_client", args.samples_per_client or 0),
             ("clients", args.clients),
             ("codecs", args.codecs),
+            ("download_codec", args.download_codec),
         )
     )
     result = {"command": command, "task": _task(args), "rows": rows}
@@ -87,6 +98,8 @@ def _run_one(
 ) -> dict[str, Any]:
     run_args = copy.copy(args)
     run_args.codec, run_args.fraction, run_args.min_clients = codec, 1.0, args.clients
+    # The fp32 row is the uncompressed (Flower-like) baseline: full models down as well.
+    run_args.download_codec = download_codec(codec, args.download_codec)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with LocalBroker(out / "broker") as broker:
@@ -101,18 +114,34 @@ def _run_one(
     wall = time.monotonic() - t0
     rounds = load_metrics(out) if (out / "metrics.json").exists() else []
     updates = sum(int(r["accepted"]) for r in rounds) or 1
-    client_rounds = len(rounds) * args.clients or 1
     last = rounds[-1] if rounds else {}
     return {
         "codec": codec,
+        "download_codec": run_args.download_codec,
         "finished": aggregator.returncode == 0 and len(rounds) == args.rounds,
         "rounds": len(rounds),
         "bytes_up_per_client_round": sum(int(r["bytes_up"]) for r in rounds) / updates,
-        "bytes_down_per_client_round": sum(int(r["bytes_down"]) for r in rounds) / client_rounds,
+        # Measured: what the agents report having downloaded (models and deltas, round 1's
+        # full initial model included), per accepted update.
+        "bytes_down_per_client_round": sum(int(r["bytes_down"]) for r in rounds) / updates,
+        # From round 2 on, agents that follow the federation hold the previous model.
+        "bytes_down_per_client_round_after_1": (
+            sum(int(r["bytes_down"]) for r in rounds[1:])
+            / (sum(int(r["accepted"]) for r in rounds[1:]) or 1)
+        ),
+        "model_frame_bytes": last.get("model_bytes", 0),
+        "delta_frame_bytes_mean": (
+            sum(int(r.get("delta_bytes", 0)) for r in rounds) / len(rounds) if rounds else 0
+        ),
         "final_test_accuracy": last.get("test_accuracy"),
         "accuracy_per_round": [r.get("test_accuracy") for r in rounds],
         "wall_time_s": round(wall, 1),
     }
+
+
+def download_codec(codec: str, requested: str) -> str:
+    """The download codec of a codec's run: ``none`` for the fp32 baseline."""
+    return "none" if codec == "fp32" else requested
 
 
 def _throughput(args: argparse.Namespace, codec: str, repeats: int = 5) -> dict[str, float]:
@@ -148,6 +177,10 @@ def _relative_to_fp32(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         up = r["bytes_up_per_client_round"]
         r["ratio_vs_fp32"] = (base["bytes_up_per_client_round"] / up) if base and up else None
+        down = r["bytes_down_per_client_round"]
+        r["down_ratio_vs_fp32"] = (
+            (base["bytes_down_per_client_round"] / down) if base and down else None
+        )
         acc, ref = r["final_test_accuracy"], base and base["final_test_accuracy"]
         r["accuracy_diff_vs_fp32"] = (acc - ref) if acc is not None and ref is not None else None
 
@@ -157,17 +190,21 @@ def markdown_table(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
         f"`{command}`",
         "",
-        "| codec | bytes up / client-round | bytes down / client-round | up ratio vs fp32 "
+        "| codec | download | bytes up / client-round | bytes down / client-round "
+        "| bytes down, rounds ≥ 2 | up ratio vs fp32 | down ratio vs fp32 "
         "| final test acc | Δacc vs fp32 (points) | encode MB/s | decode MB/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = f"{r['ratio_vs_fp32']:.1f}×" if r.get("ratio_vs_fp32") else "–"
+        down_ratio = f"{r['down_ratio_vs_fp32']:.1f}×" if r.get("down_ratio_vs_fp32") else "–"
         acc = r["final_test_accuracy"]
         diff = r.get("accuracy_diff_vs_fp32")
         lines.append(
-            f"| `{r['codec']}` | {r['bytes_up_per_client_round']:,.0f} "
-            f"| {r['bytes_down_per_client_round']:,.0f} | {ratio} "
+            f"| `{r['codec']}` | `{r.get('download_codec', 'none')}` "
+            f"| {r['bytes_up_per_client_round']:,.0f} "
+            f"| {r['bytes_down_per_client_round']:,.0f} "
+            f"| {r.get('bytes_down_per_client_round_after_1', 0):,.0f} | {ratio} | {down_ratio} "
             f"| {'–' if acc is None else f'{100 * acc:.2f}%'} "
             f"| {'–' if diff is None else f'{100 * diff:+.2f}'} "
             f"| {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} |"

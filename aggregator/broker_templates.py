@@ -97,9 +97,9 @@ topic deny fl/v1/+/agents/monitor/status
 topic read fl/v1/#
 
 # Devices. Publish: only their own update and their own (retained) status. Read:
-# round announcements, the global model and its meta, the aggregator's status and
-# their own receipts. Not others' updates, not others' receipts, and no write on
-# global/# or round/+/start, so no device can publish a model or a round.
+# round announcements, the global model (full and as a delta) and its meta, the
+# aggregator's status and their own receipts. Not others' updates, not others' receipts,
+# and no write on global/# or round/+/start, so no device can publish a model or a round.
 pattern write fl/v1/+/round/+/update/%u
 # Payloads over the packet limit travel in chunks (shared/chunking.py).
 pattern write fl/v1/+/round/+/update/%u/chunk/+
@@ -108,6 +108,8 @@ pattern read fl/v1/+/round/+/start
 pattern read fl/v1/+/global/meta
 pattern read fl/v1/+/global/model
 pattern read fl/v1/+/global/model/chunk/+
+pattern read fl/v1/+/global/delta
+pattern read fl/v1/+/global/delta/chunk/+
 pattern read fl/v1/+/aggregator/status
 pattern read fl/v1/+/round/+/receipt/%u
 """

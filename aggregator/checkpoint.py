@@ -4,7 +4,10 @@ After every applied round the aggregator writes ``checkpoint.safetensors`` into 
 ``--state-dir``: the global parameters as safetensors (safe to load: no pickle) and, in the
 safetensors metadata, a JSON document with the number of applied rounds, the model hash, the
 selection RNG state, a fingerprint of the settings that shape the model, and which clients
-were counted in each round. A readable copy of that JSON goes to ``checkpoint.json``; only
+were counted in each round. The server's download error-feedback residual (see
+``shared/global_delta.py``), when there is one, is stored next to the parameters as tensors
+named ``residual/<name>`` (``/`` never occurs in a model tensor's name); checkpoints without
+it load with no residual. A readable copy of that JSON goes to ``checkpoint.json``; only
 the safetensors file is authoritative (one file, one rename: never a model from one round
 with the round number of another).
 
@@ -31,6 +34,7 @@ from shared.codec import tensors_hash
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
 _META_KEY = "fedmq"
+RESIDUAL_PREFIX = "residual/"
 FORMAT = 1
 
 Tensors = dict[str, np.ndarray]
@@ -80,6 +84,8 @@ class Checkpoint:
     fingerprint: str
     # One entry per applied round: {"round": r, "accepted": {client: num_samples}}.
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Download error feedback of the aggregator (None: none yet, or download codec none).
+    residual: Tensors | None = None
 
 
 class CheckpointStore:
@@ -101,6 +107,8 @@ class CheckpointStore:
         }
         text = json.dumps(doc, separators=(",", ":"))
         tensors = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in ckpt.params.items()}
+        for n, v in (ckpt.residual or {}).items():
+            tensors[RESIDUAL_PREFIX + n] = np.ascontiguousarray(v, dtype=np.float32)
         write_atomic(self.path, st_save(tensors, metadata={_META_KEY: text}))
         write_atomic(self.dir / CHECKPOINT_JSON, json.dumps(doc, indent=1).encode())
 
@@ -113,16 +121,31 @@ class CheckpointStore:
         try:
             tensors = st_load(data)
             doc = json.loads(_metadata(data)[_META_KEY])
+            params = {
+                n: v.astype(np.float32)
+                for n, v in tensors.items()
+                if not n.startswith(RESIDUAL_PREFIX)
+            }
+            residual = {
+                n[len(RESIDUAL_PREFIX) :]: v.astype(np.float32)
+                for n, v in tensors.items()
+                if n.startswith(RESIDUAL_PREFIX)
+            }
             ckpt = Checkpoint(
                 round=int(doc["round"]),
-                params={n: v.astype(np.float32) for n, v in tensors.items()},
+                params=params,
                 model_hash=str(doc["model_hash"]),
                 rng_state=dict(doc["rng_state"]),
                 fingerprint=str(doc["fingerprint"]),
                 history=list(doc.get("history", [])),
+                residual=residual or None,
             )
         except (SafetensorError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {self.path} is unreadable: {exc}") from exc
+        if ckpt.residual is not None and {n: v.shape for n, v in ckpt.residual.items()} != {
+            n: v.shape for n, v in ckpt.params.items()
+        }:
+            raise CheckpointError(f"checkpoint {self.path}: residual does not match the model")
         if ckpt.fingerprint != fingerprint:
             raise CheckpointError(
                 f"checkpoint {self.path} was written with other model/federation settings; "

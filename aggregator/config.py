@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.global_delta import DOWNLOAD_CODECS
 from shared.quantize import CodecError
 from shared.settings import load_settings
 from shared.sparsify import KNOWN as KNOWN_CODECS
@@ -32,6 +33,9 @@ class AggregatorConfig:
     weight_decay: float = 0.0
     seed: int = 0
     codec: str = "int8"
+    # How agents download each new global model besides the retained full model: a quantized
+    # delta from the previous one on global/delta (fp32, fp16, int8), or "none".
+    download_codec: str = "int8"
     eval_data: str | None = None
     metrics_file: str | None = None
     client_id: str = "aggregator"
@@ -66,6 +70,10 @@ class AggregatorConfig:
             (self.lr > 0, "lr must be > 0"),
             (self.momentum >= 0, "momentum must be ≥ 0"),
             (_known_codec(self.codec), f"codec must be one of: {KNOWN_CODECS}"),
+            (
+                self.download_codec in DOWNLOAD_CODECS,
+                f"download-codec must be one of: {', '.join(DOWNLOAD_CODECS)}",
+            ),
             (self.on_starved in ("extend", "retry"), "on-starved must be extend or retry"),
             (self.max_extensions >= 0, "max-extensions must be ≥ 0"),
             (
@@ -98,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--codec", help=f"update codec: {KNOWN_CODECS} (default int8)")
+    parser.add_argument(
+        "--download-codec",
+        choices=DOWNLOAD_CODECS,
+        help="global deltas for agents holding the previous model (default int8; none: "
+        "full model only)",
+    )
     parser.add_argument("--eval-data", help="held-out data (.npz, IDX dir, image folder)")
     parser.add_argument("--metrics-file", help="write metrics.json here after every round")
     parser.add_argument("--client-id", help="MQTT client id of the aggregator")

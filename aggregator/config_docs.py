@@ -50,6 +50,10 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "weight_decay": "local SGD weight decay",
         "seed": "seed of the initial model, selection and training",
         "codec": "update codec: `fp32`, `fp16`, `int8`",
+        "download_codec": "how agents that hold the previous global model download the new "
+        "one: a quantized delta on `global/delta` (`int8`, `fp16`, `fp32`; with server-side "
+        "error feedback), the full model stays retained on `global/model`; `none`: full "
+        "model only",
         "eval_data": "held-out data (.npz, IDX, image folder) evaluated after every round",
         "metrics_file": "write metrics.json (one entry per round) here",
         "max_update_bytes": "updates larger than this are rejected",
@@ -74,6 +78,8 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "val_fraction": "fraction held out for local validation",
         "max_frame_bytes": "global-model frames larger than this are refused",
         "resend_after_s": "re-send an update when no receipt came after this many seconds",
+        "delta_wait_s": "a round announced on a model the agent does not hold: seconds to "
+        "wait for its global delta before downloading the full model",
         "exit_when_finished": "exit when the federation finishes (`--stay`: keep running)",
         "model_public_key": "pinned Ed25519 public key (PEM): only models signed by it are "
         "loaded; none: development mode (unsigned models accepted)",

@@ -22,6 +22,7 @@ import numpy as np
 from aggregator.monitor import RoundTable
 from aggregator.report import load_metrics, plot_metrics, summarize
 from shared.data import ArrayDataset, load_named_dataset, partition, save_npz
+from shared.global_delta import DOWNLOAD_CODECS
 from shared.local_broker import LocalBroker
 
 FEDERATION = "demo"
@@ -60,6 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``fedmq demo``."""
     add_task_arguments(p)
     p.add_argument("--codec", default="int8")
+    p.add_argument(
+        "--download-codec",
+        default="int8",
+        choices=DOWNLOAD_CODECS,
+        help="global deltas for agents (none: the full model every round)",
+    )
     p.add_argument("--fraction", type=float, default=1.0)
     p.add_argument("--min-clients", type=int, help="default: all clients")
     p.add_argument("--round-timeout", type=float, default=300.0)
@@ -156,6 +163,8 @@ def start_processes(
         str(args.seed),
         "--codec",
         args.codec,
+        "--download-codec",
+        getattr(args, "download_codec", "int8"),
         "--eval-data",
         str(test),
         "--metrics-file",

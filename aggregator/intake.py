@@ -28,6 +28,7 @@ class UpdateStats:
     train_time_s: float | None
     val_accuracy: float | None
     val_samples: int
+    download_bytes: int | None = None  # what the agent downloaded since its previous update
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class UpdateIntake:
             train_time_s=_num(meta.get("train_time_s")),
             val_accuracy=_num(meta.get("val_accuracy")),
             val_samples=_count(meta.get("val_samples")),
+            download_bytes=_count(meta["download_bytes"]) if "download_bytes" in meta else None,
         )
         try:
             self.acc.add(frame.tensors, head.num_samples)
@@ -125,6 +127,10 @@ class UpdateIntake:
         pairs = [(s.val_accuracy, s.val_samples) for s in self.stats if s.val_accuracy is not None]
         total = sum(n for _, n in pairs)
         return sum(v * n for v, n in pairs) / total if total else None
+
+    def download_reports(self) -> list[int | None]:
+        """Each accepted update's reported download bytes (None: it did not report)."""
+        return [s.download_bytes for s in self.stats]
 
     def slowest_train_s(self) -> float:
         """The longest local training time among accepted updates."""

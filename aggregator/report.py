@@ -68,6 +68,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Headline figures of a run: final accuracy, mean round time, bytes per round."""
     last = rounds[-1]
     n_up = [r["bytes_up"] / max(1, r["accepted"]) for r in rounds]
+    # bytes_down: what the round's agents report having downloaded (models and deltas).
+    n_down = [r["bytes_down"] / max(1, r["accepted"]) for r in rounds]
     return {
         "rounds": len(rounds),
         "final_test_accuracy": last.get("test_accuracy"),
@@ -79,6 +81,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_bytes_up_per_round": statistics.fmean(r["bytes_up"] for r in rounds),
         "mean_bytes_up_per_client_round": statistics.fmean(n_up),
         "mean_bytes_down_per_round": statistics.fmean(r["bytes_down"] for r in rounds),
+        "mean_bytes_down_per_client_round": statistics.fmean(n_down),
+        "download_codec": last.get("download_codec", ""),
         "codec": last.get("codec", ""),
     }
 

@@ -80,6 +80,7 @@ class Durability:
         params: Tensors,
         model_hash: str,
         rng: np.random.Generator,
+        residual: Tensors | None = None,
     ) -> None:
         """Checkpoint round ``state.round_id`` as applied, then drop its journal."""
         self.history.append({"round": state.round_id, "accepted": dict(state.accepted)})
@@ -91,6 +92,7 @@ class Durability:
                 rng_state=rng_state(rng),
                 fingerprint=self.fingerprint,
                 history=self.history,
+                residual=residual,
             )
         )
         self.journal.clear_through(state.round_id)

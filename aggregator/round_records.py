@@ -32,3 +32,4 @@ class ClosedRound:
     model_hash: str
     bytes_down: int
     frame: bytes  # the published global-model frame
+    delta_bytes: int = 0  # the published global-delta frame (0: none)

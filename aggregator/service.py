@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 
 from aggregator.config import AggregatorConfig, add_arguments, from_args
+from aggregator.downloads import GlobalDownloads, bytes_down
 from aggregator.evaluation import Evaluator
 from aggregator.intake import UpdateIntake
 from aggregator.metrics_log import MetricsLog
-from aggregator.onnx_export import RoundExporter, model_frame, state_dir_of
+from aggregator.onnx_export import RoundExporter, state_dir_of
 from aggregator.resume import EXIT_STARVED, Durability, set_rng_state, starved_action
 from aggregator.round_records import ClosedRound, OpenRound
 from aggregator.rounds import RoundPhase, RoundState, select_clients
@@ -30,7 +31,7 @@ from aggregator.strategy import StreamingFedAvg
 from shared import messages as msg
 from shared import topics
 from shared.codec import tensors_hash
-from shared.signing import load_private_key, sign_model
+from shared.signing import load_private_key
 from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound, TransportError
 
 log = logging.getLogger("fedmq.aggregator")
@@ -67,8 +68,9 @@ class AggregatorService:
         self.params: Tensors = self.evaluator.initial_params()
         self.shapes = {n: tuple(v.shape) for n, v in self.params.items()}
         self.model_hash = tensors_hash(self.params)
-        self.model_bytes = 0
-        self.model_frame = b""
+        self.downloads = GlobalDownloads(
+            cfg.federation, self.spec, cfg.download_codec, cfg.seed, self.signing_key
+        )
         self.agents: dict[str, msg.AgentStatus] = {}
         self.rng = np.random.default_rng(cfg.seed)
         self.metrics = MetricsLog(cfg.metrics_file)
@@ -172,6 +174,7 @@ class AggregatorService:
         ckpt, jr = restored.checkpoint, restored.open_round
         if ckpt is not None:
             self.params, self.model_hash, self.round_id = ckpt.params, ckpt.model_hash, ckpt.round
+            self.downloads.residual = ckpt.residual
             set_rng_state(self.rng, ckpt.rng_state)
             self.metrics.entries = self._earlier_metrics(ckpt.round)
             log.info("resumed from checkpoint: %d rounds applied", ckpt.round)
@@ -217,23 +220,29 @@ class AggregatorService:
             if item is not None and self._handle(item, intake):
                 last_update_at = item.received_at
         state.close()
-        self.params = intake.acc.apply(self.params)
-        self.model_hash = tensors_hash(self.params)
+        target = intake.acc.apply(self.params)
+        # With a download codec: the quantized path agents can follow from the global delta.
+        self.params, self.model_hash = self.downloads.advance(
+            self.params, self.model_hash, self.round_id, target, state.round_id
+        )
         self.round_id = state.round_id
         if self.durable is not None:
-            self.durable.applied(state, self.params, self.model_hash, self.rng)
+            residual = self.downloads.residual
+            self.durable.applied(state, self.params, self.model_hash, self.rng, residual)
         self._decide(state, "applied", f"{phase.value}: {len(state.accepted)} updates")
         self._publish_model(final=False)
         latency_ms = (time.monotonic() - last_update_at) * 1000
         self._publish(self.topics.round_start(state.round_id), b"", retain=True)
+        dl = self.downloads
         return ClosedRound(
             rnd,
             time.time() - rnd.started,
             latency_ms,
             dict(self.params),
             self.model_hash,
-            self.model_bytes * max(len(self._online()), 1),
-            self.model_frame,
+            bytes_down(intake.download_reports(), len(dl.model_frame), len(self._online())),
+            dl.model_frame,
+            dl.delta_bytes(state.round_id),
         )
 
     def _announce(self, state: RoundState) -> None:
@@ -257,6 +266,7 @@ class AggregatorService:
             ),
             codec=cfg.codec,
             max_update_bytes=cfg.max_update_bytes,
+            download_codec=cfg.download_codec,
         )
         # Retained, so an agent that (re)connects mid-round learns the round at once.
         self._publish(self.topics.round_start(state.round_id), announcement.to_json(), retain=True)
@@ -340,6 +350,9 @@ class AggregatorService:
             test_loss=evaluation.loss if evaluation else None,
             bytes_up=intake.bytes_received,
             bytes_down=closed.bytes_down,
+            model_bytes=len(closed.frame),
+            delta_bytes=closed.delta_bytes,
+            download_codec=self.cfg.download_codec,
             round_time_s=closed.round_time_s,
             slowest_train_s=intake.slowest_train_s(),
             aggregate_latency_ms=closed.latency_ms,
@@ -428,32 +441,7 @@ class AggregatorService:
 
     # --- outbound ----------------------------------------------------------------------
     def _publish_model(self, final: bool) -> None:
-        signature = (
-            sign_model(self.signing_key, self.cfg.federation, self.round_id, self.model_hash)
-            if self.signing_key is not None
-            else ""
-        )
-        frame = model_frame(
-            self.cfg.federation,
-            self.round_id,
-            self.spec,
-            self.params,
-            model_hash=self.model_hash,
-            signature=signature,
-        )
-        self.model_frame = frame
-        self.model_bytes = len(frame)
-        self._publish(self.topics.global_model, frame, retain=True)
-        meta = msg.GlobalMeta(
-            federation=self.cfg.federation,
-            round=self.round_id,
-            model_hash=self.model_hash,
-            model=self.spec,
-            nbytes=len(frame),
-            final=final,
-            signature=signature,
-        )
-        self._publish(self.topics.global_meta, meta.to_json(), retain=True)
+        self.downloads.publish(self.round_id, self.params, self.model_hash, final, self._publish)
 
     def _receipt(self, round_id: int, client_id: str, accepted: bool, reason: str) -> None:
         receipt = msg.Receipt(

@@ -2,7 +2,8 @@
 
 All work runs on the thread that calls :meth:`EdgeAgent.run`; paho's network thread only
 enqueues. State comes from retained topics (global model, current round), so an agent that
-joins late or restarts picks up the federation at once.
+joins late or restarts picks up the federation at once. After that it follows the compact
+global deltas and downloads the full model only when it must (:mod:`edge_agent.model_sync`).
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ import platform
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from edge_agent.config import AgentConfig
 from edge_agent.error_feedback import DeviceFeedback
 from edge_agent.local_training import LocalTrainer
-from edge_agent.model_guard import HeldModel, check_global_model
+from edge_agent.model_sync import ModelSync
 from edge_agent.outbox import Outbox, receipt_is_final
 from shared import messages as msg
 from shared import topics
-from shared.codec import FrameError, FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.codec import FrameError, FrameHeader, encode_frame
 from shared.data import ArrayDataset, load_device_data, train_val_split
 from shared.signing import load_public_key
 from shared.sparsify import is_sparse
@@ -32,15 +32,6 @@ from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound
 log = logging.getLogger("fedmq.agent")
 
 Tensors = dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class GlobalModel:
-    """The verified global model this agent holds."""
-
-    round_id: int
-    model_hash: str
-    params: Tensors
 
 
 class EdgeAgent:
@@ -58,7 +49,14 @@ class EdgeAgent:
             log.warning(
                 "%s: no --model-public-key: unsigned global models are accepted", cfg.client_id
             )
-        self.global_model: GlobalModel | None = None
+        # The global model, kept current from deltas (the full model only when needed).
+        self.sync = ModelSync(
+            cfg.federation,
+            self.model_key,
+            max_frame_bytes=cfg.max_frame_bytes,
+            delta_wait_s=cfg.delta_wait_s,
+        )
+        self.full_subscribed = True  # until it holds a model
         self.announcement: msg.RoundStart | None = None
         # Unacknowledged updates live on disk: a restarted agent re-sends, never re-trains.
         self.outbox = Outbox(cfg.resolved_state_dir(), cfg.federation, cfg.client_id)
@@ -72,6 +70,7 @@ class EdgeAgent:
             cfg.client_id,
             subscriptions=[
                 (self.topics.global_model, 1),
+                (self.topics.global_delta, 1),
                 (self.topics.round_start_any, 1),
                 (self.topics.receipt_any_round(cfg.client_id), 1),
                 (self.topics.aggregator_status, 1),
@@ -122,6 +121,7 @@ class EdgeAgent:
                 item = None
             if item is not None:
                 self._dispatch(item)
+            self._sync_subscriptions()
             self._maybe_train()
             self._maybe_resend()
         self.transport.stop(
@@ -133,7 +133,16 @@ class EdgeAgent:
                 )
             ]
         )
-        log.info("%s: stopped after training %d rounds", self.cfg.client_id, self.rounds_trained)
+        model = self.sync.model
+        log.info(
+            "%s: stopped after training %d rounds (%d global deltas applied); holding the "
+            "global model of round %s: %s",
+            self.cfg.client_id,
+            self.rounds_trained,
+            self.sync.deltas_applied,
+            model.round_id if model else "-",
+            model.model_hash if model else "none",
+        )
         return 0
 
     def stop(self) -> None:
@@ -150,7 +159,8 @@ class EdgeAgent:
         if not item.payload:  # a cleared retained message
             return
         handlers = {
-            "global_model": self._on_global_model,
+            "global_model": lambda i: self.sync.on_full_model(i.payload),
+            "global_delta": lambda i: self.sync.on_delta(i.payload),
             "round_start": self._on_round_start,
             "receipt": self._on_receipt,
             "aggregator_status": self._on_aggregator_status,
@@ -163,21 +173,6 @@ class EdgeAgent:
         except (FrameError, msg.MessageError) as exc:
             log.warning("rejected message on %s: %s", item.topic, exc)
 
-    def _on_global_model(self, item: Inbound) -> None:
-        frame = decode_frame(item.payload, max_bytes=self.cfg.max_frame_bytes)
-        head = frame.header
-        actual = tensors_hash(frame.tensors)
-        held = self.global_model
-        check_global_model(
-            head,
-            actual,
-            self.cfg.federation,
-            HeldModel(held.round_id, held.model_hash) if held is not None else None,
-            self.model_key,
-        )
-        self.global_model = GlobalModel(head.round, actual, frame.tensors)
-        log.debug("global model of round %d (%s)", head.round, actual[:12])
-
     def _on_round_start(self, item: Inbound) -> None:
         ann = msg.decode(item.payload, msg.RoundStart)
         if ann.federation != self.cfg.federation:
@@ -186,6 +181,7 @@ class EdgeAgent:
             log.debug("ignoring expired announcement of round %d", ann.round)
             return
         self.announcement = ann
+        self.sync.on_announcement(ann.round, ann.base_hash, ann.download_codec)
         for old in self.outbox.drop_before(ann.round):
             log.info("round %d is over: its unacknowledged update is dropped", old)
         stored = self.outbox.base_hash(ann.round)
@@ -221,9 +217,22 @@ class EdgeAgent:
             log.info("federation %s finished", status.federation)
             self.stop()
 
+    def _sync_subscriptions(self) -> None:
+        """Follow the full-model topic only while the model sync needs it."""
+        why = self.sync.policy.why_full()
+        if bool(why) == self.full_subscribed:
+            return
+        self.full_subscribed = bool(why)
+        if why:
+            log.info("%s: subscribing to the full global model (%s)", self.cfg.client_id, why)
+            self.transport.subscribe(self.topics.global_model)
+        else:
+            log.info("%s: following global deltas only", self.cfg.client_id)
+            self.transport.unsubscribe(self.topics.global_model)
+
     # --- training ----------------------------------------------------------------------
     def _maybe_train(self) -> None:
-        ann, model = self.announcement, self.global_model
+        ann, model = self.announcement, self.sync.model
         if ann is None or model is None or ann.round in self.done_rounds:
             return
         if self.cfg.client_id not in ann.selected or model.model_hash != ann.base_hash:
@@ -241,7 +250,8 @@ class EdgeAgent:
             base_hash=ann.base_hash,
             codec=ann.codec,
             num_samples=local.num_samples,
-            meta=local.meta,
+            # Global models and deltas received since the previous update: measured downloads.
+            meta={**local.meta, "download_bytes": self.sync.take_download_bytes()},
         )
         payload = encode_frame(header, delta, rng=np.random.default_rng(ann.train.seed))
         if sparse:

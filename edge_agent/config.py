@@ -29,6 +29,9 @@ class AgentConfig:
     model_public_key: str | None = None
     max_frame_bytes: int = 256 * 1024 * 1024
     resend_after_s: float = 30.0
+    # A round announced on a model we do not hold: wait this long for its global delta,
+    # then download the full model instead.
+    delta_wait_s: float = 5.0
     connect_timeout: float = 60.0
     exit_when_finished: bool = True
     # Device-local state (error-feedback residual); "" = $XDG_STATE_HOME/fedmq/<client-id>
@@ -44,6 +47,8 @@ class AgentConfig:
             raise ValueError("val-fraction must be in [0, 1)")
         if self.threads < 1:
             raise ValueError("threads must be ≥ 1")
+        if self.delta_wait_s < 0:
+            raise ValueError("delta-wait-s must be ≥ 0")
 
     def resolved_state_dir(self) -> Path:
         """``state_dir``, or ``~/.local/state/fedmq/<client-id>`` (XDG_STATE_HOME honoured)."""
@@ -75,6 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-frame-bytes", type=int)
     parser.add_argument("--resend-after-s", type=float)
+    parser.add_argument(
+        "--delta-wait-s",
+        type=float,
+        help="seconds to wait for a round's global delta before downloading the full model "
+        "(default 5)",
+    )
     parser.add_argument("--connect-timeout", type=float)
     parser.add_argument(
         "--state-dir", help="device state, e.g. the error-feedback residual of top-k codecs"

@@ -33,15 +33,21 @@ def check_global_model(
     federation: str,
     held: HeldModel | None,
     public_key: Ed25519PublicKey | None,
+    *,
+    kind: str = "model",
 ) -> None:
     """Raise ModelRejected unless the model may replace ``held``.
 
+    ``head`` is the header of a full model frame (``kind="model"``) or of a global delta
+    (``kind="global_delta"``, ``actual_hash`` = the hash after applying it): both claim the
+    resulting model's hash and signature in ``meta`` and its round in ``round``.
     With ``public_key`` pinned, the model must carry a valid signature over (federation,
     round, hash) and may not be older than ``held`` nor differ from it in the same round.
     Without a key (dev mode) only integrity and the round order are checked.
     """
-    if head.kind != "model" or head.federation != federation:
-        raise ModelRejected(f"not a global model of {federation!r}")
+    if head.kind != kind or head.federation != federation:
+        what = "global model" if kind == "model" else "global delta"
+        raise ModelRejected(f"not a {what} of {federation!r}")
     claimed = head.meta.get("model_hash")
     if claimed != actual_hash:
         raise ModelRejected(

@@ -75,6 +75,9 @@ class RoundStart(Message, frozen=True, kw_only=True):
     train: TrainParams
     codec: str = "int8"
     max_update_bytes: Positive = 64 * 1024 * 1024
+    # How the aggregator publishes each new global model on global/delta (a quantized step
+    # from the previous one); "none" (also: an older aggregator) = only the full model.
+    download_codec: str = "none"
 
 
 class AgentStatus(Message, frozen=True, kw_only=True):
@@ -145,7 +148,13 @@ class RoundMetrics(Message, frozen=True, kw_only=True):
     test_accuracy: float | None = None
     test_loss: float | None = None
     bytes_up: NonNeg = 0
+    # Global models and deltas the round's accepted agents downloaded since their previous
+    # update, as they report it (an agent that does not report counts one full model; when
+    # none reports: the old estimate, full model frame × online agents).
     bytes_down: NonNeg = 0
+    model_bytes: NonNeg = 0  # the full global-model frame published after this round
+    delta_bytes: NonNeg = 0  # the global-delta frame published after this round (0: none)
+    download_codec: str = ""
     round_time_s: NonNegFloat = 0.0
     slowest_train_s: NonNegFloat = 0.0
     aggregate_latency_ms: NonNegFloat = 0.0

@@ -5,6 +5,8 @@ Layout (protocol version in the namespace, like Sparkplug's ``spBv1.0``)::
     fl/v1/{fed}/aggregator/status          retained JSON: running | finished | offline (will)
     fl/v1/{fed}/global/meta                retained JSON: round, model hash, size, arch
     fl/v1/{fed}/global/model               retained binary frame: the full global model
+    fl/v1/{fed}/global/delta               retained binary frame: quantized step from the
+                                           previous global model to the current one
     fl/v1/{fed}/global/onnx                retained ONNX frame of the global model (inference)
     fl/v1/{fed}/round/{r}/start            retained JSON: round announcement (cleared next round)
     fl/v1/{fed}/round/{r}/update/{cid}     binary frame: an agent's compressed delta (QoS 1)
@@ -81,6 +83,11 @@ class Topics:
         return f"{self.root}/global/model"
 
     @property
+    def global_delta(self) -> str:
+        """Retained binary frame: the current global model as a step from the previous one."""
+        return f"{self.root}/global/delta"
+
+    @property
     def global_onnx(self) -> str:
         """Retained ONNX frame of the current global model (inference without torch)."""
         return f"{self.root}/global/onnx"
@@ -151,8 +158,8 @@ class ParsedTopic:
     """A topic of the protocol split into its parts."""
 
     federation: str
-    kind: str  # aggregator_status | global_meta | global_model | metrics | round_start |
-    # update | receipt | agent_status
+    kind: str  # aggregator_status | global_meta | global_model | global_delta | global_onnx |
+    # metrics | round_start | update | receipt | decision | agent_status
     round_id: int | None = None
     client_id: str | None = None
 
@@ -168,6 +175,7 @@ def parse(topic: str) -> ParsedTopic:
         ("aggregator", "status"): "aggregator_status",
         ("global", "meta"): "global_meta",
         ("global", "model"): "global_model",
+        ("global", "delta"): "global_delta",
         ("global", "onnx"): "global_onnx",
         ("metrics",): "metrics",
     }

@@ -306,6 +306,12 @@ class MqttTransport:
             for t, q in _with_chunk_subs([(topic, qos)]):
                 self._client.subscribe(t, qos=q)
 
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription (and its chunk subscription) now and for later reconnects."""
+        self._subs = [(t, q) for t, q in self._subs if t != topic]
+        if self.connected.is_set():
+            self._client.unsubscribe([t for t, _ in _with_chunk_subs([(topic, 0)])])
+
     def publish(
         self,
         topic: str,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
+import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,13 @@ def _collect(client: mqtt.Client, *subscriptions: str) -> queue.Queue[mqtt.MQTTM
     for topic in subscriptions:
         client.subscribe(topic, qos=1)
     return inbox
+
+
+def _drain(inbox: queue.Queue[mqtt.MQTTMessage]) -> list[mqtt.MQTTMessage]:
+    out = []
+    while not inbox.empty():
+        out.append(inbox.get())
+    return out
 
 
 def _next_on(inbox: queue.Queue[mqtt.MQTTMessage], topic: str, timeout: float) -> Any:
@@ -124,3 +134,82 @@ def test_malformed_updates_get_receipts_and_round_completes(
     rounds = fed.metrics(tmp_path)
     assert len(rounds) == 3 and all(r["accepted"] == 3 for r in rounds)
     assert rounds[0]["rejected"] >= 1
+
+
+def test_agents_follow_int8_global_deltas_and_a_late_agent_catches_up_in_full(
+    broker: LocalBroker, tmp_path: Path, mqtt_client: Any
+) -> None:
+    names = ("pi-0", "pi-1", "pi-late")
+    clients = fed.write_client_data(tmp_path / "data", 3)
+    inbox = _collect(mqtt_client(broker.url), T.global_meta)
+    starts = _collect(mqtt_client(broker.url), T.round_start(2))
+    agg = fed.start_aggregator(broker.url, tmp_path, "--no-onnx", rounds=4, min_clients=2)
+    procs = [agg] + [fed.start_agent(broker.url, f"pi-{i}", clients[i], tmp_path) for i in (0, 1)]
+    try:
+        metas = [json.loads(_next_on(inbox, T.global_meta, timeout=60).payload)]
+        while metas[-1]["round"] < 1:
+            metas.append(json.loads(_next_on(inbox, T.global_meta, timeout=60).payload))
+        # Round 1 is applied. Hold the aggregator while pi-late starts: it can get model 1
+        # only from the retained full model, and it holds it (and follows deltas only, once
+        # a round on it is announced) before the aggregator goes on, so it is selected in
+        # round 3 at the latest (round 4 if round 2's updates were queued before its status).
+        os.kill(agg.pid, signal.SIGSTOP)
+        procs.append(fed.start_agent(broker.url, "pi-late", clients[2], tmp_path))
+        late_log = tmp_path / "pi-late.log"
+        fed.wait_for(
+            lambda: "global model of round 1:" in late_log.read_text(), 60, "pi-late's model 1"
+        )
+        if any(m.payload for m in _drain(starts)):  # round 2 was announced before the pause
+            fed.wait_for(
+                lambda: "following global deltas only" in late_log.read_text(),
+                30,
+                "pi-late following deltas only",
+            )
+        os.kill(agg.pid, signal.SIGCONT)
+        assert fed.wait_exit(agg, 180, tmp_path / "aggregator.log") == 0
+        codes = [
+            fed.wait_exit(p, 30, tmp_path / f"{n}.log")
+            for p, n in zip(procs[1:], names, strict=True)
+        ]
+    finally:
+        if agg.poll() is None:
+            os.kill(agg.pid, signal.SIGCONT)
+        fed.stop(procs)
+
+    assert codes == [0, 0, 0]
+    rounds = fed.metrics(tmp_path)
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+    assert all(r["download_codec"] == "int8" for r in rounds)
+    # (a) Every round published an int8 delta several times smaller than the full model.
+    assert all(r["model_bytes"] > 3.5 * r["delta_bytes"] > 0 for r in rounds)
+    # bytes_down is what the agents measured: since its previous update, an early agent
+    # downloaded exactly the previous round's delta (round 1: the initial full model);
+    # pi-late, before its first update, the retained full model 1 and delta 1, then every
+    # delta up to the round before.
+    first_late = min(r["round"] for r in rounds if "pi-late" in r["participants"])
+    assert first_late in (2, 3, 4)
+    initial = next(m for m in metas if m["round"] == 0)["nbytes"]
+    delta = {r["round"]: r["delta_bytes"] for r in rounds}
+    for r in rounds:
+        n = r["round"]
+        early = 2 * (initial if n == 1 else delta[n - 1])
+        late_bytes = 0
+        if n == first_late:
+            late_bytes = rounds[0]["model_bytes"] + sum(delta[k] for k in range(1, n))
+        elif n > first_late:
+            late_bytes = delta[n - 1]
+        assert r["bytes_down"] == early + late_bytes, n
+        if n > 1 and n != first_late:
+            assert r["bytes_down"] / r["accepted"] < r["model_bytes"] / 3.5
+    # (b) Everybody ends with the aggregator's model; early agents only ever applied
+    # deltas after the initial model, pi-late fetched model 1 in full once.
+    final = rounds[-1]["model_hash"]
+    for name in names:
+        log = (tmp_path / f"{name}.log").read_text()
+        assert f"holding the global model of round 4: {final}" in log, name
+        assert "following global deltas only" in log, name
+        full = log.count("(full model,")
+        applied = log.count("(delta, int8,")
+        assert (full, applied) == ((1, 3) if name == "pi-late" else (1, 4)), (name, full, applied)
+    late = (tmp_path / "pi-late.log").read_text()
+    assert re.findall(r"global model of round (\d+): \w+ \(full model,", late) == ["1"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -15,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator import provision
 from shared.codec import FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.global_delta import apply_delta
 from shared.local_broker import LocalBroker, free_port
 from shared.topics import Topics
 from shared.transport import ConnectOptions, MqttTransport, TransportError
@@ -177,6 +180,7 @@ def test_device_cannot_forge_updates_models_or_rounds(secure: SecureBroker) -> N
     _publish(device_a, T.update(1, "pi-0"), b"own update")
     _publish(device_a, T.update(1, "pi-1"), b"forged update for pi-1")
     _publish(device_a, T.global_model, b"forged model", retain=True)
+    _publish(device_a, T.global_delta, b"forged delta", retain=True)
     _publish(device_a, T.global_meta, b"forged meta", retain=True)
     _publish(device_a, T.round_start(7), b"forged round", retain=True)
     _publish(device_a, T.agent_status("pi-1"), b"forged status", retain=True)
@@ -251,18 +255,12 @@ def _forged_models(genuine: bytes) -> tuple[bytes, bytes]:
     return encode_frame(unsigned, weights), encode_frame(tampered, weights)
 
 
-def test_signed_federation_rejects_forged_and_rolled_back_models_and_replays(
-    secure: SecureBroker, tmp_path: Path
-) -> None:
+def _start_signed_federation(
+    secure: SecureBroker, tmp_path: Path, *extra: str
+) -> tuple[Any, list[Any]]:
     clients = fed.write_client_data(tmp_path / "data", 3)
-    # The attacker holds a broker login with write access to global/# (a stolen
-    # aggregator password) but not the model-signing key.
-    attacker = _client(secure, "aggregator", "attacker")
-    inbox = _collect(attacker, T.global_model, T.global_meta, T.round_start_any, T.update_any)
-    replayer = _client(secure, "pi-0", "pi-0-replayer")
-    receipts = _collect(replayer, T.receipt_any_round("pi-0"))
     agg_toml = secure.root / "identities" / "aggregator" / "aggregator.toml"
-    agg = fed.start_aggregator(secure.url, tmp_path, "--config", str(agg_toml), rounds=3)
+    agg = fed.start_aggregator(secure.url, tmp_path, "--config", str(agg_toml), *extra, rounds=3)
     agents = [
         fed.start_agent(
             secure.url,
@@ -274,6 +272,21 @@ def test_signed_federation_rejects_forged_and_rolled_back_models_and_replays(
         )
         for i, name in enumerate(DEVICES)
     ]
+    return agg, agents
+
+
+def test_signed_federation_rejects_forged_and_rolled_back_models_and_replays(
+    secure: SecureBroker, tmp_path: Path
+) -> None:
+    # The attacker holds a broker login with write access to global/# (a stolen
+    # aggregator password) but not the model-signing key.
+    attacker = _client(secure, "aggregator", "attacker")
+    inbox = _collect(attacker, T.global_model, T.global_meta, T.round_start_any, T.update_any)
+    replayer = _client(secure, "pi-0", "pi-0-replayer")
+    receipts = _collect(replayer, T.receipt_any_round("pi-0"))
+    # Full models only (no global deltas): agents follow global/model every round, so the
+    # forged full models reach them. The delta path is attacked in the next test.
+    agg, agents = _start_signed_federation(secure, tmp_path, "--download-codec", "none")
     try:
         genuine0 = _first(inbox, T.global_model, 60)
         meta0 = json.loads(_first(inbox, T.global_meta, 10))
@@ -307,3 +320,72 @@ def test_signed_federation_rejects_forged_and_rolled_back_models_and_replays(
         assert "model is not signed" in log, name
         assert "bad signature" in log, name
         assert "older model refused (round 0 < " in log, name
+
+
+def _forged_deltas(genuine0: bytes) -> tuple[bytes, bytes]:
+    """An unsigned 'round 50' delta on the round-0 model, and one carrying round 0's signature."""
+    model0 = decode_frame(genuine0)
+    step = {n: np.full(v.shape, 0.01, np.float32) for n, v in model0.tensors.items()}
+    forged_hash = tensors_hash(apply_delta(model0.tensors, step))
+
+    def delta(round_id: int, signature: str) -> bytes:
+        head = FrameHeader(
+            kind="global_delta",
+            federation=fed.FEDERATION,
+            round=round_id,
+            codec="fp32",
+            base_hash=model0.header.meta["model_hash"],
+            meta={"model_hash": forged_hash, "base_round": 0, "signature": signature},
+        )
+        return encode_frame(head, step)
+
+    return delta(50, ""), delta(60, model0.header.meta["signature"])
+
+
+def test_signed_federation_with_global_deltas_rejects_forged_and_replayed_deltas(
+    secure: SecureBroker, tmp_path: Path
+) -> None:
+    # The attacker again holds the aggregator's broker login, not the signing key. Agents
+    # always follow global/delta, and a forged delta published right after a round's start
+    # reaches every agent before that round's genuine delta (one publisher, one broker:
+    # in order), so each agent checks it against the model it holds.
+    attacker = _client(secure, "aggregator", "attacker")
+    inbox = _collect(attacker, T.global_model, T.global_delta, T.round_start_any)
+    agg, agents = _start_signed_federation(secure, tmp_path)  # default: int8 deltas
+    try:
+        genuine0 = _first(inbox, T.global_model, 60)
+        _first(inbox, T.round_start(1), 90)
+        for forged in _forged_deltas(genuine0):
+            _publish(attacker, T.global_delta, forged)
+        delta1 = _first(inbox, T.global_delta, 90)
+        while decode_frame(delta1).header.round != 1:  # skip the attacker's own forgeries
+            delta1 = _first(inbox, T.global_delta, 90)
+        _first(inbox, T.round_start(3), 90)
+        _publish(attacker, T.global_delta, delta1)  # replayed while agents hold round 2
+        assert fed.wait_exit(agg, 120, tmp_path / "aggregator.log") == 0
+        codes = [
+            fed.wait_exit(a, 30, tmp_path / f"{n}.log")
+            for a, n in zip(agents, DEVICES, strict=True)
+        ]
+    finally:
+        fed.stop([agg, *agents])
+
+    assert codes == [0, 0, 0]
+    assert decode_frame(delta1).header.meta["signature"]  # the genuine, signed delta
+    rounds = fed.metrics(tmp_path)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["participants"] == list(DEVICES) for r in rounds)
+    assert all(r["delta_bytes"] > 0 for r in rounds)
+    for name in DEVICES:
+        log = (tmp_path / f"{name}.log").read_text()
+        refused = [line for line in log.splitlines() if f"on {T.global_delta}:" in line]
+        assert any("round 50 model refused: model is not signed" in x for x in refused), name
+        assert any("bad signature" in x for x in refused), name
+        # (< 3 if round 3 closed before the replay reached the agent)
+        assert any(re.search(r"older model refused \(round 1 < [23]\)", x) for x in refused), name
+        # The genuine deltas verified against the pinned key and were applied (round 1's
+        # may come in full instead: the agent re-fetched it after the refused forgeries),
+        # and the final model is the aggregator's.
+        assert log.count("(delta, int8,") >= 2, name
+        assert {"1", "2", "3"} <= set(re.findall(r"global model of round (\d+):", log)), name
+        assert f"holding the global model of round 3: {rounds[-1]['model_hash']}" in log, name

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save as st_save
 
 from aggregator.checkpoint import Checkpoint, CheckpointError, CheckpointStore, config_fingerprint
 from aggregator.config import AggregatorConfig
@@ -98,6 +100,47 @@ def test_checkpoint_round_trips_params_round_and_rng(tmp_path: Path) -> None:
     assert (tmp_path / "checkpoint.json").exists()
 
 
+def test_checkpoint_round_trips_the_download_residual(tmp_path: Path) -> None:
+    fp = config_fingerprint(AggregatorConfig())
+    residual = {
+        n: np.full(v.shape, 1e-4, np.float32) * (i + 1) for i, (n, v) in enumerate(PARAMS.items())
+    }
+    CheckpointStore(tmp_path).save(replace(_ckpt(fp), residual=residual))
+
+    loaded = CheckpointStore(tmp_path).load(fp)
+
+    assert loaded is not None and loaded.residual is not None
+    assert loaded.params.keys() == PARAMS.keys()  # the residual is not part of the model
+    assert loaded.model_hash == tensors_hash(PARAMS)
+    assert all(np.array_equal(loaded.residual[k], residual[k]) for k in PARAMS)
+
+
+def test_checkpoint_written_before_download_deltas_loads_without_a_residual(
+    tmp_path: Path,
+) -> None:
+    fp = config_fingerprint(AggregatorConfig())
+    ck = _ckpt(fp)
+    # Exactly what the previous version wrote: the parameters and the JSON document only.
+    doc = {"format": 1, "round": ck.round, "model_hash": ck.model_hash,
+           "rng_state": ck.rng_state, "fingerprint": fp, "history": ck.history}  # fmt: skip
+    blob = st_save(dict(PARAMS), metadata={"fedmq": json.dumps(doc)})
+    (tmp_path / "checkpoint.safetensors").write_bytes(blob)
+
+    loaded = CheckpointStore(tmp_path).load(fp)
+
+    assert loaded is not None and loaded.round == 4 and loaded.residual is None
+    assert all(np.array_equal(loaded.params[k], PARAMS[k]) for k in PARAMS)
+
+
+def test_checkpoint_with_a_residual_of_another_shape_is_refused(tmp_path: Path) -> None:
+    fp = config_fingerprint(AggregatorConfig())
+    residual = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(3, np.float32)}
+    CheckpointStore(tmp_path).save(replace(_ckpt(fp), residual=residual))
+
+    with pytest.raises(CheckpointError, match="residual does not match"):
+        CheckpointStore(tmp_path).load(fp)
+
+
 def test_checkpoint_of_other_settings_is_refused(tmp_path: Path) -> None:
     CheckpointStore(tmp_path).save(_ckpt(config_fingerprint(AggregatorConfig())))
     other = config_fingerprint(replace(AggregatorConfig(), model="cnn"))
@@ -152,10 +195,13 @@ def test_applied_round_leaves_the_journal_for_the_checkpoint(tmp_path: Path) -> 
     d.accepted(1, "pi-0", 10, b"frame")
     state.accept("pi-0", 10)
 
-    d.applied(state, PARAMS, tensors_hash(PARAMS), rng)
+    residual = {n: np.full(v.shape, 0.5, np.float32) for n, v in PARAMS.items()}
+    d.applied(state, PARAMS, tensors_hash(PARAMS), rng, residual)
     restored = Durability(tmp_path, cfg).restore()
 
     assert restored.checkpoint is not None and restored.checkpoint.round == 1
+    assert restored.checkpoint.residual is not None
+    assert all(np.array_equal(restored.checkpoint.residual[n], residual[n]) for n in PARAMS)
     assert restored.checkpoint.history == [{"round": 1, "accepted": {"pi-0": 10}}]
     assert restored.open_round is None
     assert not (tmp_path / "journal" / "round-1.jsonl").exists()

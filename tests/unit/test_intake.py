@@ -361,6 +361,16 @@ def test_slowest_train_s_is_the_maximum() -> None:
     assert intake.slowest_train_s() == 7.5
 
 
+def test_reported_download_bytes_are_collected_and_bad_reports_count_zero() -> None:
+    intake = _intake()
+    intake.offer(ROUND, "c1", _update("c1", meta={"download_bytes": 40_000}))
+    intake.offer(ROUND, "c2", _update("c2", meta={"train_loss": 0.1}))  # an older agent
+    intake.offer(ROUND, "c3", _update("c3", meta={"download_bytes": "lots"}))
+
+    assert intake.acc.count == 3
+    assert intake.download_reports() == [40_000, None, 0]
+
+
 # --- offer never raises ---------------------------------------------------------
 
 

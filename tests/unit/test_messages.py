@@ -75,6 +75,10 @@ SAMPLES: list[Message] = [
         train_loss=0.42,
         test_accuracy=0.91,
         bytes_up=12345,
+        bytes_down=81_000,
+        model_bytes=228_000,
+        delta_bytes=40_000,
+        download_codec="int8",
         round_time_s=3.5,
         codec="int8",
         model_hash=HASH,
@@ -117,6 +121,20 @@ def test_defaults_survive_round_trip() -> None:
 
     assert decoded.reason == ""
     assert decoded.schema == SCHEMA
+
+
+def test_messages_from_before_global_deltas_still_decode() -> None:
+    metrics = json.loads(SAMPLES[-1].to_json())
+    for key in ("model_bytes", "delta_bytes", "download_codec"):
+        del metrics[key]
+    start = json.loads(_round_start().to_json())
+    del start["download_codec"]
+
+    old_metrics = decode(json.dumps(metrics).encode(), RoundMetrics)
+    old_start = decode(json.dumps(start).encode(), RoundStart)
+
+    assert (old_metrics.model_bytes, old_metrics.delta_bytes) == (0, 0)
+    assert old_start.download_codec == "none"  # an older aggregator: full models only
 
 
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:

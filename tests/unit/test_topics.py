@@ -46,6 +46,7 @@ def test_protocol_prefix_is_fl_v1() -> None:
         ("aggregator_status", "fl/v1/lab-1/aggregator/status"),
         ("global_meta", "fl/v1/lab-1/global/meta"),
         ("global_model", "fl/v1/lab-1/global/model"),
+        ("global_delta", "fl/v1/lab-1/global/delta"),
         ("metrics", "fl/v1/lab-1/metrics"),
         ("round_start_any", "fl/v1/lab-1/round/+/start"),
         ("update_any", "fl/v1/lab-1/round/+/update/+"),
@@ -160,6 +161,7 @@ def test_parse_round_trips_federation_level_builders(fed: str) -> None:
         topics.aggregator_status: "aggregator_status",
         topics.global_meta: "global_meta",
         topics.global_model: "global_model",
+        topics.global_delta: "global_delta",
         topics.metrics: "metrics",
     }
 

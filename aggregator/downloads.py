@@ -1,0 +1,153 @@
+"""What agents download after each round: the full model, a compact global delta, the meta.
+
+Each new global model is published, in this order, all retained:
+
+1. ``global/model``: the full fp32 model, for agents that join late or fell behind;
+2. ``global/delta``: the step from the previous global model, quantized with the download
+   codec (``shared/global_delta.py``; int8 by default, with server-side error feedback), for
+   agents that hold the previous model: ≥ 4× smaller. Cleared when there is none (the
+   initial or a resumed model, ``--download-codec none``, or a delta that failed its check);
+3. ``global/meta``.
+
+With a download codec the published model *is* the quantized path (previous model + decoded
+step): the aggregator continues from exactly what the agents hold. With ``none`` it is the
+exact FedAvg result and nothing but the full model and the meta is published.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from aggregator.onnx_export import model_frame
+from shared import messages as msg
+from shared.codec import FrameError, tensors_hash
+from shared.global_delta import delta_frame, server_step
+from shared.signing import sign_model
+from shared.topics import Topics
+
+log = logging.getLogger("fedmq.aggregator.downloads")
+
+Tensors = dict[str, np.ndarray]
+Publish = Callable[..., None]  # (topic, payload, retain=...) like AggregatorService._publish
+
+_UNKNOWN = -2  # what the broker retains on global/delta is unknown (e.g. after a restart)
+_CLEARED = -1
+
+
+class GlobalDownloads:
+    """Computes the published model of each round and publishes what agents download."""
+
+    def __init__(
+        self,
+        federation: str,
+        spec: msg.ModelSpec,
+        codec: str,
+        seed: int,
+        signing_key: Ed25519PrivateKey | None,
+    ) -> None:
+        self.federation = federation
+        self.topics = Topics(federation)
+        self.spec = spec
+        self.codec = codec
+        self.seed = seed
+        self.signing_key = signing_key
+        self.residual: Tensors | None = None  # server error feedback (persisted)
+        self.model_frame = b""
+        self._delta: tuple[int, bytes] | None = None  # (round, frame) leading to that round
+        self._retained_delta = _UNKNOWN  # round whose delta the broker retains
+
+    def sign(self, round_id: int, model_hash: str) -> str:
+        """Ed25519 signature over (federation, round, hash); "" without a signing key."""
+        if self.signing_key is None:
+            return ""
+        return sign_model(self.signing_key, self.federation, round_id, model_hash)
+
+    def advance(
+        self, old: Tensors, old_hash: str, old_round: int, target: Tensors, new_round: int
+    ) -> tuple[Tensors, str]:
+        """The model to publish after ``new_round`` (and its hash); prepares the delta frame."""
+        self._delta = None
+        if self.codec == "none":
+            self.residual = None
+            return target, tensors_hash(target)
+        try:
+            step = server_step(
+                old, target, self.residual, codec=self.codec, seed=self.seed, round_id=new_round
+            )
+        except FrameError as exc:  # e.g. a step outside the fp16 range
+            log.error(
+                "round %d: no global delta (%s); agents download the full model", new_round, exc
+            )
+            self.residual = None
+            return target, tensors_hash(target)
+        self.residual = step.residual
+        try:
+            frame = delta_frame(
+                step,
+                federation=self.federation,
+                base_hash=old_hash,
+                base_round=old_round,
+                signature=self.sign(new_round, step.model_hash),
+            )
+        except FrameError as exc:
+            log.error(
+                "round %d: global delta withheld (%s); agents download the full model",
+                new_round,
+                exc,
+            )
+        else:
+            self._delta = (new_round, frame)
+        return step.published, step.model_hash
+
+    def delta_bytes(self, round_id: int) -> int:
+        """Size of the delta frame that leads to ``round_id``'s model (0: none)."""
+        return len(self._delta[1]) if self._delta and self._delta[0] == round_id else 0
+
+    def publish(
+        self, round_id: int, params: Tensors, model_hash: str, final: bool, publish: Publish
+    ) -> None:
+        """Publish the full model, the delta (or clear it) and the meta of ``round_id``."""
+        signature = self.sign(round_id, model_hash)
+        frame = model_frame(
+            self.federation,
+            round_id,
+            self.spec,
+            params,
+            model_hash=model_hash,
+            signature=signature,
+        )
+        self.model_frame = frame
+        publish(self.topics.global_model, frame, retain=True)
+        delta = self._delta[1] if self._delta and self._delta[0] == round_id else None
+        if delta is not None and self._retained_delta != round_id:
+            publish(self.topics.global_delta, delta, retain=True)
+            self._retained_delta = round_id
+        elif delta is None and self._retained_delta != _CLEARED:
+            # No stale delta next to this model: agents that missed it fetch the full model.
+            publish(self.topics.global_delta, b"", retain=True)
+            self._retained_delta = _CLEARED
+        meta = msg.GlobalMeta(
+            federation=self.federation,
+            round=round_id,
+            model_hash=model_hash,
+            model=self.spec,
+            nbytes=len(frame),
+            final=final,
+            signature=signature,
+        )
+        publish(self.topics.global_meta, meta.to_json(), retain=True)
+
+
+def bytes_down(reports: Sequence[int | None], model_bytes: int, online: int) -> int:
+    """Downloads of a round's accepted agents: what they report, else one full model each.
+
+    When no agent reports (older agents), the estimate from before deltas existed: one full
+    model frame per online agent.
+    """
+    if all(r is None for r in reports):
+        return model_bytes * max(online, 1)
+    return sum(model_bytes if r is None else r for r in reports)
