@@ -29,16 +29,29 @@ from shared.codec import FrameHeader, decode_frame, encode_frame
 from shared.global_delta import DOWNLOAD_CODECS
 from shared.local_broker import LocalBroker
 
-DEFAULT_CODECS = "fp32,int8,topk8:0.01,topk1:0.02@warmup2,topk1:0.025@warmup1"
-# Sized for ~30 minutes on a 2-core machine (10 agents share the cores).
-SIZING = {"lenet5": {"rounds": 10, "samples": 2000}, "cnn": {"rounds": 4, "samples": 500}}
+# Per model: the codecs compared by default, and rounds × samples per client sized for
+# ≤ ~30 minutes on a 2-core machine (10 agents share the cores). The rank / density of the
+# compressed codecs is chosen for ≥ 100× fewer upload bytes than fp32 on that model.
+SIZING: dict[str, dict[str, Any]] = {
+    "lenet5": {
+        "rounds": 10,
+        "samples": 2000,
+        "codecs": "fp32,int8,topk1:0.025@warmup1,lowrank:4+int4",
+    },
+    "cnn": {"rounds": 10, "samples": 1000, "codecs": "fp32,lowrank:16+int4"},
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags: the demo's task flags plus the codecs to compare."""
     add_task_arguments(p)
     p.set_defaults(rounds=None)
-    p.add_argument("--codecs", default=DEFAULT_CODECS, help="comma-separated codec names")
+    p.add_argument(
+        "--codecs",
+        help="comma-separated codec names (default per model: "
+        + "; ".join(f"{m}: {v['codecs']}" for m, v in SIZING.items())
+        + ")",
+    )
     p.add_argument(
         "--download-codec",
         default="int8",
@@ -57,6 +70,7 @@ def run_compression(args: argparse.Namespace) -> int:
     args.rounds = args.rounds or sizing["rounds"]
     if args.samples_per_client is None:
         args.samples_per_client = sizing["samples"]
+    args.codecs = args.codecs or sizing["codecs"]
     args.samples_per_client = args.samples_per_client or None  # 0: each client's whole share
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
     out: Path = args.out or Path("runs") / datetime.now().strftime("compression-%Y%m%d-%H%M%S")
@@ -70,7 +84,7 @@ def run_compression(args: argparse.Namespace) -> int:
         row.update(_throughput(args, codec))
         rows.append(row)
         print(f"    {json.dumps(row)}", flush=True)
-    _relative_to_fp32(rows)
+    _relative_to_fp32(rows, _raw_fp32_bytes(args.model))
     command = "fedmq bench compression " + " ".join(
         f"--{k.replace('_', '-')} {v}"
         for k, v in (
@@ -120,7 +134,13 @@ def _run_one(
         "download_codec": run_args.download_codec,
         "finished": aggregator.returncode == 0 and len(rounds) == args.rounds,
         "rounds": len(rounds),
-        "bytes_up_per_client_round": sum(int(r["bytes_up"]) for r in rounds) / updates,
+        # The accepted update frames (what a codec costs). Under load agents re-send updates
+        # whose receipt is late; those re-sends are in bytes_up, not in this figure.
+        "bytes_up_per_client_round": sum(
+            int(r.get("update_bytes") or r["bytes_up"]) for r in rounds
+        )
+        / updates,
+        "bytes_received_per_client_round": sum(int(r["bytes_up"]) for r in rounds) / updates,
         # Measured: what the agents report having downloaded (models and deltas, round 1's
         # full initial model included), per accepted update.
         "bytes_down_per_client_round": sum(int(r["bytes_down"]) for r in rounds) / updates,
@@ -142,6 +162,15 @@ def _run_one(
 def download_codec(codec: str, requested: str) -> str:
     """The download codec of a codec's run: ``none`` for the fp32 baseline."""
     return "none" if codec == "fp32" else requested
+
+
+def _raw_fp32_bytes(model: str) -> int:
+    """4 bytes per parameter: what an uncompressed fp32 update carries (Flower sends this)."""
+    from shared.modelio import param_shapes
+    from shared.models import build_model
+
+    shapes = param_shapes(build_model(model, (1, 28, 28), 10))
+    return 4 * sum(int(np.prod(s)) for s in shapes.values())
 
 
 def _throughput(args: argparse.Namespace, codec: str, repeats: int = 5) -> dict[str, float]:
@@ -172,11 +201,14 @@ def _throughput(args: argparse.Namespace, codec: str, repeats: int = 5) -> dict[
     }
 
 
-def _relative_to_fp32(rows: list[dict[str, Any]]) -> None:
+def _relative_to_fp32(rows: list[dict[str, Any]], raw_fp32: int) -> None:
+    """Ratios against the fp32 run's frames (zstd'd) and against raw fp32 (4 bytes/param)."""
     base = next((r for r in rows if r["codec"] == "fp32"), None)
     for r in rows:
         up = r["bytes_up_per_client_round"]
         r["ratio_vs_fp32"] = (base["bytes_up_per_client_round"] / up) if base and up else None
+        r["raw_fp32_bytes"] = raw_fp32
+        r["ratio_vs_raw_fp32"] = raw_fp32 / up if up else None
         down = r["bytes_down_per_client_round"]
         r["down_ratio_vs_fp32"] = (
             (base["bytes_down_per_client_round"] / down) if base and down else None
@@ -191,12 +223,14 @@ def markdown_table(rows: list[dict[str, Any]], command: str) -> str:
         f"`{command}`",
         "",
         "| codec | download | bytes up / client-round | bytes down / client-round "
-        "| bytes down, rounds ≥ 2 | up ratio vs fp32 | down ratio vs fp32 "
-        "| final test acc | Δacc vs fp32 (points) | encode MB/s | decode MB/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bytes down, rounds ≥ 2 | up ratio vs fp32 frames | up ratio vs raw fp32 "
+        "| down ratio vs fp32 | final test acc | Δacc vs fp32 (points) | encode MB/s "
+        "| decode MB/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         ratio = f"{r['ratio_vs_fp32']:.1f}×" if r.get("ratio_vs_fp32") else "–"
+        raw = f"{r['ratio_vs_raw_fp32']:.1f}×" if r.get("ratio_vs_raw_fp32") else "–"
         down_ratio = f"{r['down_ratio_vs_fp32']:.1f}×" if r.get("down_ratio_vs_fp32") else "–"
         acc = r["final_test_accuracy"]
         diff = r.get("accuracy_diff_vs_fp32")
@@ -204,7 +238,8 @@ def markdown_table(rows: list[dict[str, Any]], command: str) -> str:
             f"| `{r['codec']}` | `{r.get('download_codec', 'none')}` "
             f"| {r['bytes_up_per_client_round']:,.0f} "
             f"| {r['bytes_down_per_client_round']:,.0f} "
-            f"| {r.get('bytes_down_per_client_round_after_1', 0):,.0f} | {ratio} | {down_ratio} "
+            f"| {r.get('bytes_down_per_client_round_after_1', 0):,.0f} | {ratio} | {raw} "
+            f"| {down_ratio} "
             f"| {'–' if acc is None else f'{100 * acc:.2f}%'} "
             f"| {'–' if diff is None else f'{100 * diff:+.2f}'} "
             f"| {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} |"

@@ -349,6 +349,7 @@ class AggregatorService:
             test_accuracy=evaluation.accuracy if evaluation else None,
             test_loss=evaluation.loss if evaluation else None,
             bytes_up=intake.bytes_received,
+            update_bytes=sum(u.nbytes for u in intake.stats),
             bytes_down=closed.bytes_down,
             model_bytes=len(closed.frame),
             delta_bytes=closed.delta_bytes,

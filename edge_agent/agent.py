@@ -23,13 +23,17 @@ from edge_agent.model_sync import ModelSync
 from edge_agent.outbox import Outbox, receipt_is_final
 from shared import messages as msg
 from shared import topics
-from shared.codec import FrameError, FrameHeader, encode_frame
+from shared.codec import FrameError, FrameHeader, encode_frame, read_header
 from shared.data import ArrayDataset, load_device_data, train_val_split
 from shared.signing import load_public_key
 from shared.sparsify import is_sparse
 from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound
 
 log = logging.getLogger("fedmq.agent")
+
+# Rejections that say the update came too late, not that it was wrong: its mass is still owed
+# (an invalid or over-large update is not given back, it would only be refused again).
+MISSED_REASONS = ("late", "stale", "no round")
 
 Tensors = dict[str, np.ndarray]
 
@@ -182,8 +186,11 @@ class EdgeAgent:
             return
         self.announcement = ann
         self.sync.on_announcement(ann.round, ann.base_hash, ann.download_codec)
-        for old in self.outbox.drop_before(ann.round):
-            log.info("round %d is over: its unacknowledged update is dropped", old)
+        for old in self.outbox.rounds():
+            if old < ann.round:
+                self._give_back(old)
+                log.info("round %d is over: its unacknowledged update is dropped", old)
+        self.outbox.drop_before(ann.round)
         stored = self.outbox.base_hash(ann.round)
         if stored is not None and stored != ann.base_hash:
             # Another run of the federation (or a rolled-back aggregator): train afresh.
@@ -207,8 +214,22 @@ class EdgeAgent:
             f" ({receipt.reason})" if receipt.reason else "",
         )
         if receipt_is_final(receipt.status, receipt.reason):
+            if not counted and receipt.reason.startswith(MISSED_REASONS):
+                self._give_back(receipt.round)
             self.outbox.remove(receipt.round)
             self.sent_at.pop(receipt.round, None)
+
+    def _give_back(self, round_id: int) -> None:
+        """Return an uncounted top-k / low-rank update's mass to the residual (sent later)."""
+        payload = self.outbox.get(round_id)
+        if payload is None:
+            return
+        try:
+            if is_sparse(read_header(payload).codec):
+                self.feedback.give_back(payload)
+                log.info("round %d: its uncounted update goes back into the residual", round_id)
+        except FrameError as exc:
+            log.warning("round %d: stored update unreadable (%s)", round_id, exc)
 
     def _on_aggregator_status(self, item: Inbound) -> None:
         status = msg.decode(item.payload, msg.AggregatorStatus)

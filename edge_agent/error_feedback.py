@@ -167,6 +167,26 @@ class DeviceFeedback:
 
         sent = decode_frame(payload, max_bytes=len(payload)).tensors
         self.ef.update(compensated, sent)
+        self._save()
+
+    def give_back(self, payload: bytes) -> None:
+        """An update that never reached the model (late, dropped): its mass is owed again.
+
+        Adds what ``payload`` carried back to the residual, so the next update sends it:
+        error feedback then conserves mass across lost rounds too.
+        """
+        from shared.codec import decode_frame
+
+        sent = decode_frame(payload, max_bytes=len(payload)).tensors
+        ef = self.ef
+        if ef.residual and set(ef.residual) != set(sent):
+            log.warning("not giving back an update of another model layout")
+            return
+        for name, value in sent.items():
+            ef.residual[name] = ef.residual.get(name, np.zeros_like(value)) + value
+        self._save()
+
+    def _save(self) -> None:
         try:
             self.store.save(self.ef)
         except OSError as exc:  # a full or read-only disk must not stop training

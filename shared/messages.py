@@ -147,7 +147,8 @@ class RoundMetrics(Message, frozen=True, kw_only=True):
     local_val_accuracy: float | None = None
     test_accuracy: float | None = None
     test_loss: float | None = None
-    bytes_up: NonNeg = 0
+    bytes_up: NonNeg = 0  # every update payload received, re-sends and rejected ones included
+    update_bytes: NonNeg = 0  # the accepted update frames, each counted once
     # Global models and deltas the round's accepted agents downloaded since their previous
     # update, as they report it (an agent that does not report counts one full model; when
     # none reports: the old estimate, full model frame × online agents).

@@ -470,6 +470,22 @@ def test_residual_survives_restart(tmp_path: Path) -> None:
     assert not list((tmp_path / "state").glob(".residual-*"))  # no temp files left
 
 
+@pytest.mark.parametrize("name", ["topk:0.2", "lowrank:1+int4"])
+def test_a_lost_update_goes_back_into_the_residual(tmp_path: Path, name: str) -> None:
+    """Late or dropped: what the frame carried is owed again, so nothing is lost."""
+    device = DeviceFeedback(tmp_path / "state", "lab")
+    delta = {"w": np.random.default_rng(7).normal(size=(6, 10)).astype(np.float32)}
+    comp = device.compensate(delta)
+    payload = encode_frame(_header(name), comp)
+    device.commit(comp, payload)
+
+    device.give_back(payload)
+
+    np.testing.assert_allclose(device.ef.residual["w"], delta["w"], atol=1e-6)
+    again = DeviceFeedback(tmp_path / "state", "lab")  # persisted
+    np.testing.assert_allclose(again.ef.residual["w"], delta["w"], atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "content", [b"", b"garbage", b"PK\x03\x04broken zip", b"\x93NUMPY\x01\x00"]
 )
