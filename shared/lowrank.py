@@ -15,19 +15,22 @@ matrix of output channels × everything else):
 
 - ``k = min(r, m, n)``; when ``k·(m + n) < m·n`` the tensor is factorised: truncated SVD
   ``X ≈ U_k Σ_k V_kᵀ``, ``P = U_k √Σ_k`` (m × k), ``Q = V_k √Σ_k`` (n × k), each column of P
-  and Q quantised symmetrically to int8 (±127) or int4 (±7) with its own fp32 scale and
-  nearest rounding. The encoder also tries Q refitted by least squares to the quantised P
-  (``Q* = Xᵀ P̂ (P̂ᵀ P̂)⁺``) and keeps whichever reconstructs X better.
-  Bytes: ``scales_P (k × f32) | scales_Q (k × f32) | codes_P (m·k) | codes_Q (n·k)``, codes
+  and Q quantised symmetrically to int8 (±127) or int4 (±7) with its own fp16 scale (rounded
+  up, so no code clips) and nearest rounding. The encoder also tries Q refitted by least
+  squares to the quantised P (``Q* = Xᵀ P̂ (P̂ᵀ P̂)⁺``) and keeps whichever is closer to X.
+  Bytes: ``scales_P (k × f16) | scales_Q (k × f16) | codes_P (m·k) | codes_Q (n·k)``, codes
   row-major, int4 packed two per byte (high nibble first, −8 never used, zero padding).
   ``params = {"rank": k, "rows": m, "bits": 8|4}``.
-- otherwise (vectors, biases, tiny matrices) the tensor is sent dense with the int8 codec
+- otherwise (vectors, biases, tiny matrices — or factors whose scales would overflow fp16)
+  the tensor is sent dense with the int8 codec
   (blockwise, stochastic rounding): ``params = {"rank": 0, "block": 256}``.
 
 Error bound (factorised tensors): with σ the singular values of X and L = 127 or 7,
 ``‖X − X̂‖_F ≤ √(Σ_{i>k} σ_i²) + √σ₁ (e_P + e_Q) + e_P e_Q``, where
-``e_P = √(m Σ_{i≤k} σ_i) / (2L)`` and ``e_Q = √(n Σ_{i≤k} σ_i) / (2L)`` (the truncation
-error plus the quantisation of factors whose entries are at most √σ_j in magnitude). Large
+``e_P = (1 + 2⁻¹⁰) √(m Σ_{i≤k} σ_i) / (2L)`` and likewise ``e_Q`` with n (the truncation
+error plus the quantisation of factors whose entries are at most √σ_j in magnitude; 2⁻¹⁰ is
+the fp16 rounding-up of the scales — below fp16's normal range, 6.1·10⁻⁵, add 3·10⁻⁸ per
+entry). Large
 matrices (both sides > 128) use a randomised SVD (Halko et al. 2011: 8 extra columns, two
 power iterations), whose truncation error is within a small factor of the optimum; the
 quantisation term is unchanged.
@@ -52,6 +55,7 @@ NAME_RE = re.compile(r"lowrank:(?P<rank>[1-9][0-9]{0,3})(?:\+(?P<values>int8|int
 _LEVELS = {8: 127, 4: 7}
 _EXACT_SVD_MAX = 128  # min(m, n) up to this: exact SVD; above: randomised
 _DENSE = Int8Codec()
+_FP16_MAX = 65504.0
 
 
 class LowRankCodec:
@@ -81,6 +85,16 @@ class LowRankCodec:
             params, data = _DENSE.encode(arr.ravel().astype(np.float32), rng)
             return {"rank": 0, **params}, data
         x = arr.reshape(m, n).astype(np.float64)
+        try:
+            return self._factorise(x, k, rng)
+        except CodecError:  # factors beyond fp16 scales: values that large go dense
+            params, data = _DENSE.encode(arr.ravel().astype(np.float32), rng)
+            return {"rank": 0, **params}, data
+
+    def _factorise(
+        self, x: np.ndarray, k: int, rng: np.random.Generator
+    ) -> tuple[dict[str, Any], bytes]:
+        m = x.shape[0]
         p, q = _factors(x, k, rng)
         level = _LEVELS[self.bits]
         p_codes, p_scale = _quantise(p, level)
@@ -93,7 +107,7 @@ class LowRankCodec:
             q_codes, q_scale = r_codes, r_scale
         codes = np.concatenate([p_codes.ravel(), q_codes.ravel()]).astype(np.int8)
         packed = pack_nibbles(codes) if self.bits == 4 else codes
-        scales = np.concatenate([p_scale, q_scale]).astype("<f4")
+        scales = np.concatenate([p_scale, q_scale]).astype("<f2")
         return {"rank": k, "rows": m, "bits": self.bits}, scales.tobytes() + packed.tobytes()
 
     # --- sizes and decode --------------------------------------------------------------
@@ -103,7 +117,7 @@ class LowRankCodec:
         if k == 0:
             return _DENSE.encoded_size(numel, _dense_params(params))
         ncodes = k * (m + n)
-        return 8 * k + (ncodes if bits == 8 else -(-ncodes // 2))
+        return 4 * k + (ncodes if bits == 8 else -(-ncodes // 2))
 
     def decode(self, buf: memoryview, numel: int, params: dict[str, Any]) -> np.ndarray:
         """``P̂ Q̂ᵀ`` flattened (or the dense int8 values)."""
@@ -112,12 +126,12 @@ class LowRankCodec:
             return _DENSE.decode(buf, numel, _dense_params(params))
         if len(buf) != self.encoded_size(numel, params):
             raise CodecError(f"low-rank tensor is {len(buf)} bytes, params imply another size")
-        raw_scales = np.frombuffer(buf, dtype="<f4", count=2 * k)
+        raw_scales = np.frombuffer(buf, dtype="<f2", count=2 * k)
         if not np.isfinite(raw_scales).all() or (raw_scales < 0).any():
             raise CodecError("low-rank factor scales must be finite and non-negative")
         scales = raw_scales.astype(np.float64)
         ncodes = k * (m + n)
-        raw = np.frombuffer(buf, dtype=np.int8, offset=8 * k)
+        raw = np.frombuffer(buf, dtype=np.int8, offset=4 * k)
         codes = unpack_nibbles(raw, ncodes) if bits == 4 else raw[:ncodes]
         level = _LEVELS[bits]
         if ncodes and int(np.abs(codes.astype(np.int16)).max()) > level:
@@ -149,8 +163,18 @@ def _factors(x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarra
 
 
 def _quantise(a: np.ndarray, level: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column symmetric codes (nearest rounding) and fp32 scales ``max|col| / level``."""
-    scale = (np.abs(a).max(axis=0) / level).astype(np.float32).astype(np.float64)
+    """Per-column symmetric codes (nearest rounding) and fp16 scales ``≥ max|col| / level``.
+
+    The scale is rounded *up* to the next fp16 value, so no code needs clipping; a column
+    whose scale would overflow fp16 raises CodecError (the caller sends the tensor dense).
+    """
+    exact = np.abs(a).max(axis=0) / level
+    if exact.size and float(exact.max()) > _FP16_MAX:
+        raise CodecError("factor scale exceeds the fp16 range")
+    half = exact.astype(np.float16)
+    low = half.astype(np.float64) < exact
+    half[low] = np.nextafter(half[low], np.float16(np.inf))
+    scale = half.astype(np.float64)
     safe = np.where(scale > 0, scale, 1.0)
     codes = np.clip(np.rint(a / safe), -level, level)
     return codes, scale

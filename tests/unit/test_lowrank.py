@@ -52,7 +52,8 @@ def _bound(x: np.ndarray, k: int, level: int) -> float:
     tail = float(np.sqrt(np.sum(s[k:] ** 2)))
     head = float(np.sum(s[:k]))
     m, n = x.shape
-    e_p, e_q = np.sqrt(m * head) / (2 * level), np.sqrt(n * head) / (2 * level)
+    up = 1 + 2**-10  # fp16 scales, rounded up
+    e_p, e_q = up * np.sqrt(m * head) / (2 * level), up * np.sqrt(n * head) / (2 * level)
     return tail + float(np.sqrt(s[0])) * (e_p + e_q) + e_p * e_q
 
 
@@ -94,6 +95,15 @@ def test_randomised_svd_on_a_large_matrix_is_near_optimal() -> None:
 
     assert params["rank"] == 4
     assert np.linalg.norm(got - x) <= 1.05 * _bound(x, 4, 127)
+
+
+def test_factors_beyond_fp16_scales_are_sent_dense() -> None:
+    x = np.full((20, 30), 1e12, np.float32)  # factor entries ≈ 1e6: scales beyond fp16
+
+    params, got = _round_trip(parse("lowrank:2+int4"), x)
+
+    assert params["rank"] == 0
+    np.testing.assert_allclose(got, x, rtol=1e-2)
 
 
 def test_vectors_and_small_matrices_are_sent_dense() -> None:
@@ -209,7 +219,7 @@ def test_bad_scales_raise_codec_error(bad: float) -> None:
         np.random.default_rng(0),
     )
     raw = bytearray(data)
-    raw[0:4] = struct.pack("<f", bad)
+    raw[0:2] = struct.pack("<e", bad)
 
     with pytest.raises(CodecError, match="scales"):
         codec.decode(memoryview(bytes(raw)), 600, params)
@@ -222,7 +232,7 @@ def test_int4_minus_eight_is_rejected() -> None:
         np.random.default_rng(0),
     )
     raw = bytearray(data)
-    raw[16] = 0x88  # first codes byte after 4 scales: two nibbles of -8
+    raw[8] = 0x88  # first codes byte, after 4 fp16 scales: two nibbles of -8
 
     with pytest.raises(CodecError, match="out of range"):
         codec.decode(memoryview(bytes(raw)), 600, params)
