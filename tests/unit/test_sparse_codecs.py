@@ -43,6 +43,9 @@ SPARSE = [
     "topk8:0.01@warmup3x4",
     "topk1:0.01/min16@warmup2",
 ]
+# Every biased codec (error feedback on the device): the frame-level robustness and
+# mass-conservation properties below hold for all of them.
+BIASED = [*SPARSE, "lowrank:1", "lowrank:2+int4", "lowrank:3+int8"]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 values = st.floats(-1e3, 1e3, width=32, allow_nan=False, allow_infinity=False)
 flats = hnp.arrays(np.float32, st.integers(0, 600), elements=values)
@@ -300,7 +303,9 @@ def test_dense_codecs_are_not_sparse() -> None:
 
 def _one_tensor_frame(name: str = "topk8:0.1") -> tuple[dict[str, Any], bytes]:
     rng = np.random.default_rng(1)
-    return _split(encode_frame(_header(name), {"w": rng.normal(size=500).astype(np.float32)}))
+    # A matrix, so that low-rank codecs factorise it (top-k treats it as 500 values).
+    w = rng.normal(size=(20, 25)).astype(np.float32)
+    return _split(encode_frame(_header(name), {"w": w}))
 
 
 @pytest.mark.parametrize(
@@ -376,7 +381,7 @@ def test_int4_minus_eight_is_rejected() -> None:
         codec.decode(memoryview(bytes(tampered)), 2, params)
 
 
-@pytest.mark.parametrize("name", SPARSE)
+@pytest.mark.parametrize("name", BIASED)
 def test_every_truncation_raises_frame_error(name: str) -> None:
     payload = encode_frame(_header(name), _tensors())
 
@@ -386,7 +391,7 @@ def test_every_truncation_raises_frame_error(name: str) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(name=st.sampled_from(SPARSE), data=st.data())
+@given(name=st.sampled_from(BIASED), data=st.data())
 def test_random_body_bytes_never_crash(name: str, data: st.DataObject) -> None:
     head, body = _one_tensor_frame(name)
     junk = data.draw(st.binary(min_size=len(body), max_size=len(body)))
@@ -399,7 +404,7 @@ def test_random_body_bytes_never_crash(name: str, data: st.DataObject) -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(name=st.sampled_from(SPARSE), pos=st.integers(0, 10_000), byte=st.integers(0, 255))
+@given(name=st.sampled_from(BIASED), pos=st.integers(0, 10_000), byte=st.integers(0, 255))
 def test_mutated_frame_decodes_or_raises_frame_error(name: str, pos: int, byte: int) -> None:
     payload = bytearray(encode_frame(_header(name), _tensors()))
     payload[pos % len(payload)] = byte
@@ -413,27 +418,27 @@ def test_mutated_frame_decodes_or_raises_frame_error(name: str, pos: int, byte: 
 
 @FAST
 @given(
-    name=st.sampled_from(SPARSE),
+    name=st.sampled_from(BIASED),
     rounds=st.lists(st.integers(0, 2**31), min_size=1, max_size=4),
 )
 def test_error_feedback_conserves_mass(name: str, rounds: list[int]) -> None:
     ef = ErrorFeedback()
-    total_in = np.zeros(50, np.float64)
-    total_sent = np.zeros(50, np.float64)
+    total_in = np.zeros((5, 10), np.float64)
+    total_sent = np.zeros((5, 10), np.float64)
     for seed in rounds:
-        delta = {"w": np.random.default_rng(seed).normal(0, 1, 50).astype(np.float32)}
-        old = ef.residual.get("w", np.zeros(50, np.float32)).copy()
+        delta = {"w": np.random.default_rng(seed).normal(0, 1, (5, 10)).astype(np.float32)}
+        old = ef.residual.get("w", np.zeros((5, 10), np.float32)).copy()
         comp = ef.compensate(delta)
         sent = decode_frame(encode_frame(_header(name), comp)).tensors
         ef.update(comp, sent)
 
         # sent + new residual == delta + old residual
         np.testing.assert_allclose(
-            sent["w"] + ef.residual["w"], delta["w"] + old, rtol=1e-6, atol=1e-6
+            sent["w"] + ef.residual["w"], delta["w"] + old, rtol=1e-5, atol=1e-5
         )
         total_in += delta["w"]
         total_sent += sent["w"]
-    np.testing.assert_allclose(total_sent + ef.residual["w"], total_in, atol=1e-5)
+    np.testing.assert_allclose(total_sent + ef.residual["w"], total_in, atol=1e-4)
 
 
 def test_error_feedback_eventually_sends_small_coordinates() -> None:
