@@ -186,11 +186,10 @@ class EdgeAgent:
             return
         self.announcement = ann
         self.sync.on_announcement(ann.round, ann.base_hash, ann.download_codec)
-        for old in self.outbox.rounds():
-            if old < ann.round:
-                self._give_back(old)
-                log.info("round %d is over: its unacknowledged update is dropped", old)
-        self.outbox.drop_before(ann.round)
+        # Its fate is unknown (a lost receipt may have said "accepted"): dropped, not given
+        # back to the residual, which could count its mass twice.
+        for old in self.outbox.drop_before(ann.round):
+            log.info("round %d is over: its unacknowledged update is dropped", old)
         stored = self.outbox.base_hash(ann.round)
         if stored is not None and stored != ann.base_hash:
             # Another run of the federation (or a rolled-back aggregator): train afresh.
@@ -220,7 +219,10 @@ class EdgeAgent:
             self.sent_at.pop(receipt.round, None)
 
     def _give_back(self, round_id: int) -> None:
-        """Return an uncounted top-k / low-rank update's mass to the residual (sent later)."""
+        """Return a refused top-k / low-rank update's mass to the residual (sent later).
+
+        Only on a receipt that says the update was not counted: then its mass is still owed.
+        """
         payload = self.outbox.get(round_id)
         if payload is None:
             return

@@ -170,7 +170,7 @@ class DeviceFeedback:
         self._save()
 
     def give_back(self, payload: bytes) -> None:
-        """An update that never reached the model (late, dropped): its mass is owed again.
+        """An update the aggregator refused as late or stale: its mass is owed again.
 
         Adds what ``payload`` carried back to the residual, so the next update sends it:
         error feedback then conserves mass across lost rounds too.
