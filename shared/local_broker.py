@@ -202,7 +202,8 @@ class LocalBroker:
         extra_config: str = "",
     ) -> None:
         """Prepare (but do not start) a broker; ``port=None`` picks a free port at start()."""
-        self.workdir = Path(workdir)
+        # Absolute: mosquitto runs with its cwd here and must still find its config by name.
+        self.workdir = Path(workdir).absolute()
         self.host = LOOPBACK
         # Remember whether the port is ours to change: a caller-chosen port is never
         # silently replaced, an automatic one is re-picked if another process grabs it.

@@ -149,6 +149,15 @@ def test_restart_of_a_running_broker(broker: LocalBroker) -> None:
     assert broker.port == port
 
 
+def test_relative_workdir_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fedmq demo` passes runs/demo-…/broker: mosquitto (cwd = workdir) must find its config."""
+    require_mosquitto()
+    monkeypatch.chdir(tmp_path)
+    with LocalBroker(Path("runs") / "demo" / "broker") as broker:
+        assert broker.is_running()
+        assert broker.conf_path.is_absolute()
+
+
 def test_broken_template_reports_the_broker_error(tmp_path: Path) -> None:
     """A config mosquitto rejects raises BrokerError quoting mosquitto's own message."""
     require_mosquitto()
