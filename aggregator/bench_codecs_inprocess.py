@@ -2,9 +2,10 @@
 
 The federation of ``fedmq bench inprocess`` (same data, partition, validation hold-out, model,
 seeds and hyper-parameters), but every client update goes through exactly what an agent does:
-error feedback for sparse codecs (:class:`edge_agent.error_feedback.ErrorFeedback`, one per
-client), a real update frame (:func:`shared.codec.encode_frame`, with the agent's header: a
-64-hex base hash, client id, training meta) and :func:`shared.codec.decode_frame` on the
+error feedback for the biased codecs, top-k and low-rank
+(:class:`edge_agent.error_feedback.ErrorFeedback`, one per client), a real update frame
+(:func:`shared.codec.encode_frame`, with the agent's header: a 64-hex base hash, client id,
+training meta) and :func:`shared.codec.decode_frame` on the
 aggregator's side before FedAvg. So the bytes it reports are frame bytes as sent over MQTT and
 the accuracy is what the distributed run gets (up to training seeds). Codecs run one after
 another; prints one line per round and writes a JSON summary with ``--out``.
@@ -26,7 +27,7 @@ from aggregator.strategy import StreamingFedAvg
 from edge_agent.error_feedback import ErrorFeedback
 from shared.codec import FrameHeader, decode_frame, encode_frame, tensors_hash
 from shared.data import train_val_split
-from shared.sparsify import is_sparse
+from shared.sparsify import needs_error_feedback
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,7 +83,7 @@ def run_codec(args: argparse.Namespace, codec: str, splits: list[Any], test: Any
     model = build_model(args.model, test.input_shape, test.num_classes)
     params = get_params(model)
     feedback = [ErrorFeedback(momentum=args.ef_momentum) for _ in splits]
-    sparse = is_sparse(codec)
+    biased = needs_error_feedback(codec)
     rows = []
     print(f"--- {codec} (ef momentum {args.ef_momentum})")
     for r in range(1, args.rounds + 1):
@@ -104,7 +105,7 @@ def run_codec(args: argparse.Namespace, codec: str, splits: list[Any], test: Any
                 "val_samples": ev.num_samples,
             }
             delta = subtract(get_params(model), params)
-            if sparse:
+            if biased:
                 delta = feedback[i].compensate(delta)
             header = FrameHeader(
                 kind="update",
@@ -118,7 +119,7 @@ def run_codec(args: argparse.Namespace, codec: str, splits: list[Any], test: Any
             )
             payload = encode_frame(header, delta, rng=np.random.default_rng(r * 7919 + i))
             sent = decode_frame(payload).tensors
-            if sparse:
+            if biased:
                 feedback[i].update(delta, sent)
             nbytes.append(len(payload))
             acc.add(sent, len(shard))
@@ -140,7 +141,7 @@ def run_codec(args: argparse.Namespace, codec: str, splits: list[Any], test: Any
         )
     return {
         "codec": codec,
-        "ef_momentum": args.ef_momentum if sparse else 0.0,
+        "ef_momentum": args.ef_momentum if biased else 0.0,
         "final_accuracy": rows[-1]["test_accuracy"],
         "bytes_per_update": float(np.mean([x["bytes_per_update"] for x in rows])),
         "rounds": rows,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
 import subprocess
@@ -164,21 +165,23 @@ def download_codec(codec: str, requested: str) -> str:
     return "none" if codec == "fp32" else requested
 
 
-def _raw_fp32_bytes(model: str) -> int:
-    """4 bytes per parameter: what an uncompressed fp32 update carries (Flower sends this)."""
+@functools.cache
+def _model_shapes(model: str) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of ``model`` on 28×28 inputs, 10 classes (built once per process)."""
     from shared.modelio import param_shapes
     from shared.models import build_model
 
-    shapes = param_shapes(build_model(model, (1, 28, 28), 10))
-    return 4 * sum(int(np.prod(s)) for s in shapes.values())
+    return {n: tuple(s) for n, s in param_shapes(build_model(model, (1, 28, 28), 10)).items()}
+
+
+def _raw_fp32_bytes(model: str) -> int:
+    """4 bytes per parameter: what an uncompressed fp32 update carries (Flower sends this)."""
+    return 4 * sum(int(np.prod(s)) for s in _model_shapes(model).values())
 
 
 def _throughput(args: argparse.Namespace, codec: str, repeats: int = 5) -> dict[str, float]:
     """Encode/decode MB/s (fp32-equivalent) of one update frame on the model's real shapes."""
-    from shared.modelio import param_shapes
-    from shared.models import build_model
-
-    shapes = param_shapes(build_model(args.model, (1, 28, 28), 10))
+    shapes = _model_shapes(args.model)
     rng = np.random.default_rng(args.seed)
     # A trained delta is roughly Gaussian per tensor; scale matters little to the codecs.
     delta = {n: rng.normal(0, 0.01, size=s).astype(np.float32) for n, s in shapes.items()}

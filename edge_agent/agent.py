@@ -26,7 +26,7 @@ from shared import topics
 from shared.codec import FrameError, FrameHeader, encode_frame, read_header
 from shared.data import ArrayDataset, load_device_data, train_val_split
 from shared.signing import load_public_key
-from shared.sparsify import is_sparse
+from shared.sparsify import needs_error_feedback
 from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound
 
 log = logging.getLogger("fedmq.agent")
@@ -227,7 +227,7 @@ class EdgeAgent:
         if payload is None:
             return
         try:
-            if is_sparse(read_header(payload).codec):
+            if needs_error_feedback(read_header(payload).codec):
                 self.feedback.give_back(payload)
                 log.info("round %d: its uncounted update goes back into the residual", round_id)
         except FrameError as exc:
@@ -263,8 +263,9 @@ class EdgeAgent:
         self._publish_status("training", ann.round)
         local = self.trainer.train(ann.model, model.params, ann.train, self.data, self.val)
         t0 = time.perf_counter()
-        sparse = is_sparse(ann.codec)  # top-k drops values: error feedback sends them later
-        delta = self.feedback.compensate(local.delta) if sparse else local.delta
+        # Top-k / low-rank drop part of the update: error feedback sends it later.
+        biased = needs_error_feedback(ann.codec)
+        delta = self.feedback.compensate(local.delta) if biased else local.delta
         header = FrameHeader(
             kind="update",
             federation=self.cfg.federation,
@@ -277,7 +278,7 @@ class EdgeAgent:
             meta={**local.meta, "download_bytes": self.sync.take_download_bytes()},
         )
         payload = encode_frame(header, delta, rng=np.random.default_rng(ann.train.seed))
-        if sparse:
+        if biased:
             self.feedback.commit(delta, payload)
         log.info(
             "round %d: trained %d samples in %.2fs (loss %.4f), update %d bytes "

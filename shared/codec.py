@@ -35,7 +35,7 @@ import zstandard
 
 from shared.lowrank import LowRankCodec
 from shared.quantize import CodecError, TensorCodec
-from shared.sparsify import TopKCodec, resolve_codec
+from shared.sparsify import BIASED_CODECS, TopKCodec, resolve_codec
 
 MAGIC = b"FMQ\x01"
 MAGIC_COMPACT = b"FMQ\x03"
@@ -140,7 +140,7 @@ def encode_frame(
     """
     codec = _codec(header.codec, FrameError)
     if compact is None:
-        compact = isinstance(codec, TopKCodec | LowRankCodec)
+        compact = isinstance(codec, BIASED_CODECS)
     if isinstance(codec, TopKCodec):
         codec = codec.at_round(header.round)
     if not 0 < len(tensors) <= MAX_TENSORS:

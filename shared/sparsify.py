@@ -276,13 +276,15 @@ def resolve_codec(name: object) -> TensorCodec:
     raise CodecError(f"unknown codec {name!r}; known: {KNOWN}")
 
 
-def is_sparse(name: str) -> bool:
-    """True for codecs that drop part of the update: top-k (values) and low-rank (directions).
+# Codecs that drop part of the update: top-k (values) and low-rank (directions). Both are
+# biased, so the device keeps what was not sent and adds it to its next update (error
+# feedback), and both write compact (version 3) frames.
+BIASED_CODECS = (TopKCodec, LowRankCodec)
 
-    Both are biased, so the device keeps what was not sent and adds it to its next update
-    (error feedback).
-    """
+
+def needs_error_feedback(name: str) -> bool:
+    """True for the biased codecs (:data:`BIASED_CODECS`); False for dense or unknown names."""
     try:
-        return isinstance(resolve_codec(name), TopKCodec | LowRankCodec)
+        return isinstance(resolve_codec(name), BIASED_CODECS)
     except CodecError:
         return False

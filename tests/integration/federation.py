@@ -108,6 +108,13 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
         ) from None
 
 
+def wait_agents(
+    agents: list[subprocess.Popen[bytes]], names: list[str], workdir: Path, timeout: float = 30
+) -> list[int]:
+    """Exit codes of agents started as ``names`` (their logs: ``workdir/<name>.log``)."""
+    return [wait_exit(a, timeout, workdir / f"{n}.log") for a, n in zip(agents, names, strict=True)]
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     """Terminate whatever still runs."""
     stop_processes(procs)

@@ -52,7 +52,7 @@ def test_three_agents_complete_three_rounds(broker: LocalBroker, tmp_path: Path)
     agents = [fed.start_agent(broker.url, f"pi-{i}", p, tmp_path) for i, p in enumerate(clients)]
     try:
         code = fed.wait_exit(agg, 180, tmp_path / "aggregator.log")
-        agent_codes = [fed.wait_exit(a, 30, tmp_path / f"pi-{i}.log") for i, a in enumerate(agents)]
+        agent_codes = fed.wait_agents(agents, [f"pi-{i}" for i in range(3)], tmp_path)
     finally:
         fed.stop([agg, *agents])
 
@@ -167,10 +167,7 @@ def test_agents_follow_int8_global_deltas_and_a_late_agent_catches_up_in_full(
             )
         os.kill(agg.pid, signal.SIGCONT)
         assert fed.wait_exit(agg, 180, tmp_path / "aggregator.log") == 0
-        codes = [
-            fed.wait_exit(p, 30, tmp_path / f"{n}.log")
-            for p, n in zip(procs[1:], names, strict=True)
-        ]
+        codes = fed.wait_agents(procs[1:], list(names), tmp_path)
     finally:
         if agg.poll() is None:
             os.kill(agg.pid, signal.SIGCONT)

@@ -301,10 +301,7 @@ def test_signed_federation_rejects_forged_and_rolled_back_models_and_replays(
         _publish(replayer, T.update(1, "pi-0"), update1)  # replay of round 1's update
         replay_receipt = json.loads(_first(receipts, T.receipt(1, "pi-0"), 30))
         assert fed.wait_exit(agg, 120, tmp_path / "aggregator.log") == 0
-        codes = [
-            fed.wait_exit(a, 30, tmp_path / f"{n}.log")
-            for a, n in zip(agents, DEVICES, strict=True)
-        ]
+        codes = fed.wait_agents(agents, list(DEVICES), tmp_path)
     finally:
         fed.stop([agg, *agents])
 
@@ -363,10 +360,7 @@ def test_signed_federation_with_global_deltas_rejects_forged_and_replayed_deltas
         _first(inbox, T.round_start(3), 90)
         _publish(attacker, T.global_delta, delta1)  # replayed while agents hold round 2
         assert fed.wait_exit(agg, 120, tmp_path / "aggregator.log") == 0
-        codes = [
-            fed.wait_exit(a, 30, tmp_path / f"{n}.log")
-            for a, n in zip(agents, DEVICES, strict=True)
-        ]
+        codes = fed.wait_agents(agents, list(DEVICES), tmp_path)
     finally:
         fed.stop([agg, *agents])
 

@@ -29,7 +29,7 @@ def test_compressed_federation_learns_with_small_updates_and_persists_residuals(
     ]
     try:
         code = fed.wait_exit(agg, 180, tmp_path / "aggregator.log")
-        agent_codes = [fed.wait_exit(a, 30, tmp_path / f"pi-{i}.log") for i, a in enumerate(agents)]
+        agent_codes = fed.wait_agents(agents, [f"pi-{i}" for i in range(3)], tmp_path)
     finally:
         fed.stop([agg, *agents])
 

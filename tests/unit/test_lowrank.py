@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import struct
 from typing import Any
 
 import numpy as np
 import pytest
-import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edge_agent.error_feedback import ErrorFeedback
-from shared.codec import _HEADER_DICT as HEADER_DICT
-from shared.codec import MAGIC_COMPACT, FrameError, FrameHeader, decode_frame, encode_frame
+from shared.codec import MAGIC_COMPACT, FrameError, decode_frame, encode_frame
 from shared.lowrank import LowRankCodec, parse
 from shared.quantize import CodecError
-from shared.sparsify import is_sparse, resolve_codec
+from shared.sparsify import needs_error_feedback, resolve_codec
+from tests.unit.frames import assemble_frame, sample_tensors, split_frame, update_header
 
 NAMES = ["lowrank:1", "lowrank:2+int4", "lowrank:3+int8", "lowrank:4+int4"]
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -26,23 +24,6 @@ values = st.floats(-1e3, 1e3, width=32, allow_nan=False, allow_infinity=False)
 matrices = st.tuples(st.integers(1, 40), st.integers(1, 60)).flatmap(
     lambda mn: hnp.arrays(np.float32, mn, elements=values)
 )
-
-
-def _header(codec: str) -> FrameHeader:
-    return FrameHeader(
-        kind="update", federation="lab", round=1, codec=codec, client_id="pi-1", num_samples=9
-    )
-
-
-def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "conv.weight": rng.normal(0, 0.1, size=(16, 6, 5, 5)).astype(np.float32),
-        "conv.bias": rng.normal(0, 0.1, size=(16,)).astype(np.float32),
-        "fc.weight": rng.normal(0, 0.1, size=(40, 30)).astype(np.float32),
-        "scalar": np.array(0.5, dtype=np.float32),
-        "empty": np.zeros((0, 3), dtype=np.float32),
-    }
 
 
 def _bound(x: np.ndarray, k: int, level: int) -> float:
@@ -113,8 +94,8 @@ def test_vectors_and_small_matrices_are_sent_dense() -> None:
 
 
 def test_frame_round_trip_keeps_shapes_and_uses_the_compact_header() -> None:
-    tensors = _tensors()
-    payload = encode_frame(_header("lowrank:2+int4"), tensors)
+    tensors = sample_tensors(conv=(16, 6, 5, 5))
+    payload = encode_frame(update_header("lowrank:2+int4"), tensors)
 
     frame = decode_frame(payload)
 
@@ -141,7 +122,7 @@ def test_lenet_sized_update_is_over_100x_smaller_than_fp32() -> None:
     delta = {n: rng.normal(0, 1e-3, size=s).astype(np.float32) for n, s in shapes.items()}
     numel = sum(v.size for v in delta.values())
 
-    payload = encode_frame(_header("lowrank:4+int4"), delta)
+    payload = encode_frame(update_header("lowrank:4+int4"), delta)
 
     assert 4 * numel / len(payload) > 100
 
@@ -150,7 +131,7 @@ def test_names_are_parsed_and_counted_as_needing_error_feedback() -> None:
     codec = resolve_codec("lowrank:3+int4")
     assert isinstance(codec, LowRankCodec) and (codec.rank, codec.bits) == (3, 4)
     assert resolve_codec("lowrank:2").bits == 8  # type: ignore[attr-defined]
-    assert is_sparse("lowrank:2")
+    assert needs_error_feedback("lowrank:2")
 
 
 @pytest.mark.parametrize(
@@ -159,7 +140,7 @@ def test_names_are_parsed_and_counted_as_needing_error_feedback() -> None:
 def test_bad_names_are_rejected(name: str) -> None:
     with pytest.raises(CodecError):
         resolve_codec(name)
-    assert not is_sparse(name)
+    assert not needs_error_feedback(name)
 
 
 # --- decoders reject bad input -------------------------------------------------------------
@@ -167,18 +148,7 @@ def test_bad_names_are_rejected(name: str) -> None:
 
 def _frame_parts(name: str = "lowrank:2+int4") -> tuple[dict[str, Any], bytes]:
     x = np.random.default_rng(1).normal(size=(20, 30)).astype(np.float32)
-    payload = encode_frame(_header(name), {"w": x})
-    (hlen,) = struct.unpack_from("<I", payload, 4)
-    head = json.loads(
-        zstandard.ZstdDecompressor(dict_data=HEADER_DICT).decompress(payload[8 : 8 + hlen])
-    )
-    return head, zstandard.ZstdDecompressor().decompress(payload[8 + hlen :])
-
-
-def _assemble(head: dict[str, Any], body: bytes) -> bytes:
-    hb = json.dumps(head).encode()
-    zc = zstandard.ZstdCompressor(write_checksum=True)
-    return b"FMQ\x01" + struct.pack("<I", len(hb)) + hb + zc.compress(body)
+    return split_frame(encode_frame(update_header(name), {"w": x}))
 
 
 @pytest.mark.parametrize(
@@ -199,7 +169,7 @@ def test_bad_params_raise_frame_error(key: str, value: object) -> None:
     head["tensors"][0]["params"][key] = value
 
     with pytest.raises(FrameError):
-        decode_frame(_assemble(head, body))
+        decode_frame(assemble_frame(head, body))
 
 
 def test_params_that_change_the_size_raise_frame_error() -> None:
@@ -207,7 +177,7 @@ def test_params_that_change_the_size_raise_frame_error() -> None:
     head["tensors"][0]["params"]["rank"] = 1  # valid alone, but the body is rank 2's size
 
     with pytest.raises(FrameError, match=r"raw_len|bytes"):
-        decode_frame(_assemble(head, body))
+        decode_frame(assemble_frame(head, body))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
@@ -250,7 +220,7 @@ def test_error_feedback_sends_every_direction_eventually() -> None:
     rounds = 60
     for _ in range(rounds):
         comp = ef.compensate(delta)
-        sent = decode_frame(encode_frame(_header("lowrank:2+int4"), comp)).tensors
+        sent = decode_frame(encode_frame(update_header("lowrank:2+int4"), comp)).tensors
         ef.update(comp, sent)
         sent_total += sent["w"]
 

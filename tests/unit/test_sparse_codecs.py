@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import struct
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from hypothesis.extra import numpy as hnp
 
 from edge_agent.error_feedback import DeviceFeedback, ErrorFeedback, ResidualStore
 from shared import rice
-from shared.codec import _HEADER_DICT as HEADER_DICT
 from shared.codec import (
     MAGIC,
     MAGIC_COMPACT,
@@ -28,7 +26,8 @@ from shared.codec import (
     read_header,
 )
 from shared.quantize import CodecError
-from shared.sparsify import TopKCodec, is_sparse, resolve_codec
+from shared.sparsify import TopKCodec, needs_error_feedback, resolve_codec
+from tests.unit.frames import assemble_frame, sample_tensors, split_frame, update_header
 
 SPARSE = [
     "topk:0.1",
@@ -49,40 +48,6 @@ BIASED = [*SPARSE, "lowrank:1", "lowrank:2+int4", "lowrank:3+int8"]
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 values = st.floats(-1e3, 1e3, width=32, allow_nan=False, allow_infinity=False)
 flats = hnp.arrays(np.float32, st.integers(0, 600), elements=values)
-
-
-def _header(codec: str) -> FrameHeader:
-    return FrameHeader(
-        kind="update", federation="lab", round=1, codec=codec, client_id="pi-1", num_samples=9
-    )
-
-
-def _tensors(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "conv.weight": rng.normal(0, 0.1, size=(6, 1, 5, 5)).astype(np.float32),
-        "conv.bias": rng.normal(0, 0.1, size=(6,)).astype(np.float32),
-        "fc.weight": rng.normal(0, 0.1, size=(40, 30)).astype(np.float32),
-        "scalar": np.array(0.5, dtype=np.float32),
-        "empty": np.zeros((0, 3), dtype=np.float32),
-    }
-
-
-def _split(frame: bytes) -> tuple[dict[str, Any], bytes]:
-    (hlen,) = struct.unpack_from("<I", frame, 4)
-    body = zstandard.ZstdDecompressor().decompress(frame[8 + hlen :])
-    hb = frame[8 : 8 + hlen]
-    if frame[:4] == MAGIC_COMPACT:
-        hb = zstandard.ZstdDecompressor(dict_data=HEADER_DICT).decompress(hb)
-    return json.loads(hb), body
-
-
-def _assemble(head: dict[str, Any], body: bytes, compact: bool = False) -> bytes:
-    hb = json.dumps(head).encode()
-    if compact:
-        hb = zstandard.ZstdCompressor(dict_data=HEADER_DICT, write_checksum=True).compress(hb)
-    z = zstandard.ZstdCompressor(write_checksum=True).compress(body)
-    return (MAGIC_COMPACT if compact else MAGIC) + struct.pack("<I", len(hb)) + hb + z
 
 
 def _kept_bound(codec: TopKCodec, top: np.ndarray) -> float:
@@ -178,7 +143,7 @@ def test_warmup_schedule_follows_the_frame_round() -> None:
 
 
 def test_sparse_frames_have_a_compressed_header_and_dense_ones_do_not() -> None:
-    tensors = _tensors()
+    tensors = sample_tensors()
     header = FrameHeader(
         kind="update", federation="lab", round=4, codec="topk1:0.1", client_id="pi-1",
         base_hash="ab" * 32, num_samples=9, meta={"train_loss": 0.123456789},
@@ -234,9 +199,9 @@ def test_rice_index_coding_round_trips(idx: np.ndarray, rice_bits: int) -> None:
 
 @pytest.mark.parametrize("name", SPARSE)
 def test_topk_frame_round_trip_keeps_shapes(name: str) -> None:
-    tensors = _tensors()
+    tensors = sample_tensors()
 
-    frame = decode_frame(encode_frame(_header(name), tensors))
+    frame = decode_frame(encode_frame(update_header(name), tensors))
 
     assert {n: v.shape for n, v in frame.tensors.items()} == {
         n: v.shape for n, v in tensors.items()
@@ -248,8 +213,8 @@ def test_topk8_one_percent_of_lenet_sized_delta_is_over_60x_smaller_than_fp32() 
     rng = np.random.default_rng(0)
     delta = {"w": rng.normal(0, 0.01, size=61_706).astype(np.float32)}
 
-    dense = encode_frame(_header("fp32"), delta)
-    sparse = encode_frame(_header("topk8:0.01"), delta)
+    dense = encode_frame(update_header("fp32"), delta)
+    sparse = encode_frame(update_header("topk8:0.01"), delta)
 
     assert len(dense) / len(sparse) > 60  # one tensor, so the header is small
 
@@ -276,7 +241,7 @@ def test_codec_names_are_parsed(name: str, values: str, density: float) -> None:
 
     assert isinstance(codec, TopKCodec)
     assert (codec.values, codec.density, codec.name) == (values, density, name)
-    assert is_sparse(name)
+    assert needs_error_feedback(name)
 
 
 @pytest.mark.parametrize(
@@ -291,11 +256,11 @@ def test_codec_names_are_parsed(name: str, values: str, density: float) -> None:
 def test_bad_codec_names_are_rejected(name: str) -> None:
     with pytest.raises(CodecError):
         resolve_codec(name)
-    assert not is_sparse(name)
+    assert not needs_error_feedback(name)
 
 
 def test_dense_codecs_are_not_sparse() -> None:
-    assert not any(is_sparse(n) for n in ("fp32", "fp16", "int8"))
+    assert not any(needs_error_feedback(n) for n in ("fp32", "fp16", "int8"))
 
 
 # --- decoders reject bad input -------------------------------------------------------------
@@ -305,7 +270,7 @@ def _one_tensor_frame(name: str = "topk8:0.1") -> tuple[dict[str, Any], bytes]:
     rng = np.random.default_rng(1)
     # A matrix, so that low-rank codecs factorise it (top-k treats it as 500 values).
     w = rng.normal(size=(20, 25)).astype(np.float32)
-    return _split(encode_frame(_header(name), {"w": w}))
+    return split_frame(encode_frame(update_header(name), {"w": w}))
 
 
 @pytest.mark.parametrize(
@@ -329,7 +294,7 @@ def test_bad_params_raise_frame_error(key: str, value: object) -> None:
     head["tensors"][0]["params"][key] = value
 
     with pytest.raises(FrameError):
-        decode_frame(_assemble(head, body))
+        decode_frame(assemble_frame(head, body))
 
 
 def test_missing_param_raises_frame_error() -> None:
@@ -337,7 +302,7 @@ def test_missing_param_raises_frame_error() -> None:
     del head["tensors"][0]["params"]["ubits"]
 
     with pytest.raises(FrameError, match="ubits"):
-        decode_frame(_assemble(head, body))
+        decode_frame(assemble_frame(head, body))
 
 
 def test_index_beyond_tensor_raises_frame_error() -> None:
@@ -345,7 +310,7 @@ def test_index_beyond_tensor_raises_frame_error() -> None:
     head["tensors"][0]["shape"] = [60]  # 50 kept indices cannot all fit below 60... nor k ≤ 60
 
     with pytest.raises(FrameError):
-        decode_frame(_assemble(head, body))
+        decode_frame(assemble_frame(head, body))
 
 
 def test_nonzero_stream_padding_raises_frame_error() -> None:
@@ -383,7 +348,7 @@ def test_int4_minus_eight_is_rejected() -> None:
 
 @pytest.mark.parametrize("name", BIASED)
 def test_every_truncation_raises_frame_error(name: str) -> None:
-    payload = encode_frame(_header(name), _tensors())
+    payload = encode_frame(update_header(name), sample_tensors())
 
     for cut in range(0, len(payload), 7):
         with pytest.raises(FrameError):
@@ -397,7 +362,7 @@ def test_random_body_bytes_never_crash(name: str, data: st.DataObject) -> None:
     junk = data.draw(st.binary(min_size=len(body), max_size=len(body)))
 
     try:
-        frame = decode_frame(_assemble(head, junk))
+        frame = decode_frame(assemble_frame(head, junk))
     except FrameError:
         return
     assert np.isfinite(frame.tensors["w"]).all()
@@ -406,7 +371,7 @@ def test_random_body_bytes_never_crash(name: str, data: st.DataObject) -> None:
 @settings(max_examples=100, deadline=None)
 @given(name=st.sampled_from(BIASED), pos=st.integers(0, 10_000), byte=st.integers(0, 255))
 def test_mutated_frame_decodes_or_raises_frame_error(name: str, pos: int, byte: int) -> None:
-    payload = bytearray(encode_frame(_header(name), _tensors()))
+    payload = bytearray(encode_frame(update_header(name), sample_tensors()))
     payload[pos % len(payload)] = byte
 
     with contextlib.suppress(FrameError):
@@ -429,7 +394,7 @@ def test_error_feedback_conserves_mass(name: str, rounds: list[int]) -> None:
         delta = {"w": np.random.default_rng(seed).normal(0, 1, (5, 10)).astype(np.float32)}
         old = ef.residual.get("w", np.zeros((5, 10), np.float32)).copy()
         comp = ef.compensate(delta)
-        sent = decode_frame(encode_frame(_header(name), comp)).tensors
+        sent = decode_frame(encode_frame(update_header(name), comp)).tensors
         ef.update(comp, sent)
 
         # sent + new residual == delta + old residual
@@ -447,7 +412,7 @@ def test_error_feedback_eventually_sends_small_coordinates() -> None:
     sent_total = np.zeros(4)
     for _ in range(40):
         comp = ef.compensate(delta)
-        sent = decode_frame(encode_frame(_header("topk:0.25"), comp)).tensors
+        sent = decode_frame(encode_frame(update_header("topk:0.25"), comp)).tensors
         ef.update(comp, sent)
         sent_total += sent["w"]
 
@@ -466,7 +431,7 @@ def test_residual_resets_when_architecture_changes() -> None:
 def test_residual_survives_restart(tmp_path: Path) -> None:
     first = DeviceFeedback(tmp_path / "state", "lab")
     comp = first.compensate({"w": np.arange(10, dtype=np.float32)})
-    first.commit(comp, encode_frame(_header("topk:0.2"), comp))
+    first.commit(comp, encode_frame(update_header("topk:0.2"), comp))
 
     again = DeviceFeedback(tmp_path / "state", "lab")
 
@@ -481,7 +446,7 @@ def test_a_lost_update_goes_back_into_the_residual(tmp_path: Path, name: str) ->
     device = DeviceFeedback(tmp_path / "state", "lab")
     delta = {"w": np.random.default_rng(7).normal(size=(6, 10)).astype(np.float32)}
     comp = device.compensate(delta)
-    payload = encode_frame(_header(name), comp)
+    payload = encode_frame(update_header(name), comp)
     device.commit(comp, payload)
 
     device.give_back(payload)
@@ -531,7 +496,7 @@ def test_momentum_corrected_feedback_conserves_velocity_mass(
         old_u = ef.velocity.get("w", np.zeros(50, np.float32)).copy()
         comp = ef.compensate(delta)
         velocity = momentum * old_u + delta["w"]
-        sent = decode_frame(encode_frame(_header(name), comp)).tensors
+        sent = decode_frame(encode_frame(update_header(name), comp)).tensors
         ef.update(comp, sent)
 
         # sent + new residual == velocity + old residual; sent coordinates lose their velocity
