@@ -1,0 +1,1 @@
+"""The aggregator service: rounds, intake, FedAvg, global models (``fedmq-aggregator``)."""

@@ -5,7 +5,7 @@ After every applied round the aggregator writes ``checkpoint.safetensors`` into 
 safetensors metadata, a JSON document with the number of applied rounds, the model hash, the
 selection RNG state, a fingerprint of the settings that shape the model, and which clients
 were counted in each round. The server's download error-feedback residual (see
-``shared/global_delta.py``), when there is one, is stored next to the parameters as tensors
+``shared/protocol/global_delta.py``), when there is one, is stored next to the parameters as tensors
 named ``residual/<name>`` (``/`` never occurs in a model tensor's name); checkpoints without
 it load with no residual. A readable copy of that JSON goes to ``checkpoint.json``; only
 the safetensors file is authoritative (one file, one rename: never a model from one round
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from shared.codec import tensors_hash
+from shared.files import write_atomic
+from shared.protocol.frames import tensors_hash
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
@@ -164,28 +163,3 @@ def _metadata(data: bytes) -> dict[str, str]:
     if not isinstance(meta, dict):
         raise ValueError("safetensors metadata is not an object")
     return meta
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data``: a crash leaves the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make renames and new files in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -6,11 +6,11 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.global_delta import DOWNLOAD_CODECS
-from shared.quantize import CodecError
+from shared.compression.quantize import CodecError
+from shared.compression.registry import KNOWN as KNOWN_CODECS
+from shared.compression.registry import resolve_codec
+from shared.protocol.global_delta import DOWNLOAD_CODECS
 from shared.settings import load_settings
-from shared.sparsify import KNOWN as KNOWN_CODECS
-from shared.sparsify import resolve_codec
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ Each new global model is published, in this order, all retained:
 
 1. ``global/model``: the full fp32 model, for agents that join late or fell behind;
 2. ``global/delta``: the step from the previous global model, quantized with the download
-   codec (``shared/global_delta.py``; int8 by default, with server-side error feedback), for
-   agents that hold the previous model: ≥ 4× smaller. Cleared when there is none (the
+   codec (``shared/protocol/global_delta.py``; int8 by default, with server-side error
+   feedback), for agents that hold the previous model: ≥ 4× smaller. Cleared when there is none (the
    initial or a resumed model, ``--download-codec none``, or a delta that failed its check);
 3. ``global/meta``.
 
@@ -22,12 +22,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from aggregator.onnx_export import model_frame
-from shared import messages as msg
-from shared.codec import FrameError, tensors_hash
-from shared.global_delta import delta_frame, server_step
-from shared.signing import sign_model
-from shared.topics import Topics
+from shared.protocol import messages as msg
+from shared.protocol.frames import FrameError, FrameHeader, encode_frame, tensors_hash
+from shared.protocol.global_delta import delta_frame, server_step
+from shared.protocol.signing import sign_model
+from shared.protocol.topics import Topics
 
 log = logging.getLogger("fedmq.aggregator.downloads")
 
@@ -36,6 +35,37 @@ Publish = Callable[..., None]  # (topic, payload, retain=...) like AggregatorSer
 
 _UNKNOWN = -2  # what the broker retains on global/delta is unknown (e.g. after a restart)
 _CLEARED = -1
+
+
+def model_frame(
+    federation: str,
+    round_id: int,
+    spec: msg.ModelSpec,
+    params: Tensors,
+    *,
+    model_hash: str | None = None,
+    signature: str = "",
+) -> bytes:
+    """The global-model frame: fp32 tensors, their hash, signature and architecture.
+
+    The same bytes are published on ``global/model`` and saved for ``fedmq export``.
+    """
+    header = FrameHeader(
+        kind="model",
+        federation=federation,
+        round=round_id,
+        codec="fp32",
+        meta={
+            "model_hash": model_hash or tensors_hash(params),
+            "signature": signature,
+            "model": {
+                "arch": spec.arch,
+                "input_shape": list(spec.input_shape),
+                "num_classes": spec.num_classes,
+            },
+        },
+    )
+    return encode_frame(header, params)
 
 
 class GlobalDownloads:

@@ -8,11 +8,11 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from shared.data import load_device_data
-from shared.messages import ModelSpec
-from shared.modelio import get_params, set_params
-from shared.models import build_model
-from shared.training import EvalResult, evaluate
+from shared.protocol.messages import ModelSpec
+from shared.runtime.data import load_device_data
+from shared.runtime.modelio import get_params, set_params
+from shared.runtime.models import build_model
+from shared.runtime.training import EvalResult, evaluate
 
 log = logging.getLogger(__name__)
 

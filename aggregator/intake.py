@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aggregator.rounds import RoundState, Verdict
 from aggregator.strategy import AggregationError, StreamingFedAvg
 from aggregator.update_bounds import norm_violation
-from shared.codec import FrameError, decode_frame, read_header
+from shared.protocol.frames import FrameError, decode_frame, read_header
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aggregator.checkpoint import fsync_dir, write_atomic
+from shared.files import fsync_dir, write_atomic
 
 log = logging.getLogger("fedmq.aggregator.journal")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from shared.messages import RoundMetrics, to_builtins
+from shared.files import write_atomic
+from shared.protocol.messages import RoundMetrics, to_builtins
 
 
 class MetricsLog:
@@ -18,11 +18,7 @@ class MetricsLog:
         self.entries: list[dict[str, Any]] = []
 
     def append(self, metrics: RoundMetrics) -> None:
-        """Add a round and persist (write to a temp file, then rename: never half a file)."""
+        """Add a round and persist it atomically (never half a file)."""
         self.entries.append(to_builtins(metrics))
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"rounds": self.entries}, indent=1))
-        os.replace(tmp, self.path)
+        if self.path is not None:
+            write_atomic(self.path, json.dumps({"rounds": self.entries}, indent=1).encode())

@@ -9,7 +9,6 @@ argmax, or the model is not published.
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import time
@@ -22,14 +21,15 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.codec import FrameError, FrameHeader, decode_frame, encode_frame, tensors_hash
-from shared.data import ArrayDataset
-from shared.messages import ModelSpec
-from shared.modelio import set_params
-from shared.models import build_model
-from shared.onnx_frame import OnnxHeader, encode_onnx_frame, sha256
-from shared.signing import ONNX_CONTEXT, sign_model
-from shared.topics import Topics
+from shared.files import write_atomic
+from shared.protocol.frames import tensors_hash
+from shared.protocol.messages import ModelSpec
+from shared.protocol.onnx_frame import OnnxHeader, encode_onnx_frame, sha256
+from shared.protocol.signing import ONNX_CONTEXT, sign_model
+from shared.protocol.topics import Topics
+from shared.runtime.data import ArrayDataset
+from shared.runtime.modelio import set_params
+from shared.runtime.models import build_model
 
 log = logging.getLogger("fedmq.onnx")
 
@@ -164,37 +164,6 @@ def export_verified(
     return OnnxExport(onnx_bytes, frame, parity, time.perf_counter() - t0)
 
 
-def model_frame(
-    federation: str,
-    round_id: int,
-    spec: ModelSpec,
-    params: Tensors,
-    *,
-    model_hash: str | None = None,
-    signature: str = "",
-) -> bytes:
-    """The global-model frame: fp32 tensors, their hash, signature and architecture.
-
-    The same bytes are published on ``global/model`` and saved for ``fedmq export``.
-    """
-    header = FrameHeader(
-        kind="model",
-        federation=federation,
-        round=round_id,
-        codec="fp32",
-        meta={
-            "model_hash": model_hash or tensors_hash(params),
-            "signature": signature,
-            "model": {
-                "arch": spec.arch,
-                "input_shape": list(spec.input_shape),
-                "num_classes": spec.num_classes,
-            },
-        },
-    )
-    return encode_frame(header, params)
-
-
 class RoundExporter:
     """After each applied round: save the model frame (state dir) and publish its ONNX."""
 
@@ -223,7 +192,7 @@ class RoundExporter:
     ) -> OnnxExport | None:
         """Save the published model ``frame`` and export ONNX; failures are logged only."""
         if self.state_dir is not None:
-            _write_atomic(self.state_dir / STATE_MODEL_FILE, frame)
+            write_atomic(self.state_dir / STATE_MODEL_FILE, frame)
         if not self.onnx:
             return None
         try:
@@ -242,7 +211,7 @@ class RoundExporter:
         if publish is not None:
             publish(self.topics.global_onnx, done.frame, True)
         if self.state_dir is not None:
-            _write_atomic(self.state_dir / STATE_ONNX_FILE, done.onnx)
+            write_atomic(self.state_dir / STATE_ONNX_FILE, done.onnx)
         log.info(
             "round %d: ONNX model %d bytes exported and verified in %.0f ms "
             "(max |Δlogit| %.1e on %d held-out samples)",
@@ -260,54 +229,3 @@ def state_dir_of(state_dir: str | None, metrics_file: str | None) -> Path | None
     if state_dir:
         return Path(state_dir)
     return Path(metrics_file).parent if metrics_file else None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-# --- ``fedmq export`` ---------------------------------------------------------------------
-def run_export(args: argparse.Namespace) -> int:
-    """Export a saved global model to ONNX offline; print what was checked."""
-    try:
-        frame = decode_frame(Path(args.model_file).read_bytes())
-    except (FrameError, OSError) as exc:
-        print(f"error: {args.model_file}: {exc}")
-        return 1
-    if frame.header.kind != "model":
-        print(f"error: {args.model_file} holds a {frame.header.kind!r} frame, not a model")
-        return 1
-    named = frame.header.meta.get("model") or {}
-    shape_text = args.input_shape or ",".join(map(str, named.get("input_shape", (1, 28, 28))))
-    spec = ModelSpec(
-        arch=args.model or named.get("arch", "lenet5"),
-        input_shape=tuple(int(p) for p in shape_text.split(",")),  # type: ignore[arg-type]
-        num_classes=args.num_classes or named.get("num_classes", 10),
-    )
-    holdout = None
-    if args.eval_data:
-        from shared.data import load_device_data
-
-        holdout = load_device_data(args.eval_data)
-    try:
-        done = export_verified(
-            spec,
-            frame.tensors,
-            federation=frame.header.federation,
-            round_id=frame.header.round,
-            batch=holdout_batch(holdout, spec.input_shape),
-        )
-    except (ExportError, RuntimeError, ValueError) as exc:
-        print(f"error: export failed: {exc}")
-        return 1
-    _write_atomic(Path(args.out), done.frame if args.frame else done.onnx)
-    print(
-        f"{args.out}: {spec.arch} round {frame.header.round}, {len(done.onnx)} bytes ONNX, "
-        f"exported and verified in {done.export_s * 1000:.0f} ms, "
-        f"max |Δlogit| {done.parity.max_abs_diff:.2e} on {done.parity.batch} samples, "
-        f"sha256 {sha256(done.onnx)}"
-    )
-    return 0

@@ -28,11 +28,12 @@ from aggregator.resume import EXIT_STARVED, Durability, set_rng_state, starved_a
 from aggregator.round_records import ClosedRound, OpenRound
 from aggregator.rounds import RoundPhase, RoundState, select_clients
 from aggregator.strategy import StreamingFedAvg
-from shared import messages as msg
-from shared import topics
-from shared.codec import tensors_hash
-from shared.signing import load_private_key
-from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound, TransportError
+from shared.mqtt.base import Inbound, Outbound, TransportError
+from shared.mqtt.transport import ConnectOptions, MqttTransport
+from shared.protocol import messages as msg
+from shared.protocol import topics
+from shared.protocol.frames import tensors_hash
+from shared.protocol.signing import load_private_key
 
 log = logging.getLogger("fedmq.aggregator")
 

@@ -1,0 +1,1 @@
+"""The device agent: local training, updates, outbox, inference (``fedmq-agent``)."""

@@ -17,17 +17,18 @@ import time
 import numpy as np
 
 from edge_agent.config import AgentConfig
-from edge_agent.error_feedback import DeviceFeedback
 from edge_agent.local_training import LocalTrainer
 from edge_agent.model_sync import ModelSync
 from edge_agent.outbox import Outbox, receipt_is_final
-from shared import messages as msg
-from shared import topics
-from shared.codec import FrameError, FrameHeader, encode_frame, read_header
-from shared.data import ArrayDataset, load_device_data, train_val_split
-from shared.signing import load_public_key
-from shared.sparsify import needs_error_feedback
-from shared.transport import ConnectOptions, Inbound, MqttTransport, Outbound
+from edge_agent.residual import DeviceFeedback
+from shared.compression.registry import needs_error_feedback
+from shared.mqtt.base import Inbound, Outbound
+from shared.mqtt.transport import ConnectOptions, MqttTransport
+from shared.protocol import messages as msg
+from shared.protocol import topics
+from shared.protocol.frames import FrameError, FrameHeader, encode_frame, read_header
+from shared.protocol.signing import load_public_key
+from shared.runtime.data import ArrayDataset, load_device_data, train_val_split
 
 log = logging.getLogger("fedmq.agent")
 

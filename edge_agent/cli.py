@@ -1,4 +1,7 @@
-"""``fedmq-agent``: run a device's agent."""
+"""``fedmq-agent``: the training agent, ``predict`` (classify files) and ``serve`` (MQTT).
+
+``predict`` and ``serve`` need onnxruntime only: nothing here imports torch at load time.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +9,30 @@ import argparse
 import logging
 import signal
 import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from shared.mqtt.base import TransportError
 
 from edge_agent.config import add_arguments, from_args
-from shared.data import DataFormatError
-from shared.transport import TransportError
+from shared.runtime.data import DataFormatError
 
 log = logging.getLogger("fedmq.agent")
+
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fedmq-agent``: the training agent, or ``predict`` / ``serve``."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("predict", "serve"):
-        # Inference-only devices: onnxruntime, no torch (edge_agent.inference).
-        from edge_agent.inference import main as inference_main
-
-        return inference_main(argv)
+        return _inference_main(argv)
     parser = argparse.ArgumentParser(prog="fedmq-agent", description="fedmq edge agent")
     add_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level.upper(), format=_LOG_FORMAT)
     from edge_agent.agent import EdgeAgent
 
     try:
@@ -47,6 +51,72 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         agent.stop()
         return 130
+
+
+def _inference_main(argv: list[str]) -> int:
+    """``fedmq-agent predict ...`` and ``fedmq-agent serve ...``."""
+    from edge_agent.serve import add_serve_arguments
+
+    parser = argparse.ArgumentParser(prog="fedmq-agent", description="fedmq on-device inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_predict = sub.add_parser("predict", help="classify files with an ONNX model")
+    p_predict.add_argument("--model", required=True, help=".onnx file or fedmq ONNX frame")
+    p_predict.add_argument("files", nargs="+", type=Path, help=".npz, IDX, images, image dirs")
+    p_predict.add_argument("--limit", type=int, help="print at most this many lines")
+    p_predict.add_argument("--threads", type=int, default=1)
+    p_serve = sub.add_parser("serve", help="serve predictions over MQTT with the latest model")
+    add_serve_arguments(p_serve)
+    for p in (p_predict, p_serve):
+        p.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=_LOG_FORMAT)
+    if args.command == "predict":
+        return run_predict(args)
+    return _run_serve(args)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``fedmq-agent predict``: print one line per sample (and accuracy when labelled)."""
+    from edge_agent.inference import MAX_BATCH, InferenceError, OnnxClassifier, load_inputs
+    from shared.protocol.onnx_frame import OnnxFrameError
+
+    try:
+        model = OnnxClassifier.from_bytes(Path(args.model).read_bytes(), args.threads)
+        inputs = load_inputs(list(args.files), model.input_shape)
+    except (OSError, InferenceError, OnnxFrameError, DataFormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    # MAX_BATCH bounds one network request; a local file of any size goes through in slices.
+    parts = [model.predict(inputs.x[i : i + MAX_BATCH]) for i in range(0, len(inputs.x), MAX_BATCH)]
+    pred = np.concatenate([p for p, _ in parts])
+    conf = np.concatenate([c for _, c in parts])
+    elapsed = time.perf_counter() - t0
+    shown = len(pred) if args.limit is None else min(args.limit, len(pred))
+    for i in range(shown):
+        print(f"{inputs.names[i]}\t{int(pred[i])}\t{float(conf[i]):.4f}")
+    summary = f"{len(pred)} samples in {elapsed * 1000:.1f} ms"
+    if inputs.labels is not None:
+        summary += f", accuracy {float((pred == inputs.labels).mean()):.4f}"
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from edge_agent.serve import InferenceServer, serve_config
+
+    try:
+        server = InferenceServer(serve_config(args))
+    except (ValueError, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    try:
+        return server.run()
+    except TransportError as exc:
+        log.error("%s", exc)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,28 +1,22 @@
 """On-device inference with onnxruntime: no torch, no training stack.
 
-``fedmq-agent predict --model model.onnx FILE...`` classifies files; ``fedmq-agent serve``
-follows the federation's retained ONNX topic, hot-swaps to every new verified model and
-answers prediction requests over MQTT. Imports numpy, onnxruntime and the protocol modules
-only (never torch, ``shared.models``, ``shared.training`` or ``shared.modelio``), so a Pi
-that only infers needs the ``inference`` extra and ~10x less memory than a training agent.
+Used by ``fedmq-agent predict`` (classify files) and ``fedmq-agent serve``
+(:mod:`edge_agent.serve`: answer prediction requests over MQTT). Imports numpy, onnxruntime
+and the protocol modules only (never torch or :mod:`shared.runtime` beyond its data loaders),
+so a Pi that only infers needs the ``inference`` extra and ~10x less memory than a training agent.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import signal
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared.data import DataFormatError, load_device_data
-from shared.onnx_frame import MAGIC, OnnxFrameError, OnnxHeader, decode_onnx_frame, sha256
-from shared.transport import TransportError
+from shared.protocol.onnx_frame import MAGIC, OnnxHeader, decode_onnx_frame, sha256
+from shared.runtime.data import load_device_data
 
 log = logging.getLogger("fedmq.inference")
 
@@ -161,69 +155,3 @@ def _read_image(path: Path, input_shape: tuple[int, int, int]) -> np.ndarray:
         sized = img.convert("L" if channels == 1 else "RGB").resize((width, height))
         arr = np.asarray(sized, dtype=np.float32) / np.float32(255.0)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-
-
-def run_predict(args: argparse.Namespace) -> int:
-    """``fedmq-agent predict``: print one line per sample (and accuracy when labelled)."""
-    try:
-        model = OnnxClassifier.from_bytes(Path(args.model).read_bytes(), args.threads)
-        inputs = load_inputs(list(args.files), model.input_shape)
-    except (OSError, InferenceError, OnnxFrameError, DataFormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    t0 = time.perf_counter()
-    # MAX_BATCH bounds one network request; a local file of any size goes through in slices.
-    parts = [model.predict(inputs.x[i : i + MAX_BATCH]) for i in range(0, len(inputs.x), MAX_BATCH)]
-    pred = np.concatenate([p for p, _ in parts])
-    conf = np.concatenate([c for _, c in parts])
-    elapsed = time.perf_counter() - t0
-    shown = len(pred) if args.limit is None else min(args.limit, len(pred))
-    for i in range(shown):
-        print(f"{inputs.names[i]}\t{int(pred[i])}\t{float(conf[i]):.4f}")
-    summary = f"{len(pred)} samples in {elapsed * 1000:.1f} ms"
-    if inputs.labels is not None:
-        summary += f", accuracy {float((pred == inputs.labels).mean()):.4f}"
-    print(summary, file=sys.stderr)
-    return 0
-
-
-# --- command line -------------------------------------------------------------------------
-def main(argv: list[str]) -> int:
-    """``fedmq-agent predict ...`` and ``fedmq-agent serve ...``."""
-    parser = argparse.ArgumentParser(prog="fedmq-agent", description="fedmq on-device inference")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_predict = sub.add_parser("predict", help="classify files with an ONNX model")
-    p_predict.add_argument("--model", required=True, help=".onnx file or fedmq ONNX frame")
-    p_predict.add_argument("files", nargs="+", type=Path, help=".npz, IDX, images, image dirs")
-    p_predict.add_argument("--limit", type=int, help="print at most this many lines")
-    p_predict.add_argument("--threads", type=int, default=1)
-    p_serve = sub.add_parser("serve", help="serve predictions over MQTT with the latest model")
-    from edge_agent.serve import add_serve_arguments
-
-    add_serve_arguments(p_serve)
-    for p in (p_predict, p_serve):
-        p.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if args.command == "predict":
-        return run_predict(args)
-    return _run_serve(args)
-
-
-def _run_serve(args: argparse.Namespace) -> int:
-    from edge_agent.serve import InferenceServer, serve_config
-
-    try:
-        server = InferenceServer(serve_config(args))
-    except (ValueError, OSError) as exc:
-        log.error("%s", exc)
-        return 1
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
-    try:
-        return server.run()
-    except TransportError as exc:
-        log.error("%s", exc)
-        return 1

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from shared.data import ArrayDataset
-from shared.messages import ModelSpec, TrainParams
+from shared.protocol.messages import ModelSpec, TrainParams
+from shared.runtime.data import ArrayDataset
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,7 @@ class LocalTrainer:
         t0 = time.perf_counter()
         import torch
 
-        import shared.training  # noqa: F401
+        import shared.runtime.training  # noqa: F401
 
         torch.set_num_threads(self.threads)
         return time.perf_counter() - t0
@@ -52,7 +52,7 @@ class LocalTrainer:
     def _model(self, spec: ModelSpec) -> torch.nn.Module:
         import torch
 
-        from shared.models import build_model
+        from shared.runtime.models import build_model
 
         # One thread per agent: several agents (or agent + other services) share a Pi's cores.
         torch.set_num_threads(self.threads)
@@ -70,8 +70,8 @@ class LocalTrainer:
         val: ArrayDataset | None,
     ) -> LocalRound:
         """Train from ``global_params``; return the delta (local − global) and statistics."""
-        from shared.modelio import get_params, set_params, subtract
-        from shared.training import TrainConfig, evaluate, train_local
+        from shared.runtime.modelio import get_params, set_params, subtract
+        from shared.runtime.training import TrainConfig, evaluate, train_local
 
         model = self._model(spec)
         set_params(model, global_params)

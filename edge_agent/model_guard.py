@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from shared.codec import FrameError, FrameHeader
-from shared.signing import SignatureError, verify_model
+from shared.protocol.frames import FrameError, FrameHeader
+from shared.protocol.signing import SignatureError, verify_model
 
 
 class ModelRejected(FrameError):

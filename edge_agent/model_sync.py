@@ -14,7 +14,7 @@ delta topic, and subscribes to the full model only while it needs it (:class:`Sy
 - the aggregator publishes no deltas (the announcement's ``download_codec`` is ``none``).
 
 :class:`ModelSync` holds the verified model, applies deltas with
-:func:`shared.global_delta.apply_delta` (so it holds exactly the aggregator's parameters),
+:func:`shared.protocol.global_delta.apply_delta` (so it holds exactly the aggregator's parameters),
 checks both kinds of frame with :func:`edge_agent.model_guard.check_global_model`, and counts
 the bytes it downloads. Pure: no MQTT; the clock is injected.
 """
@@ -30,8 +30,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.model_guard import HeldModel, ModelRejected, check_global_model
-from shared.codec import FrameError, decode_frame, read_header, tensors_hash
-from shared.global_delta import DELTA_KIND, apply_delta
+from shared.protocol.frames import FrameError, decode_frame, read_header, tensors_hash
+from shared.protocol.global_delta import DELTA_KIND, apply_delta
 
 log = logging.getLogger("fedmq.agent.sync")
 

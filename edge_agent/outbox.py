@@ -15,12 +15,11 @@ round was already trained.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 
-from shared.codec import FrameError, read_header
+from shared.files import is_temporary, write_atomic
+from shared.protocol.frames import FrameError, read_header
 
 log = logging.getLogger("fedmq.agent.outbox")
 
@@ -48,18 +47,7 @@ class Outbox:
 
     def put(self, round_id: int, payload: bytes) -> None:
         """Store ``payload`` durably: a crash leaves the old state or the new file, never half."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".update-", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._path(round_id))
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.dir)
+        write_atomic(self._path(round_id), payload)
 
     def get(self, round_id: int) -> bytes | None:
         """The stored update for ``round_id``, or None."""
@@ -93,7 +81,7 @@ class Outbox:
         for path in self.dir.iterdir():
             m = _NAME.fullmatch(path.name)
             if m is None:
-                if path.name.startswith(".update-"):
+                if is_temporary(path.name):
                     path.unlink(missing_ok=True)  # a temp file of a crashed write
                 continue
             problem = self._problem(path, int(m.group(1)))
@@ -121,17 +109,3 @@ class Outbox:
         for r in old:
             self.remove(r)
         return old
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX: the directory entry is data of the directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

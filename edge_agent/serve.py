@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 
 from edge_agent.inference import MAX_REQUEST_BYTES, InferenceError, OnnxClassifier
-from shared import topics
-from shared.onnx_frame import OnnxFrameError, decode_onnx_frame
+from shared.mqtt.base import Inbound
+from shared.mqtt.transport import ConnectOptions, MqttTransport
+from shared.protocol import topics
+from shared.protocol.onnx_frame import OnnxFrameError, decode_onnx_frame
+from shared.protocol.signing import ONNX_CONTEXT, SignatureError, load_public_key, verify_model
 from shared.settings import load_settings
-from shared.signing import ONNX_CONTEXT, SignatureError, load_public_key, verify_model
-from shared.transport import ConnectOptions, Inbound, MqttTransport
 
 log = logging.getLogger("fedmq.serve")
 

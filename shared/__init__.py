@@ -1,0 +1,1 @@
+"""The protocol package both sides share: protocol, compression, MQTT, torch runtime."""

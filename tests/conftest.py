@@ -19,7 +19,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from shared.local_broker import BrokerError, LocalBroker, find_mosquitto
+from aggregator.ops.local_broker import BrokerError, LocalBroker, find_mosquitto
 
 # Seconds a helper waits for a CONNACK; loopback answers in milliseconds, so this only
 # bounds how long a broken broker can hang a test.

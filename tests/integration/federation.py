@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.demo import agent_command, stop_processes
-from shared.data import ArrayDataset, save_npz
+from aggregator.ops.demo import agent_command, stop_processes
+from shared.runtime.data import ArrayDataset, save_npz
 
 FEDERATION = "itest"
 INPUT_SHAPE = (1, 8, 8)

@@ -14,9 +14,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from shared.codec import FrameHeader, decode_frame, encode_frame, tensors_hash
-from shared.local_broker import LocalBroker
-from shared.topics import Topics
+from aggregator.ops.local_broker import LocalBroker
+from shared.protocol.frames import FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.protocol.topics import Topics
 from tests.integration import federation as fed
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from shared import local_broker
-from shared.local_broker import (
+from aggregator.ops import local_broker
+from aggregator.ops.local_broker import (
     DEFAULT_TEMPLATE_PATH,
     EMBEDDED_TEMPLATE,
     BrokerError,

@@ -12,9 +12,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from shared.local_broker import LocalBroker
-from shared.onnx_frame import decode_onnx_frame
-from shared.topics import Topics
+from aggregator.ops.local_broker import LocalBroker
+from shared.protocol.onnx_frame import decode_onnx_frame
+from shared.protocol.topics import Topics
 from tests.conftest import MqttClientFactory
 from tests.integration import federation as fed
 

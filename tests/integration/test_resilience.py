@@ -22,12 +22,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from safetensors.numpy import load_file as st_load_file
 
-from shared import messages as msg
-from shared.codec import decode_frame, tensors_hash
-from shared.data import ArrayDataset, save_npz
-from shared.local_broker import LocalBroker
-from shared.topics import Topics
-from shared.transport import MqttTransport
+from aggregator.ops.local_broker import LocalBroker
+from shared.mqtt.transport import MqttTransport
+from shared.protocol import messages as msg
+from shared.protocol.frames import decode_frame, tensors_hash
+from shared.protocol.topics import Topics
+from shared.runtime.data import ArrayDataset, save_npz
 from tests.conftest import require_mosquitto
 from tests.integration import federation as fed
 from tests.integration.netproxy import NetProxy

@@ -21,12 +21,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from aggregator import provision
-from shared.codec import FrameHeader, decode_frame, encode_frame, tensors_hash
-from shared.global_delta import apply_delta
-from shared.local_broker import LocalBroker, free_port
-from shared.topics import Topics
-from shared.transport import ConnectOptions, MqttTransport, TransportError
+from aggregator.ops import provision
+from aggregator.ops.local_broker import LocalBroker, free_port
+from shared.mqtt.base import TransportError
+from shared.mqtt.transport import ConnectOptions, MqttTransport
+from shared.protocol.frames import FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.protocol.global_delta import apply_delta
+from shared.protocol.topics import Topics
 from tests.conftest import require_mosquitto
 from tests.integration import federation as fed
 

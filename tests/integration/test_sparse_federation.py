@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.error_feedback import RESIDUAL_FILE, ResidualStore
-from shared.local_broker import LocalBroker
+from aggregator.ops.local_broker import LocalBroker
+from edge_agent.residual import RESIDUAL_FILE, ResidualStore
 from tests.integration import federation as fed
 
 pytestmark = pytest.mark.integration

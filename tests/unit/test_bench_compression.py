@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from aggregator.bench_compression import (
+from aggregator.ops.bench.compression import (
     SIZING,
     _raw_fp32_bytes,
     _relative_to_fp32,

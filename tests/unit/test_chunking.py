@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from shared.chunking import (
+from shared.mqtt.chunking import (
     MAGIC,
     PACKET_OVERHEAD,
     ChunkError,
@@ -16,7 +16,7 @@ from shared.chunking import (
     parse_chunk,
     split,
 )
-from shared.topics import chunk_subscription, chunk_topic, split_chunk_topic
+from shared.protocol.topics import chunk_subscription, chunk_topic, split_chunk_topic
 
 TOPIC = "fl/v1/f/global/model"
 

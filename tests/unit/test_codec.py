@@ -1,4 +1,4 @@
-"""Unit tests for binary frames (shared/codec.py) and the per-tensor codecs (shared/quantize.py)."""
+"""Binary frames (shared/protocol/frames.py) and per-tensor codecs (compression/quantize.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from shared.codec import (
+from shared.compression.quantize import CODECS, Int8Codec
+from shared.protocol.frames import (
     MAGIC,
     MAX_HEADER_BYTES,
     Frame,
@@ -26,7 +27,6 @@ from shared.codec import (
     read_header,
     tensors_hash,
 )
-from shared.quantize import CODECS, Int8Codec
 
 CODEC_NAMES = sorted(CODECS)
 HASH = "ab" * 32

@@ -11,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.data import (
-    ArrayDataset,
-    DataFormatError,
-    load_device_data,
+from aggregator.ops.datasets import (
     load_named_dataset,
     partition,
     partition_dirichlet,
     partition_iid,
     partition_shards,
+)
+from shared.runtime.data import (
+    ArrayDataset,
+    DataFormatError,
+    load_device_data,
     read_idx,
     save_npz,
     train_val_split,
@@ -405,7 +407,7 @@ def test_train_val_split_rejects_fraction_of_one() -> None:
 
 
 def test_importing_data_module_does_not_import_torch() -> None:
-    code = "import sys, shared.data; print(sorted({'torch', 'PIL'} & set(sys.modules)))"
+    code = "import sys, shared.runtime.data; print(sorted({'torch', 'PIL'} & set(sys.modules)))"
 
     out = subprocess.run(
         [sys.executable, "-c", code],

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from aggregator import config_docs
 from aggregator.config import AggregatorConfig
+from aggregator.ops import config_docs
 from edge_agent.config import AgentConfig
 from edge_agent.serve import ServeConfig
 from shared.settings import load_settings
@@ -25,7 +25,7 @@ UNITS = sorted(DEPLOY.glob("*.service"))
 def test_configuration_docs_list_every_setting() -> None:
     assert config_docs.missing_descriptions() == []
     assert (REPO / "docs" / "configuration.md").read_text() == config_docs.render_markdown(), (
-        "docs/configuration.md is stale: run python -m aggregator.config_docs"
+        "docs/configuration.md is stale: run python -m aggregator.ops.config_docs"
     )
 
 

@@ -16,7 +16,7 @@ from aggregator.journal import RoundJournal
 from aggregator.resume import Durability, rng_state, set_rng_state, starved_action
 from aggregator.rounds import RoundState
 from edge_agent.outbox import Outbox, receipt_is_final
-from shared.codec import FrameHeader, encode_frame, tensors_hash
+from shared.protocol.frames import FrameHeader, encode_frame, tensors_hash
 
 PARAMS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
 

@@ -1,4 +1,4 @@
-"""Global deltas (shared/global_delta.py) and what the aggregator publishes (downloads.py)."""
+"""Global deltas (shared/protocol/global_delta.py) and what the aggregator publishes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from aggregator.downloads import GlobalDownloads, bytes_down
-from shared.codec import FrameError, decode_frame, tensors_hash
-from shared.global_delta import (
+from shared.protocol.frames import FrameError, decode_frame, tensors_hash
+from shared.protocol.global_delta import (
     DeltaError,
     ServerStep,
     apply_delta,
@@ -17,9 +17,9 @@ from shared.global_delta import (
     server_step,
     step_rng,
 )
-from shared.messages import GlobalMeta, ModelSpec, decode
-from shared.signing import generate_keypair, sign_model, verify_model
-from shared.topics import Topics
+from shared.protocol.messages import GlobalMeta, ModelSpec, decode
+from shared.protocol.signing import generate_keypair, sign_model, verify_model
+from shared.protocol.topics import Topics
 
 FED = "lab"
 SHAPES = {"0.weight": (6, 1, 5, 5), "0.bias": (6,), "3.weight": (10, 150), "3.bias": (10,)}
@@ -156,7 +156,7 @@ LENET = {
 
 
 def test_int8_delta_of_a_lenet_step_is_about_four_times_smaller_than_the_full_model() -> None:
-    from aggregator.onnx_export import model_frame
+    from aggregator.downloads import model_frame
 
     rng = np.random.default_rng(0)
     old = {n: rng.uniform(-0.1, 0.1, s).astype(np.float32) for n, s in LENET.items()}

@@ -13,7 +13,7 @@ import pytest
 from aggregator.intake import UpdateIntake
 from aggregator.rounds import RoundState
 from aggregator.strategy import StreamingFedAvg
-from shared.codec import MAGIC, FrameHeader, encode_frame
+from shared.protocol.frames import MAGIC, FrameHeader, encode_frame
 
 FED = "lab-1"
 ROUND = 4

@@ -1,4 +1,4 @@
-"""Low-rank update codec (shared/lowrank.py): bounds, validation, error feedback, frames."""
+"""Low-rank update codec (shared/compression/lowrank.py): bounds, validation, EF, frames."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edge_agent.error_feedback import ErrorFeedback
-from shared.codec import MAGIC_COMPACT, FrameError, decode_frame, encode_frame
-from shared.lowrank import LowRankCodec, parse
-from shared.quantize import CodecError
-from shared.sparsify import needs_error_feedback, resolve_codec
+from shared.compression.error_feedback import ErrorFeedback
+from shared.compression.lowrank import LowRankCodec, parse
+from shared.compression.quantize import CodecError
+from shared.compression.registry import needs_error_feedback, resolve_codec
+from shared.protocol.frames import MAGIC_COMPACT, FrameError, decode_frame, encode_frame
 from tests.unit.frames import assemble_frame, sample_tensors, split_frame, update_header
 
 NAMES = ["lowrank:1", "lowrank:2+int4", "lowrank:3+int8", "lowrank:4+int4"]

@@ -1,4 +1,4 @@
-"""Unit tests for the JSON control messages (shared/messages.py)."""
+"""Unit tests for the JSON control messages (shared/protocol/messages.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from shared.messages import (
+from shared.protocol.messages import (
     MAX_CONTROL_BYTES,
     SCHEMA,
     AgentStatus,

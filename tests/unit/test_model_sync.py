@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from aggregator.onnx_export import model_frame
+from aggregator.downloads import model_frame
 from edge_agent.model_guard import HeldModel, ModelRejected
 from edge_agent.model_sync import ModelSync, SyncPolicy
-from shared.codec import FrameError, FrameHeader, encode_frame, tensors_hash
-from shared.global_delta import apply_delta, delta_frame, server_step
-from shared.messages import ModelSpec
-from shared.signing import generate_keypair, sign_model
+from shared.protocol.frames import FrameError, FrameHeader, encode_frame, tensors_hash
+from shared.protocol.global_delta import apply_delta, delta_frame, server_step
+from shared.protocol.messages import ModelSpec
+from shared.protocol.signing import generate_keypair, sign_model
 
 FED = "lab"
 SHAPES = {"w": (4, 50), "b": (4,)}

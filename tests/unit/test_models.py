@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.models import MODEL_NAMES, UnknownModelError, build_model, count_parameters
+from shared.runtime.models import MODEL_NAMES, UnknownModelError, build_model, count_parameters
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from aggregator.monitor_view import MonitorState, render, subscriptions
-from shared import messages as msg
-from shared.topics import Topics
+from aggregator.ops.monitor_view import MonitorState, render, subscriptions
+from shared.protocol import messages as msg
+from shared.protocol.topics import Topics
 
 T = Topics("shop")
 H = "a" * 64

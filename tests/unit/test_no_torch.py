@@ -17,15 +17,16 @@ REPO = Path(__file__).resolve().parents[2]
     [
         "edge_agent.agent",
         "edge_agent.inference, edge_agent.serve, edge_agent.cli",
-        "shared.data, shared.codec, shared.messages, shared.topics, shared.transport",
-        "shared.onnx_frame",
+        "shared.runtime.data, shared.protocol.frames, shared.protocol.messages",
+        "shared.protocol.topics, shared.mqtt.transport",
+        "shared.protocol.onnx_frame",
     ],
 )
 def test_import_does_not_load_torch(modules: str) -> None:
     code = (
         f"import sys, {modules}\n"
-        "bad = [m for m in ('torch', 'torchvision', 'shared.models', 'shared.training', "
-        "'shared.modelio') if m in sys.modules]\n"
+        "bad = [m for m in ('torch', 'torchvision', 'shared.runtime.models', "
+        "'shared.runtime.training', 'shared.runtime.modelio') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.onnx_export import PARITY_TOLERANCE, export_verified, model_frame
-from shared.data import ArrayDataset, save_npz
-from shared.messages import ModelSpec
-from shared.onnx_frame import OnnxFrameError, decode_onnx_frame
-from shared.topics import Topics, parse
+from aggregator.downloads import model_frame
+from aggregator.onnx_export import PARITY_TOLERANCE, export_verified
+from shared.protocol.messages import ModelSpec
+from shared.protocol.onnx_frame import OnnxFrameError, decode_onnx_frame
+from shared.protocol.topics import Topics, parse
+from shared.runtime.data import ArrayDataset, save_npz
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = ModelSpec(arch="lenet5", input_shape=(1, 28, 28), num_classes=10)
@@ -24,8 +25,8 @@ SPEC = ModelSpec(arch="lenet5", input_shape=(1, 28, 28), num_classes=10)
 def lenet_export():  # type: ignore[no-untyped-def]
     import torch
 
-    from shared.modelio import get_params
-    from shared.models import build_model
+    from shared.runtime.modelio import get_params
+    from shared.runtime.models import build_model
 
     torch.manual_seed(3)
     params = get_params(build_model("lenet5"))
@@ -38,8 +39,8 @@ def test_lenet5_onnx_logits_match_torch(lenet_export) -> None:  # type: ignore[n
     import onnxruntime as ort
     import torch
 
-    from shared.modelio import set_params
-    from shared.models import build_model
+    from shared.runtime.modelio import set_params
+    from shared.runtime.models import build_model
 
     params, batch, done = lenet_export
     model = build_model("lenet5").eval()
@@ -84,7 +85,7 @@ def test_onnx_topic_is_built_and_parsed() -> None:
 
 
 def test_export_command_writes_onnx_from_saved_frame(lenet_export, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from aggregator.cli import main
+    from aggregator.ops.cli import main
 
     params, _, _ = lenet_export
     saved = tmp_path / "global_model.fmq"

@@ -10,9 +10,9 @@ import pytest
 
 from aggregator.onnx_export import export_verified
 from edge_agent.serve import InferenceServer, ServeConfig
-from shared.messages import ModelSpec
-from shared.onnx_frame import decode_onnx_frame, encode_onnx_frame
-from shared.signing import (
+from shared.protocol.messages import ModelSpec
+from shared.protocol.onnx_frame import decode_onnx_frame, encode_onnx_frame
+from shared.protocol.signing import (
     ONNX_CONTEXT,
     SignatureError,
     generate_keypair,
@@ -33,8 +33,8 @@ def key():  # type: ignore[no-untyped-def]
 def _export(key, round_id: int):  # type: ignore[no-untyped-def]
     import torch
 
-    from shared.modelio import get_params
-    from shared.models import build_model
+    from shared.runtime.modelio import get_params
+    from shared.runtime.models import build_model
 
     torch.manual_seed(round_id)
     params = get_params(build_model(SPEC.arch, SPEC.input_shape, SPEC.num_classes))

@@ -1,4 +1,4 @@
-"""Unit tests for broker/device provisioning (aggregator/provision.py, aggregator/pki.py).
+"""Unit tests for broker/device provisioning (aggregator/ops/provision.py, aggregator/ops/pki.py).
 
 No broker here: tests/integration/test_security.py starts Mosquitto with these files.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from aggregator import pki, provision
-from aggregator.broker_templates import ACL, PROD_CONF_TEMPLATE
+from aggregator.ops import pki, provision
+from aggregator.ops.broker_templates import ACL, PROD_CONF_TEMPLATE
 from edge_agent.config import AgentConfig
+from shared.protocol.signing import load_private_key, load_public_key
 from shared.settings import load_toml
-from shared.signing import load_private_key, load_public_key
 
 REPO = Path(__file__).resolve().parents[2]
 SECRETS = (
@@ -174,7 +174,7 @@ def test_embedded_templates_match_broker_config_files() -> None:
 def test_cli_runs_broker_init_and_device_add(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from aggregator.cli import main
+    from aggregator.ops.cli import main
 
     assert main(["broker", "init", str(tmp_path), "--port", "18884"]) == 0
     assert main(["device", "add", "pi-3", "--dir", str(tmp_path)]) == 0

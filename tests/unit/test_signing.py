@@ -1,4 +1,4 @@
-"""Unit tests for global-model signatures (shared/signing.py, edge_agent/model_guard.py)."""
+"""Global-model signatures (shared/protocol/signing.py, edge_agent/model_guard.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from edge_agent.model_guard import HeldModel, ModelRejected, check_global_model
-from shared import signing
-from shared.codec import FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.protocol import signing
+from shared.protocol.frames import FrameHeader, decode_frame, encode_frame, tensors_hash
 
 FED = "lab"
 HASH = "a" * 64

@@ -1,4 +1,4 @@
-"""Top-k codecs (shared/sparsify.py, shared/rice.py) and error feedback (edge_agent)."""
+"""Top-k codecs (shared/compression/topk.py, rice.py) and error feedback."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edge_agent.error_feedback import DeviceFeedback, ErrorFeedback, ResidualStore
-from shared import rice
-from shared.codec import (
+from edge_agent.residual import DeviceFeedback, ResidualStore
+from shared.compression import rice
+from shared.compression.error_feedback import ErrorFeedback
+from shared.compression.quantize import CodecError
+from shared.compression.registry import needs_error_feedback, resolve_codec
+from shared.compression.topk import TopKCodec
+from shared.protocol.frames import (
     MAGIC,
     MAGIC_COMPACT,
     FrameError,
@@ -25,8 +29,6 @@ from shared.codec import (
     encode_frame,
     read_header,
 )
-from shared.quantize import CodecError
-from shared.sparsify import TopKCodec, needs_error_feedback, resolve_codec
 from tests.unit.frames import assemble_frame, sample_tensors, split_frame, update_header
 
 SPARSE = [
@@ -51,7 +53,7 @@ flats = hnp.arrays(np.float32, st.integers(0, 600), elements=values)
 
 
 def _kept_bound(codec: TopKCodec, top: np.ndarray) -> float:
-    """Max error on a kept value, as stated in shared/sparsify.py (``top``: kept magnitudes)."""
+    """Max error on a kept value, as stated in compression/topk.py (``top``: kept magnitudes)."""
     a = np.abs(top.astype(np.float64))
     if codec.values in ("fp32", "fp16"):
         return 0.0  # relative bounds: checked per value below

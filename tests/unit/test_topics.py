@@ -1,4 +1,4 @@
-"""Unit tests for the topic builders and parser of the fedmq protocol (shared/topics.py)."""
+"""Topic builders and parser of the fedmq protocol (shared/protocol/topics.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.topics import PROTOCOL, ParsedTopic, TopicError, Topics, parse, validate_name
+from shared.protocol.topics import PROTOCOL, ParsedTopic, TopicError, Topics, parse, validate_name
 
 FED = "lab-1"
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.data import ArrayDataset
-from shared.models import build_model
-from shared.training import EvalResult, TrainConfig, evaluate, train_local
+from shared.runtime.data import ArrayDataset
+from shared.runtime.models import build_model
+from shared.runtime.training import EvalResult, TrainConfig, evaluate, train_local
 
 
 def _separable(n: int = 400, seed: int = 0) -> ArrayDataset:

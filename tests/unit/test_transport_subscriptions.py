@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.transport import MqttTransport
+from shared.mqtt.transport import MqttTransport
 
 
 class FakeClient:

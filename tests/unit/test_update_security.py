@@ -10,7 +10,7 @@ from aggregator.intake import UpdateIntake
 from aggregator.rounds import RoundState
 from aggregator.strategy import StreamingFedAvg
 from aggregator.update_bounds import norm_violation, update_l2_norm
-from shared.codec import FrameHeader, encode_frame
+from shared.protocol.frames import FrameHeader, encode_frame
 
 FED = "lab"
 BASE = "d" * 64

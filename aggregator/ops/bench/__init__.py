@@ -1,0 +1,1 @@
+"""``fedmq bench``: benchmarks that print and save figures."""

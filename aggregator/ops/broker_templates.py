@@ -1,0 +1,115 @@
+"""Embedded copies of ``broker_config/mosquitto-prod.conf`` and ``broker_config/acl.conf``.
+
+``fedmq broker init`` must work from an installed wheel, where ``broker_config/`` is absent;
+a unit test keeps these strings identical to the files (edit the files, then copy here).
+"""
+
+PROD_CONF_TEMPLATE = """\
+# fedmq production broker: TLS only, a password per identity, ACL per topic.
+#
+# This is a TEMPLATE: `fedmq broker init DIR` renders it into DIR/mosquitto.conf,
+# replacing {listener} (port and optional bind address), {dir} (the provisioned
+# directory), {user} (account the broker runs as) and {require_certificate}.
+# Written for Mosquitto 2.0.x; comments must sit on their own lines.
+# broker_config/README.md explains every setting and why.
+
+# Security settings (auth, ACL, TLS) belong to the listener below and to no other:
+# a second listener added later (say a loopback one for maintenance) cannot
+# silently inherit or weaken them.
+per_listener_settings true
+
+# The only listener: MQTT over TLS (8883 is the IANA port for MQTT over TLS).
+listener {listener}
+protocol mqtt
+
+# TLS: the broker certificate (SAN: localhost, 127.0.0.1 and --host) and its key,
+# and the fedmq CA that clients verify it against (and that signs client certs).
+cafile {dir}/ca.crt
+certfile {dir}/broker.crt
+keyfile {dir}/broker.key
+# Minimum TLS version: 1.2 (1.0/1.1 are deprecated, RFC 8996).
+tls_version tlsv1.2
+
+# Client certificates: "false" = passwords authenticate, TLS only encrypts and
+# authenticates the broker. "true" = mutual TLS: a client must also present a
+# certificate signed by the CA (each identity gets one in its directory); the
+# password is still checked. Enable with `fedmq broker init --require-certificate`.
+require_certificate {require_certificate}
+
+# No anonymous clients: every connection needs a username from the password file.
+allow_anonymous false
+
+# PBKDF2-SHA512 ($7$) hashes, one line per identity, kept in sync by
+# `fedmq broker init` / `fedmq device add`. Reload after changes: kill -HUP.
+password_file {dir}/passwd
+
+# What each identity may publish and subscribe to (see acl.conf).
+acl_file {dir}/acl.conf
+
+# Started as root, Mosquitto drops to this account before reading the files above:
+# it must be able to read broker.key, passwd and acl.conf (chown them if needed).
+user {user}
+
+# Retained global models survive a broker restart; agents also get them from the
+# aggregator's re-publication, so this is a convenience, not a requirement.
+persistence true
+persistence_location {dir}/data/
+
+# Same flow control as the development broker (see mosquitto-dev.conf).
+max_inflight_messages 100
+max_queued_messages 1000
+max_queued_bytes 0
+retain_available true
+set_tcp_nodelay true
+
+# Log to stderr (the systemd journal under a service manager).
+log_dest stderr
+log_type error
+log_type warning
+log_type notice
+log_type information
+log_timestamp_format %Y-%m-%dT%H:%M:%S
+# Connects, disconnects and refused logins are the audit trail of who joined.
+connection_messages true
+"""
+
+ACL = """\
+# fedmq ACL (Mosquitto 2.0 acl_file). Rendered unchanged by `fedmq broker init`.
+# Anything not granted here is denied. %u is the authenticated username; every
+# device logs in with its own username, which is also its fedmq client id, so the
+# patterns at the end cover every device with one set of rules.
+# The federation level is "+": one provisioned broker serves one trust domain.
+
+# The aggregator runs the federation: announces rounds, publishes global models,
+# status, metrics and receipts, and reads every update and agent status.
+user aggregator
+topic readwrite fl/v1/#
+
+# Read-only monitor (dashboards, `fedmq monitor`, mosquitto_sub): everything except
+# the updates themselves, which are derived from private training data (gradient
+# inversion can reconstruct samples), so only the aggregator may read them.
+# Deny lines also cancel the device patterns below for this user: the monitor
+# cannot publish an update or a status of its own.
+user monitor
+topic deny fl/v1/+/round/+/update/+
+topic deny fl/v1/+/round/+/update/+/chunk/+
+topic deny fl/v1/+/agents/monitor/status
+topic read fl/v1/#
+
+# Devices. Publish: only their own update and their own (retained) status. Read:
+# round announcements, the global model (full and as a delta) and its meta, the
+# aggregator's status and their own receipts. Not others' updates, not others' receipts,
+# and no write on global/# or round/+/start, so no device can publish a model or a round.
+pattern write fl/v1/+/round/+/update/%u
+# Payloads over the packet limit travel in chunks (shared/mqtt/chunking.py).
+pattern write fl/v1/+/round/+/update/%u/chunk/+
+pattern write fl/v1/+/agents/%u/status
+pattern read fl/v1/+/round/+/start
+pattern read fl/v1/+/global/meta
+pattern read fl/v1/+/global/model
+pattern read fl/v1/+/global/model/chunk/+
+pattern read fl/v1/+/global/delta
+pattern read fl/v1/+/global/delta/chunk/+
+pattern read fl/v1/+/aggregator/status
+pattern read fl/v1/+/round/+/receipt/%u
+"""

@@ -1,0 +1,163 @@
+"""Generate ``docs/configuration.md`` from the settings dataclasses, so docs cannot drift.
+
+``python -m aggregator.ops.config_docs`` rewrites the file; ``tests/unit/test_deploy.py`` fails when
+a field is added to :class:`AggregatorConfig`, :class:`AgentConfig` or :class:`ServeConfig`
+without a description here, or when the committed file is not what this module renders.
+Imports no torch (the config modules are plain dataclasses).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from aggregator.config import AggregatorConfig
+from edge_agent.config import AgentConfig
+from edge_agent.serve import ServeConfig
+
+DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+_COMMON = {
+    "broker": "broker URL, `mqtt://host:port` or `mqtts://host:port` (TLS)",
+    "federation": "federation name: the topic namespace `fl/v1/{federation}/`",
+    "client_id": "MQTT client id (an agent's id is a topic level: `[A-Za-z0-9_.-]`)",
+    "username": "MQTT user name",
+    "password": "MQTT password",
+    "ca_file": "CA certificate for `mqtts://`",
+    "threads": "CPU threads for torch / onnxruntime",
+    "connect_timeout": "seconds to wait for the first CONNACK",
+    "cert_file": "client certificate (brokers that require one)",
+    "key_file": "private key of `cert_file`",
+}
+
+DESCRIPTIONS: dict[str, dict[str, str]] = {
+    "aggregator": {
+        **_COMMON,
+        "client_id": "MQTT client id of the aggregator",
+        "model": "architecture: `lenet5`, `cnn` (FedAvg-paper CNN), `mlp` (2NN)",
+        "input_shape": "C,H,W of one sample",
+        "num_classes": "number of classes",
+        "rounds": "rounds to run; the service exits 0 after the last",
+        "min_clients": "agents needed to start a round, and the quorum at its deadline",
+        "fraction": "fraction of online agents selected per round",
+        "round_timeout": "seconds until a round's deadline (extended below quorum)",
+        "local_epochs": "local epochs per round",
+        "batch_size": "local mini-batch size",
+        "lr": "local SGD learning rate",
+        "momentum": "local SGD momentum (restarts every round)",
+        "weight_decay": "local SGD weight decay",
+        "seed": "seed of the initial model, selection and training",
+        "codec": "update codec: `fp32`, `fp16`, `int8`",
+        "download_codec": "how agents that hold the previous global model download the new "
+        "one: a quantized delta on `global/delta` (`int8`, `fp16`, `fp32`; with server-side "
+        "error feedback), the full model stays retained on `global/model`; `none`: full "
+        "model only",
+        "eval_data": "held-out data (.npz, IDX, image folder) evaluated after every round",
+        "metrics_file": "write metrics.json (one entry per round) here",
+        "max_update_bytes": "updates larger than this are rejected",
+        "signing_key": "Ed25519 private key (PEM) signing every global model; none: unsigned "
+        "(development only)",
+        "max_update_norm": "reject deltas with a larger L2 norm over all tensors; none: off",
+        "wait_clients_timeout": "seconds to wait for `min_clients` agents before giving up",
+        "onnx": "export each new global model to ONNX, verify it and publish it retained on "
+        "`global/onnx` (`--no-onnx` to turn off)",
+        "state_dir": "save `global_model.fmq` / `global_model.onnx` here every round "
+        "(default: the metrics file's directory); when set, also a checkpoint and the open "
+        "round's journal, from which a restarted aggregator resumes (docs/resilience.md)",
+        "on_starved": "a round below quorum at its deadline: `extend` (same selection plus "
+        "newly online agents) or `retry` (fresh selection); accepted updates are kept",
+        "max_extensions": "extensions/retries of one starved round before the aggregator "
+        "gives up (exit code 3)",
+    },
+    "agent": {
+        **_COMMON,
+        "client_id": "this device's id (required), e.g. `pi-07`",
+        "data": "the device's own data (required): .npz (x, y), IDX files or an image folder",
+        "val_fraction": "fraction held out for local validation",
+        "max_frame_bytes": "global-model frames larger than this are refused",
+        "resend_after_s": "re-send an update when no receipt came after this many seconds",
+        "delta_wait_s": "a round announced on a model the agent does not hold: seconds to "
+        "wait for its global delta before downloading the full model",
+        "exit_when_finished": "exit when the federation finishes (`--stay`: keep running)",
+        "model_public_key": "pinned Ed25519 public key (PEM): only models signed by it are "
+        "loaded; none: development mode (unsigned models accepted)",
+        "state_dir": "device state, e.g. the error-feedback residual of top-k codecs "
+        '(`""`: `$XDG_STATE_HOME/fedmq/<client_id>`)',
+        "warm_up": "import torch before going online (default: at the first round it trains)",
+    },
+    "inference": {
+        **_COMMON,
+        "client_id": "this device's id (required); names the request/response topics",
+        "input_topic": "request topic (empty: `fl/v1/{fed}/infer/{client_id}/request`)",
+        "output_topic": "response topic (empty: `fl/v1/{fed}/infer/{client_id}/response`)",
+        "model": "ONNX file (or fedmq ONNX frame) served until the federation's model arrives",
+        "max_model_bytes": "ONNX frames larger than this are refused",
+        "model_public_key": "aggregator's model-signing public key (PEM): only ONNX models it "
+        "signed are served (unset: unsigned models are served, with a warning)",
+    },
+}
+
+# Flags that are not simply ``--`` + the key with dashes.
+FLAGS = {"exit_when_finished": "--stay", "warm_up": "--warm-up", "onnx": "--onnx`/`--no-onnx"}
+
+SECTIONS: list[tuple[str, type[Any], str, str]] = [
+    ("aggregator", AggregatorConfig, "FEDMQ_AGGREGATOR_", "fedmq-aggregator"),
+    ("agent", AgentConfig, "FEDMQ_AGENT_", "fedmq-agent"),
+    ("inference", ServeConfig, "FEDMQ_INFERENCE_", "fedmq-agent serve"),
+]
+
+
+def missing_descriptions() -> list[str]:
+    """``section.field`` of every setting without a description."""
+    return [
+        f"{section}.{f.name}"
+        for section, cls, _, _ in SECTIONS
+        for f in fields(cls)
+        if f.name not in DESCRIPTIONS[section]
+    ]
+
+
+def render_markdown() -> str:
+    """The whole of ``docs/configuration.md``."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated by `python -m aggregator.ops.config_docs` from the settings dataclasses; a unit",
+        "test fails when this file and the code disagree. Each setting comes from, in rising",
+        "priority: its default, the TOML file given by `--config` (the table named below),",
+        "the environment variable, and the command-line flag (`_` becomes `-`).",
+        "",
+    ]
+    for section, cls, env, command in SECTIONS:
+        out += [f"## `[{section}]` — `{command}`", ""]
+        out += ["| key | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+        for f in fields(cls):
+            default = "required" if f.default is MISSING else _show(f.default)
+            flag = FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+            desc = DESCRIPTIONS[section].get(f.name, "")
+            out.append(f"| `{f.name}` | `{flag}` | `{env}{f.name.upper()}` | {default} | {desc} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "none"
+    if value == "":
+        return '`""`'
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, tuple):
+        return "`" + ",".join(map(str, value)) + "`"
+    return f"`{value}`"
+
+
+if __name__ == "__main__":
+    gaps = missing_descriptions()
+    if gaps:
+        sys.exit(f"settings without a description: {', '.join(gaps)}")
+    DOC_PATH.parent.mkdir(exist_ok=True)
+    DOC_PATH.write_text(render_markdown())
+    print(f"wrote {DOC_PATH}")

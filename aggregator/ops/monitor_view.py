@@ -1,0 +1,271 @@
+"""``fedmq monitor``: a live terminal view of a federation, built only from its MQTT topics.
+
+:class:`MonitorState` is pure (``apply(topic, payload, retain, now)``; no MQTT, no clock), so
+it is tested from recorded messages; :func:`render` turns it into rich renderables; and
+:func:`run_monitor` is the thin shell that wires a transport to a ``rich.live.Live``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from rich.console import Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from shared.mqtt.base import Inbound
+from shared.protocol import messages as msg
+from shared.protocol import topics
+from shared.protocol.onnx_frame import OnnxFrameError, decode_onnx_frame
+
+HISTORY_ROWS = 12
+
+
+@dataclass
+class AgentView:
+    """What the monitor knows about one agent."""
+
+    state: str
+    round: int
+    num_samples: int
+    seen_at: float
+
+
+@dataclass
+class RoundView:
+    """The announced round and the receipts seen for it."""
+
+    round: int
+    deadline: float
+    selected: list[str]
+    codec: str
+    accepted: set[str] = field(default_factory=set)
+    rejected: dict[str, str] = field(default_factory=dict)
+    closed: bool = False
+
+
+@dataclass
+class MonitorState:
+    """Everything the view shows, updated one MQTT message at a time."""
+
+    federation: str
+    aggregator: str = "unknown"
+    rounds_total: int = 0
+    current: RoundView | None = None
+    receipts_accepted: int = 0
+    receipts_rejected: int = 0
+    agents: dict[str, AgentView] = field(default_factory=dict)
+    history: list[msg.RoundMetrics] = field(default_factory=list)
+    global_round: int = -1
+    global_hash: str = ""
+    global_bytes: int = 0
+    onnx_round: int = -1
+    onnx_bytes: int = 0
+    problems: deque[str] = field(default_factory=lambda: deque(maxlen=5))
+
+    def apply(self, topic: str, payload: bytes, retain: bool, now: float = 0.0) -> None:
+        """Fold one message into the state; a bad message is recorded, never raised."""
+        try:
+            parsed = topics.parse(topic)
+            if parsed.federation != self.federation:
+                return
+            self._apply(parsed, payload, retain, now)
+        except (topics.TopicError, msg.MessageError, OnnxFrameError) as exc:
+            self.problems.append(f"{topic}: {exc}")
+
+    def _apply(self, parsed: topics.ParsedTopic, payload: bytes, retain: bool, now: float) -> None:
+        kind = parsed.kind
+        if kind == "round_start":
+            self._on_round_start(parsed.round_id, payload)
+        elif not payload:
+            if kind == "agent_status" and parsed.client_id:
+                self.agents.pop(parsed.client_id, None)
+        elif kind == "aggregator_status":
+            status = msg.decode(payload, msg.AggregatorStatus)
+            self.aggregator, self.rounds_total = status.state, status.rounds_total
+        elif kind == "agent_status":
+            a = msg.decode(payload, msg.AgentStatus)
+            self.agents[a.client_id] = AgentView(a.state, a.round, a.num_samples, a.ts or now)
+        elif kind == "receipt":
+            self._on_receipt(msg.decode(payload, msg.Receipt))
+        elif kind == "metrics":
+            self._on_metrics(msg.decode(payload, msg.RoundMetrics))
+        elif kind == "global_meta":
+            meta = msg.decode(payload, msg.GlobalMeta)
+            self.global_round, self.global_hash = meta.round, meta.model_hash
+            self.global_bytes = meta.nbytes
+        elif kind == "global_onnx":
+            frame = decode_onnx_frame(payload, federation=self.federation)
+            self.onnx_round, self.onnx_bytes = frame.header.round, len(frame.onnx)
+
+    def _on_round_start(self, round_id: int | None, payload: bytes) -> None:
+        if not payload:  # the aggregator clears the announcement when the round closes
+            if self.current is not None and self.current.round == round_id:
+                self.current.closed = True
+            return
+        ann = msg.decode(payload, msg.RoundStart)
+        if self.current is not None and self.current.round == ann.round:
+            # A re-announcement (deadline extended): keep the receipts seen so far.
+            self.current.deadline, self.current.selected = ann.deadline, list(ann.selected)
+            return
+        self.current = RoundView(ann.round, ann.deadline, list(ann.selected), ann.codec)
+
+    def _on_receipt(self, receipt: msg.Receipt) -> None:
+        if receipt.status == "accepted":
+            self.receipts_accepted += 1
+        else:
+            self.receipts_rejected += 1
+        cur = self.current
+        if cur is None or cur.round != receipt.round:
+            return
+        if receipt.status == "accepted":
+            cur.accepted.add(receipt.client_id)
+        else:
+            cur.rejected[receipt.client_id] = receipt.reason
+
+    def _on_metrics(self, m: msg.RoundMetrics) -> None:
+        if self.history and self.history[-1].round >= m.round:
+            self.history = [h for h in self.history if h.round != m.round]
+        self.history.append(m)
+        self.history.sort(key=lambda h: h.round)
+
+    def counts(self) -> dict[str, int]:
+        """Agents by state: online, training, offline."""
+        out = {"online": 0, "training": 0, "offline": 0}
+        for a in self.agents.values():
+            out[a.state] = out.get(a.state, 0) + 1
+        return out
+
+
+# --- rendering ----------------------------------------------------------------------------
+def render(state: MonitorState, now: float) -> RenderableType:
+    """The whole screen: header, current round, agents, history."""
+    return Group(_header(state, now), _agents_table(state), _history_table(state))
+
+
+def _header(s: MonitorState, now: float) -> Panel:
+    c = s.counts()
+    lines = [
+        f"federation [bold]{s.federation}[/]   aggregator [bold]{s.aggregator}[/]   "
+        f"agents: [green]{c['online']} online[/], [yellow]{c['training']} training[/], "
+        f"[red]{c['offline']} offline[/]",
+    ]
+    cur = s.current
+    if cur is None:
+        lines.append("no round announced yet")
+    else:
+        left = cur.deadline - now
+        when = "closed" if cur.closed else (f"deadline in {left:.0f}s" if left >= 0 else "overdue")
+        total = f"/{s.rounds_total}" if s.rounds_total else ""
+        lines.append(
+            f"round [bold]{cur.round}{total}[/] ({when}, codec {cur.codec}): "
+            f"{len(cur.accepted)}/{len(cur.selected)} updates accepted, "
+            f"{len(cur.rejected)} rejected"
+        )
+        for cid, reason in sorted(cur.rejected.items()):
+            lines.append(f"  [red]rejected[/] {cid}: {reason}")
+    onnx = (
+        f"   ONNX: round {s.onnx_round}, {s.onnx_bytes / 1e3:.1f} kB" if s.onnx_round >= 0 else ""
+    )
+    lines.append(
+        f"receipts seen: {s.receipts_accepted} accepted, {s.receipts_rejected} rejected   "
+        f"global model: round {s.global_round}, {s.global_bytes / 1e3:.1f} kB{onnx}"
+    )
+    for p in s.problems:
+        lines.append(f"[red]bad message[/] {p}")
+    return Panel(Text.from_markup("\n".join(lines)), title="fedmq monitor")
+
+
+_STATE_STYLE = {"online": "green", "training": "yellow", "offline": "red"}
+
+
+def _agents_table(s: MonitorState) -> Table:
+    table = Table(title="agents", expand=False)
+    for col in ("agent", "state", "round", "samples"):
+        table.add_column(col)
+    for cid, a in sorted(s.agents.items()):
+        style = _STATE_STYLE.get(a.state, "")
+        table.add_row(cid, f"[{style}]{a.state}[/]", str(a.round), str(a.num_samples))
+    return table
+
+
+def _history_table(s: MonitorState) -> Table:
+    table = Table(title=f"rounds (from {topics.Topics(s.federation).metrics})")
+    for col in ("round", "clients", "test acc", "test loss", "train loss", "up kB", "down kB"):
+        table.add_column(col, justify="right")
+    table.add_column("round s", justify="right")
+    for m in s.history[-HISTORY_ROWS:]:
+        table.add_row(
+            str(m.round),
+            str(m.accepted),
+            "-" if m.test_accuracy is None else f"{100 * m.test_accuracy:.2f}%",
+            "-" if m.test_loss is None else f"{m.test_loss:.4f}",
+            "-" if m.train_loss is None else f"{m.train_loss:.4f}",
+            f"{m.bytes_up / 1e3:.1f}",
+            f"{m.bytes_down / 1e3:.1f}",
+            f"{m.round_time_s:.2f}",
+        )
+    return table
+
+
+# --- shell --------------------------------------------------------------------------------
+def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``fedmq monitor``."""
+    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
+    parser.add_argument("--federation", default="default")
+    parser.add_argument("--username")
+    parser.add_argument("--password")
+    parser.add_argument("--ca-file")
+    parser.add_argument("--duration", type=float, help="exit after this many seconds")
+
+
+def subscriptions(t: topics.Topics) -> list[tuple[str, int]]:
+    """Every topic the view needs; never the (large) update payloads."""
+    subs = [t.aggregator_status, t.global_meta, t.global_onnx, t.metrics, t.round_start_any]
+    return [(topic, 1) for topic in [*subs, t.receipt_any, t.agent_status_any]]
+
+
+def run_monitor(args: argparse.Namespace) -> int:
+    """Follow the federation until Ctrl-C (or ``--duration``)."""
+    from rich.live import Live
+
+    from shared.mqtt.transport import ConnectOptions, MqttTransport
+
+    t = topics.Topics(args.federation)
+    state = MonitorState(args.federation)
+    transport = MqttTransport(
+        args.broker,
+        f"monitor-{int(time.time() * 1000) % 10**9}",
+        subscriptions=subscriptions(t),
+        options=ConnectOptions(
+            username=args.username, password=args.password, ca_file=args.ca_file
+        ),
+    )
+    transport.start()
+    end = None if args.duration is None else time.monotonic() + args.duration
+    try:
+        with Live(render(state, time.time()), refresh_per_second=2) as live:
+            while end is None or time.monotonic() < end:
+                _drain(transport.inbox, state, timeout=0.5)
+                live.update(render(state, time.time()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        transport.stop()
+    return 0
+
+
+def _drain(inbox: queue.Queue[Inbound], state: MonitorState, timeout: float) -> None:
+    """Apply every queued message (waiting up to ``timeout`` for the first)."""
+    try:
+        item = inbox.get(timeout=timeout)
+        while True:
+            state.apply(item.topic, item.payload, item.retain, time.time())
+            item = inbox.get_nowait()
+    except queue.Empty:
+        return

@@ -1,0 +1,363 @@
+"""``fedmq broker init`` and ``fedmq device add``: a secure-by-default broker directory.
+
+Layout of DIR (secrets 0600)::
+
+    provision.json            host, port, federation: what `device add` builds URLs from
+    ca.crt  ca.key            the fedmq CA (ECDSA P-256): signs broker and client certs
+    broker.crt  broker.key    TLS server cert, SAN localhost, 127.0.0.1 and --host
+    model-signing.key/.pub    Ed25519 key the aggregator signs global models with
+    passwd  acl.conf          Mosquitto password file ($7$ PBKDF2-SHA512) and ACL
+    mosquitto.conf            rendered broker_config/mosquitto-prod.conf: `mosquitto -c` it
+    identities/aggregator/    password, client.crt/.key, aggregator.toml
+    identities/monitor/       password, client.crt/.key (read-only identity)
+    devices/NAME/             password, client.crt/.key, ca.crt, model-signing.pub, agent.toml
+
+Re-running is safe: an existing file is kept and reported; ``--force`` rotates (rewrites)
+what the command creates. ``passwd`` is derived from the identities' password files and is
+rewritten only when an entry is missing or no longer matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aggregator.ops import pki
+from aggregator.ops.broker_templates import ACL, PROD_CONF_TEMPLATE
+from shared.protocol import signing
+from shared.protocol.topics import TopicError, validate_name
+
+STATE_FILE = "provision.json"
+RESERVED = ("aggregator", "monitor")
+
+
+@dataclass
+class Report:
+    """What a provisioning command did to each file: created, kept, rotated, updated."""
+
+    actions: list[tuple[str, Path]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, action: str, path: Path) -> None:
+        """Record one file's fate."""
+        self.actions.append((action, path))
+
+    def of(self, path: Path) -> str | None:
+        """The last action recorded for ``path``."""
+        found = [a for a, p in self.actions if p == path]
+        return found[-1] if found else None
+
+    def lines(self) -> list[str]:
+        """Human-readable report."""
+        out = [f"{action:8} {path}" for action, path in self.actions]
+        if any(a == "kept" for a, _ in self.actions):
+            out.append("(kept files already existed; pass --force to rotate them)")
+        return out + self.notes
+
+
+@dataclass
+class _Writer:
+    force: bool
+    report: Report
+
+    def write(self, path: Path, data: bytes, *, secret: bool, rotate: bool = False) -> bool:
+        """Write ``data`` unless ``path`` exists (and neither force nor rotate); True if written."""
+        existed = path.exists()
+        if existed and not (self.force or rotate):
+            self.report.add("kept", path)
+            return False
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = 0o600 if secret else 0o644
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)  # an existing file keeps its mode otherwise
+            fh.write(data)
+        self.report.add("rotated" if existed else "created", path)
+        return True
+
+
+def broker_init(
+    root: Path,
+    *,
+    host: str | None = None,
+    port: int = 8883,
+    bind: str = "",
+    federation: str = "default",
+    run_as: str | None = None,
+    require_certificate: bool = False,
+    force: bool = False,
+) -> Report:
+    """Create (or complete) a provisioned broker directory; see the module docstring."""
+    validate_name("federation", federation)
+    if not 0 < port < 65536:
+        raise ValueError(f"port must be in 1..65535, got {port}")
+    report = Report()
+    w = _Writer(force, report)
+    root = root.resolve()
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    state = {"host": host or "localhost", "port": port, "federation": federation}
+    w.write(root / STATE_FILE, json.dumps(state, indent=1).encode() + b"\n", secret=False)
+    new_ca = not (root / "ca.key").exists() or not (root / "ca.crt").exists() or force
+    if new_ca:
+        ca = pki.make_ca()
+        w.write(root / "ca.key", ca.key_pem, secret=True, rotate=True)
+        w.write(root / "ca.crt", ca.cert_pem, secret=False, rotate=True)
+    else:
+        ca = _load_ca(root)
+        report.add("kept", root / "ca.crt")
+    names = ["localhost", "127.0.0.1", *([host] if host else [])]
+    _keypair(
+        w,
+        root / "broker.crt",
+        root / "broker.key",
+        new_ca,
+        lambda: pki.issue(ca, "fedmq broker", server_names=names),
+    )
+    if force or not (root / "model-signing.key").exists():
+        key = signing.generate_keypair()
+        w.write(root / "model-signing.key", signing.private_pem(key), secret=True, rotate=True)
+        w.write(root / "model-signing.pub", signing.public_pem(key), secret=False, rotate=True)
+    else:
+        report.add("kept", root / "model-signing.key")
+    for name in RESERVED:
+        _identity(w, root / "identities" / name, name, ca, new_ca)
+    _aggregator_toml(w, root)
+    w.write(root / "acl.conf", ACL.encode(), secret=False)
+    w.write(
+        root / "mosquitto.conf",
+        render_conf(root, port, bind, run_as, require_certificate).encode(),
+        secret=False,
+    )
+    sync_password_file(root, report)
+    if new_ca and any((root / "devices").glob("*/password")):
+        report.notes.append(
+            "the CA changed: re-run `fedmq device add NAME --dir DIR --force` for every device"
+        )
+    report.notes.append(f"start the broker: mosquitto -c {root / 'mosquitto.conf'}")
+    return report
+
+
+def device_add(
+    root: Path,
+    name: str,
+    *,
+    federation: str | None = None,
+    install_dir: str | None = None,
+    force: bool = False,
+) -> Report:
+    """Provision one device: credentials, client cert, trust anchors and ``agent.toml``."""
+    root = root.resolve()
+    validate_name("device name", name)
+    if name in RESERVED:
+        raise ValueError(f"{name!r} is a reserved identity; choose another device name")
+    state = load_state(root)
+    fed = validate_name("federation", federation or str(state["federation"]))
+    report = Report()
+    w = _Writer(force, report)
+    ddir = root / "devices" / name
+    _identity(w, ddir, name, _load_ca(root), False)
+    w.write(ddir / "ca.crt", (root / "ca.crt").read_bytes(), secret=False)
+    w.write(ddir / "model-signing.pub", (root / "model-signing.pub").read_bytes(), secret=False)
+    where = Path(install_dir) if install_dir else ddir
+    settings = {
+        "broker": f"mqtts://{state['host']}:{state['port']}",
+        "federation": fed,
+        "client_id": name,
+        "username": name,
+        "password": (ddir / "password").read_text().strip(),
+        "ca_file": str(where / "ca.crt"),
+        "cert_file": str(where / "client.crt"),
+        "key_file": str(where / "client.key"),
+        "model_public_key": str(where / "model-signing.pub"),
+    }
+    toml = _toml("agent", settings, '# data = "/var/lib/fedmq/data.npz"   # or pass --data\n')
+    w.write(ddir / "agent.toml", toml.encode(), secret=True)
+    sync_password_file(root, report)
+    report.notes.append(
+        f"copy {ddir} to the device ({where}); run: fedmq-agent --config {where / 'agent.toml'} "
+        "--data YOUR_DATA; reload a running broker: kill -HUP $(pidof mosquitto)"
+    )
+    return report
+
+
+def render_conf(root: Path, port: int, bind: str, run_as: str | None, require_cert: bool) -> str:
+    """The production template with this directory's paths and settings filled in."""
+    values = {
+        "{listener}": f"{port} {bind}".strip(),
+        "{dir}": str(root),
+        "{user}": run_as or _current_user(),
+        "{require_certificate}": "true" if require_cert else "false",
+    }
+    text = PROD_CONF_TEMPLATE
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def sync_password_file(root: Path, report: Report) -> None:
+    """Make ``passwd`` hold exactly the identities' passwords, keeping still-valid hashes."""
+    path = root / "passwd"
+    existing: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            user, sep, hashed = line.partition(":")
+            if sep:
+                existing[user] = hashed
+    lines = []
+    for user, pw_file in _identities(root):
+        password = pw_file.read_text().strip()
+        old = existing.get(user)
+        hashed = (
+            old if old and pki.mosquitto_verify(password, old) else pki.mosquitto_hash(password)
+        )
+        lines.append(f"{user}:{hashed}")
+    text = "\n".join(lines) + "\n"
+    if path.exists() and path.read_text() == text:
+        report.add("kept", path)
+        return
+    existed = path.exists()
+    _Writer(True, report).write(path, text.encode(), secret=True)
+    report.actions[-1] = ("updated" if existed else "created", path)
+
+
+def load_state(root: Path) -> dict[str, object]:
+    """What `broker init` recorded; ValueError when DIR was never initialised."""
+    try:
+        state: dict[str, object] = json.loads((root / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise ValueError(
+            f"{root} is not a broker directory: run `fedmq broker init {root}` first"
+        ) from None
+    return state
+
+
+def _identities(root: Path) -> list[tuple[str, Path]]:
+    found = [(n, root / "identities" / n / "password") for n in RESERVED]
+    found += [(p.parent.name, p) for p in sorted((root / "devices").glob("*/password"))]
+    return [(user, p) for user, p in found if p.exists()]
+
+
+def _identity(w: _Writer, directory: Path, username: str, ca: pki.Issued, new_ca: bool) -> None:
+    w.write(directory / "password", (pki.new_password() + "\n").encode(), secret=True)
+    _keypair(
+        w,
+        directory / "client.crt",
+        directory / "client.key",
+        new_ca,
+        lambda: pki.issue(ca, username),
+    )
+
+
+def _keypair(
+    w: _Writer, cert: Path, key: Path, new_ca: bool, make: Callable[[], pki.Issued]
+) -> None:
+    """(Re)issue a cert/key pair when missing, forced, or when the CA under it changed."""
+    if cert.exists() and key.exists() and not (w.force or new_ca):
+        w.report.add("kept", cert)
+        return
+    issued = make()
+    w.write(key, issued.key_pem, secret=True, rotate=True)
+    w.write(cert, issued.cert_pem, secret=False, rotate=True)
+
+
+def _aggregator_toml(w: _Writer, root: Path) -> None:
+    state = load_state(root)
+    ident = root / "identities" / "aggregator"
+    settings = {
+        "broker": f"mqtts://{state['host']}:{state['port']}",
+        "federation": state["federation"],
+        "client_id": "aggregator",
+        "username": "aggregator",
+        "password": (ident / "password").read_text().strip(),
+        "ca_file": str(root / "ca.crt"),
+        "cert_file": str(ident / "client.crt"),
+        "key_file": str(ident / "client.key"),
+        "signing_key": str(root / "model-signing.key"),
+    }
+    # Rewritten when the password was rotated in this run, so the two never disagree.
+    rotate = w.report.of(ident / "password") in ("created", "rotated")
+    w.write(
+        ident / "aggregator.toml",
+        _toml("aggregator", settings).encode(),
+        secret=True,
+        rotate=rotate,
+    )
+
+
+def _toml(section: str, settings: Mapping[str, object], extra: str = "") -> str:
+    # JSON string escapes are valid TOML basic-string escapes.
+    body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+    head = "# generated by `fedmq` provisioning: contains a password (mode 0600)\n"
+    return f"{head}[{section}]\n{body}{extra}"
+
+
+def _load_ca(root: Path) -> pki.Issued:
+    try:
+        return pki.Issued((root / "ca.crt").read_bytes(), (root / "ca.key").read_bytes())
+    except FileNotFoundError:
+        raise ValueError(f"{root} has no CA: run `fedmq broker init {root}` first") from None
+
+
+def _current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "mosquitto"
+
+
+# --- command line ---------------------------------------------------------------------
+def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``broker init`` and ``device add`` on the ``fedmq`` parser."""
+    p_broker = sub.add_parser("broker", help="provision a TLS broker with credentials and ACL")
+    b_sub = p_broker.add_subparsers(dest="broker_command", required=True)
+    p_init = b_sub.add_parser("init", help="create CA, broker cert, identities, passwd, ACL, conf")
+    p_init.add_argument("dir", type=Path)
+    p_init.add_argument("--host", help="name or IP devices use to reach the broker (in the SAN)")
+    p_init.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
+    p_init.add_argument("--bind", default="", help="listen on this address only (default: all)")
+    p_init.add_argument("--federation", default="default", help="federation of agent.toml files")
+    p_init.add_argument("--broker-user", help="account mosquitto runs as (default: you)")
+    p_init.add_argument("--require-certificate", action="store_true", help="mutual TLS")
+    p_init.add_argument("--force", action="store_true", help="rotate existing keys and secrets")
+    p_device = sub.add_parser("device", help="provision devices")
+    d_sub = p_device.add_subparsers(dest="device_command", required=True)
+    p_add = d_sub.add_parser("add", help="credentials, client cert and agent.toml for a device")
+    p_add.add_argument("name", help="device name: its username and fedmq client id")
+    p_add.add_argument("--dir", type=Path, required=True, help="the `broker init` directory")
+    p_add.add_argument("--federation", help="federation (default: the one given to broker init)")
+    p_add.add_argument("--install-dir", help="where the bundle will live on the device")
+    p_add.add_argument("--force", action="store_true", help="rotate this device's secrets")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``broker init`` or ``device add``; print the report; exit code."""
+    try:
+        if args.command == "broker":
+            report = broker_init(
+                args.dir,
+                host=args.host,
+                port=args.port,
+                bind=args.bind,
+                federation=args.federation,
+                run_as=args.broker_user,
+                require_certificate=args.require_certificate,
+                force=args.force,
+            )
+        else:
+            report = device_add(
+                args.dir,
+                args.name,
+                federation=args.federation,
+                install_dir=args.install_dir,
+                force=args.force,
+            )
+    except (ValueError, TopicError, OSError) as exc:
+        print(f"error: {exc}")
+        return 1
+    print("\n".join(report.lines()))
+    return 0

@@ -1,0 +1,1 @@
+"""MQTT: the transport seam, the paho-mqtt client behind it, chunking, connect errors."""

@@ -1,0 +1,401 @@
+"""The one place that talks to paho-mqtt (2.x, VERSION2 callbacks, MQTT v5).
+
+Callbacks run on paho's network thread and do nothing but hand messages over to a queue; the
+agent's trainer and the aggregator's worker consume the queue on their own thread. paho's
+errors are translated here, once, into :class:`TransportError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from shared.mqtt.base import Connector, Inbound, Outbound, Session, TransportError
+from shared.mqtt.chunking import (
+    DEFAULT_MAX_CHUNK_BYTES,
+    ChunkError,
+    Reassembler,
+    chunk_capacity,
+    split,
+)
+from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
+from shared.protocol.topics import chunk_subscription, chunk_topic, split_chunk_topic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker listens, parsed from ``mqtt://host:port`` or ``mqtts://host:port``."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Parse a broker URL; a bare ``host[:port]`` means plain MQTT."""
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise TransportError(f"unsupported broker scheme {parsed.scheme!r} in {url!r}")
+        tls = parsed.scheme in ("mqtts", "ssl")
+        if not parsed.hostname:
+            raise TransportError(f"no host in broker URL {url!r}")
+        return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass
+class ConnectOptions:
+    """How to authenticate and secure the connection."""
+
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    keepalive: int = 30
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+    extra: dict[str, str] = field(default_factory=dict)
+    # Payloads larger than this (or than the broker's advertised maximum packet size, less
+    # room for headers) travel as chunks on <topic>/chunk/<i>: see shared/mqtt/chunking.py.
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    # Bounds on chunked payloads being reassembled: incomplete ones are dropped after the
+    # timeout; beyond the caps new transfers are refused (the sender's outbox re-sends).
+    chunk_timeout_s: float = 120.0
+    max_transfers: int = 32
+    max_transfer_bytes: int = 512 * 1024 * 1024
+    max_payload_bytes: int = 256 * 1024 * 1024
+
+
+_STOPPING = (
+    mqtt._ConnectionState.MQTT_CS_DISCONNECTING,
+    mqtt._ConnectionState.MQTT_CS_DISCONNECTED,
+)
+
+
+class _JitteredClient(mqtt.Client):
+    """paho's client with *full jitter* on its capped exponential reconnect backoff.
+
+    paho (2.x) doubles its reconnect delay up to ``reconnect_delay_set``'s maximum but adds
+    no jitter, so a fleet that lost the same broker reconnects in lock-step. Overriding the
+    (private, but stable through 2.x) ``_reconnect_wait`` hook keeps paho's loop and adds
+    a random delay in [delay/2, delay].
+    """
+
+    def _reconnect_wait(self) -> None:
+        with self._reconnect_delay_mutex:
+            if self._reconnect_delay is None:
+                self._reconnect_delay = self._reconnect_min_delay
+            else:
+                self._reconnect_delay = min(self._reconnect_delay * 2, self._reconnect_max_delay)
+            delay = self._reconnect_delay * random.uniform(0.5, 1.0)
+        end = time.monotonic() + delay
+        while not self._thread_terminate and time.monotonic() < end:
+            if self._state in _STOPPING:
+                return
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+
+
+class MqttTransport:
+    """A reconnecting MQTT v5 client whose inbound messages land in ``self.inbox``.
+
+    On every (re)connect it subscribes to ``subscriptions`` and publishes ``births()``
+    (Sparkplug-style: presence is re-announced after each reconnect).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        subscriptions: Iterable[tuple[str, int]] = (),
+        will: Outbound | None = None,
+        births: Callable[[], list[Outbound]] | None = None,
+        options: ConnectOptions | None = None,
+    ) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.client_id = client_id
+        self.options = options or ConnectOptions()
+        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self._subs = list(subscriptions)
+        self._births = births
+        self.connected = threading.Event()
+        self._refused: str | None = None
+        self._closing = False
+        # Incremented on every successful (re)connect: workers compare it to notice a
+        # reconnect and re-send what the broker may have lost (outbox, retained state).
+        self.connect_count = 0
+        self.broker_max_packet: int | None = None
+        opts = self.options
+        self.reassembler = Reassembler(
+            max_transfers=opts.max_transfers,
+            max_bytes=opts.max_transfer_bytes,
+            max_payload=opts.max_payload_bytes,
+            timeout_s=opts.chunk_timeout_s,
+        )
+        # Topic → number of retained chunks we last published there (to clear stale ones).
+        self._retained_chunks: dict[str, int] = {}
+        self._client = self._make_client(will)
+
+    def _make_client(self, will: Outbound | None) -> mqtt.Client:
+        client = _JitteredClient(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=mqtt.MQTTv5,
+        )
+        opts = self.options
+        if opts.username is not None:
+            client.username_pw_set(opts.username, opts.password)
+        if self.address.tls:
+            client.tls_set(
+                ca_certs=opts.ca_file,
+                certfile=opts.cert_file,
+                keyfile=opts.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        if will is not None:
+            client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        client.reconnect_delay_set(
+            min_delay=max(1, int(opts.reconnect_min_s)), max_delay=int(opts.reconnect_max_s)
+        )
+        # Updates of several MB at QoS 1 must not be refused by paho's own queue limits.
+        client.max_queued_messages_set(0)
+        client.max_inflight_messages_set(20)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    # --- paho callbacks: network thread, hand over only -------------------------------
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._refused = describe_refusal(reason_code)
+            # paho retries with backoff (reconnect_delay_set): one line per attempt, no trace.
+            log.error("broker %s refused %s: %s", self.address, self.client_id, self._refused)
+            return
+        self._refused = None
+        max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
+        self.broker_max_packet = int(max_packet) if max_packet else None
+        if self._subs:
+            client.subscribe(
+                [(t, mqtt.SubscribeOptions(qos=q)) for t, q in _with_chunk_subs(self._subs)]
+            )
+        for msg in self._births() if self._births else []:
+            client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+        self.connect_count += 1
+        self.connected.set()
+        log.info("%s connected to %s", self.client_id, self.address)
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self.connected.clear()
+        if not self._closing:
+            log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        chunk = split_chunk_topic(msg.topic)
+        if chunk is None:
+            self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            return
+        if not msg.payload:  # a cleared retained chunk
+            return
+        base = chunk[0]
+        try:
+            whole = self.reassembler.offer(base, bytes(msg.payload))
+        except ChunkError as exc:
+            log.warning("dropped chunk on %s: %s", msg.topic, exc)
+            return
+        if whole is not None:
+            self.inbox.put(Inbound(base, whole, bool(msg.retain)))
+
+    def chunk_capacity(self) -> int:
+        """Largest payload sent as one message; larger ones are chunked."""
+        return chunk_capacity(self.options.max_chunk_bytes, self.broker_max_packet)
+
+    # --- API for the worker thread -----------------------------------------------------
+    def start(self, timeout: float = 30.0) -> MqttTransport:
+        """Connect (retrying with backoff) and start the network thread; wait for CONNACK.
+
+        Every failed attempt (refused, TLS, bad credentials) is one log line; after
+        ``timeout`` a TransportError names the last reason.
+        """
+        deadline = time.monotonic() + timeout
+        self._open_connection(deadline)
+        self._client.loop_start()
+        if not self.wait_connected(max(0.0, deadline - time.monotonic())):
+            self._client.loop_stop()
+            why = f"refused: {self._refused}" if self._refused else "no answer"
+            raise TransportError(
+                f"could not connect to {self.address} as {self.client_id!r} "
+                f"within {timeout:.0f}s ({why})"
+            )
+        return self
+
+    def _open_connection(self, deadline: float) -> None:
+        """Open the socket (and TLS session) and send CONNECT, retrying with backoff."""
+        delay = max(0.1, self.options.reconnect_min_s)
+        while True:
+            try:
+                self._client.connect(
+                    self.address.host, self.address.port, keepalive=self.options.keepalive
+                )
+                return
+            except OSError as exc:  # ssl.SSLError and socket errors are OSErrors
+                why = describe_connect_error(exc, str(self.address))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TransportError(f"{self.client_id!r} could not connect: {why}")
+            log.warning("%s; retrying in %.1fs", why, min(delay, remaining))
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, max(delay, self.options.reconnect_max_s))
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected or ``timeout``; True when connected."""
+        return self.connected.wait(timeout)
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        """Add a subscription now and after every reconnect."""
+        self._subs.append((topic, qos))
+        if self.connected.is_set():
+            for t, q in _with_chunk_subs([(topic, qos)]):
+                self._client.subscribe(t, qos=q)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription (and its chunk subscription) now and for later reconnects."""
+        self._subs = [(t, q) for t, q in self._subs if t != topic]
+        if self.connected.is_set():
+            self._client.unsubscribe([t for t, _ in _with_chunk_subs([(topic, 0)])])
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float = 60.0,
+        wait: bool = True,
+    ) -> None:
+        """Publish and, for QoS ≥ 1 and ``wait``, wait for the broker's acknowledgement.
+
+        With ``wait=False`` the message is queued in paho (sent on reconnect if need be).
+        A payload over :meth:`chunk_capacity` is sent as chunk messages (shared/mqtt/chunking.py).
+        """
+        parts = self._chunk_plan(topic, payload, retain)
+        for part_topic, part in parts:
+            self._publish_one(part_topic, part, qos=qos, retain=retain, timeout=timeout, wait=wait)
+
+    def _chunk_plan(self, topic: str, payload: bytes, retain: bool) -> list[tuple[str, bytes]]:
+        """The messages that carry ``payload``: itself, or its chunks (+ retained clean-up)."""
+        capacity = self.chunk_capacity()
+        previous = self._retained_chunks.get(topic, 0) if retain else 0
+        if len(payload) <= capacity:
+            if retain:
+                self._retained_chunks.pop(topic, None)
+            # A retained whole message replaces retained chunks: clear them.
+            return [(topic, payload)] + [(chunk_topic(topic, i), b"") for i in range(previous)]
+        chunks = split(payload, capacity)
+        plan = [(chunk_topic(topic, i), c) for i, c in enumerate(chunks)]
+        if retain:
+            self._retained_chunks[topic] = len(chunks)
+            plan += [(chunk_topic(topic, i), b"") for i in range(len(chunks), previous)]
+            plan.append((topic, b""))  # no stale unchunked copy next to the chunks
+        return plan
+
+    def _publish_one(
+        self, topic: str, payload: bytes, *, qos: int, retain: bool, timeout: float, wait: bool
+    ) -> None:
+        if not wait:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+            return
+        deadline = time.monotonic() + timeout
+        if not self.wait_connected(timeout):
+            raise TransportError(f"not connected to {self.address}; cannot publish to {topic}")
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
+        if qos == 0:
+            return
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            try:
+                info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as exc:
+                raise TransportError(f"publish to {topic} failed: {exc}") from exc
+        # A publish queued while disconnected (NO_CONN) is sent by paho on reconnect.
+        while not info.is_published():
+            if time.monotonic() > deadline:
+                raise TransportError(f"broker did not acknowledge {topic} within {timeout:.0f}s")
+            time.sleep(0.01)
+
+    def stop(self, final: Iterable[Outbound] = ()) -> None:
+        """Publish ``final`` messages (e.g. an offline status), then disconnect cleanly."""
+        self._closing = True
+        for msg in final:
+            try:
+                self.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, timeout=5)
+            except TransportError as exc:
+                log.warning("could not publish final message to %s: %s", msg.topic, exc)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def _with_chunk_subs(subs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Each subscription plus the one covering its chunks (deduplicated, order kept)."""
+    out: dict[str, int] = {}
+    for topic, qos in subs:
+        out.setdefault(topic, qos)
+        chunked = chunk_subscription(topic)
+        if chunked is not None:
+            out.setdefault(chunked, qos)
+    return list(out.items())
+
+
+def mqtt_connector(url: str, options: ConnectOptions | None = None) -> Connector:
+    """A :data:`~shared.mqtt.base.Connector` opening :class:`MqttTransport` sessions at ``url``.
+
+    The broker URL is checked now, so a bad one fails at start-up, not at the first connect.
+    """
+    BrokerAddress.parse(url)
+
+    def connect(session: Session) -> MqttTransport:
+        return MqttTransport(
+            url,
+            session.client_id,
+            subscriptions=session.subscriptions,
+            will=session.will,
+            births=session.births,
+            options=options,
+        )
+
+    return connect

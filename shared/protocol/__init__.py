@@ -1,0 +1,1 @@
+"""The protocol both sides agree on: topics, control messages, frames, signatures."""

@@ -1,0 +1,185 @@
+"""JSON control messages of the fedmq protocol.
+
+Control messages are JSON so that ``mosquitto_sub -v -t 'fl/#'`` shows them readably. Each is
+a frozen msgspec Struct with an explicit ``schema`` version; decoding validates every field and
+raises :class:`MessageError` naming the field, which callers turn into a receipt or a log line.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+
+SCHEMA = 1
+
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")]
+Hash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
+
+# Control messages are small; anything bigger is hostile or a bug.
+MAX_CONTROL_BYTES = 256 * 1024
+
+
+class MessageError(ValueError):
+    """A control message could not be decoded or failed validation."""
+
+
+class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=False, kw_only=True):
+    """Base of every control message: a schema version and a send time."""
+
+    schema: int = SCHEMA
+    ts: float = msgspec.field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        if self.schema != SCHEMA:
+            raise ValueError(f"unsupported schema version {self.schema} (this is {SCHEMA})")
+
+    def to_json(self) -> bytes:
+        """Encode as compact JSON bytes."""
+        return msgspec.json.encode(self)
+
+
+class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Which architecture to build: agents need no code change per model."""
+
+    arch: Name
+    input_shape: tuple[Positive, Positive, Positive] = (1, 28, 28)
+    num_classes: Positive = 10
+
+
+class TrainParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Local training hyper-parameters chosen by the operator for a round."""
+
+    local_epochs: Positive = 1
+    batch_size: Positive = 32
+    lr: PosFloat = 0.01
+    momentum: NonNegFloat = 0.9
+    weight_decay: NonNegFloat = 0.0
+    seed: NonNeg = 0
+
+
+class RoundStart(Message, frozen=True, kw_only=True):
+    """Announcement of a training round: who trains which base model, how, and until when."""
+
+    federation: Name
+    round: NonNeg
+    base_hash: Hash
+    deadline: float  # unix time after which the round may close without stragglers
+    selected: list[Name]
+    model: ModelSpec
+    train: TrainParams
+    codec: str = "int8"
+    max_update_bytes: Positive = 64 * 1024 * 1024
+    # How the aggregator publishes each new global model on global/delta (a quantized step
+    # from the previous one); "none" (also: an older aggregator) = only the full model.
+    download_codec: str = "none"
+
+
+class AgentStatus(Message, frozen=True, kw_only=True):
+    """Presence of one agent; retained, with an ``offline`` last will."""
+
+    client_id: Name
+    state: Literal["online", "training", "offline"]
+    num_samples: NonNeg = 0
+    round: int = -1
+    device: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Receipt(Message, frozen=True, kw_only=True):
+    """The aggregator's application-level acknowledgement of one update."""
+
+    round: NonNeg
+    client_id: Name
+    status: Literal["accepted", "rejected"]
+    reason: str = ""
+
+
+class GlobalMeta(Message, frozen=True, kw_only=True):
+    """Describes the retained global model: which round produced it and its hash."""
+
+    federation: Name
+    round: NonNeg  # number of rounds applied so far; 0 is the initial model
+    model_hash: Hash
+    model: ModelSpec
+    nbytes: NonNeg
+    final: bool = False
+    # base64 Ed25519 over (federation, round, model_hash), see shared/protocol/signing.py;
+    # "" = unsigned
+    signature: str = ""
+
+
+class RoundDecision(Message, frozen=True, kw_only=True):
+    """What the aggregator decided about a round: applied, extended, retried or failed."""
+
+    federation: Name
+    round: NonNeg
+    decision: Literal["applied", "extended", "retried", "failed"]
+    accepted: NonNeg
+    min_clients: Positive
+    extensions: NonNeg = 0
+    deadline: float = 0.0  # the new deadline of an extended/retried round
+    reason: str = ""
+
+
+class AggregatorStatus(Message, frozen=True, kw_only=True):
+    """Life-cycle of the aggregator: agents exit when the federation is finished."""
+
+    federation: Name
+    state: Literal["running", "finished", "offline"]
+    round: int = -1
+    rounds_total: NonNeg = 0
+
+
+class RoundMetrics(Message, frozen=True, kw_only=True):
+    """What one applied round did; one entry of ``metrics.json``."""
+
+    federation: Name
+    round: NonNeg
+    participants: list[str]
+    accepted: NonNeg
+    rejected: NonNeg
+    num_samples: NonNeg
+    train_loss: float | None = None
+    local_val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    bytes_up: NonNeg = 0  # every update payload received, re-sends and rejected ones included
+    update_bytes: NonNeg = 0  # the accepted update frames, each counted once
+    # Global models and deltas the round's accepted agents downloaded since their previous
+    # update, as they report it (an agent that does not report counts one full model; when
+    # none reports: the old estimate, full model frame × online agents).
+    bytes_down: NonNeg = 0
+    model_bytes: NonNeg = 0  # the full global-model frame published after this round
+    delta_bytes: NonNeg = 0  # the global-delta frame published after this round (0: none)
+    download_codec: str = ""
+    round_time_s: NonNegFloat = 0.0
+    slowest_train_s: NonNegFloat = 0.0
+    aggregate_latency_ms: NonNegFloat = 0.0
+    codec: str = ""
+    model_hash: str = ""
+    onnx_export_s: NonNegFloat | None = None  # None: ONNX export off or failed
+
+
+M = TypeVar("M", bound=Message)
+
+
+def decode(payload: bytes, kind: type[M]) -> M:
+    """Decode and validate ``payload`` as a ``kind`` message, or raise MessageError."""
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise MessageError(f"{kind.__name__}: {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        return msgspec.json.decode(payload, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise MessageError(f"invalid {kind.__name__}: {exc}") from exc
+
+
+def to_builtins(msg: Message) -> dict[str, Any]:
+    """Plain-dict form of a message (for metrics files)."""
+    out = msgspec.to_builtins(msg)
+    assert isinstance(out, dict)
+    return out

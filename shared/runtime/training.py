@@ -1,0 +1,175 @@
+"""Local training and evaluation of a model on an :class:`ArrayDataset`.
+
+Designed for one CPU thread per process on Raspberry-Pi-class devices: the data
+is converted to a single float32 tensor once, minibatches are gathered with a
+seeded permutation (no ``DataLoader``, no worker processes), and the thread
+count is left to the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.runtime.data import ArrayDataset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one round of local SGD."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        """Reject nonsensical values early, with the offending field named."""
+        if self.local_epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be None or >= 1, got {self.max_steps}")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Summary of a local training run; ``train_loss`` is the mean over all samples seen."""
+
+    num_samples: int
+    steps: int
+    train_loss: float
+    train_time_s: float
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean cross-entropy loss and accuracy over a dataset."""
+
+    num_samples: int
+    loss: float
+    accuracy: float
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Device of the model's parameters (CPU for a parameterless model)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _to_tensors(model: nn.Module, data: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Convert the whole dataset once, so batches are cheap tensor gathers."""
+    if len(data) == 0:
+        raise ValueError("dataset is empty: nothing to train on or evaluate")
+    device = _model_device(model)
+    x = torch.from_numpy(data.as_float()).to(device)
+    y = torch.from_numpy(data.y).to(device)
+    return x, y
+
+
+class _SGD:
+    """Plain SGD with momentum and L2 weight decay, matching ``torch.optim.SGD``.
+
+    Hand-written because constructing any ``torch.optim`` optimizer imports
+    ``torch._dynamo``, which costs seconds on a desktop and far more on a
+    Raspberry Pi; this is the same update rule (dampening 0, no Nesterov).
+    """
+
+    def __init__(self, model: nn.Module, lr: float, momentum: float, weight_decay: float) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Apply one update from the gradients currently stored on the parameters."""
+        for i, param in enumerate(self.params):
+            if param.grad is None:
+                continue
+            grad = param.grad
+            if self.weight_decay:
+                grad = grad.add(param, alpha=self.weight_decay)
+            if self.momentum:
+                buf = self.buffers.get(i)
+                if buf is None:
+                    buf = self.buffers[i] = grad.detach().clone()
+                else:
+                    buf.mul_(self.momentum).add_(grad)
+                grad = buf
+            param.add_(grad, alpha=-self.lr)
+
+
+def train_local(model: nn.Module, data: ArrayDataset, cfg: TrainConfig) -> TrainResult:
+    """Train ``model`` in place with SGD on cross-entropy for ``cfg.local_epochs`` epochs.
+
+    Minibatches are drawn from a permutation seeded by ``cfg.seed``, so the same
+    starting weights, data and config give identical results. Training stops
+    early after ``cfg.max_steps`` optimizer steps when that is set.
+    """
+    start = time.perf_counter()
+    x, y = _to_tensors(model, data)
+    n = len(data)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = _SGD(model, cfg.lr, cfg.momentum, cfg.weight_decay)
+    model.train()
+    # Accumulate on-tensor: calling .item() every step would force a sync per batch.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    steps = seen = 0
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=generator).to(x.device)
+        for begin in range(0, n, cfg.batch_size):
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                break
+            idx = order[begin : begin + cfg.batch_size]
+            model.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().double() * len(idx)
+            steps += 1
+            seen += len(idx)
+    return TrainResult(
+        num_samples=n,
+        steps=steps,
+        train_loss=float(loss_sum.item()) / max(seen, 1),
+        train_time_s=time.perf_counter() - start,
+    )
+
+
+def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 1000) -> EvalResult:
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` (no gradients).
+
+    The model is put in eval mode for the pass and its previous mode restored.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    x, y = _to_tensors(model, data)
+    was_training = model.training
+    model.eval()
+    loss_sum = 0.0
+    correct = 0
+    try:
+        with torch.no_grad():
+            for begin in range(0, len(data), batch_size):
+                logits = model(x[begin : begin + batch_size])
+                target = y[begin : begin + batch_size]
+                loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+                correct += int((logits.argmax(dim=1) == target).sum())
+    finally:
+        model.train(was_training)
+    n = len(data)
+    return EvalResult(num_samples=n, loss=loss_sum / n, accuracy=correct / n)
