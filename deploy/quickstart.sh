@@ -31,7 +31,8 @@ commands:
                       missing, and pip-install fedmq with its train and dev extras
   demo [ARGS...]      setup, then: fedmq demo --clients 10 --rounds 20
                       --dataset fashion-mnist --partition dirichlet --alpha 0.5 ARGS...
-  test [PYTEST_ARGS]  setup, then ruff check, ruff format --check, mypy and pytest;
+  test [PYTEST_ARGS]  setup, then ruff check, ruff format --check, mypy, the layering
+                      contract (lint-imports) and pytest;
                       exits non-zero if any of them fails (pytest's exit code wins)
 
 environment:
@@ -161,6 +162,8 @@ cmd_test() {
     "$VENV/bin/ruff" format --check "${LINT_PATHS[@]}" || failed=1
     log "mypy"
     "$VENV/bin/mypy" || failed=1
+    log "layering contract (lint-imports, contracts in pyproject.toml)"
+    "$VENV/bin/lint-imports" --no-cache || failed=1
     log "pytest"
     "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" || rc=$?
     if [ "$rc" -ne 0 ]; then
