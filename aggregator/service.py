@@ -1,8 +1,10 @@
 """The aggregator service: announces rounds, averages deltas, publishes global models.
 
-Wiring only: MQTT transport ⇄ round state machine (:mod:`aggregator.rounds`) ⇄ streaming
-FedAvg (:mod:`aggregator.strategy`). All work happens on the thread that calls :meth:`run`;
-paho's network thread only enqueues.
+Wiring only: transport ⇄ round state machine (:mod:`aggregator.rounds`) ⇄ streaming FedAvg
+(:mod:`aggregator.strategy`). The service receives its transport (a
+:data:`~shared.mqtt.base.Connector`) and its :class:`~shared.clock.Clock`: ``main`` gives it
+paho and the system clock, unit tests an in-memory broker and a manual clock. All work
+happens on the thread that calls :meth:`run`; the network thread only enqueues.
 """
 
 from __future__ import annotations
@@ -10,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import queue
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ from aggregator.resume import EXIT_STARVED, Durability, set_rng_state, starved_a
 from aggregator.round_records import ClosedRound, OpenRound
 from aggregator.rounds import RoundPhase, RoundState, select_clients
 from aggregator.strategy import StreamingFedAvg
-from shared.mqtt.base import Inbound, Outbound, TransportError
-from shared.mqtt.transport import ConnectOptions, MqttTransport
+from shared.clock import Clock, SystemClock
+from shared.mqtt.base import Connector, Inbound, Outbound, Session, TransportError
 from shared.protocol import messages as msg
 from shared.protocol import topics
 from shared.protocol.frames import tensors_hash
@@ -43,8 +43,11 @@ Tensors = dict[str, np.ndarray]
 class AggregatorService:
     """Runs one federation from the initial model to the final one."""
 
-    def __init__(self, cfg: AggregatorConfig) -> None:
+    def __init__(
+        self, cfg: AggregatorConfig, connect: Connector, clock: Clock | None = None
+    ) -> None:
         self.cfg = cfg
+        self.clock: Clock = clock or SystemClock()
         self.topics = topics.Topics(cfg.federation)
         self.spec = msg.ModelSpec(
             arch=cfg.model, input_shape=cfg.input_shape, num_classes=cfg.num_classes
@@ -76,18 +79,12 @@ class AggregatorService:
         self.rng = np.random.default_rng(cfg.seed)
         self.metrics = MetricsLog(cfg.metrics_file)
         self.round_id = 0
-        self.transport = MqttTransport(
-            cfg.broker,
-            cfg.client_id,
-            subscriptions=[(self.topics.update_any, 1), (self.topics.agent_status_any, 1)],
-            will=Outbound(self.topics.aggregator_status, self._status("offline"), retain=True),
-            options=ConnectOptions(
-                username=cfg.username,
-                password=cfg.password,
-                ca_file=cfg.ca_file,
-                cert_file=cfg.cert_file,
-                key_file=cfg.key_file,
-            ),
+        self.transport = connect(
+            Session(
+                cfg.client_id,
+                subscriptions=((self.topics.update_any, 1), (self.topics.agent_status_any, 1)),
+                will=Outbound(self.topics.aggregator_status, self._status("offline"), retain=True),
+            )
         )
 
     # --- life cycle --------------------------------------------------------------------
@@ -138,7 +135,7 @@ class AggregatorService:
                 "fewer than %d agents online after %.0fs", cfg.min_clients, cfg.wait_clients_timeout
             )
             return None
-        started = time.time()
+        started = self.clock.time()
         selected = select_clients(self._online(), cfg.fraction, cfg.min_clients, self.rng)
         state = RoundState(
             r, self.model_hash, set(selected), cfg.min_clients, started + cfg.round_timeout, started
@@ -183,7 +180,7 @@ class AggregatorService:
             return None
         ann = jr.announce
         set_rng_state(self.rng, ann["rng_state"])
-        started = time.time()
+        started = self.clock.time()
         # A full window after a crash: agents must notice the re-announcement and re-send.
         deadline = max(float(ann["deadline"]), started + self.cfg.round_timeout)
         state = RoundState(
@@ -210,14 +207,14 @@ class AggregatorService:
         None when the round stayed below quorum after every extension (the federation fails).
         """
         state, intake = rnd.state, rnd.intake
-        last_update_at = time.monotonic()
-        while (phase := state.phase(time.time())) in (RoundPhase.OPEN, RoundPhase.STARVED):
+        last_update_at = self.clock.monotonic()
+        while (phase := state.phase(self.clock.time())) in (RoundPhase.OPEN, RoundPhase.STARVED):
             if phase is RoundPhase.STARVED:
                 if not self._starved(state):
                     return None
                 continue
             self._after_reconnect()
-            item = self._next(timeout=min(1.0, max(0.01, state.deadline - time.time())))
+            item = self._next(timeout=min(1.0, max(0.01, state.deadline - self.clock.time())))
             if item is not None and self._handle(item, intake):
                 last_update_at = item.received_at
         state.close()
@@ -232,12 +229,12 @@ class AggregatorService:
             self.durable.applied(state, self.params, self.model_hash, self.rng, residual)
         self._decide(state, "applied", f"{phase.value}: {len(state.accepted)} updates")
         self._publish_model(final=False)
-        latency_ms = (time.monotonic() - last_update_at) * 1000
+        latency_ms = (self.clock.monotonic() - last_update_at) * 1000
         self._publish(self.topics.round_start(state.round_id), b"", retain=True)
         dl = self.downloads
         return ClosedRound(
             rnd,
-            time.time() - rnd.started,
+            self.clock.time() - rnd.started,
             latency_ms,
             dict(self.params),
             self.model_hash,
@@ -275,7 +272,7 @@ class AggregatorService:
             "round %d started: %d selected, deadline in %.0fs",
             state.round_id,
             len(state.selected),
-            state.deadline - time.time(),
+            state.deadline - self.clock.time(),
         )
 
     def _starved(self, state: RoundState) -> bool:
@@ -320,7 +317,7 @@ class AggregatorService:
 
     def _extend(self, state: RoundState) -> None:
         extra = [c for c in self._online() if c not in state.selected]
-        state.extend(time.time() + self.cfg.round_timeout, extra)
+        state.extend(self.clock.time() + self.cfg.round_timeout, extra)
         log.warning(
             "round %d below quorum at its deadline (%d/%d accepted): extended by %.0fs, "
             "%d more agents invited",
@@ -374,10 +371,7 @@ class AggregatorService:
 
     # --- inbound -----------------------------------------------------------------------
     def _next(self, timeout: float) -> Inbound | None:
-        try:
-            return self.transport.inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        return self.clock.wait(self.transport.inbox, timeout)
 
     def _handle(self, item: Inbound, intake: UpdateIntake | None) -> bool:
         """Dispatch one message; True when it was an accepted update."""
@@ -430,15 +424,22 @@ class AggregatorService:
         return sorted(c for c, s in self.agents.items() if s.state != "offline")
 
     def _wait_for_agents(self, count: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
+        deadline = self.clock.monotonic() + timeout
         while len(self._online()) < count:
             self._after_reconnect()
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 return False
             item = self._next(timeout=min(remaining, 1.0))
             if item is not None:
                 self._handle(item, None)
+        # Presence that has already arrived counts too (e.g. the burst of retained statuses
+        # right after subscribing): the selection sees every agent known by now.
+        for _ in range(self.transport.inbox.qsize()):
+            item = self._next(timeout=0.0)
+            if item is None:
+                break
+            self._handle(item, None)
         return True
 
     # --- outbound ----------------------------------------------------------------------
@@ -479,12 +480,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = from_args(args)
-        return AggregatorService(cfg).run()
+        return AggregatorService(cfg, _mqtt(cfg)).run()
     except (ValueError, OSError, TransportError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _mqtt(cfg: AggregatorConfig) -> Connector:
+    """The real transport: paho-mqtt to ``cfg.broker`` (imported here, not by the service)."""
+    from shared.mqtt.transport import ConnectOptions, mqtt_connector
+
+    options = ConnectOptions(
+        username=cfg.username,
+        password=cfg.password,
+        ca_file=cfg.ca_file,
+        cert_file=cfg.cert_file,
+        key_file=cfg.key_file,
+    )
+    return mqtt_connector(cfg.broker, options)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """The edge agent: follows round announcements, trains locally, publishes compressed deltas.
 
-All work runs on the thread that calls :meth:`EdgeAgent.run`; paho's network thread only
-enqueues. State comes from retained topics (global model, current round), so an agent that
-joins late or restarts picks up the federation at once. After that it follows the compact
+All work runs on the thread that calls :meth:`EdgeAgent.run`; the network thread only
+enqueues. The agent receives its transport (a :data:`~shared.mqtt.base.Connector`) and its
+:class:`~shared.clock.Clock`: the command line gives it paho and the system clock, unit tests
+an in-memory broker and a manual clock.
+
+State comes from retained topics (global model, current round), so an agent that joins late
+or restarts picks up the federation at once. After that it follows the compact
 global deltas and downloads the full model only when it must (:mod:`edge_agent.model_sync`).
 """
 
@@ -10,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import queue
 import threading
 import time
 
@@ -21,9 +24,9 @@ from edge_agent.local_training import LocalTrainer
 from edge_agent.model_sync import ModelSync
 from edge_agent.outbox import Outbox, receipt_is_final
 from edge_agent.residual import DeviceFeedback
+from shared.clock import Clock, SystemClock
 from shared.compression.registry import needs_error_feedback
-from shared.mqtt.base import Inbound, Outbound
-from shared.mqtt.transport import ConnectOptions, MqttTransport
+from shared.mqtt.base import Connector, Inbound, Outbound, Session
 from shared.protocol import messages as msg
 from shared.protocol import topics
 from shared.protocol.frames import FrameError, FrameHeader, encode_frame, read_header
@@ -42,8 +45,9 @@ Tensors = dict[str, np.ndarray]
 class EdgeAgent:
     """One device's participation in a federation."""
 
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, connect: Connector, clock: Clock | None = None) -> None:
         self.cfg = cfg
+        self.clock: Clock = clock or SystemClock()
         self.topics = topics.Topics(cfg.federation)
         topics.validate_name("client id", cfg.client_id)
         self.data, self.val = self._load_data()
@@ -60,6 +64,7 @@ class EdgeAgent:
             self.model_key,
             max_frame_bytes=cfg.max_frame_bytes,
             delta_wait_s=cfg.delta_wait_s,
+            clock=self.clock.monotonic,
         )
         self.full_subscribed = True  # until it holds a model
         self.announcement: msg.RoundStart | None = None
@@ -70,31 +75,20 @@ class EdgeAgent:
         self.seen_connects = 0
         self.rounds_trained = 0
         self.stop_event = threading.Event()
-        self.transport = MqttTransport(
-            cfg.broker,
-            cfg.client_id,
-            subscriptions=[
-                (self.topics.global_model, 1),
-                (self.topics.global_delta, 1),
-                (self.topics.round_start_any, 1),
-                (self.topics.receipt_any_round(cfg.client_id), 1),
-                (self.topics.aggregator_status, 1),
-            ],
-            will=Outbound(
-                self.topics.agent_status(cfg.client_id), self._status("offline"), retain=True
-            ),
-            births=lambda: [
-                Outbound(
-                    self.topics.agent_status(cfg.client_id), self._status("online"), retain=True
-                )
-            ],
-            options=ConnectOptions(
-                username=cfg.username,
-                password=cfg.password,
-                ca_file=cfg.ca_file,
-                cert_file=cfg.cert_file,
-                key_file=cfg.key_file,
-            ),
+        status_topic = self.topics.agent_status(cfg.client_id)
+        self.transport = connect(
+            Session(
+                cfg.client_id,
+                subscriptions=(
+                    (self.topics.global_model, 1),
+                    (self.topics.global_delta, 1),
+                    (self.topics.round_start_any, 1),
+                    (self.topics.receipt_any_round(cfg.client_id), 1),
+                    (self.topics.aggregator_status, 1),
+                ),
+                will=Outbound(status_topic, self._status("offline"), retain=True),
+                births=lambda: [Outbound(status_topic, self._status("online"), retain=True)],
+            )
         )
 
     def _load_data(self) -> tuple[ArrayDataset, ArrayDataset | None]:
@@ -120,10 +114,7 @@ class EdgeAgent:
             )
         self.transport.start(timeout=self.cfg.connect_timeout)
         while not self.stop_event.is_set():
-            try:
-                item = self.transport.inbox.get(timeout=0.5)
-            except queue.Empty:
-                item = None
+            item = self.clock.wait(self.transport.inbox, 0.5)
             if item is not None:
                 self._dispatch(item)
             self._sync_subscriptions()
@@ -182,7 +173,7 @@ class EdgeAgent:
         ann = msg.decode(item.payload, msg.RoundStart)
         if ann.federation != self.cfg.federation:
             return
-        if ann.deadline < time.time() - 1.0:
+        if ann.deadline < self.clock.time() - 1.0:
             log.debug("ignoring expired announcement of round %d", ann.round)
             return
         self.announcement = ann
@@ -300,7 +291,7 @@ class EdgeAgent:
         self._publish_status("online", ann.round)
 
     def _send(self, round_id: int, payload: bytes) -> None:
-        self.sent_at[round_id] = time.monotonic()
+        self.sent_at[round_id] = self.clock.monotonic()
         topic = self.topics.update(round_id, self.cfg.client_id)
         self.transport.publish(topic, payload, qos=1, wait=False)
 
@@ -322,14 +313,14 @@ class EdgeAgent:
         ann = self.announcement
         if ann is None or ann.round not in self.done_rounds:
             return
-        if ann.deadline < time.time() - 1.0 and not reconnected:
+        if ann.deadline < self.clock.time() - 1.0 and not reconnected:
             return
         last = self.sent_at.get(ann.round)
         if reconnected and last is not None:
             # The retained announcement that comes with a reconnect may have re-sent it.
-            if time.monotonic() - last >= 1.0:
+            if self.clock.monotonic() - last >= 1.0:
                 self._resend(ann.round, "reconnected")
-        elif last is None or time.monotonic() - last >= self.cfg.resend_after_s:
+        elif last is None or self.clock.monotonic() - last >= self.cfg.resend_after_s:
             self._resend(ann.round, "no receipt yet" if last is not None else "restarted")
 
     # --- outbound ----------------------------------------------------------------------

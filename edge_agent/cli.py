@@ -11,12 +11,16 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from shared.mqtt.base import TransportError
 
-from edge_agent.config import add_arguments, from_args
+from edge_agent.config import AgentConfig, add_arguments, from_args
+from shared.mqtt.base import Connector, TransportError
 from shared.runtime.data import DataFormatError
+
+if TYPE_CHECKING:
+    from edge_agent.serve import ServeConfig
 
 log = logging.getLogger("fedmq.agent")
 
@@ -36,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     from edge_agent.agent import EdgeAgent
 
     try:
-        agent = EdgeAgent(from_args(args))
-    except (ValueError, DataFormatError, OSError) as exc:
+        cfg = from_args(args)
+        agent = EdgeAgent(cfg, _mqtt(cfg))
+    except (ValueError, DataFormatError, OSError, TransportError) as exc:
         log.error("%s", exc)
         return 1
     # SIGTERM (systemd, the demo) ends the agent cleanly: offline status, then disconnect.
@@ -51,6 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         agent.stop()
         return 130
+
+
+def _mqtt(cfg: AgentConfig | ServeConfig) -> Connector:
+    """The real transport: paho-mqtt to ``cfg.broker``."""
+    from shared.mqtt.transport import ConnectOptions, mqtt_connector
+
+    options = ConnectOptions(
+        username=cfg.username,
+        password=cfg.password,
+        ca_file=cfg.ca_file,
+        cert_file=cfg.cert_file,
+        key_file=cfg.key_file,
+    )
+    return mqtt_connector(cfg.broker, options)
 
 
 def _inference_main(argv: list[str]) -> int:
@@ -106,7 +125,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from edge_agent.serve import InferenceServer, serve_config
 
     try:
-        server = InferenceServer(serve_config(args))
+        cfg = serve_config(args)
+        server = InferenceServer(cfg, _mqtt(cfg))
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         return 1

@@ -22,8 +22,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.inference import MAX_REQUEST_BYTES, InferenceError, OnnxClassifier
-from shared.mqtt.base import Inbound
-from shared.mqtt.transport import ConnectOptions, MqttTransport
+from shared.mqtt.base import Connector, Inbound, Session
 from shared.protocol import topics
 from shared.protocol.onnx_frame import OnnxFrameError, decode_onnx_frame
 from shared.protocol.signing import ONNX_CONTEXT, SignatureError, load_public_key, verify_model
@@ -46,6 +45,8 @@ class ServeConfig:
     username: str | None = None
     password: str | None = None
     ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     connect_timeout: float = 60.0
     max_model_bytes: int = 256 * 1024 * 1024
     model_public_key: str | None = None  # pin the aggregator's key: serve signed models only
@@ -69,7 +70,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--username")
     parser.add_argument("--password")
-    parser.add_argument("--ca-file")
+    parser.add_argument("--ca-file", help="CA certificate that signed the broker's (mqtts://)")
+    parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
+    parser.add_argument("--key-file", help="private key of --cert-file")
     parser.add_argument("--connect-timeout", type=float)
     parser.add_argument(
         "--model-public-key",
@@ -86,7 +89,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 class InferenceServer:
     """Follows the federation's ONNX model and answers requests; work runs on :meth:`run`."""
 
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, connect: Connector) -> None:
         self.cfg = cfg
         self.topics = topics.Topics(cfg.federation)
         self.request_topic = cfg.input_topic or self.topics.infer_request(cfg.client_id)
@@ -100,13 +103,11 @@ class InferenceServer:
         if cfg.model:
             with open(cfg.model, "rb") as fh:
                 self.model = OnnxClassifier.from_bytes(fh.read(), cfg.threads)
-        self.transport = MqttTransport(
-            cfg.broker,
-            f"{cfg.client_id}-infer",
-            subscriptions=[(self.topics.global_onnx, 1), (self.request_topic, 1)],
-            options=ConnectOptions(
-                username=cfg.username, password=cfg.password, ca_file=cfg.ca_file
-            ),
+        self.transport = connect(
+            Session(
+                f"{cfg.client_id}-infer",
+                subscriptions=((self.topics.global_onnx, 1), (self.request_topic, 1)),
+            )
         )
 
     def run(self) -> int:

@@ -10,6 +10,7 @@ import pytest
 
 from aggregator.onnx_export import export_verified
 from edge_agent.serve import InferenceServer, ServeConfig
+from shared.mqtt.memory import MemoryBroker
 from shared.protocol.messages import ModelSpec
 from shared.protocol.onnx_frame import decode_onnx_frame, encode_onnx_frame
 from shared.protocol.signing import (
@@ -47,7 +48,8 @@ def _export(key, round_id: int):  # type: ignore[no-untyped-def]
 def _server(tmp_path: Path, key) -> InferenceServer:  # type: ignore[no-untyped-def]
     pem = tmp_path / "model.pub"
     pem.write_bytes(public_pem(key))
-    return InferenceServer(ServeConfig(federation=FED, client_id="pi-1", model_public_key=str(pem)))
+    cfg = ServeConfig(federation=FED, client_id="pi-1", model_public_key=str(pem))
+    return InferenceServer(cfg, MemoryBroker().connector)
 
 
 def test_exported_onnx_frame_carries_a_verifiable_signature(key) -> None:  # type: ignore[no-untyped-def]
