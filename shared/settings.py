@@ -44,7 +44,11 @@ class Sourced:
 
 
 def load_settings(cls: type[T], args: argparse.Namespace, section: str, env_prefix: str) -> T:
-    """Build ``cls``: defaults < ``--config`` TOML ``[section]`` < environment < flags."""
+    """Build ``cls``: defaults < ``--config`` TOML ``[section]`` < environment < flags.
+
+    Raises SettingsError (a ValueError) naming the key and its source, OSError when the
+    file cannot be read.
+    """
     schema = settings_schema(cls)
     merged: dict[str, Sourced] = {}
     config = getattr(args, "config", None)
