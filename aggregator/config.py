@@ -1,4 +1,4 @@
-"""Aggregator settings: named defaults, a TOML file, then command-line flags (flags win)."""
+"""Aggregator settings: named defaults, a TOML file, environment, then flags (flags win)."""
 
 from __future__ import annotations
 

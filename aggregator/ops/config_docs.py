@@ -129,6 +129,15 @@ def render_markdown() -> str:
         "priority: its default, the TOML file given by `--config` (the table named below),",
         "the environment variable, and the command-line flag (`_` becomes `-`).",
         "",
+        "Every source is checked against the setting's type in the same way; a value that does",
+        "not fit stops the program with an error naming the key and where the value came from",
+        "(e.g. `environment variable FEDMQ_AGGREGATOR_ROUNDS='ten': expected int`). TOML values",
+        "must have the right TOML type (an integer is accepted where a float is expected; a",
+        "tuple is an array, `input_shape = [1, 28, 28]`). Environment values are text: numbers",
+        "as usual, booleans `true`/`false`/`1`/`0`/`yes`/`no`/`on`/`off` (any case), tuples",
+        "comma-separated (`FEDMQ_AGGREGATOR_INPUT_SHAPE=1,28,28`), and an empty value unsets a",
+        "setting whose default is none (`FEDMQ_AGGREGATOR_MAX_UPDATE_NORM=` turns the bound off).",
+        "",
     ]
     for section, cls, env, command in SECTIONS:
         out += [f"## `[{section}]` — `{command}`", ""]
