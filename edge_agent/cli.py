@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from shared.mqtt.base import TransportError
 
 from edge_agent.config import add_arguments, from_args
+from shared.mqtt.base import TransportError
 from shared.runtime.data import DataFormatError
 
 log = logging.getLogger("fedmq.agent")
