@@ -1,7 +1,8 @@
 """Screening one inbound update: envelope, frame, shapes, values — then into the sum.
 
-Everything that can be wrong with an update becomes a rejection with a reason; nothing raises
-out of :meth:`UpdateIntake.offer`.
+Everything that can be wrong with an update becomes a rejection with a receipt code and a
+reason; nothing raises out of :meth:`UpdateIntake.offer`. :func:`receipt_for` turns a verdict
+into the receipt the agent gets.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from aggregator.rounds import RoundState, Verdict
+from aggregator.rounds import ACCEPT, RoundState, Verdict
 from aggregator.strategy import AggregationError, StreamingFedAvg
 from aggregator.update_bounds import norm_violation
 from shared.protocol.frames import FrameError, decode_frame, read_header
+from shared.protocol.messages import Receipt
+from shared.protocol.receipts import ReceiptCode
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,10 @@ class UpdateIntake:
         try:
             head = read_header(payload, max_bytes=self.max_bytes)
         except FrameError as exc:
-            return Verdict(False, f"undecodable: {exc}")
+            # read_header refuses a payload over max_bytes before parsing it; every other
+            # FrameError here is a broken frame.
+            code: ReceiptCode = "too-large" if len(payload) > self.max_bytes else "malformed"
+            return Verdict(code, f"undecodable: {exc}")
         mismatch = [
             (head.kind != "update", f"frame kind is {head.kind!r}, not 'update'"),
             (head.federation != self.federation, f"federation {head.federation!r} is not ours"),
@@ -85,18 +91,18 @@ class UpdateIntake:
         ]
         for bad, reason in mismatch:
             if bad:
-                return Verdict(False, reason)
+                return Verdict("malformed", reason)
         return self.state.screen(client, head.round, head.base_hash)
 
     def _decode_and_add(self, client: str, payload: bytes) -> tuple[Verdict, UpdateStats | None]:
         try:
             frame = decode_frame(payload, max_bytes=self.max_bytes, expect_shapes=self.acc.shapes)
         except FrameError as exc:
-            return Verdict(False, f"invalid update: {exc}"), None
+            return Verdict("malformed", f"invalid update: {exc}"), None
         head = frame.header
         too_long = norm_violation(frame.tensors, self.max_norm)
         if too_long is not None:
-            return Verdict(False, too_long), None
+            return Verdict("over-norm", too_long), None
         meta = head.meta
         # Everything is parsed before the delta touches the sum: nothing can fail after it.
         stats = UpdateStats(
@@ -112,9 +118,9 @@ class UpdateIntake:
         try:
             self.acc.add(frame.tensors, head.num_samples)
         except AggregationError as exc:
-            return Verdict(False, f"invalid update: {exc}"), None
+            return Verdict("malformed", f"invalid update: {exc}"), None
         self.state.accept(client, head.num_samples)
-        return Verdict(True), stats
+        return ACCEPT, stats
 
     def weighted_train_loss(self) -> float | None:
         """Sample-weighted mean of the agents' reported training losses."""
@@ -135,6 +141,17 @@ class UpdateIntake:
     def slowest_train_s(self) -> float:
         """The longest local training time among accepted updates."""
         return max((s.train_time_s or 0.0 for s in self.stats), default=0.0)
+
+
+def receipt_for(round_id: int, client_id: str, verdict: Verdict) -> Receipt:
+    """The receipt answering an update: its code for agents, its reason for people."""
+    return Receipt(
+        round=round_id,
+        client_id=client_id,
+        status="accepted" if verdict.accepted else "rejected",
+        reason=verdict.reason,
+        code=verdict.code,
+    )
 
 
 def _num(value: object) -> float | None:

@@ -11,6 +11,8 @@ from enum import Enum
 
 import numpy as np
 
+from shared.protocol.receipts import ReceiptCode
+
 
 class RoundPhase(Enum):
     """Where a round stands."""
@@ -24,13 +26,35 @@ class RoundPhase(Enum):
 
 @dataclass(frozen=True)
 class Verdict:
-    """Whether an update may enter the sum, and why not."""
+    """Whether an update may enter the sum: the receipt code, and for people the reason."""
 
-    accepted: bool
+    code: ReceiptCode
     reason: str = ""
 
+    @property
+    def accepted(self) -> bool:
+        """True when the update enters the sum (not a duplicate: its earlier copy did)."""
+        return self.code == "accepted"
 
-ACCEPT = Verdict(True)
+
+ACCEPT = Verdict("accepted")
+# The aggregator is starting or between rounds, and the update's round is not over: it may
+# open (again) soon, so the agent keeps the update and re-sends it.
+NO_ROUND = Verdict("no-round", "no round is open")
+
+
+def late(round_id: int) -> Verdict:
+    """The verdict on an update whose round is closed."""
+    return Verdict("late", f"late: round {round_id} is closed")
+
+
+def without_open_round(round_id: int, last_closed: int) -> Verdict:
+    """The verdict on an update that arrives while no round is open.
+
+    An update of a round already applied missed it (``late``: the agent gives its mass back
+    to error feedback); any other may yet be counted (``no-round``: the agent re-sends).
+    """
+    return late(round_id) if round_id <= last_closed else NO_ROUND
 
 
 def select_clients(
@@ -69,18 +93,21 @@ class RoundState:
     def screen(self, client_id: str, round_id: int, base_hash: str) -> Verdict:
         """Check an update's envelope before it is decoded: round, base, selection, duplicates."""
         if round_id < self.round_id or (round_id == self.round_id and self.closed):
-            return Verdict(False, f"late: round {round_id} is closed")
+            return late(round_id)
         if round_id > self.round_id:
             return Verdict(
-                False, f"wrong round: {round_id} has not started (current {self.round_id})"
+                "wrong-round", f"wrong round: {round_id} has not started (current {self.round_id})"
             )
         if client_id in self.accepted:
-            return Verdict(False, f"duplicate: an update from {client_id} was already counted")
+            return Verdict(
+                "duplicate", f"duplicate: an update from {client_id} was already counted"
+            )
         if client_id not in self.selected:
-            return Verdict(False, f"not selected for round {round_id}")
+            return Verdict("not-selected", f"not selected for round {round_id}")
         if base_hash != self.base_hash:
             return Verdict(
-                False, f"stale base model {base_hash[:12]}, round is on {self.base_hash[:12]}"
+                "stale-base",
+                f"stale base model {base_hash[:12]}, round is on {self.base_hash[:12]}",
             )
         return ACCEPT
 

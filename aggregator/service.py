@@ -21,12 +21,12 @@ import numpy as np
 from aggregator.config import AggregatorConfig, add_arguments, from_args
 from aggregator.downloads import GlobalDownloads, bytes_down
 from aggregator.evaluation import Evaluator
-from aggregator.intake import UpdateIntake
+from aggregator.intake import UpdateIntake, receipt_for
 from aggregator.metrics_log import MetricsLog
 from aggregator.onnx_export import RoundExporter, state_dir_of
 from aggregator.resume import EXIT_STARVED, Durability, set_rng_state, starved_action
 from aggregator.round_records import ClosedRound, OpenRound
-from aggregator.rounds import RoundPhase, RoundState, select_clients
+from aggregator.rounds import RoundPhase, RoundState, Verdict, select_clients, without_open_round
 from aggregator.strategy import StreamingFedAvg
 from shared.clock import Clock, SystemClock
 from shared.mqtt.base import Connector, Inbound, Outbound, Session, TransportError
@@ -386,7 +386,8 @@ class AggregatorService:
         if parsed.kind != "update" or parsed.round_id is None or parsed.client_id is None:
             return False
         if intake is None:
-            self._receipt(parsed.round_id, parsed.client_id, False, "no round is open")
+            verdict = without_open_round(parsed.round_id, self.round_id)
+            self._receipt(parsed.round_id, parsed.client_id, verdict)
             return False
         offer = intake.offer(parsed.round_id, parsed.client_id, item.payload)
         if offer.verdict.accepted and self.durable is not None and offer.stats is not None:
@@ -394,14 +395,13 @@ class AggregatorService:
             self.durable.accepted(
                 parsed.round_id, parsed.client_id, offer.stats.num_samples, item.payload
             )
-        self._receipt(
-            parsed.round_id, parsed.client_id, offer.verdict.accepted, offer.verdict.reason
-        )
+        self._receipt(parsed.round_id, parsed.client_id, offer.verdict)
         if not offer.verdict.accepted:
             log.warning(
-                "rejected update from %s for round %d: %s",
+                "rejected update from %s for round %d (%s): %s",
                 parsed.client_id,
                 parsed.round_id,
+                offer.verdict.code,
                 offer.verdict.reason,
             )
         return offer.verdict.accepted
@@ -446,13 +446,8 @@ class AggregatorService:
     def _publish_model(self, final: bool) -> None:
         self.downloads.publish(self.round_id, self.params, self.model_hash, final, self._publish)
 
-    def _receipt(self, round_id: int, client_id: str, accepted: bool, reason: str) -> None:
-        receipt = msg.Receipt(
-            round=round_id,
-            client_id=client_id,
-            status="accepted" if accepted else "rejected",
-            reason=reason,
-        )
+    def _receipt(self, round_id: int, client_id: str, verdict: Verdict) -> None:
+        receipt = receipt_for(round_id, client_id, verdict)
         self._publish(self.topics.receipt(round_id, client_id), receipt.to_json(), wait=False)
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False, wait: bool = True) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from edge_agent.config import AgentConfig
 from edge_agent.local_training import LocalTrainer
 from edge_agent.model_sync import ModelSync
-from edge_agent.outbox import Outbox, receipt_is_final
+from edge_agent.outbox import COUNTED_CODES, MISSED_CODES, Outbox, receipt_is_final
 from edge_agent.residual import DeviceFeedback
 from shared.clock import Clock, SystemClock
 from shared.compression.registry import needs_error_feedback
@@ -34,10 +34,6 @@ from shared.protocol.signing import load_public_key
 from shared.runtime.data import ArrayDataset, load_device_data, train_val_split
 
 log = logging.getLogger("fedmq.agent")
-
-# Rejections that say the update came too late, not that it was wrong: its mass is still owed
-# (an invalid or over-large update is not given back, it would only be refused again).
-MISSED_REASONS = ("late", "stale", "no round")
 
 Tensors = dict[str, np.ndarray]
 
@@ -197,15 +193,16 @@ class EdgeAgent:
         receipt = msg.decode(item.payload, msg.Receipt)
         if receipt.client_id != self.cfg.client_id:
             return
-        counted = receipt.status == "accepted" or receipt.reason.startswith("duplicate")
-        (log.info if counted else log.warning)(
-            "round %d: update %s%s",
+        code = receipt.effective_code()
+        (log.info if code in COUNTED_CODES else log.warning)(
+            "round %d: update %s (%s)%s",
             receipt.round,
             receipt.status,
-            f" ({receipt.reason})" if receipt.reason else "",
+            code,
+            f": {receipt.reason}" if receipt.reason else "",
         )
-        if receipt_is_final(receipt.status, receipt.reason):
-            if not counted and receipt.reason.startswith(MISSED_REASONS):
+        if receipt_is_final(code):
+            if code in MISSED_CODES:
                 self._give_back(receipt.round)
             self.outbox.remove(receipt.round)
             self.sent_at.pop(receipt.round, None)

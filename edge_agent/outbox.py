@@ -5,7 +5,8 @@ about the aggregator having counted the update. So an encoded update is written 
 (temporary file, fsync, rename, directory fsync) *before* it is published and deleted only
 when a final receipt arrives (:func:`receipt_is_final`). After a reconnect or a restart the
 agent re-sends it; duplicates are harmless because the aggregator counts at most one update
-per (round, client) and answers ``duplicate`` to the rest.
+per (round, client) and answers ``duplicate`` to the rest. What each receipt code
+(:mod:`shared.protocol.receipts`) means for the stored update is decided here, once.
 
 One file per round, ``outbox/update-<round>.fmq``, holding the exact frame that was sent:
 re-sending never re-trains, and an outbox entry for the open round is the proof that this
@@ -20,18 +21,25 @@ from pathlib import Path
 
 from shared.files import is_temporary, write_atomic
 from shared.protocol.frames import FrameError, read_header
+from shared.protocol.receipts import ReceiptCode
 
 log = logging.getLogger("fedmq.agent.outbox")
 
 _NAME = re.compile(r"update-(\d{1,9})\.fmq")
-# Rejections that say "not now" rather than "never": the update must stay and be re-sent
+# Refusals that say "not now" rather than "never": the update must stay and be re-sent
 # (an aggregator restarting has no round open yet; a re-announced round comes later).
-RETRYABLE_REASONS = ("no round is open", "wrong round")
+RETRYABLE_CODES: frozenset[ReceiptCode] = frozenset({"no-round", "wrong-round"})
+# The aggregator summed the update ("duplicate": it summed an earlier copy of it).
+COUNTED_CODES: frozenset[ReceiptCode] = frozenset({"accepted", "duplicate"})
+# Final refusals that say the update came too late, not that it was wrong: its mass is still
+# owed to error feedback (an invalid or over-large update is not given back, it would only be
+# refused again). "no-round" is not among them: it is not final, the update is re-sent.
+MISSED_CODES: frozenset[ReceiptCode] = frozenset({"late", "stale-base"})
 
 
-def receipt_is_final(status: str, reason: str) -> bool:
+def receipt_is_final(code: ReceiptCode) -> bool:
     """True when re-sending the same bytes cannot change the aggregator's answer."""
-    return status == "accepted" or not reason.startswith(RETRYABLE_REASONS)
+    return code not in RETRYABLE_CODES
 
 
 class Outbox:

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rich.console import Group, RenderableType
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -45,7 +46,7 @@ class RoundView:
     selected: list[str]
     codec: str
     accepted: set[str] = field(default_factory=set)
-    rejected: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, msg.Receipt] = field(default_factory=dict)  # client → last refusal
     closed: bool = False
 
 
@@ -126,7 +127,7 @@ class MonitorState:
         if receipt.status == "accepted":
             cur.accepted.add(receipt.client_id)
         else:
-            cur.rejected[receipt.client_id] = receipt.reason
+            cur.rejected[receipt.client_id] = receipt
 
     def _on_metrics(self, m: msg.RoundMetrics) -> None:
         if self.history and self.history[-1].round >= m.round:
@@ -167,8 +168,10 @@ def _header(s: MonitorState, now: float) -> Panel:
             f"{len(cur.accepted)}/{len(cur.selected)} updates accepted, "
             f"{len(cur.rejected)} rejected"
         )
-        for cid, reason in sorted(cur.rejected.items()):
-            lines.append(f"  [red]rejected[/] {cid}: {reason}")
+        for cid, receipt in sorted(cur.rejected.items()):
+            # The reason may quote what a device sent: shown as text, never as markup.
+            why = f" ({escape(receipt.reason)})" if receipt.reason else ""
+            lines.append(f"  [red]rejected[/] {cid}: {receipt.effective_code()}{why}")
     onnx = (
         f"   ONNX: round {s.onnx_round}, {s.onnx_bytes / 1e3:.1f} kB" if s.onnx_round >= 0 else ""
     )

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from shared.protocol.receipts import ReceiptCode, code_from_legacy_reason
+
 SCHEMA = 1
 
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
@@ -91,12 +93,28 @@ class AgentStatus(Message, frozen=True, kw_only=True):
 
 
 class Receipt(Message, frozen=True, kw_only=True):
-    """The aggregator's application-level acknowledgement of one update."""
+    """The aggregator's application-level acknowledgement of one update.
+
+    Programs decide on :meth:`effective_code`; ``reason`` is for people (and for older agents,
+    which match on its text). ``code`` is None only from an aggregator older than the codes.
+    """
 
     round: NonNeg
     client_id: Name
     status: Literal["accepted", "rejected"]
     reason: str = ""
+    code: ReceiptCode | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.code is not None and (self.code == "accepted") != (self.status == "accepted"):
+            raise ValueError(f"status {self.status!r} contradicts code {self.code!r}")
+
+    def effective_code(self) -> ReceiptCode:
+        """The code; for a receipt without one, derived from its reason text."""
+        if self.code is None:
+            return code_from_legacy_reason(self.status, self.reason)
+        return self.code
 
 
 class GlobalMeta(Message, frozen=True, kw_only=True):

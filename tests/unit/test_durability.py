@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from aggregator.resume import Durability, rng_state, set_rng_state, starved_acti
 from aggregator.rounds import RoundState
 from edge_agent.outbox import Outbox, receipt_is_final
 from shared.protocol.frames import FrameHeader, encode_frame, tensors_hash
+from shared.protocol.messages import Receipt
 
 PARAMS = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
 
@@ -74,8 +76,12 @@ def test_outbox_drops_rounds_that_are_over(tmp_path: Path) -> None:
         ("rejected", "wrong round: 2 has not started (current 1)", False),
     ],
 )
-def test_which_receipts_end_the_resending(status: str, reason: str, final: bool) -> None:
-    assert receipt_is_final(status, reason) is final
+def test_which_receipts_of_an_older_aggregator_end_the_resending(
+    status: Literal["accepted", "rejected"], reason: str, final: bool
+) -> None:
+    receipt = Receipt(round=1, client_id="pi-0", status=status, reason=reason)
+
+    assert receipt_is_final(receipt.effective_code()) is final
 
 
 # --- checkpoint --------------------------------------------------------------------------

@@ -67,7 +67,11 @@ def _recording() -> list[tuple[str, bytes, bool]]:
         (
             T.receipt(3, "pi-3"),
             msg.Receipt(
-                round=3, client_id="pi-3", status="rejected", reason="wrong base model"
+                round=3,
+                client_id="pi-3",
+                status="rejected",
+                reason="stale base model 0123, round is on 4567",
+                code="stale-base",
             ).to_json(),
             False,
         ),
@@ -88,7 +92,7 @@ def test_state_follows_round_agents_receipts_and_metrics() -> None:
     assert state.aggregator == "running" and state.rounds_total == 20
     assert state.current is not None and state.current.round == 3
     assert state.current.accepted == {"pi-1"}
-    assert state.current.rejected == {"pi-3": "wrong base model"}
+    assert state.current.rejected["pi-3"].code == "stale-base"
     assert state.counts() == {"online": 1, "training": 1, "offline": 1}
     assert [m.round for m in state.history] == [2]
     assert len(state.problems) == 1  # the bad metrics message is shown, not raised
@@ -110,9 +114,35 @@ def test_render_shows_round_deadline_agents_and_history() -> None:
 
     assert "round 3/20" in text and "deadline in 42s" in text
     assert "1/3 updates accepted, 1 rejected" in text
-    assert "pi-3: wrong base model" in text
+    assert "pi-3: stale-base (stale base model 0123, round is on 4567)" in text
     assert "1 online" in text and "1 training" in text and "1 offline" in text
     assert "81.25%" in text and "12.0" in text
+
+
+def test_render_shows_the_code_of_a_receipt_from_an_older_aggregator() -> None:
+    state = _state()
+    old = msg.Receipt(
+        round=3, client_id="pi-2", status="rejected", reason="late: round 3 is closed"
+    )
+    state.apply(T.receipt(3, "pi-2"), old.to_json(), False, NOW)
+    console = Console(record=True, width=140)
+
+    console.print(render(state, NOW))
+
+    assert "pi-2: late (late: round 3 is closed)" in console.export_text()
+
+
+def test_render_shows_markup_in_a_reason_as_text() -> None:
+    state = _state()
+    hostile = msg.Receipt(
+        round=3, client_id="pi-2", status="rejected", reason="federation '[/x]' is not ours"
+    )
+    state.apply(T.receipt(3, "pi-2"), hostile.to_json(), False, NOW)
+    console = Console(record=True, width=140)
+
+    console.print(render(state, NOW))
+
+    assert "federation '[/x]' is not ours" in console.export_text()
 
 
 def test_monitor_never_subscribes_to_update_payloads() -> None:

@@ -224,7 +224,7 @@ def test_closed_round_reports_closed() -> None:
 
 
 def test_selected_client_with_current_round_and_base_is_accepted() -> None:
-    assert _state().screen("c1", 5, BASE) == Verdict(True)
+    assert _state().screen("c1", 5, BASE) == Verdict("accepted")
 
 
 def test_duplicate_update_from_same_client_is_rejected() -> None:
