@@ -1,7 +1,7 @@
 """What the device does with a receipt, per code (edge_agent/outbox.py, EdgeAgent._on_receipt).
 
-The agent tests drive a real EdgeAgent whose transport is never started: a receipt goes in
-through its dispatcher, and its outbox file and error-feedback residual are checked.
+The agent tests drive a real EdgeAgent on an in-memory broker it never connects to: a receipt
+goes in through its dispatcher, and its outbox file and error-feedback residual are checked.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.config import AgentConfig
 from edge_agent.outbox import COUNTED_CODES, MISSED_CODES, receipt_is_final
 from shared.mqtt.base import Inbound
+from shared.mqtt.memory import MemoryBroker
 from shared.protocol import topics
 from shared.protocol.frames import FrameHeader, decode_frame, encode_frame
 from shared.protocol.messages import Receipt
@@ -62,7 +63,7 @@ def agent(tmp_path: Path) -> EdgeAgent:
     cfg = AgentConfig(
         federation=FED, client_id=CLIENT, data=str(data), state_dir=str(tmp_path / "state")
     )
-    a = EdgeAgent(cfg)
+    a = EdgeAgent(cfg, MemoryBroker().connector)
     a.outbox.put(ROUND, _topk_update())
     return a
 
