@@ -6,10 +6,11 @@ Frame layout (little endian)::
 
 Version 1 (``MAGIC``): the header is UTF-8 JSON. Version 3 (``MAGIC_COMPACT``, written for
 sparse codecs, whose frames are so small that the JSON header would be half of them): the
-header is zstd(UTF-8 JSON) with a fixed built-in dictionary (``_HEADER_DICT_TEXT``), one
-complete zstd frame with its declared size (≤ ``MAX_HEADER_BYTES``) and checksum. Both
-versions are always decoded; dense codecs keep writing version 1, so devices that only know
-version 1 keep working with them. (Version 2 was never used and stays rejected.)
+header is zstd(UTF-8 JSON) with a fixed built-in dictionary
+(:mod:`shared.protocol.header_dict`), one complete zstd frame with its declared size
+(≤ ``MAX_HEADER_BYTES``) and checksum. Both versions are always decoded; dense codecs keep
+writing version 1, so devices that only know version 1 keep working with them. (Version 2
+was never used and stays rejected.)
 
 The JSON header names the frame kind, federation, round, client, base-model hash, codec,
 sample count and every tensor (name, shape, codec parameters), so a frame can be decoded and
@@ -37,6 +38,7 @@ from shared.compression.lowrank import LowRankCodec
 from shared.compression.quantize import CodecError, TensorCodec
 from shared.compression.registry import BIASED_CODECS, resolve_codec
 from shared.compression.topk import TopKCodec
+from shared.protocol.header_dict import HEADER_DICT
 
 MAGIC = b"FMQ\x01"
 MAGIC_COMPACT = b"FMQ\x03"
@@ -46,43 +48,6 @@ MAX_TENSORS = 4096
 MAX_ELEMENTS = 1 << 28  # 1 GiB of fp32: far above any model a Pi trains
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_RAW_BYTES = 1024 * 1024 * 1024
-# Version-3 headers are zstd-compressed against this fixed raw-content dictionary: the skeleton
-# of a typical update header (keys, codec, the tensor table of the built-in models), so a
-# ~1.2 kB LeNet header costs ~200 bytes instead of ~420 with plain zstd. It is part of the
-# frame format: never edit it (a different dictionary needs a new version byte).
-_HEADER_DICT_TEXT = (
-    '{"kind":"update","federation":"demo","round":1,"client_id":"agent-0",'
-    '"base_hash":"","codec":"topk1:0.02@warmup2","num_samples":1,"meta":{"train_loss":0.,'
-    '"train_time_s":1.,"steps":1,"val_accuracy":0.,"val_loss":0.,"val_samples":1},'
-    '"raw_len":1,"tensors":['
-    '{"name":"1.weight","shape":[200,784],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"1.bias","shape":[200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.weight","shape":[200,200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.bias","shape":[200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"5.weight","shape":[10,200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"5.bias","shape":[10],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"0.weight","shape":[32,1,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"0.bias","shape":[32],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.weight","shape":[64,32,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.bias","shape":[64],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"7.weight","shape":[512,3136],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"7.bias","shape":[512],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"9.weight","shape":[10,512],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"9.bias","shape":[10],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"0.weight","shape":[6,1,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"0.bias","shape":[6],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.weight","shape":[16,6,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.bias","shape":[16],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"7.weight","shape":[120,400],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"7.bias","shape":[120],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"9.weight","shape":[84,120],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"9.bias","shape":[84],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"11.weight","shape":[10,84],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"11.bias","shape":[10],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-)
-_HEADER_DICT = zstandard.ZstdCompressionDict(
-    _HEADER_DICT_TEXT.encode(), dict_type=zstandard.DICT_TYPE_RAWCONTENT
-)
 _TENSOR_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
 _KINDS = ("update", "model", "global_delta")
 
@@ -185,7 +150,7 @@ def encode_frame(
     magic = MAGIC
     if compact:
         zh = zstandard.ZstdCompressor(
-            level=19, dict_data=_HEADER_DICT, write_checksum=True, write_dict_id=False
+            level=19, dict_data=HEADER_DICT, write_checksum=True, write_dict_id=False
         )
         magic, head_bytes = MAGIC_COMPACT, zh.compress(head_bytes)
     return magic + _HEADER_LEN.pack(len(head_bytes)) + head_bytes + compressed
@@ -334,7 +299,7 @@ def _inflate_header(data: bytes) -> bytes:
         raise FrameError(f"compressed header is not a zstd frame: {exc}") from exc
     if not 0 < declared <= MAX_HEADER_BYTES:
         raise FrameError(f"compressed header declares {declared} bytes")
-    dobj = zstandard.ZstdDecompressor(dict_data=_HEADER_DICT).decompressobj()
+    dobj = zstandard.ZstdDecompressor(dict_data=HEADER_DICT).decompressobj()
     try:
         raw = dobj.decompress(data)
     except zstandard.ZstdError as exc:
