@@ -18,6 +18,11 @@ checked without any other context. The body is the concatenation of each tensor'
 bytes, compressed with zstd (with its content checksum). Nothing here executes payload data:
 no pickle, no ``torch.load``. Decoding validates every length, shape and value and raises
 :class:`FrameError` with a reason; the caller turns that into a receipt.
+
+Encoding returns what the frame sends (:class:`EncodedFrame`), computed by the value codecs
+from their own codes, bit-identical to what decoding the frame gives: the sender never needs
+to decode its own frame. :func:`encode_tensors` and :func:`pack_frame` are the two halves, for
+a sender that learns part of the header (a model hash) only from the encoded tensors.
 """
 
 from __future__ import annotations
@@ -92,28 +97,61 @@ def tensors_hash(tensors: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class EncodedTensors:
+    """Tensors encoded with one codec, not yet framed: the header's tensor table, the body,
+    and ``sent``, what :func:`decode_frame` will return for them (bit for bit)."""
+
+    codec: str
+    specs: list[dict[str, Any]]
+    body: bytes
+    sent: Tensors
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    """A frame and the tensors it carries (exactly what decoding ``payload`` gives)."""
+
+    payload: bytes
+    sent: Tensors
+
+
 def encode_frame(
     header: FrameHeader,
     tensors: Mapping[str, np.ndarray],
     rng: np.random.Generator | None = None,
     level: int = 3,
     compact: bool | None = None,
-) -> bytes:
-    """Encode ``tensors`` with ``header.codec`` into one frame.
+) -> EncodedFrame:
+    """Encode ``tensors`` with ``header.codec`` into one frame; also what it sends.
 
     ``compact`` (default: for sparse codecs) writes a version-3 frame, zstd-compressed header.
     A codec with a density schedule encodes with the density of ``header.round``.
     """
-    codec = _codec(header.codec, FrameError)
-    if compact is None:
-        compact = isinstance(codec, BIASED_CODECS)
-    if isinstance(codec, TopKCodec):
-        codec = codec.at_round(header.round)
+    encoded = encode_tensors(tensors, codec=header.codec, round_id=header.round, rng=rng)
+    return EncodedFrame(pack_frame(header, encoded, level=level, compact=compact), encoded.sent)
+
+
+def encode_tensors(
+    tensors: Mapping[str, np.ndarray],
+    *,
+    codec: str,
+    round_id: int,
+    rng: np.random.Generator | None = None,
+) -> EncodedTensors:
+    """Encode ``tensors`` with ``codec`` (at the density of ``round_id``), ready to be framed.
+
+    Raises FrameError for a bad name, a non-finite value, or a value the codec cannot carry.
+    """
+    value_codec = _codec(codec, FrameError)
+    if isinstance(value_codec, TopKCodec):
+        value_codec = value_codec.at_round(round_id)
     if not 0 < len(tensors) <= MAX_TENSORS:
         raise FrameError(f"a frame holds 1 to {MAX_TENSORS} tensors, got {len(tensors)}")
     rng = rng if rng is not None else np.random.default_rng()
     specs: list[dict[str, Any]] = []
     parts: list[bytes] = []
+    sent: Tensors = {}
     for name, value in tensors.items():
         arr = np.asarray(value, dtype=np.float32)
         if not _TENSOR_NAME_RE.fullmatch(name):
@@ -121,15 +159,32 @@ def encode_frame(
         if not np.isfinite(arr).all():
             raise FrameError(f"tensor {name!r} has non-finite values")
         try:
-            if isinstance(codec, LowRankCodec):  # needs the matrix shape, not a flat array
-                params, data = codec.encode_tensor(arr, rng)
+            if isinstance(value_codec, LowRankCodec):  # needs the matrix shape, not a flat array
+                enc = value_codec.encode_tensor(arr, rng)
             else:
-                params, data = codec.encode(arr.ravel(), rng)
+                enc = value_codec.encode(arr.ravel(), rng)
         except CodecError as exc:
             raise FrameError(f"tensor {name!r}: {exc}") from exc
-        specs.append({"name": name, "shape": list(arr.shape), "params": params})
-        parts.append(data)
-    body = b"".join(parts)
+        if not np.isfinite(enc.sent).all():  # the decoder would refuse the frame
+            raise FrameError(f"tensor {name!r} would decode to non-finite values")
+        specs.append({"name": name, "shape": list(arr.shape), "params": enc.params})
+        parts.append(enc.data)
+        sent[name] = enc.sent.reshape(arr.shape)
+    return EncodedTensors(codec, specs, b"".join(parts), sent)
+
+
+def pack_frame(
+    header: FrameHeader, encoded: EncodedTensors, *, level: int = 3, compact: bool | None = None
+) -> bytes:
+    """The frame of ``encoded`` under ``header`` (whose codec must be the one that encoded it).
+
+    ``compact`` (default: for sparse codecs) writes a version-3 frame, zstd-compressed header.
+    """
+    if header.codec != encoded.codec:
+        raise FrameError(f"header names codec {header.codec!r}, tensors are {encoded.codec!r}")
+    if compact is None:
+        compact = isinstance(_codec(header.codec, FrameError), BIASED_CODECS)
+    body = encoded.body
     head = {
         "kind": header.kind,
         "federation": header.federation,
@@ -140,7 +195,7 @@ def encode_frame(
         "num_samples": header.num_samples,
         "meta": header.meta,
         "raw_len": len(body),
-        "tensors": specs,
+        "tensors": encoded.specs,
     }
     head_bytes = json.dumps(head, separators=(",", ":")).encode()
     if compact and len(body) <= 1 << 22:

@@ -109,7 +109,7 @@ def server_step(
             u += np.asarray(residual[name], dtype=np.float32)
         update[name] = u
     header = _header(codec, round_id)
-    q = decode_frame(encode_frame(header, update, rng=step_rng(seed, round_id))).tensors
+    q = decode_frame(encode_frame(header, update, rng=step_rng(seed, round_id)).payload).tensors
     published = apply_delta(old, q)
     new_residual = {n: np.subtract(update[n], q[n], dtype=np.float32) for n in update}
     return ServerStep(
@@ -141,7 +141,7 @@ def delta_frame(
         base_hash=base_hash,
         meta={"model_hash": step.model_hash, "base_round": base_round, "signature": signature},
     )
-    payload = encode_frame(header, step.update, rng=step_rng(step.seed, step.round_id))
+    payload = encode_frame(header, step.update, rng=step_rng(step.seed, step.round_id)).payload
     again = decode_frame(payload, expect_shapes={n: v.shape for n, v in step.base.items()})
     got = tensors_hash(apply_delta(step.base, again.tensors))
     if got != step.model_hash:

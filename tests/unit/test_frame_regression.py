@@ -119,7 +119,7 @@ def _frame(codec: str) -> bytes:
     header = FrameHeader(
         kind="update", federation="lab", round=1, codec=codec, client_id="pi-1", num_samples=9
     )
-    return encode_frame(header, tensors, rng=np.random.default_rng(7))
+    return encode_frame(header, tensors, rng=np.random.default_rng(7)).payload
 
 
 def _content_digest(frame: bytes) -> str:
