@@ -30,7 +30,8 @@ from shared.protocol.frames import (
     encode_tensors,
     pack_frame,
 )
-from tests.unit.frames import sample_tensors, update_header
+from shared.protocol.global_delta import delta_frame, server_step
+from tests.unit.frames import sample_tensors, split_frame, update_header
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 F32_MAX = float(np.finfo(np.float32).max)
@@ -200,6 +201,18 @@ def test_committed_residual_is_what_the_frame_did_not_carry(tmp_path: Path, name
     received = decode_frame(encoded.payload).tensors  # what the aggregator counts
     for n, v in comp.items():
         _assert_bit_identical(device.ef.residual[n], (v - received[n]).astype(np.float32))
+
+
+def test_delta_frame_carries_the_bytes_server_step_encoded() -> None:
+    old = {n: v for n, v in sample_tensors(2).items() if v.size}
+    target = {n: (v + 1e-3).astype(np.float32) for n, v in old.items()}
+    step = server_step(old, target, None, codec="int8", seed=1, round_id=1)
+
+    frame = delta_frame(step, federation="lab", base_hash="b" * 64, base_round=0)
+
+    head, body = split_frame(frame)
+    assert body == step.encoded.body and head["tensors"] == step.encoded.specs
+    assert head["meta"]["model_hash"] == step.model_hash
 
 
 def test_pack_frame_refuses_a_header_naming_another_codec() -> None:
