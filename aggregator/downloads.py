@@ -65,7 +65,7 @@ def model_frame(
             },
         },
     )
-    return encode_frame(header, params)
+    return encode_frame(header, params).payload
 
 
 class GlobalDownloads:

@@ -266,9 +266,10 @@ class EdgeAgent:
             # Global models and deltas received since the previous update: measured downloads.
             meta={**local.meta, "download_bytes": self.sync.take_download_bytes()},
         )
-        payload = encode_frame(header, delta, rng=np.random.default_rng(ann.train.seed))
+        encoded = encode_frame(header, delta, rng=np.random.default_rng(ann.train.seed))
+        payload = encoded.payload
         if biased:
-            self.feedback.commit(delta, payload)
+            self.feedback.commit(delta, encoded.sent)
         log.info(
             "round %d: trained %d samples in %.2fs (loss %.4f), update %d bytes "
             "(%s, encoded in %.0f ms)",

@@ -89,9 +89,11 @@ class DeviceFeedback:
         """This round's delta plus everything earlier rounds did not send."""
         return self.ef.compensate(delta)
 
-    def commit(self, compensated: Mapping[str, np.ndarray], payload: bytes) -> None:
-        """Keep what ``payload`` (the encoded frame of ``compensated``) does not carry."""
-        sent = decode_frame(payload, max_bytes=len(payload)).tensors
+    def commit(self, compensated: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> None:
+        """Keep what the update did not carry.
+
+        ``sent`` is what encoding ``compensated`` sent (``EncodedFrame.sent``): no decode.
+        """
         self.ef.update(compensated, sent)
         self._save()
 

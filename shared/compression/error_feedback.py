@@ -64,7 +64,11 @@ class ErrorFeedback:
         }
 
     def update(self, compensated: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> None:
-        """Keep what the encoded update did not carry: ``compensated − decode(encode(...))``."""
+        """Keep what the encoded update did not carry: ``compensated − sent``.
+
+        ``sent`` is what the encoder says it sent (``EncodedFrame.sent``), which is exactly what
+        decoding the frame gives.
+        """
         self.residual = {
             n: (np.asarray(compensated[n], np.float32) - np.asarray(sent[n], np.float32)).astype(
                 np.float32

@@ -8,7 +8,7 @@ factorisation keeps far more of it per byte than keeping individual coordinates:
 / Fashion-MNIST a rank-3 update holds ≈ 97 % of a round-1 delta's energy in the bytes in which
 top-3 % holds ≈ 64 %. This is the uplink scheme of Konečný et al. (2016, "structured updates")
 and the compressor of PowerSGD (Vogels et al., 2019); like top-k it is biased, so the agent
-pairs it with error feedback (:mod:`edge_agent.error_feedback`).
+pairs it with error feedback (:mod:`shared.compression.error_feedback`).
 
 Per tensor, with ``m = shape[0]`` rows and ``n = numel / m`` columns (a conv kernel is a
 matrix of output channels × everything else):
@@ -49,7 +49,13 @@ from typing import Any
 
 import numpy as np
 
-from shared.compression.quantize import CodecError, Int8Codec, pack_nibbles, unpack_nibbles
+from shared.compression.quantize import (
+    CodecError,
+    EncodedTensor,
+    Int8Codec,
+    pack_nibbles,
+    unpack_nibbles,
+)
 
 NAME_RE = re.compile(r"lowrank:(?P<rank>[1-9][0-9]{0,3})(?:\+(?P<values>int8|int4))?")
 _LEVELS = {8: 127, 4: 7}
@@ -69,32 +75,29 @@ class LowRankCodec:
         self.bits = bits
 
     # --- encode ------------------------------------------------------------------------
-    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, Any], bytes]:
+    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
         """A tensor without a known shape: one row, so it is sent dense."""
         return self.encode_tensor(flat.reshape(1, -1), rng)
 
-    def encode_tensor(
-        self, arr: np.ndarray, rng: np.random.Generator
-    ) -> tuple[dict[str, Any], bytes]:
-        """Factorise ``arr`` (rows = first axis) when that is smaller, else send it dense."""
+    def encode_tensor(self, arr: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
+        """Factorise ``arr`` (rows = first axis) when that is smaller, else send it dense.
+
+        ``sent`` is flat, like every codec's.
+        """
         numel = int(arr.size)
         m = int(arr.shape[0]) if arr.ndim >= 2 else 1
         n = numel // m if m else 0
         k = min(self.rank, m, n)
         if arr.ndim < 2 or k < 1 or k * (m + n) >= m * n:
-            params, data = _DENSE.encode(arr.ravel().astype(np.float32), rng)
-            return {"rank": 0, **params}, data
+            return _dense(arr, rng)
         x = arr.reshape(m, n).astype(np.float64)
         try:
             return self._factorise(x, k, rng)
         except CodecError:  # factors beyond fp16 scales: values that large go dense
-            params, data = _DENSE.encode(arr.ravel().astype(np.float32), rng)
-            return {"rank": 0, **params}, data
+            return _dense(arr, rng)
 
-    def _factorise(
-        self, x: np.ndarray, k: int, rng: np.random.Generator
-    ) -> tuple[dict[str, Any], bytes]:
-        m = x.shape[0]
+    def _factorise(self, x: np.ndarray, k: int, rng: np.random.Generator) -> EncodedTensor:
+        m, n = x.shape
         p, q = _factors(x, k, rng)
         level = _LEVELS[self.bits]
         p_codes, p_scale = _quantise(p, level)
@@ -108,7 +111,11 @@ class LowRankCodec:
         codes = np.concatenate([p_codes.ravel(), q_codes.ravel()]).astype(np.int8)
         packed = pack_nibbles(codes) if self.bits == 4 else codes
         scales = np.concatenate([p_scale, q_scale]).astype("<f2")
-        return {"rank": k, "rows": m, "bits": self.bits}, scales.tobytes() + packed.tobytes()
+        return EncodedTensor(
+            {"rank": k, "rows": m, "bits": self.bits},
+            scales.tobytes() + packed.tobytes(),
+            _product(codes, scales, m, n, k),
+        )
 
     # --- sizes and decode --------------------------------------------------------------
     def encoded_size(self, numel: int, params: dict[str, Any]) -> int:
@@ -126,23 +133,38 @@ class LowRankCodec:
             return _DENSE.decode(buf, numel, _dense_params(params))
         if len(buf) != self.encoded_size(numel, params):
             raise CodecError(f"low-rank tensor is {len(buf)} bytes, params imply another size")
-        raw_scales = np.frombuffer(buf, dtype="<f2", count=2 * k)
-        if not np.isfinite(raw_scales).all() or (raw_scales < 0).any():
+        scales = np.frombuffer(buf, dtype="<f2", count=2 * k)
+        if not np.isfinite(scales).all() or (scales < 0).any():
             raise CodecError("low-rank factor scales must be finite and non-negative")
-        scales = raw_scales.astype(np.float64)
         ncodes = k * (m + n)
         raw = np.frombuffer(buf, dtype=np.int8, offset=4 * k)
         codes = unpack_nibbles(raw, ncodes) if bits == 4 else raw[:ncodes]
         level = _LEVELS[bits]
         if ncodes and int(np.abs(codes.astype(np.int16)).max()) > level:
             raise CodecError(f"low-rank factor code out of range ±{level}")
-        p = codes[: m * k].reshape(m, k) * scales[:k]
-        q = codes[m * k :].reshape(n, k) * scales[k:]
-        with np.errstate(over="ignore", invalid="ignore"):
-            out = (p @ q.T).astype(np.float32).ravel()
+        out = _product(codes, scales, m, n, k)
         if not np.isfinite(out).all():
             raise CodecError("low-rank tensor overflows on decode")
         return out
+
+
+def _dense(arr: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
+    """``arr`` with the dense int8 codec, marked rank 0."""
+    enc = _DENSE.encode(arr.ravel().astype(np.float32), rng)
+    return EncodedTensor({"rank": 0, **enc.params}, enc.data, enc.sent)
+
+
+def _product(codes: np.ndarray, scales: np.ndarray, m: int, n: int, k: int) -> np.ndarray:
+    """``P̂ Q̂ᵀ`` flattened to float32, from the int8 codes (P then Q) and the 2k fp16 scales.
+
+    Encoder and decoder both call this on arrays of the same dtypes and layout, so the
+    encoder's ``sent`` is bit-identical to the decoded tensor.
+    """
+    s = scales.astype(np.float64)
+    p = codes[: m * k].reshape(m, k) * s[:k]
+    q = codes[m * k :].reshape(n, k) * s[k:]
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (p @ q.T).astype(np.float32).ravel()
 
 
 def _factors(x: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -1,12 +1,18 @@
 """Per-tensor value codecs: how one flat fp32 array becomes bytes inside a frame.
 
-Each codec is pure: ``encode(flat, rng) -> (params, bytes)``, ``encoded_size(n, params)`` (so the
-frame decoder can check lengths before touching data) and ``decode(buf, n, params) -> flat``.
-``params`` are small JSON values stored in the frame header.
+Each codec is pure: ``encode(flat, rng) -> EncodedTensor`` (params, bytes, and the values the
+decoder will produce), ``encoded_size(n, params)`` (so the frame decoder can check lengths
+before touching data) and ``decode(buf, n, params) -> flat``. ``params`` are small JSON values
+stored in the frame header.
+
+An encoder computes what it sent from its own codes and scales, with the same helper the
+decoder uses (:func:`widen`, :func:`dequantise_blocks`), so ``sent`` is bit-identical to
+``decode(data, n, params)`` and nobody needs to decode their own bytes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,12 +22,21 @@ class CodecError(ValueError):
     """Encoding failed, or bytes/params are inconsistent with the codec."""
 
 
+@dataclass(frozen=True)
+class EncodedTensor:
+    """One tensor's encoding: what the header and the body carry, and what it decodes to."""
+
+    params: dict[str, Any]
+    data: bytes
+    sent: np.ndarray  # 1-D float32, bit-identical to decode(data, numel, params)
+
+
 class TensorCodec(Protocol):
     """What a value codec provides."""
 
     name: str
 
-    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, Any], bytes]:
+    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
         """Encode a 1-D float32 array."""
         ...
 
@@ -34,14 +49,33 @@ class TensorCodec(Protocol):
         ...
 
 
+def widen(raw: np.ndarray) -> np.ndarray:
+    """fp32 or fp16 codes as the float32 values every decoder returns (a copy)."""
+    return raw.astype(np.float32)
+
+
+def dequantise_blocks(codes: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    """Integer ``codes`` times the fp32 scale of their block of ``block`` values, as float32.
+
+    Overflow gives inf (no warning): the caller refuses non-finite results.
+    """
+    n, nblocks = codes.size, scale.size
+    padded = np.zeros(nblocks * block, dtype=np.float32)
+    padded[:n] = codes
+    with np.errstate(over="ignore"):
+        out = padded.reshape(nblocks, block) * np.asarray(scale, np.float32)[:, None]
+    return out.ravel()[:n]
+
+
 class Fp32Codec:
     """Lossless baseline: raw little-endian float32."""
 
     name = "fp32"
 
-    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, Any], bytes]:
+    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
         """Raw bytes."""
-        return {}, flat.astype("<f4").tobytes()
+        raw = flat.astype("<f4")
+        return EncodedTensor({}, raw.tobytes(), widen(raw))
 
     def encoded_size(self, numel: int, params: dict[str, Any]) -> int:
         """Four bytes per value."""
@@ -49,7 +83,7 @@ class Fp32Codec:
 
     def decode(self, buf: memoryview, numel: int, params: dict[str, Any]) -> np.ndarray:
         """Copy out of the body buffer."""
-        return np.frombuffer(buf, dtype="<f4", count=numel).astype(np.float32)
+        return widen(np.frombuffer(buf, dtype="<f4", count=numel))
 
 
 class Fp16Codec:
@@ -57,11 +91,12 @@ class Fp16Codec:
 
     name = "fp16"
 
-    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, Any], bytes]:
+    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
         """Cast to float16; refuse values that would overflow to inf."""
         if flat.size and float(np.abs(flat).max()) > 65504.0:
             raise CodecError("value exceeds the fp16 range (65504)")
-        return {}, flat.astype("<f2").tobytes()
+        half = flat.astype("<f2")
+        return EncodedTensor({}, half.tobytes(), widen(half))
 
     def encoded_size(self, numel: int, params: dict[str, Any]) -> int:
         """Two bytes per value."""
@@ -69,7 +104,7 @@ class Fp16Codec:
 
     def decode(self, buf: memoryview, numel: int, params: dict[str, Any]) -> np.ndarray:
         """Widen back to float32."""
-        return np.frombuffer(buf, dtype="<f2", count=numel).astype(np.float32)
+        return widen(np.frombuffer(buf, dtype="<f2", count=numel))
 
 
 class Int8Codec:
@@ -84,7 +119,7 @@ class Int8Codec:
     def __init__(self, block: int = 256) -> None:
         self.block = block
 
-    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, Any], bytes]:
+    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
         """Scales (fp32, one per block) followed by the int8 values."""
         n, b = flat.size, self.block
         nblocks = -(-n // b)
@@ -96,7 +131,10 @@ class Int8Codec:
         scaled = blocks / safe[:, None]
         q = np.floor(scaled + rng.random(scaled.shape, dtype=np.float32))
         q = np.clip(q, -127, 127).astype(np.int8).ravel()[:n]
-        return {"block": b}, scale.astype("<f4").tobytes() + q.tobytes()
+        scale = scale.astype("<f4")
+        return EncodedTensor(
+            {"block": b}, scale.tobytes() + q.tobytes(), dequantise_blocks(q, scale, b)
+        )
 
     def encoded_size(self, numel: int, params: dict[str, Any]) -> int:
         """4 bytes per block scale + 1 byte per value."""
@@ -111,9 +149,7 @@ class Int8Codec:
         if not np.isfinite(scale).all() or (scale < 0).any():
             raise CodecError("int8 block scales must be finite and non-negative")
         q = np.frombuffer(buf, dtype=np.int8, count=numel, offset=4 * nblocks)
-        out = np.zeros(nblocks * b, dtype=np.float32)
-        out[:numel] = q
-        return (out.reshape(nblocks, b) * scale[:, None].astype(np.float32)).ravel()[:numel]
+        return dequantise_blocks(q, scale, b)
 
 
 def _block(params: dict[str, Any]) -> int:

@@ -31,7 +31,8 @@ Per-tensor layout: ``values | unary index stream | remainder stream``
 (see :mod:`shared.compression.rice`).
 Quantised values use blockwise symmetric scales and *nearest* rounding: the top-k codec is
 biased anyway (it drops mass), which the agent's error feedback
-(:mod:`edge_agent.error_feedback`) returns in later rounds; nearest rounding halves the error.
+(:mod:`shared.compression.error_feedback`) returns in later rounds; nearest rounding halves
+the error.
 
 Error bounds (per kept value): fp32 exact; fp16 relative 2⁻¹¹; int8 ≤ scale/2 with
 scale = max|block|/127; int4 ≤ scale/2 with scale = max|block|/7; sign: decodes to
@@ -50,7 +51,14 @@ from typing import Any
 import numpy as np
 
 from shared.compression import rice
-from shared.compression.quantize import CodecError, pack_nibbles, unpack_nibbles
+from shared.compression.quantize import (
+    CodecError,
+    EncodedTensor,
+    dequantise_blocks,
+    pack_nibbles,
+    unpack_nibbles,
+    widen,
+)
 
 DEFAULT_BLOCK = 256
 _NAME_RE = re.compile(
@@ -107,7 +115,7 @@ class TopKCodec:
         return min(numel, max(1, self.floor, math.ceil(self.density * numel))) if numel else 0
 
     # --- encode ------------------------------------------------------------------------
-    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, Any], bytes]:
+    def encode(self, flat: np.ndarray, rng: np.random.Generator) -> EncodedTensor:
         """Select, sort and encode the k largest-magnitude values."""
         n = flat.size
         k = self.k_for(n)
@@ -115,17 +123,20 @@ class TopKCodec:
         idx = idx.astype(np.int64)
         b = rice.choose_rice_bits(n, k)
         ubits, unary, rem = rice.encode_indices(idx, b)
-        vparams, vbytes = self._encode_values(flat[idx].astype(np.float32))
+        vparams, vbytes, values = self._encode_values(flat[idx].astype(np.float32))
         params: dict[str, Any] = {"k": k, "rice": b, "ubits": ubits, **vparams}
-        return params, vbytes + unary + rem
+        return EncodedTensor(params, vbytes + unary + rem, _scatter(idx, values, n))
 
-    def _encode_values(self, v: np.ndarray) -> tuple[dict[str, Any], bytes]:
+    def _encode_values(self, v: np.ndarray) -> tuple[dict[str, Any], bytes, np.ndarray]:
+        """(params, bytes, the values they decode to) of the kept values ``v``."""
         if self.values == "fp32":
-            return {}, v.astype("<f4").tobytes()
+            raw = v.astype("<f4")
+            return {}, raw.tobytes(), widen(raw)
         if self.values == "fp16":
             if v.size and float(np.abs(v).max()) > 65504.0:
                 raise CodecError("value exceeds the fp16 range (65504)")
-            return {}, v.astype("<f2").tobytes()
+            half = v.astype("<f2")
+            return {}, half.tobytes(), widen(half)
         b = self.block
         nblocks = -(-v.size // b)
         padded = np.zeros(nblocks * b, dtype=np.float32)
@@ -134,16 +145,17 @@ class TopKCodec:
         if self.values == "sign":
             counts = np.minimum(b, v.size - b * np.arange(nblocks)).astype(np.float64)
             mean = (np.abs(blocks).astype(np.float64).sum(axis=1) / counts).astype("<f4")
-            signs = np.packbits((v < 0).astype(np.uint8))
-            return {"block": b}, mean.tobytes() + signs.tobytes()
+            negative = v < 0
+            signs = np.packbits(negative.astype(np.uint8))
+            return {"block": b}, mean.tobytes() + signs.tobytes(), _signed(negative, mean, b)
         levels = _LEVELS[self.values]
-        scale = (np.abs(blocks).max(axis=1) / levels).astype(np.float32)
+        scale = (np.abs(blocks).max(axis=1) / levels).astype("<f4")
         safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
         q = np.clip(np.rint(blocks / safe[:, None]), -levels, levels).astype(np.int8)
         q = q.ravel()[: v.size]
-        if self.values == "int4":
-            q = pack_nibbles(q)
-        return {"block": b}, scale.astype("<f4").tobytes() + q.tobytes()
+        codes = pack_nibbles(q) if self.values == "int4" else q
+        values = dequantise_blocks(q, scale, b)
+        return {"block": b}, scale.tobytes() + codes.tobytes(), values
 
     # --- sizes and decode --------------------------------------------------------------
     def _value_size(self, k: int, params: dict[str, Any]) -> int:
@@ -174,14 +186,11 @@ class TopKCodec:
         idx = rice.decode_indices(
             buf[vsize : vsize + usize], buf[vsize + usize :], k, ubits, b, numel
         )
-        out = np.zeros(numel, dtype=np.float32)
-        out[idx] = values
-        return out
+        return _scatter(idx, values, numel)
 
     def _decode_values(self, buf: memoryview, k: int, params: dict[str, Any]) -> np.ndarray:
         if self.values in ("fp32", "fp16"):
-            v = np.frombuffer(buf, dtype="<f4" if self.values == "fp32" else "<f2", count=k)
-            v = v.astype(np.float32)
+            v = widen(np.frombuffer(buf, dtype="<f4" if self.values == "fp32" else "<f2", count=k))
             if not np.isfinite(v).all():
                 raise CodecError("top-k values must be finite")
             return v
@@ -197,21 +206,30 @@ class TopKCodec:
         levels = _LEVELS[self.values]
         if q.size and int(np.abs(q.astype(np.int16)).max()) > levels:
             raise CodecError(f"quantised top-k value out of range ±{levels}")
-        padded = np.zeros(nblocks * b, dtype=np.float32)
-        padded[:k] = q
-        with np.errstate(over="ignore"):
-            v = (padded.reshape(nblocks, b) * scale[:, None]).ravel()[:k]
+        v = dequantise_blocks(q, scale, b)
         if not np.isfinite(v).all():
             raise CodecError("top-k values overflow on decode")
         return v
+
+
+def _scatter(idx: np.ndarray, values: np.ndarray, numel: int) -> np.ndarray:
+    """The dense tensor: ``values`` at ``idx``, zeros elsewhere."""
+    out = np.zeros(numel, dtype=np.float32)
+    out[idx] = values
+    return out
+
+
+def _signed(negative: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
+    """Each kept value as ±(its block's mean magnitude): what a sign stream decodes to."""
+    mags = np.repeat(scale.astype(np.float32), block)[: negative.size]
+    return np.where(negative, -mags, mags).astype(np.float32)
 
 
 def _decode_signs(buf: memoryview, k: int, scale: np.ndarray, block: int) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8))
     if bits[k:].any():
         raise CodecError("sign stream has non-zero padding")
-    mags = np.repeat(scale.astype(np.float32), block)[:k]
-    return np.where(bits[:k] == 1, -mags, mags).astype(np.float32)
+    return _signed(bits[:k] == 1, scale, block)
 
 
 def _int_param(params: dict[str, Any], key: str, lo: int, hi: int) -> int:

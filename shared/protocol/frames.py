@@ -6,10 +6,11 @@ Frame layout (little endian)::
 
 Version 1 (``MAGIC``): the header is UTF-8 JSON. Version 3 (``MAGIC_COMPACT``, written for
 sparse codecs, whose frames are so small that the JSON header would be half of them): the
-header is zstd(UTF-8 JSON) with a fixed built-in dictionary (``_HEADER_DICT_TEXT``), one
-complete zstd frame with its declared size (≤ ``MAX_HEADER_BYTES``) and checksum. Both
-versions are always decoded; dense codecs keep writing version 1, so devices that only know
-version 1 keep working with them. (Version 2 was never used and stays rejected.)
+header is zstd(UTF-8 JSON) with a fixed built-in dictionary
+(:mod:`shared.protocol.header_dict`), one complete zstd frame with its declared size
+(≤ ``MAX_HEADER_BYTES``) and checksum. Both versions are always decoded; dense codecs keep
+writing version 1, so devices that only know version 1 keep working with them. (Version 2
+was never used and stays rejected.)
 
 The JSON header names the frame kind, federation, round, client, base-model hash, codec,
 sample count and every tensor (name, shape, codec parameters), so a frame can be decoded and
@@ -17,6 +18,11 @@ checked without any other context. The body is the concatenation of each tensor'
 bytes, compressed with zstd (with its content checksum). Nothing here executes payload data:
 no pickle, no ``torch.load``. Decoding validates every length, shape and value and raises
 :class:`FrameError` with a reason; the caller turns that into a receipt.
+
+Encoding returns what the frame sends (:class:`EncodedFrame`), computed by the value codecs
+from their own codes, bit-identical to what decoding the frame gives: the sender never needs
+to decode its own frame. :func:`encode_tensors` and :func:`pack_frame` are the two halves, for
+a sender that learns part of the header (a model hash) only from the encoded tensors.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from shared.compression.lowrank import LowRankCodec
 from shared.compression.quantize import CodecError, TensorCodec
 from shared.compression.registry import BIASED_CODECS, resolve_codec
 from shared.compression.topk import TopKCodec
+from shared.protocol.header_dict import HEADER_DICT
 
 MAGIC = b"FMQ\x01"
 MAGIC_COMPACT = b"FMQ\x03"
@@ -46,43 +53,6 @@ MAX_TENSORS = 4096
 MAX_ELEMENTS = 1 << 28  # 1 GiB of fp32: far above any model a Pi trains
 DEFAULT_MAX_FRAME_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_RAW_BYTES = 1024 * 1024 * 1024
-# Version-3 headers are zstd-compressed against this fixed raw-content dictionary: the skeleton
-# of a typical update header (keys, codec, the tensor table of the built-in models), so a
-# ~1.2 kB LeNet header costs ~200 bytes instead of ~420 with plain zstd. It is part of the
-# frame format: never edit it (a different dictionary needs a new version byte).
-_HEADER_DICT_TEXT = (
-    '{"kind":"update","federation":"demo","round":1,"client_id":"agent-0",'
-    '"base_hash":"","codec":"topk1:0.02@warmup2","num_samples":1,"meta":{"train_loss":0.,'
-    '"train_time_s":1.,"steps":1,"val_accuracy":0.,"val_loss":0.,"val_samples":1},'
-    '"raw_len":1,"tensors":['
-    '{"name":"1.weight","shape":[200,784],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"1.bias","shape":[200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.weight","shape":[200,200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.bias","shape":[200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"5.weight","shape":[10,200],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"5.bias","shape":[10],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"0.weight","shape":[32,1,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"0.bias","shape":[32],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.weight","shape":[64,32,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.bias","shape":[64],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"7.weight","shape":[512,3136],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"7.bias","shape":[512],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"9.weight","shape":[10,512],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"9.bias","shape":[10],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"0.weight","shape":[6,1,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"0.bias","shape":[6],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.weight","shape":[16,6,5,5],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"3.bias","shape":[16],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"7.weight","shape":[120,400],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"7.bias","shape":[120],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"9.weight","shape":[84,120],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"9.bias","shape":[84],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"11.weight","shape":[10,84],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-    '{"name":"11.bias","shape":[10],"params":{"k":1,"rice":5,"ubits":1,"block":256}},'
-)
-_HEADER_DICT = zstandard.ZstdCompressionDict(
-    _HEADER_DICT_TEXT.encode(), dict_type=zstandard.DICT_TYPE_RAWCONTENT
-)
 _TENSOR_NAME_RE = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
 _KINDS = ("update", "model", "global_delta")
 
@@ -127,28 +97,61 @@ def tensors_hash(tensors: Mapping[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class EncodedTensors:
+    """Tensors encoded with one codec, not yet framed: the header's tensor table, the body,
+    and ``sent``, what :func:`decode_frame` will return for them (bit for bit)."""
+
+    codec: str
+    specs: list[dict[str, Any]]
+    body: bytes
+    sent: Tensors
+
+
+@dataclass(frozen=True)
+class EncodedFrame:
+    """A frame and the tensors it carries (exactly what decoding ``payload`` gives)."""
+
+    payload: bytes
+    sent: Tensors
+
+
 def encode_frame(
     header: FrameHeader,
     tensors: Mapping[str, np.ndarray],
     rng: np.random.Generator | None = None,
     level: int = 3,
     compact: bool | None = None,
-) -> bytes:
-    """Encode ``tensors`` with ``header.codec`` into one frame.
+) -> EncodedFrame:
+    """Encode ``tensors`` with ``header.codec`` into one frame; also what it sends.
 
     ``compact`` (default: for sparse codecs) writes a version-3 frame, zstd-compressed header.
     A codec with a density schedule encodes with the density of ``header.round``.
     """
-    codec = _codec(header.codec, FrameError)
-    if compact is None:
-        compact = isinstance(codec, BIASED_CODECS)
-    if isinstance(codec, TopKCodec):
-        codec = codec.at_round(header.round)
+    encoded = encode_tensors(tensors, codec=header.codec, round_id=header.round, rng=rng)
+    return EncodedFrame(pack_frame(header, encoded, level=level, compact=compact), encoded.sent)
+
+
+def encode_tensors(
+    tensors: Mapping[str, np.ndarray],
+    *,
+    codec: str,
+    round_id: int,
+    rng: np.random.Generator | None = None,
+) -> EncodedTensors:
+    """Encode ``tensors`` with ``codec`` (at the density of ``round_id``), ready to be framed.
+
+    Raises FrameError for a bad name, a non-finite value, or a value the codec cannot carry.
+    """
+    value_codec = _codec(codec, FrameError)
+    if isinstance(value_codec, TopKCodec):
+        value_codec = value_codec.at_round(round_id)
     if not 0 < len(tensors) <= MAX_TENSORS:
         raise FrameError(f"a frame holds 1 to {MAX_TENSORS} tensors, got {len(tensors)}")
     rng = rng if rng is not None else np.random.default_rng()
     specs: list[dict[str, Any]] = []
     parts: list[bytes] = []
+    sent: Tensors = {}
     for name, value in tensors.items():
         arr = np.asarray(value, dtype=np.float32)
         if not _TENSOR_NAME_RE.fullmatch(name):
@@ -156,15 +159,32 @@ def encode_frame(
         if not np.isfinite(arr).all():
             raise FrameError(f"tensor {name!r} has non-finite values")
         try:
-            if isinstance(codec, LowRankCodec):  # needs the matrix shape, not a flat array
-                params, data = codec.encode_tensor(arr, rng)
+            if isinstance(value_codec, LowRankCodec):  # needs the matrix shape, not a flat array
+                enc = value_codec.encode_tensor(arr, rng)
             else:
-                params, data = codec.encode(arr.ravel(), rng)
+                enc = value_codec.encode(arr.ravel(), rng)
         except CodecError as exc:
             raise FrameError(f"tensor {name!r}: {exc}") from exc
-        specs.append({"name": name, "shape": list(arr.shape), "params": params})
-        parts.append(data)
-    body = b"".join(parts)
+        if not np.isfinite(enc.sent).all():  # the decoder would refuse the frame
+            raise FrameError(f"tensor {name!r} would decode to non-finite values")
+        specs.append({"name": name, "shape": list(arr.shape), "params": enc.params})
+        parts.append(enc.data)
+        sent[name] = enc.sent.reshape(arr.shape)
+    return EncodedTensors(codec, specs, b"".join(parts), sent)
+
+
+def pack_frame(
+    header: FrameHeader, encoded: EncodedTensors, *, level: int = 3, compact: bool | None = None
+) -> bytes:
+    """The frame of ``encoded`` under ``header`` (whose codec must be the one that encoded it).
+
+    ``compact`` (default: for sparse codecs) writes a version-3 frame, zstd-compressed header.
+    """
+    if header.codec != encoded.codec:
+        raise FrameError(f"header names codec {header.codec!r}, tensors are {encoded.codec!r}")
+    if compact is None:
+        compact = isinstance(_codec(header.codec, FrameError), BIASED_CODECS)
+    body = encoded.body
     head = {
         "kind": header.kind,
         "federation": header.federation,
@@ -175,7 +195,7 @@ def encode_frame(
         "num_samples": header.num_samples,
         "meta": header.meta,
         "raw_len": len(body),
-        "tensors": specs,
+        "tensors": encoded.specs,
     }
     head_bytes = json.dumps(head, separators=(",", ":")).encode()
     if compact and len(body) <= 1 << 22:
@@ -185,7 +205,7 @@ def encode_frame(
     magic = MAGIC
     if compact:
         zh = zstandard.ZstdCompressor(
-            level=19, dict_data=_HEADER_DICT, write_checksum=True, write_dict_id=False
+            level=19, dict_data=HEADER_DICT, write_checksum=True, write_dict_id=False
         )
         magic, head_bytes = MAGIC_COMPACT, zh.compress(head_bytes)
     return magic + _HEADER_LEN.pack(len(head_bytes)) + head_bytes + compressed
@@ -334,7 +354,7 @@ def _inflate_header(data: bytes) -> bytes:
         raise FrameError(f"compressed header is not a zstd frame: {exc}") from exc
     if not 0 < declared <= MAX_HEADER_BYTES:
         raise FrameError(f"compressed header declares {declared} bytes")
-    dobj = zstandard.ZstdDecompressor(dict_data=_HEADER_DICT).decompressobj()
+    dobj = zstandard.ZstdDecompressor(dict_data=HEADER_DICT).decompressobj()
     try:
         raw = dobj.decompress(data)
     except zstandard.ZstdError as exc:

@@ -5,15 +5,17 @@ new global model with the one function :func:`apply_delta`, from the same decode
 all of them hold bit-identical parameters, and the same
 :func:`~shared.protocol.frames.tensors_hash`.
 
-The aggregator's step keeps *server-side error feedback*: what quantization dropped from one
-round's step is carried to the next one instead of being lost::
+The aggregator's step keeps *server-side error feedback*
+(:class:`~shared.compression.error_feedback.ErrorFeedback`, the agents' implementation): what
+quantization dropped from one round's step is carried to the next one instead of being lost::
 
     u          = target − old + residual        (target: old + the round's FedAvg step)
-    q          = decode(encode(u))              (int8: stochastic rounding, seeded per round)
+    q          = what encode(u) sends           (int8: stochastic rounding, seeded per round)
     published  = apply_delta(old, q)            (the new global model everyone holds)
     residual'  = u − q
 
-so ``published + residual' == target + residual`` up to fp32 rounding. The frame
+so ``published + residual' == target + residual`` up to fp32 rounding. The step is encoded
+once; ``q`` is what the encoder says it sent (bit-identical to decoding it). The frame
 (kind ``global_delta``) names the round of ``published``, the hash of ``old`` as its base, and
 in its meta the hash of ``published``, the base round and the same Ed25519 signature as the
 full model of that round (over federation, round and ``published``'s hash).
@@ -26,7 +28,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.protocol.frames import FrameError, FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.compression.error_feedback import ErrorFeedback
+from shared.protocol.frames import (
+    EncodedTensors,
+    FrameError,
+    FrameHeader,
+    encode_tensors,
+    pack_frame,
+    tensors_hash,
+)
 
 Tensors = dict[str, np.ndarray]
 
@@ -78,13 +88,17 @@ class ServerStep:
 
     base: Tensors  # the previous published model
     update: Tensors  # u = target − base + residual, the values quantized
-    q: Tensors  # decode(encode(u)): the step agents apply
+    encoded: EncodedTensors  # u, encoded once; its ``sent`` is q
     published: Tensors  # apply_delta(base, q)
     residual: Tensors  # u − q, carried into the next round
     model_hash: str  # tensors_hash(published)
     codec: str
-    seed: int
     round_id: int
+
+    @property
+    def q(self) -> Tensors:
+        """The step agents apply: what the encoded frame carries."""
+        return self.encoded.sent
 
 
 def server_step(
@@ -102,25 +116,21 @@ def server_step(
     _same_layout("target", target, old)
     if residual is not None:
         _same_layout("residual", residual, old)
-    update: Tensors = {}
-    for name, b in old.items():
-        u = np.subtract(target[name], b, dtype=np.float32)
-        if residual is not None:
-            u += np.asarray(residual[name], dtype=np.float32)
-        update[name] = u
-    header = _header(codec, round_id)
-    q = decode_frame(encode_frame(header, update, rng=step_rng(seed, round_id))).tensors
-    published = apply_delta(old, q)
-    new_residual = {n: np.subtract(update[n], q[n], dtype=np.float32) for n in update}
+    ef = ErrorFeedback(
+        None if residual is None else {n: np.asarray(v, np.float32) for n, v in residual.items()}
+    )
+    update = ef.compensate({n: np.subtract(target[n], b, dtype=np.float32) for n, b in old.items()})
+    encoded = encode_tensors(update, codec=codec, round_id=round_id, rng=step_rng(seed, round_id))
+    published = apply_delta(old, encoded.sent)
+    ef.update(update, encoded.sent)
     return ServerStep(
         base=dict(old),
         update=update,
-        q=q,
+        encoded=encoded,
         published=published,
-        residual=new_residual,
+        residual=ef.residual,
         model_hash=tensors_hash(published),
         codec=codec,
-        seed=seed,
         round_id=round_id,
     )
 
@@ -130,44 +140,26 @@ def delta_frame(
 ) -> bytes:
     """The ``global_delta`` frame of ``step``, verified to reproduce ``step.model_hash``.
 
-    The hash must be in the header before the body is encoded, so the body is encoded a
-    second time with the identically seeded stream, then decoded and applied again: a frame
-    that would not give agents exactly ``step.published`` raises DeltaError.
+    The body is the step :func:`server_step` encoded; only the header (with the model hash)
+    is new. What the body carries is ``step.q`` (the codecs guarantee decoding gives exactly
+    what they sent), so applying ``q`` to the base checks the frame without decoding it: a
+    step whose frame would not give agents the model of ``step.model_hash`` raises DeltaError.
     """
-    header = _header(
-        step.codec,
-        step.round_id,
-        federation=federation,
-        base_hash=base_hash,
-        meta={"model_hash": step.model_hash, "base_round": base_round, "signature": signature},
-    )
-    payload = encode_frame(header, step.update, rng=step_rng(step.seed, step.round_id))
-    again = decode_frame(payload, expect_shapes={n: v.shape for n, v in step.base.items()})
-    got = tensors_hash(apply_delta(step.base, again.tensors))
+    got = tensors_hash(apply_delta(step.base, step.q))
     if got != step.model_hash:
         raise DeltaError(
             f"round {step.round_id}: the encoded delta gives model {got[:12]}, "
             f"not {step.model_hash[:12]}"
         )
-    return payload
-
-
-def _header(
-    codec: str,
-    round_id: int,
-    *,
-    federation: str = "",
-    base_hash: str = "",
-    meta: dict[str, object] | None = None,
-) -> FrameHeader:
-    return FrameHeader(
+    header = FrameHeader(
         kind=DELTA_KIND,
         federation=federation,
-        round=round_id,
-        codec=codec,
+        round=step.round_id,
+        codec=step.codec,
         base_hash=base_hash,
-        meta=dict(meta or {}),
+        meta={"model_hash": step.model_hash, "base_round": base_round, "signature": signature},
     )
+    return pack_frame(header, step.encoded)
 
 
 def _same_layout(

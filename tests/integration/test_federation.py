@@ -119,7 +119,7 @@ def test_malformed_updates_get_receipts_and_round_completes(
                 num_samples=5,
             ),
             {"w": np.zeros(3, np.float32)},
-        )
+        ).payload
         intruder.publish(T.update(1, "intruder"), foreign, qos=1)
         receipts = [
             json.loads(_next_on(inbox, T.receipt(1, "intruder"), 30).payload) for _ in range(2)

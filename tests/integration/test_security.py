@@ -253,7 +253,7 @@ def _forged_models(genuine: bytes) -> tuple[bytes, bytes]:
             "meta": {**frame.header.meta, "model_hash": tensors_hash(weights)},
         }
     )
-    return encode_frame(unsigned, weights), encode_frame(tampered, weights)
+    return encode_frame(unsigned, weights).payload, encode_frame(tampered, weights).payload
 
 
 def _start_signed_federation(
@@ -335,7 +335,7 @@ def _forged_deltas(genuine0: bytes) -> tuple[bytes, bytes]:
             base_hash=model0.header.meta["model_hash"],
             meta={"model_hash": forged_hash, "base_round": 0, "signature": signature},
         )
-        return encode_frame(head, step)
+        return encode_frame(head, step).payload
 
     return delta(50, ""), delta(60, model0.header.meta["signature"])
 

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from shared.protocol.frames import _HEADER_DICT as HEADER_DICT
 from shared.protocol.frames import MAGIC, MAGIC_COMPACT, FrameHeader
+from shared.protocol.header_dict import HEADER_DICT
 
 
 def update_header(codec: str) -> FrameHeader:

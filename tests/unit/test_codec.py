@@ -69,7 +69,7 @@ def _sample_tensors(seed: int = 0) -> dict[str, np.ndarray]:
 
 def _encode(codec: str = "fp32", tensors: dict[str, np.ndarray] | None = None) -> bytes:
     tensors = _sample_tensors() if tensors is None else tensors
-    return encode_frame(_header(codec), tensors, rng=np.random.default_rng(0))
+    return encode_frame(_header(codec), tensors, rng=np.random.default_rng(0)).payload
 
 
 def _split(frame: bytes) -> tuple[dict[str, Any], bytes]:
@@ -117,7 +117,7 @@ def _int8_scales(flat: np.ndarray, block: int) -> np.ndarray:
 @FAST
 @given(tensors=tensor_dicts)
 def test_fp32_round_trip_is_exact(tensors: dict[str, np.ndarray]) -> None:
-    frame = encode_frame(_header("fp32"), tensors)
+    frame = encode_frame(_header("fp32"), tensors).payload
 
     out = decode_frame(frame).tensors
 
@@ -131,7 +131,7 @@ def test_fp32_round_trip_is_exact(tensors: dict[str, np.ndarray]) -> None:
 @FAST
 @given(tensors=tensor_dicts)
 def test_fp16_round_trip_is_within_half_precision_bound(tensors: dict[str, np.ndarray]) -> None:
-    frame = encode_frame(_header("fp16"), tensors)
+    frame = encode_frame(_header("fp16"), tensors).payload
 
     out = decode_frame(frame).tensors
 
@@ -151,7 +151,7 @@ def test_int8_round_trip_error_is_below_block_scale(
 ) -> None:
     codec = CODECS["int8"]
     assert isinstance(codec, Int8Codec)
-    frame = encode_frame(_header("int8"), tensors, rng=np.random.default_rng(seed))
+    frame = encode_frame(_header("int8"), tensors, rng=np.random.default_rng(seed)).payload
 
     out = decode_frame(frame).tensors
 
@@ -171,7 +171,7 @@ def test_every_codec_preserves_shape_including_scalars_and_empty(
 ) -> None:
     value = np.full(shape, 0.5, dtype=np.float32)
 
-    out = decode_frame(encode_frame(_header(codec), {"t": value})).tensors["t"]
+    out = decode_frame(encode_frame(_header(codec), {"t": value}).payload).tensors["t"]
 
     assert out.shape == shape
     assert out.dtype == np.float32
@@ -189,7 +189,7 @@ def test_int8_stochastic_rounding_is_unbiased() -> None:
 
     total = np.zeros(block, dtype=np.float64)
     for _ in range(n):
-        frame = encode_frame(_header("int8"), {"t": tensor}, rng=rng)
+        frame = encode_frame(_header("int8"), {"t": tensor}, rng=rng).payload
         total += decode_frame(frame).tensors["t"]
     mean = total / n
 
@@ -200,8 +200,8 @@ def test_int8_stochastic_rounding_is_unbiased() -> None:
 def test_int8_is_deterministic_for_a_given_rng_seed() -> None:
     tensors = _sample_tensors()
 
-    a = encode_frame(_header("int8"), tensors, rng=np.random.default_rng(5))
-    b = encode_frame(_header("int8"), tensors, rng=np.random.default_rng(5))
+    a = encode_frame(_header("int8"), tensors, rng=np.random.default_rng(5)).payload
+    b = encode_frame(_header("int8"), tensors, rng=np.random.default_rng(5)).payload
 
     assert a == b
 
@@ -217,10 +217,10 @@ def test_header_fields_survive_round_trip(codec: str) -> None:
         meta={"train_loss": 0.25, "val_samples": 60, "note": "ok"},
     )
 
-    frame = decode_frame(encode_frame(header, _sample_tensors()))
+    frame = decode_frame(encode_frame(header, _sample_tensors()).payload)
 
     assert frame.header == header
-    assert read_header(encode_frame(header, _sample_tensors())) == header
+    assert read_header(encode_frame(header, _sample_tensors()).payload) == header
 
 
 def test_decoded_frame_reports_its_size() -> None:
@@ -235,8 +235,8 @@ def test_decoded_frame_reports_its_size() -> None:
 def test_int8_frame_of_lenet_sized_delta_is_under_30_percent_of_fp32() -> None:
     delta = np.random.default_rng(0).normal(0, 0.01, size=61_706).astype(np.float32)
 
-    fp32 = encode_frame(_header("fp32"), {"delta": delta})
-    int8 = encode_frame(_header("int8"), {"delta": delta}, rng=np.random.default_rng(0))
+    fp32 = encode_frame(_header("fp32"), {"delta": delta}).payload
+    int8 = encode_frame(_header("int8"), {"delta": delta}, rng=np.random.default_rng(0)).payload
 
     assert len(int8) < 0.30 * len(fp32)
 
@@ -327,7 +327,7 @@ def test_every_truncation_of_a_valid_frame_raises_frame_error(codec: str) -> Non
 def test_truncated_generated_frame_raises_frame_error(
     codec: str, tensors: dict[str, np.ndarray], data: st.DataObject
 ) -> None:
-    payload = encode_frame(_header(codec), tensors)
+    payload = encode_frame(_header(codec), tensors).payload
     cut = data.draw(st.integers(0, len(payload) - 1))
 
     with pytest.raises(FrameError):
@@ -678,7 +678,7 @@ def test_zstd_header_declaring_huge_content_size_raises_frame_error() -> None:
 
 def test_encode_frame_of_no_tensors_is_rejected_or_round_trips() -> None:
     try:
-        payload = encode_frame(_header("fp32"), {})
+        payload = encode_frame(_header("fp32"), {}).payload
     except FrameError:
         return
 
@@ -704,7 +704,7 @@ def test_encode_rejects_fp16_overflow(value: float) -> None:
 
 
 def test_encode_accepts_largest_fp16_value() -> None:
-    payload = encode_frame(_header("fp16"), {"t": np.array([65504.0], dtype=np.float32)})
+    payload = encode_frame(_header("fp16"), {"t": np.array([65504.0], dtype=np.float32)}).payload
 
     assert decode_frame(payload).tensors["t"].tolist() == [65504.0]
 

@@ -33,7 +33,7 @@ def _update(round_id: int, client: str = "pi-0", fed: str = "f", base: str = "a"
         base_hash=base,
         num_samples=10,
     )
-    return encode_frame(head, PARAMS)
+    return encode_frame(head, PARAMS).payload
 
 
 # --- outbox ------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -146,6 +147,52 @@ def test_the_step_is_deterministic_per_seed_and_round() -> None:
     assert a.model_hash == b.model_hash and _frame(a) == _frame(b)
     assert c.model_hash != a.model_hash  # another round: another rounding stream
     assert step_rng(4, 2).random() == step_rng(4, 2).random()
+
+
+def _five_rounds(codec: str) -> list[tuple[str, str, str]]:
+    """(published hash, residual hash, delta-frame digest) of five rounds with a residual."""
+    rng = np.random.default_rng(11)
+    old, residual, out = _model(), None, []
+    for r in range(1, 6):
+        # float64 targets: the cast to fp32 inside the step is pinned too.
+        target = {n: v + rng.laplace(0, 1e-3, v.shape) for n, v in old.items()}
+        step = server_step(old, target, residual, codec=codec, seed=9, round_id=r)
+        digest = hashlib.sha256(_frame(step)).hexdigest()
+        out.append((step.model_hash[:16], tensors_hash(step.residual)[:16], digest[:16]))
+        old, residual = step.published, step.residual
+    return out
+
+
+# Computed with server_step / delta_frame as they were before the step used ErrorFeedback and
+# was encoded only once (commit af4a3d9): the demo's published models must not change.
+PINNED_ROUNDS: dict[str, list[tuple[str, str, str]]] = {
+    "int8": [
+        ("c8d6f39e764dd2e9", "2ad6d959ec6a1b66", "70134d4fddecdf29"),
+        ("43a41341622e75e7", "c104a290799817e8", "36db34e691e77346"),
+        ("6a6975a3918284cd", "82edd5a6cba4f10c", "34f5478e1ec10feb"),
+        ("428532d2ffa2e0ae", "9f9c295705e2bd98", "ccd358b522960d50"),
+        ("6fc738a32b07e825", "e20e8e5bdceff0c2", "7153236d60887894"),
+    ],
+    "fp16": [
+        ("f78cd83984e3cbe7", "430524d9a7079d87", "454389935a0bfd02"),
+        ("f0f4c26e203e934a", "9852016b68f6a6d8", "8cf37cdef930cfb6"),
+        ("4cf4e144d118ce05", "eb5971d91d683ea4", "863649121a0e4b75"),
+        ("d4e9f45a229ea682", "c44740165f20d7c9", "590575825beb7557"),
+        ("b8c837497d96884e", "19e702ec745bd750", "9df5c29dc5d192d9"),
+    ],
+    "fp32": [
+        ("2530b01293bf3949", "9d1e9fa06e76fe20", "2f8f079bfd3c8f62"),
+        ("78b3bef4132dc538", "9d1e9fa06e76fe20", "8425939e4f3f312a"),
+        ("bfd32453100ce214", "9d1e9fa06e76fe20", "85f132fab06b7715"),
+        ("9323d6a6350f3dfd", "9d1e9fa06e76fe20", "8d27b209d3667229"),
+        ("ea312fe99277fe52", "9d1e9fa06e76fe20", "4e101a0f813f22b1"),
+    ],
+}
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp16", "fp32"])
+def test_server_steps_with_a_residual_publish_the_same_models_as_before(codec: str) -> None:
+    assert _five_rounds(codec) == PINNED_ROUNDS[codec]
 
 
 LENET = {

@@ -65,7 +65,7 @@ def _update(
         FrameHeader(**fields),
         _delta() if tensors is None else tensors,
         rng=np.random.default_rng(0),
-    )
+    ).payload
 
 
 def _sum_snapshot(intake: UpdateIntake) -> dict[str, np.ndarray]:

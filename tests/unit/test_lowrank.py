@@ -38,7 +38,8 @@ def _bound(x: np.ndarray, k: int, level: int) -> float:
 
 
 def _round_trip(codec: LowRankCodec, x: np.ndarray) -> tuple[dict[str, Any], np.ndarray]:
-    params, data = codec.encode_tensor(x, np.random.default_rng(0))
+    enc = codec.encode_tensor(x, np.random.default_rng(0))
+    params, data = enc.params, enc.data
     assert len(data) == codec.encoded_size(x.size, params)
     return params, codec.decode(memoryview(data), x.size, params).reshape(x.shape)
 
@@ -89,13 +90,13 @@ def test_factors_beyond_fp16_scales_are_sent_dense() -> None:
 def test_vectors_and_small_matrices_are_sent_dense() -> None:
     codec = parse("lowrank:4")
     for shape in [(16,), (3, 3), (4, 5)]:  # k·(m+n) ≥ m·n: factorising would not save
-        params, _ = codec.encode_tensor(np.ones(shape, np.float32), np.random.default_rng(0))
+        params = codec.encode_tensor(np.ones(shape, np.float32), np.random.default_rng(0)).params
         assert params["rank"] == 0
 
 
 def test_frame_round_trip_keeps_shapes_and_uses_the_compact_header() -> None:
     tensors = sample_tensors(conv=(16, 6, 5, 5))
-    payload = encode_frame(update_header("lowrank:2+int4"), tensors)
+    payload = encode_frame(update_header("lowrank:2+int4"), tensors).payload
 
     frame = decode_frame(payload)
 
@@ -122,7 +123,7 @@ def test_lenet_sized_update_is_over_100x_smaller_than_fp32() -> None:
     delta = {n: rng.normal(0, 1e-3, size=s).astype(np.float32) for n, s in shapes.items()}
     numel = sum(v.size for v in delta.values())
 
-    payload = encode_frame(update_header("lowrank:4+int4"), delta)
+    payload = encode_frame(update_header("lowrank:4+int4"), delta).payload
 
     assert 4 * numel / len(payload) > 100
 
@@ -148,7 +149,7 @@ def test_bad_names_are_rejected(name: str) -> None:
 
 def _frame_parts(name: str = "lowrank:2+int4") -> tuple[dict[str, Any], bytes]:
     x = np.random.default_rng(1).normal(size=(20, 30)).astype(np.float32)
-    return split_frame(encode_frame(update_header(name), {"w": x}))
+    return split_frame(encode_frame(update_header(name), {"w": x}).payload)
 
 
 @pytest.mark.parametrize(
@@ -183,10 +184,11 @@ def test_params_that_change_the_size_raise_frame_error() -> None:
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -1.0])
 def test_bad_scales_raise_codec_error(bad: float) -> None:
     codec = parse("lowrank:2")
-    params, data = codec.encode_tensor(
+    enc = codec.encode_tensor(
         np.random.default_rng(2).normal(size=(20, 30)).astype(np.float32),
         np.random.default_rng(0),
     )
+    params, data = enc.params, enc.data
     raw = bytearray(data)
     raw[0:2] = struct.pack("<e", bad)
 
@@ -196,10 +198,11 @@ def test_bad_scales_raise_codec_error(bad: float) -> None:
 
 def test_int4_minus_eight_is_rejected() -> None:
     codec = parse("lowrank:2+int4")
-    params, data = codec.encode_tensor(
+    enc = codec.encode_tensor(
         np.random.default_rng(2).normal(size=(20, 30)).astype(np.float32),
         np.random.default_rng(0),
     )
+    params, data = enc.params, enc.data
     raw = bytearray(data)
     raw[8] = 0x88  # first codes byte, after 4 fp16 scales: two nibbles of -8
 
@@ -220,7 +223,7 @@ def test_error_feedback_sends_every_direction_eventually() -> None:
     rounds = 60
     for _ in range(rounds):
         comp = ef.compensate(delta)
-        sent = decode_frame(encode_frame(update_header("lowrank:2+int4"), comp)).tensors
+        sent = encode_frame(update_header("lowrank:2+int4"), comp).sent
         ef.update(comp, sent)
         sent_total += sent["w"]
 

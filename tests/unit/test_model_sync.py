@@ -211,7 +211,7 @@ def _forged(agg: Aggregator, **changes: Any) -> bytes:
         "meta": {"model_hash": h, "base_round": agg.round, "signature": agg.sign(agg.round + 1, h)},
     }
     fields.update(changes)
-    return encode_frame(FrameHeader(**fields), tensors)
+    return encode_frame(FrameHeader(**fields), tensors).payload
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,7 @@ def _model(round_id: int, key: object | None, *, value: float = 1.0, **meta: obj
         codec="fp32",
         meta={"model_hash": h, "signature": sig, **meta},
     )
-    frame = decode_frame(encode_frame(header, tensors))
+    frame = decode_frame(encode_frame(header, tensors).payload)
     return frame.header, tensors_hash(frame.tensors)
 
 

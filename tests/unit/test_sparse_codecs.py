@@ -73,7 +73,8 @@ def test_topk_round_trip_is_within_stated_bound(name: str, flat: np.ndarray) -> 
     codec = resolve_codec(name)
     assert isinstance(codec, TopKCodec)
 
-    params, data = codec.encode(flat, np.random.default_rng(0))
+    enc = codec.encode(flat, np.random.default_rng(0))
+    params, data = enc.params, enc.data
     out = codec.decode(memoryview(data), flat.size, params)
 
     k = codec.k_for(flat.size)
@@ -96,7 +97,8 @@ def test_topk_round_trip_is_within_stated_bound(name: str, flat: np.ndarray) -> 
 @given(flat=flats, density=st.floats(0.01, 1.0))
 def test_sign_values_keep_each_blocks_mass(flat: np.ndarray, density: float) -> None:
     codec = TopKCodec("t", density, "sign", block=16)
-    params, data = codec.encode(flat, np.random.default_rng(0))
+    enc = codec.encode(flat, np.random.default_rng(0))
+    params, data = enc.params, enc.data
     out = codec.decode(memoryview(data), flat.size, params)
 
     k = codec.k_for(flat.size)
@@ -139,7 +141,7 @@ def test_warmup_schedule_follows_the_frame_round() -> None:
     kept = []
     for r in (1, 2, 3):
         h = FrameHeader(kind="update", federation="lab", round=r, codec="topk8:0.01@warmup2")
-        kept.append(int(np.count_nonzero(decode_frame(encode_frame(h, w)).tensors["w"])))
+        kept.append(int(np.count_nonzero(decode_frame(encode_frame(h, w).payload).tensors["w"])))
 
     assert kept == [40, 20, 10]
 
@@ -151,8 +153,8 @@ def test_sparse_frames_have_a_compressed_header_and_dense_ones_do_not() -> None:
         base_hash="ab" * 32, num_samples=9, meta={"train_loss": 0.123456789},
     )  # fmt: skip
 
-    compact = encode_frame(header, tensors)
-    plain = encode_frame(header, tensors, compact=False)
+    compact = encode_frame(header, tensors).payload
+    plain = encode_frame(header, tensors, compact=False).payload
 
     assert compact[:4] == MAGIC_COMPACT and plain[:4] == MAGIC
     assert len(compact) < len(plain)
@@ -161,7 +163,7 @@ def test_sparse_frames_have_a_compressed_header_and_dense_ones_do_not() -> None:
         decode_frame(compact).tensors.values(), decode_frame(plain).tensors.values(), strict=True
     ):
         np.testing.assert_array_equal(a, b)
-    assert encode_frame(FrameHeader("update", "lab", 1, "int8"), tensors)[:4] == MAGIC
+    assert encode_frame(FrameHeader("update", "lab", 1, "int8"), tensors).payload[:4] == MAGIC
 
 
 @pytest.mark.parametrize(
@@ -203,7 +205,7 @@ def test_rice_index_coding_round_trips(idx: np.ndarray, rice_bits: int) -> None:
 def test_topk_frame_round_trip_keeps_shapes(name: str) -> None:
     tensors = sample_tensors()
 
-    frame = decode_frame(encode_frame(update_header(name), tensors))
+    frame = decode_frame(encode_frame(update_header(name), tensors).payload)
 
     assert {n: v.shape for n, v in frame.tensors.items()} == {
         n: v.shape for n, v in tensors.items()
@@ -215,8 +217,8 @@ def test_topk8_one_percent_of_lenet_sized_delta_is_over_60x_smaller_than_fp32() 
     rng = np.random.default_rng(0)
     delta = {"w": rng.normal(0, 0.01, size=61_706).astype(np.float32)}
 
-    dense = encode_frame(update_header("fp32"), delta)
-    sparse = encode_frame(update_header("topk8:0.01"), delta)
+    dense = encode_frame(update_header("fp32"), delta).payload
+    sparse = encode_frame(update_header("topk8:0.01"), delta).payload
 
     assert len(dense) / len(sparse) > 60  # one tensor, so the header is small
 
@@ -272,7 +274,7 @@ def _one_tensor_frame(name: str = "topk8:0.1") -> tuple[dict[str, Any], bytes]:
     rng = np.random.default_rng(1)
     # A matrix, so that low-rank codecs factorise it (top-k treats it as 500 values).
     w = rng.normal(size=(20, 25)).astype(np.float32)
-    return split_frame(encode_frame(update_header(name), {"w": w}))
+    return split_frame(encode_frame(update_header(name), {"w": w}).payload)
 
 
 @pytest.mark.parametrize(
@@ -318,7 +320,8 @@ def test_index_beyond_tensor_raises_frame_error() -> None:
 def test_nonzero_stream_padding_raises_frame_error() -> None:
     codec = resolve_codec("topk:0.5")
     flat = np.arange(1, 8, dtype=np.float32)
-    params, data = codec.encode(flat, np.random.default_rng(0))
+    enc = codec.encode(flat, np.random.default_rng(0))
+    params, data = enc.params, enc.data
     tampered = bytearray(data)
     tampered[-1] |= 0x01  # padding bit of the last stream
 
@@ -330,7 +333,8 @@ def test_nonzero_stream_padding_raises_frame_error() -> None:
 def test_non_finite_values_and_scales_raise_codec_error(bad: float) -> None:
     for name in ("topk:0.5", "topk8:0.5"):
         codec = resolve_codec(name)
-        params, data = codec.encode(np.ones(8, np.float32), np.random.default_rng(0))
+        enc = codec.encode(np.ones(8, np.float32), np.random.default_rng(0))
+        params, data = enc.params, enc.data
         tampered = bytearray(data)
         tampered[0:4] = struct.pack("<f", bad)
 
@@ -340,7 +344,8 @@ def test_non_finite_values_and_scales_raise_codec_error(bad: float) -> None:
 
 def test_int4_minus_eight_is_rejected() -> None:
     codec = resolve_codec("topk4:1")
-    params, data = codec.encode(np.ones(2, np.float32), np.random.default_rng(0))
+    enc = codec.encode(np.ones(2, np.float32), np.random.default_rng(0))
+    params, data = enc.params, enc.data
     tampered = bytearray(data)
     tampered[4] = 0x88  # two nibbles of -8
 
@@ -350,7 +355,7 @@ def test_int4_minus_eight_is_rejected() -> None:
 
 @pytest.mark.parametrize("name", BIASED)
 def test_every_truncation_raises_frame_error(name: str) -> None:
-    payload = encode_frame(update_header(name), sample_tensors())
+    payload = encode_frame(update_header(name), sample_tensors()).payload
 
     for cut in range(0, len(payload), 7):
         with pytest.raises(FrameError):
@@ -373,7 +378,7 @@ def test_random_body_bytes_never_crash(name: str, data: st.DataObject) -> None:
 @settings(max_examples=100, deadline=None)
 @given(name=st.sampled_from(BIASED), pos=st.integers(0, 10_000), byte=st.integers(0, 255))
 def test_mutated_frame_decodes_or_raises_frame_error(name: str, pos: int, byte: int) -> None:
-    payload = bytearray(encode_frame(update_header(name), sample_tensors()))
+    payload = bytearray(encode_frame(update_header(name), sample_tensors()).payload)
     payload[pos % len(payload)] = byte
 
     with contextlib.suppress(FrameError):
@@ -396,7 +401,7 @@ def test_error_feedback_conserves_mass(name: str, rounds: list[int]) -> None:
         delta = {"w": np.random.default_rng(seed).normal(0, 1, (5, 10)).astype(np.float32)}
         old = ef.residual.get("w", np.zeros((5, 10), np.float32)).copy()
         comp = ef.compensate(delta)
-        sent = decode_frame(encode_frame(update_header(name), comp)).tensors
+        sent = encode_frame(update_header(name), comp).sent
         ef.update(comp, sent)
 
         # sent + new residual == delta + old residual
@@ -414,7 +419,7 @@ def test_error_feedback_eventually_sends_small_coordinates() -> None:
     sent_total = np.zeros(4)
     for _ in range(40):
         comp = ef.compensate(delta)
-        sent = decode_frame(encode_frame(update_header("topk:0.25"), comp)).tensors
+        sent = encode_frame(update_header("topk:0.25"), comp).sent
         ef.update(comp, sent)
         sent_total += sent["w"]
 
@@ -433,7 +438,7 @@ def test_residual_resets_when_architecture_changes() -> None:
 def test_residual_survives_restart(tmp_path: Path) -> None:
     first = DeviceFeedback(tmp_path / "state", "lab")
     comp = first.compensate({"w": np.arange(10, dtype=np.float32)})
-    first.commit(comp, encode_frame(update_header("topk:0.2"), comp))
+    first.commit(comp, encode_frame(update_header("topk:0.2"), comp).sent)
 
     again = DeviceFeedback(tmp_path / "state", "lab")
 
@@ -448,10 +453,10 @@ def test_a_lost_update_goes_back_into_the_residual(tmp_path: Path, name: str) ->
     device = DeviceFeedback(tmp_path / "state", "lab")
     delta = {"w": np.random.default_rng(7).normal(size=(6, 10)).astype(np.float32)}
     comp = device.compensate(delta)
-    payload = encode_frame(update_header(name), comp)
-    device.commit(comp, payload)
+    encoded = encode_frame(update_header(name), comp)
+    device.commit(comp, encoded.sent)
 
-    device.give_back(payload)
+    device.give_back(encoded.payload)
 
     np.testing.assert_allclose(device.ef.residual["w"], delta["w"], atol=1e-6)
     again = DeviceFeedback(tmp_path / "state", "lab")  # persisted
@@ -498,7 +503,7 @@ def test_momentum_corrected_feedback_conserves_velocity_mass(
         old_u = ef.velocity.get("w", np.zeros(50, np.float32)).copy()
         comp = ef.compensate(delta)
         velocity = momentum * old_u + delta["w"]
-        sent = decode_frame(encode_frame(update_header(name), comp)).tensors
+        sent = encode_frame(update_header(name), comp).sent
         ef.update(comp, sent)
 
         # sent + new residual == velocity + old residual; sent coordinates lose their velocity

@@ -33,7 +33,7 @@ def _frame(round_id: int = 2, value: float = 1.0, client: str = "c1") -> bytes:
         num_samples=10,
     )
     tensors = {"w": np.full((2, 3), value, np.float32), "b": np.full((3,), value, np.float32)}
-    return encode_frame(header, tensors)
+    return encode_frame(header, tensors).payload
 
 
 def test_norm_is_taken_over_all_tensors() -> None:

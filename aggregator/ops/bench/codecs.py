@@ -117,12 +117,11 @@ def run_codec(args: argparse.Namespace, codec: str, splits: list[Any], test: Any
                 num_samples=len(shard),
                 meta=meta,
             )
-            payload = encode_frame(header, delta, rng=np.random.default_rng(r * 7919 + i))
-            sent = decode_frame(payload).tensors
+            encoded = encode_frame(header, delta, rng=np.random.default_rng(r * 7919 + i))
             if biased:
-                feedback[i].update(delta, sent)
-            nbytes.append(len(payload))
-            acc.add(sent, len(shard))
+                feedback[i].update(delta, encoded.sent)
+            nbytes.append(len(encoded.payload))
+            acc.add(decode_frame(encoded.payload).tensors, len(shard))  # as the aggregator does
         params = acc.apply(params)
         set_params(model, params)
         ev = evaluate(model, test)

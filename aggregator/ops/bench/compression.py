@@ -193,7 +193,7 @@ def _throughput(args: argparse.Namespace, codec: str, repeats: int = 5) -> dict[
     encode_s, decode_s = [], []
     for _ in range(repeats):
         t = time.perf_counter()
-        frame = encode_frame(header, delta, rng=rng)
+        frame = encode_frame(header, delta, rng=rng).payload
         encode_s.append(time.perf_counter() - t)
         t = time.perf_counter()
         decode_frame(frame)
