@@ -247,4 +247,4 @@ def update_frame(
         codec="int8",
         num_samples=num_samples,
     )
-    return encode_frame(header, delta, rng=np.random.default_rng(0))
+    return encode_frame(header, delta, rng=np.random.default_rng(0)).payload

@@ -79,7 +79,7 @@ def _topk_update() -> bytes:
         num_samples=4,
     )
     delta = {"w": np.arange(1, 9, dtype=np.float32).reshape(2, 4)}
-    return encode_frame(head, delta, rng=np.random.default_rng(0))
+    return encode_frame(head, delta, rng=np.random.default_rng(0)).payload
 
 
 def _receive(agent: EdgeAgent, code: ReceiptCode | None, reason: str = "") -> None:

@@ -46,7 +46,7 @@ def _update(client: str = "c1", *, size: int = 3, **header: Any) -> bytes:
     }
     fields.update(header)
     tensors = {"w": np.ones((2, size), np.float32), "b": np.ones(3, np.float32)}
-    return encode_frame(FrameHeader(**fields), tensors)
+    return encode_frame(FrameHeader(**fields), tensors).payload
 
 
 def _offer(payload: bytes, intake: UpdateIntake | None = None, **topic: Any) -> Verdict:
