@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aggregator.intake import UpdateIntake
 from aggregator.rounds import RoundState
+from shared.protocol.messages import RoundMetrics
+
+if TYPE_CHECKING:
+    from shared.runtime.training import EvalResult
 
 Tensors = dict[str, np.ndarray]
 
@@ -33,3 +38,39 @@ class ClosedRound:
     bytes_down: int
     frame: bytes  # the published global-model frame
     delta_bytes: int = 0  # the published global-delta frame (0: none)
+
+    def metrics(
+        self,
+        federation: str,
+        *,
+        codec: str,
+        download_codec: str,
+        evaluation: EvalResult | None,
+        onnx_export_s: float | None,
+    ) -> RoundMetrics:
+        """What this round did: one entry of ``metrics.json`` and the metrics topic."""
+        state, intake = self.round.state, self.round.intake
+        return RoundMetrics(
+            federation=federation,
+            round=state.round_id,
+            participants=sorted(state.accepted),
+            accepted=len(state.accepted),
+            rejected=len(state.rejected),
+            num_samples=state.num_samples,
+            train_loss=intake.weighted_train_loss(),
+            local_val_accuracy=intake.weighted_val_accuracy(),
+            test_accuracy=evaluation.accuracy if evaluation else None,
+            test_loss=evaluation.loss if evaluation else None,
+            bytes_up=intake.bytes_received,
+            update_bytes=sum(u.nbytes for u in intake.stats),
+            bytes_down=self.bytes_down,
+            model_bytes=len(self.frame),
+            delta_bytes=self.delta_bytes,
+            download_codec=download_codec,
+            round_time_s=self.round_time_s,
+            slowest_train_s=intake.slowest_train_s(),
+            aggregate_latency_ms=self.latency_ms,
+            codec=codec,
+            model_hash=self.model_hash,
+            onnx_export_s=onnx_export_s,
+        )

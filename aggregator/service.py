@@ -330,33 +330,16 @@ class AggregatorService:
         self._announce(state)
 
     def _report(self, closed: ClosedRound) -> None:
-        state, intake = closed.round.state, closed.round.intake
+        state = closed.round.state
         evaluation = self.evaluator.evaluate(closed.params)
         exported = self.exporter.after_round(
             closed.params, state.round_id, self._publish, closed.frame
         )
-        metrics = msg.RoundMetrics(
-            federation=self.cfg.federation,
-            round=state.round_id,
-            participants=sorted(state.accepted),
-            accepted=len(state.accepted),
-            rejected=len(state.rejected),
-            num_samples=state.num_samples,
-            train_loss=intake.weighted_train_loss(),
-            local_val_accuracy=intake.weighted_val_accuracy(),
-            test_accuracy=evaluation.accuracy if evaluation else None,
-            test_loss=evaluation.loss if evaluation else None,
-            bytes_up=intake.bytes_received,
-            update_bytes=sum(u.nbytes for u in intake.stats),
-            bytes_down=closed.bytes_down,
-            model_bytes=len(closed.frame),
-            delta_bytes=closed.delta_bytes,
-            download_codec=self.cfg.download_codec,
-            round_time_s=closed.round_time_s,
-            slowest_train_s=intake.slowest_train_s(),
-            aggregate_latency_ms=closed.latency_ms,
+        metrics = closed.metrics(
+            self.cfg.federation,
             codec=self.cfg.codec,
-            model_hash=closed.model_hash,
+            download_codec=self.cfg.download_codec,
+            evaluation=evaluation,
             onnx_export_s=exported.export_s if exported else None,
         )
         self._publish(self.topics.metrics, metrics.to_json(), retain=True)

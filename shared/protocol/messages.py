@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from shared.protocol.receipts import ReceiptCode, code_from_legacy_reason
+from shared.protocol.receipts import ReceiptCode, code_from_legacy_reason, known_code
 
 SCHEMA = 1
 
@@ -22,6 +22,7 @@ PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")]
 Hash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
+CodeName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9\-]{0,31}\Z")]
 
 # Control messages are small; anything bigger is hostile or a bug.
 MAX_CONTROL_BYTES = 256 * 1024
@@ -103,7 +104,9 @@ class Receipt(Message, frozen=True, kw_only=True):
     client_id: Name
     status: Literal["accepted", "rejected"]
     reason: str = ""
-    code: ReceiptCode | None = None
+    # A str on the wire, not the Literal: a newer aggregator may send a code this agent does
+    # not know, and the receipt must still be read (see effective_code).
+    code: CodeName | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,10 +114,15 @@ class Receipt(Message, frozen=True, kw_only=True):
             raise ValueError(f"status {self.status!r} contradicts code {self.code!r}")
 
     def effective_code(self) -> ReceiptCode:
-        """The code; for a receipt without one, derived from its reason text."""
+        """The code; for a receipt without one, derived from its reason text.
+
+        A code this version does not know (a newer aggregator) reads as ``malformed`` when the
+        update was refused: final, not counted, not owed, so the agent neither re-sends it
+        nor counts its mass twice.
+        """
         if self.code is None:
             return code_from_legacy_reason(self.status, self.reason)
-        return self.code
+        return known_code(self.code, self.status)
 
 
 class GlobalMeta(Message, frozen=True, kw_only=True):

@@ -5,11 +5,13 @@ its human ``reason``. Agents decide on the code (counted? final? is the mass owe
 the reason is for people and for agents older than the code, which match on its text — so the
 aggregator keeps those texts unchanged.
 
-Compatibility: a receipt from an aggregator older than the code has none.
-:func:`code_from_legacy_reason` derives it from the reason text; it is the only place that
-knows those texts. A new code is a protocol change: an agent of this version refuses a receipt
-whose code it does not know (msgspec validates the Literal), so it keeps re-sending until the
-round is over.
+Compatibility, both ways:
+
+- a receipt from an aggregator older than the code has none: :func:`code_from_legacy_reason`
+  derives it from the reason text; it is the only place that knows those texts;
+- a receipt from a newer aggregator may carry a code this version does not know:
+  :func:`known_code` reads an unknown refusal as ``malformed`` (final, not counted, not owed),
+  so an old agent neither floods the aggregator with re-sends nor counts mass twice.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ _LEGACY_PREFIXES: tuple[tuple[str, ReceiptCode], ...] = (
     ("update L2 norm", "over-norm"),
     ("undecodable: frame of ", "too-large"),  # "frame of N bytes exceeds the limit of M"
 )
+
+
+def known_code(code: str, status: str) -> ReceiptCode:
+    """``code`` when this version knows it; otherwise what an unknown code must mean."""
+    for known in RECEIPT_CODES:
+        if code == known:
+            return known
+    return "accepted" if status == "accepted" else "malformed"
 
 
 def code_from_legacy_reason(status: str, reason: str) -> ReceiptCode:

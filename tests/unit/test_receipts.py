@@ -200,9 +200,16 @@ def test_old_decoder_reads_a_receipt_with_code() -> None:
     assert (old.status, old.reason) == ("rejected", "late: round 3 is closed")
 
 
-def test_unknown_code_is_refused_naming_the_field() -> None:
+def test_a_code_from_a_newer_aggregator_reads_as_a_final_refusal() -> None:
+    receipt = decode(_wire(status="rejected", code="rate-limited"), Receipt)
+
+    assert receipt.code == "rate-limited"
+    assert receipt.effective_code() == "malformed"
+
+
+def test_a_code_that_is_not_a_code_name_is_refused_naming_the_field() -> None:
     with pytest.raises(MessageError, match=r"\$\.code"):
-        decode(_wire(status="rejected", code="rate-limited"), Receipt)
+        decode(_wire(status="rejected", code="Not A Code!"), Receipt)
 
 
 @pytest.mark.parametrize(("status", "code"), [("accepted", "late"), ("rejected", "accepted")])
