@@ -36,6 +36,8 @@ from shared.runtime.data import ArrayDataset, load_device_data, train_val_split
 log = logging.getLogger("fedmq.agent")
 
 Tensors = dict[str, np.ndarray]
+# Re-sends of one update closer together than this are one re-send.
+RESEND_GAP_S = 1.0
 
 
 class EdgeAgent:
@@ -297,6 +299,11 @@ class EdgeAgent:
         payload = self.outbox.get(round_id)
         if payload is None:
             return
+        last = self.sent_at.get(round_id)
+        if last is not None and self.clock.monotonic() - last < RESEND_GAP_S:
+            # One event, two triggers (a reconnect and the retained announcement it brings):
+            # the update goes out once.
+            return
         log.warning("round %d: re-sending the unacknowledged update (%s)", round_id, why)
         self._send(round_id, payload)
 
@@ -315,9 +322,7 @@ class EdgeAgent:
             return
         last = self.sent_at.get(ann.round)
         if reconnected and last is not None:
-            # The retained announcement that comes with a reconnect may have re-sent it.
-            if self.clock.monotonic() - last >= 1.0:
-                self._resend(ann.round, "reconnected")
+            self._resend(ann.round, "reconnected")
         elif last is None or self.clock.monotonic() - last >= self.cfg.resend_after_s:
             self._resend(ann.round, "no receipt yet" if last is not None else "restarted")
 

@@ -1,0 +1,218 @@
+"""The edge agent on its own: a real EdgeAgent, a scripted aggregator, the in-memory broker.
+
+The test plays the aggregator's part on the wire (retained model, announcements, receipts,
+status) and watches what the agent publishes; a manual clock drives its timers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggregator.downloads import model_frame
+from shared.mqtt.base import Session
+from shared.mqtt.memory import MemoryTransport
+from shared.protocol import messages as msg
+from shared.protocol.frames import read_header, tensors_hash
+from shared.protocol.signing import generate_keypair, public_pem
+from tests.unit.inprocess import FED, INPUT_SHAPE, NUM_CLASSES, Federation, T, wait_for
+
+SPEC = msg.ModelSpec(arch="mlp", input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES)
+
+
+class ScriptedAggregator:
+    """Publishes what an aggregator would, message by message, as the test says."""
+
+    def __init__(self, fed: Federation) -> None:
+        self.fed = fed
+        self.link: MemoryTransport = fed.broker.connector(Session("aggregator")).start()
+        rng = np.random.default_rng(0)
+        self.params = {
+            "1.weight": (rng.standard_normal((200, 64)) * 0.1).astype(np.float32),
+            "1.bias": np.zeros(200, np.float32),
+            "3.weight": (rng.standard_normal((200, 200)) * 0.1).astype(np.float32),
+            "3.bias": np.zeros(200, np.float32),
+            "5.weight": (rng.standard_normal((NUM_CLASSES, 200)) * 0.1).astype(np.float32),
+            "5.bias": np.zeros(NUM_CLASSES, np.float32),
+        }
+        self.model_hash = tensors_hash(self.params)
+
+    def publish_model(self, round_id: int = 0, signature: str = "") -> None:
+        """The retained full global model."""
+        frame = model_frame(FED, round_id, SPEC, self.params, signature=signature)
+        self.link.publish(T.global_model, frame, retain=True)
+
+    def announce(self, round_id: int, *selected: str, deadline_in: float = 60.0) -> None:
+        """A retained round announcement on the published model."""
+        ann = msg.RoundStart(
+            federation=FED,
+            round=round_id,
+            base_hash=self.model_hash,
+            deadline=self.fed.clock.time() + deadline_in,
+            selected=list(selected),
+            model=SPEC,
+            train=msg.TrainParams(lr=0.05, seed=round_id),
+            codec="int8",
+            download_codec="none",
+        )
+        self.link.publish(T.round_start(round_id), ann.to_json(), retain=True)
+
+    def receipt(self, round_id: int, client_id: str, code: str = "accepted") -> None:
+        """The answer to an update."""
+        status = "accepted" if code == "accepted" else "rejected"
+        body = msg.Receipt(round=round_id, client_id=client_id, status=status, code=code)
+        self.link.publish(T.receipt(round_id, client_id), body.to_json())
+
+    def status(self, state: str, retain: bool) -> None:
+        """The aggregator's life-cycle status."""
+        body = msg.AggregatorStatus(federation=FED, state=state)  # type: ignore[arg-type]
+        self.link.publish(T.aggregator_status, body.to_json(), retain=retain)
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[Federation]:
+    federation = Federation(tmp_path)
+    yield federation
+    federation.stop()
+
+
+@pytest.fixture
+def agg(fed: Federation) -> ScriptedAggregator:
+    return ScriptedAggregator(fed)
+
+
+def _status(fed: Federation, client_id: str) -> str:
+    raw = fed.broker.retained(T.agent_status(client_id))
+    return msg.decode(raw, msg.AgentStatus).state if raw else "none"
+
+
+def test_a_selected_agent_trains_once_and_keeps_its_update_until_the_receipt(
+    fed: Federation, agg: ScriptedAggregator
+) -> None:
+    agg.publish_model()
+    agent = fed.start_agent("pi-0", seed=1)
+    agg.announce(1, "pi-0")
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
+
+    (payload,) = fed.updates(1, "pi-0")
+    head = read_header(payload)
+    assert (head.round, head.client_id, head.base_hash) == (1, "pi-0", agg.model_hash)
+    assert head.num_samples == 120 and agent.outbox.rounds() == [1]
+    agg.receipt(1, "pi-0")
+    wait_for(lambda: agent.outbox.rounds() == [], "the outbox cleared by the receipt")
+    assert agent.rounds_trained == 1 and len(fed.updates(1, "pi-0")) == 1
+
+
+def test_an_agent_that_is_not_selected_does_not_train(
+    fed: Federation, agg: ScriptedAggregator
+) -> None:
+    agg.publish_model()
+    agent = fed.start_agent("pi-0", seed=1)
+    agg.announce(1, "pi-9")
+    agg.announce(2, "pi-0")  # a later announcement proves the first one was handled
+
+    wait_for(lambda: len(fed.updates(2, "pi-0")) == 1, "the update of round 2")
+    assert fed.updates(1, "pi-0") == [] and agent.rounds_trained == 1
+
+
+def test_an_expired_announcement_is_ignored(fed: Federation, agg: ScriptedAggregator) -> None:
+    agg.publish_model()
+    agent = fed.start_agent("pi-0", seed=1)
+    agg.announce(1, "pi-0", deadline_in=-10.0)
+    agg.announce(2, "pi-0")
+
+    wait_for(lambda: len(fed.updates(2, "pi-0")) == 1, "the update of round 2")
+    assert fed.updates(1, "pi-0") == [] and agent.rounds_trained == 1
+
+
+def test_without_a_receipt_the_agent_resends_after_its_timeout(
+    fed: Federation, agg: ScriptedAggregator
+) -> None:
+    agg.publish_model()
+    fed.start_agent("pi-0", seed=1, resend_after_s=20.0)
+    agg.announce(1, "pi-0")
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
+
+    fed.clock.advance(20.5)
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the re-send")
+
+    first, again = fed.updates(1, "pi-0")
+    assert again == first  # the stored frame, not a new training
+
+
+def test_after_a_reconnect_the_agent_resends_and_says_it_is_online_again(
+    fed: Federation, agg: ScriptedAggregator
+) -> None:
+    agg.publish_model()
+    fed.start_agent("pi-0", seed=1)
+    agg.announce(1, "pi-0")
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
+
+    fed.broker.disconnect("pi-0")
+    assert _status(fed, "pi-0") == "offline"  # its last will
+    fed.clock.advance(2.0)
+    fed.broker.reconnect("pi-0")
+
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the re-send after the reconnect")
+    wait_for(lambda: _status(fed, "pi-0") == "online", "its birth message")
+
+
+def test_a_restarted_agent_resends_from_its_outbox_instead_of_training_again(
+    fed: Federation, agg: ScriptedAggregator
+) -> None:
+    agg.publish_model()
+    first = fed.start_agent("pi-0", seed=1)
+    agg.announce(1, "pi-0")
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
+    first.stop()
+    fed.workers.pop("pi-0").join()
+
+    again = fed.start_agent("pi-0", seed=1)
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the re-send from the outbox")
+
+    assert again.rounds_trained == 0
+    assert fed.updates(1, "pi-0")[1] == fed.updates(1, "pi-0")[0]
+
+
+def test_a_retained_finished_status_is_an_old_federation_but_a_live_one_ends_the_agent(
+    fed: Federation, agg: ScriptedAggregator
+) -> None:
+    agg.status("finished", retain=True)
+    agg.publish_model()
+    fed.start_agent("pi-0", seed=1)
+    agg.announce(1, "pi-0")
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "training despite the old status")
+
+    agg.status("finished", retain=False)
+
+    assert fed.workers["pi-0"].join() == 0
+    assert _status(fed, "pi-0") == "offline"
+
+
+def test_an_agent_pinned_to_a_key_refuses_an_unsigned_model(
+    fed: Federation, agg: ScriptedAggregator, tmp_path: Path
+) -> None:
+    key = generate_keypair()
+    pem = tmp_path / "model.pub"
+    pem.write_bytes(public_pem(key))
+    agg.publish_model()  # unsigned
+    agent = fed.start_agent("pi-0", seed=1, model_public_key=str(pem))
+    agg.announce(1, "pi-0")
+    agg.announce(2, "pi-1")  # handled after the model: the model was seen by then
+    wait_for(lambda: agent.announcement is not None and agent.announcement.round == 2, "round 2")
+
+    assert agent.sync.model is None
+    assert fed.updates(1, "pi-0") == []
+
+
+def test_the_agent_worker_stops_cleanly_when_asked(fed: Federation) -> None:
+    agent = fed.start_agent("pi-0", seed=1)
+    fed.wait_online("pi-0")
+
+    agent.stop()
+
+    assert fed.workers["pi-0"].join() == 0
+    assert _status(fed, "pi-0") == "offline"
