@@ -2,23 +2,22 @@
 
 Wiring only: transport ⇄ round state machine (:mod:`aggregator.rounds`) ⇄ streaming FedAvg
 (:mod:`aggregator.strategy`). The service receives its transport (a
-:data:`~shared.mqtt.base.Connector`) and its :class:`~shared.clock.Clock`: ``main`` gives it
-paho and the system clock, unit tests an in-memory broker and a manual clock. All work
-happens on the thread that calls :meth:`run`; the network thread only enqueues.
+:data:`~shared.mqtt.base.Connector`) and its :class:`~shared.clock.Clock`:
+:mod:`aggregator.cli` gives it paho and the system clock, unit tests an in-memory broker and
+a manual clock. All work happens on the thread that calls :meth:`run`; the network thread
+only enqueues.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from aggregator.config import AggregatorConfig, add_arguments, from_args
+from aggregator.config import AggregatorConfig
 from aggregator.downloads import GlobalDownloads, bytes_down
 from aggregator.evaluation import Evaluator
 from aggregator.intake import UpdateIntake, receipt_for
@@ -29,7 +28,7 @@ from aggregator.round_records import ClosedRound, OpenRound
 from aggregator.rounds import RoundPhase, RoundState, Verdict, select_clients, without_open_round
 from aggregator.strategy import StreamingFedAvg
 from shared.clock import Clock, SystemClock
-from shared.mqtt.base import Connector, Inbound, Outbound, Session, TransportError
+from shared.mqtt.base import Connector, Inbound, Outbound, Session
 from shared.protocol import messages as msg
 from shared.protocol import topics
 from shared.protocol.frames import tensors_hash
@@ -445,40 +444,3 @@ class AggregatorService:
             round=self.round_id,
             rounds_total=self.cfg.rounds,
         ).to_json()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``fedmq-aggregator``."""
-    parser = argparse.ArgumentParser(prog="fedmq-aggregator", description=__doc__)
-    add_arguments(parser)
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        cfg = from_args(args)
-        return AggregatorService(cfg, _mqtt(cfg)).run()
-    except (ValueError, OSError, TransportError) as exc:
-        log.error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-def _mqtt(cfg: AggregatorConfig) -> Connector:
-    """The real transport: paho-mqtt to ``cfg.broker`` (imported here, not by the service)."""
-    from shared.mqtt.transport import ConnectOptions, mqtt_connector
-
-    options = ConnectOptions(
-        username=cfg.username,
-        password=cfg.password,
-        ca_file=cfg.ca_file,
-        cert_file=cfg.cert_file,
-        key_file=cfg.key_file,
-    )
-    return mqtt_connector(cfg.broker, options)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

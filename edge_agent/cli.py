@@ -59,17 +59,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mqtt(cfg: AgentConfig | ServeConfig) -> Connector:
-    """The real transport: paho-mqtt to ``cfg.broker``."""
-    from shared.mqtt.transport import ConnectOptions, mqtt_connector
+    """The real transport: paho-mqtt to ``cfg.broker`` (imported here, not at start-up)."""
+    from shared.mqtt.transport import connector_for
 
-    options = ConnectOptions(
-        username=cfg.username,
-        password=cfg.password,
-        ca_file=cfg.ca_file,
-        cert_file=cfg.cert_file,
-        key_file=cfg.key_file,
-    )
-    return mqtt_connector(cfg.broker, options)
+    return connector_for(cfg)
 
 
 def _inference_main(argv: list[str]) -> int:

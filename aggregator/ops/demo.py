@@ -137,7 +137,7 @@ def start_processes(
     agg_cmd = [
         sys.executable,
         "-m",
-        "aggregator.service",
+        "aggregator.cli",
         "--broker",
         url,
         "--federation",

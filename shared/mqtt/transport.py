@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -379,6 +380,35 @@ def _with_chunk_subs(subs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
         if chunked is not None:
             out.setdefault(chunked, qos)
     return list(out.items())
+
+
+class BrokerSettings(Protocol):
+    """The connection settings every fedmq process has (agent, aggregator, inference)."""
+
+    @property
+    def broker(self) -> str: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def password(self) -> str | None: ...
+    @property
+    def ca_file(self) -> str | None: ...
+    @property
+    def cert_file(self) -> str | None: ...
+    @property
+    def key_file(self) -> str | None: ...
+
+
+def connector_for(settings: BrokerSettings) -> Connector:
+    """The paho connector for a process's settings: its broker URL, credentials and TLS files."""
+    options = ConnectOptions(
+        username=settings.username,
+        password=settings.password,
+        ca_file=settings.ca_file,
+        cert_file=settings.cert_file,
+        key_file=settings.key_file,
+    )
+    return mqtt_connector(settings.broker, options)
 
 
 def mqtt_connector(url: str, options: ConnectOptions | None = None) -> Connector:

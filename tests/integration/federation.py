@@ -55,7 +55,7 @@ def start_aggregator(
     cmd = [
         sys.executable,
         "-m",
-        "aggregator.service",
+        "aggregator.cli",
         "--broker",
         url,
         "--federation",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from aggregator.cli import main as aggregator_main
 from aggregator.config import AggregatorConfig, from_args
-from aggregator.service import main as aggregator_main
 from edge_agent import config as agent_config
 from shared.settings import SettingsError, load_settings
 from tests.unit.settings_args import aggregator_args, clear_fedmq_env, write_toml

@@ -1,0 +1,50 @@
+"""``fedmq-aggregator``: run the aggregator service against a real broker.
+
+The service (:mod:`aggregator.service`) takes its transport and clock from here: paho-mqtt to
+``--broker`` and the system clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from aggregator.config import AggregatorConfig, add_arguments, from_args
+from aggregator.service import AggregatorService
+from shared.clock import SystemClock
+from shared.mqtt.base import Connector, TransportError
+
+log = logging.getLogger("fedmq.aggregator")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``fedmq-aggregator``."""
+    parser = argparse.ArgumentParser(
+        prog="fedmq-aggregator", description="fedmq aggregator service"
+    )
+    add_arguments(parser)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        cfg = from_args(args)
+        return AggregatorService(cfg, _mqtt(cfg), SystemClock()).run()
+    except (ValueError, OSError, TransportError) as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _mqtt(cfg: AggregatorConfig) -> Connector:
+    """The real transport: paho-mqtt to ``cfg.broker`` (imported here, not at start-up)."""
+    from shared.mqtt.transport import connector_for
+
+    return connector_for(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
