@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 
 from aggregator.ops.demo import agent_command, stop_processes
 from shared.runtime.data import ArrayDataset, save_npz
@@ -19,6 +23,9 @@ FEDERATION = "itest"
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 4
 REPO = Path(__file__).resolve().parents[2]
+# Bound on a wait for the broker itself (SUBACK, a marker message): loopback answers in
+# milliseconds, so this only limits how long a broken broker can hang a test.
+BROKER_WAIT = 10.0
 
 
 def make_dataset(n: int, seed: int) -> ArrayDataset:
@@ -126,10 +133,80 @@ def metrics(workdir: Path) -> list[dict[str, object]]:
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``pred`` until true or fail naming ``what``."""
+    """Poll ``pred`` until true or fail naming ``what``.
+
+    The one polling loop of the integration tests, for conditions nothing announces (a
+    file written, a log line); messages are awaited on their queue (:func:`until`).
+    """
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if pred():
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def logged(path: Path, text: str) -> Callable[[], bool]:
+    """A :func:`wait_for` condition: ``text`` appears in the log at ``path``."""
+    return lambda: path.exists() and text in path.read_text(errors="replace")
+
+
+Inbox = queue.Queue[mqtt.MQTTMessage]
+
+
+def collect(client: mqtt.Client, *subscriptions: str) -> Inbox:
+    """Subscribe ``client`` at QoS 1 and wait for the SUBACK; its messages land in the queue.
+
+    Once this returns, the broker routes to ``client`` everything published afterwards.
+    """
+    inbox: Inbox = queue.Queue()
+    granted = threading.Event()
+    client.on_message = lambda _c, _u, m: inbox.put(m)
+    client.on_subscribe = lambda *_a: granted.set()
+    client.subscribe([(s, 1) for s in subscriptions])
+    if not granted.wait(BROKER_WAIT):
+        raise AssertionError(f"no SUBACK for {subscriptions} within {BROKER_WAIT}s")
+    return inbox
+
+
+def until(
+    inbox: Inbox, last: Callable[[mqtt.MQTTMessage], bool], timeout: float, what: str
+) -> list[mqtt.MQTTMessage]:
+    """Every message up to and including the first one ``last`` accepts; fail after ``timeout``.
+
+    With a marker as ``last`` this is how the tests show that something did *not* arrive:
+    mosquitto routes one publisher's messages in order, and acknowledges a QoS 1 publish
+    only after routing it, so everything published before the marker is in the list.
+    """
+    end = time.monotonic() + timeout
+    out: list[mqtt.MQTTMessage] = []
+    while True:
+        try:
+            out.append(inbox.get(timeout=max(0.0, end - time.monotonic())))
+        except queue.Empty:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+        if last(out[-1]):
+            return out
+
+
+def on(topic: str) -> Callable[[mqtt.MQTTMessage], bool]:
+    """An :func:`until` condition: a non-empty message on ``topic``."""
+    return lambda m: m.topic == topic and bool(m.payload)
+
+
+def next_on(inbox: Inbox, topic: str, timeout: float) -> mqtt.MQTTMessage:
+    """The next non-empty message on ``topic`` (others are skipped)."""
+    return until(inbox, on(topic), timeout, f"a message on {topic}")[-1]
+
+
+def pause(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGSTOP: the processes keep their connections but do nothing until :func:`resume`."""
+    for p in procs:
+        os.kill(p.pid, signal.SIGSTOP)
+
+
+def resume(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGCONT whatever still runs (safe on processes that were never paused)."""
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)
