@@ -49,9 +49,14 @@ def write_client_data(directory: Path, clients: int, n: int = 300) -> list[Path]
     return paths
 
 
-def _env() -> dict[str, str]:
+def _env(workdir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if workdir is not None:
+        # Device state (outbox, residuals) defaults to ~/.local/state/fedmq/<client-id>:
+        # shared by every run on the machine (pi-0 of another test, another checkout), where
+        # a leftover outbox re-sends or a concurrent run deletes files. Each test has its own.
+        env["XDG_STATE_HOME"] = str(workdir / "xdg-state")
     return env
 
 
@@ -90,7 +95,7 @@ def start_aggregator(
         *extra,
     ]
     log = open(workdir / "aggregator.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workdir), cwd=REPO)
 
 
 def start_agent(
@@ -99,7 +104,7 @@ def start_agent(
     """Launch ``fedmq-agent`` (as a module) for one device."""
     cmd = agent_command(url, FEDERATION, client_id, data, "--val-fraction", "0.1", *extra)
     log = open(workdir / f"{client_id}.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workdir), cwd=REPO)
 
 
 def wait_exit(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
