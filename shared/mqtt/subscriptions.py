@@ -62,7 +62,8 @@ class PendingAcks:
     def acknowledged(self, mid: int, failures: Sequence[str | None]) -> Ack | None:
         """Record the broker's answer to ``mid``: per topic, None (done) or why it refused.
 
-        Returns the answer, None for a packet id this tracker never sent.
+        Returns the answer when nobody waits for it (the caller reports it); None when a
+        waiter gets it from :meth:`wait`, or for a packet id this tracker never sent.
         """
         with self._cond:
             request = self._requests.get(mid)
@@ -70,9 +71,10 @@ class PendingAcks:
                 return None
             pairs = zip(request.topics, failures, strict=False)
             request.ack = Ack(tuple(f"{t}: {why}" for t, why in pairs if why is not None))
-            if not request.awaited:
-                del self._requests[mid]
-            self._cond.notify_all()
+            if request.awaited:
+                self._cond.notify_all()
+                return None
+            del self._requests[mid]
             return request.ack
 
     def connection_lost(self) -> None:

@@ -31,7 +31,7 @@ from shared.mqtt.chunking import (
 )
 from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
 from shared.mqtt.reconnect import JitteredClient
-from shared.mqtt.subscriptions import PendingAcks, Send, with_chunk_subs
+from shared.mqtt.subscriptions import Ack, PendingAcks, Send, with_chunk_subs
 from shared.protocol.topics import chunk_topic, split_chunk_topic
 
 log = logging.getLogger(__name__)
@@ -223,12 +223,15 @@ class MqttTransport:
         reason_codes: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
-        """SUBACK and UNSUBACK alike: wake the waiter; report refused topics."""
+        """SUBACK and UNSUBACK alike: wake the waiter, or report a refusal nobody waits for."""
         failures = [str(rc) if rc.is_failure else None for rc in reason_codes]
         ack = self._acks.acknowledged(mid, failures)
-        if ack is not None and ack.refused:
-            # An ACL denial, typically: the one place it is reported, reconnects included.
-            log.error("broker refused %s: %s", self.client_id, "; ".join(ack.refused))
+        if ack is not None and ack.refused:  # the subscriptions made on (re)connect
+            self._log_refused(ack)
+
+    def _log_refused(self, ack: Ack) -> None:
+        # An ACL denial, typically: the device will never receive these topics.
+        log.error("broker refused %s: %s", self.client_id, "; ".join(ack.refused))
 
     def chunk_capacity(self) -> int:
         """Largest payload sent as one message; larger ones are chunked."""
@@ -310,7 +313,9 @@ class MqttTransport:
                 why = f"no answer within {self.options.ack_timeout_s:g}s"
                 log.warning("%s %s %s? %s", self.client_id, done, topic, why)
             return
-        if not ack.refused:  # a refusal was logged when it came
+        if ack.refused:
+            self._log_refused(ack)
+        else:
             log.info("%s %s %s", self.client_id, done, topic)
 
     def publish(

@@ -60,7 +60,8 @@ class FakeClient:
         thread.join(0.05)  # blocked on the tracker's lock until the request is registered
 
     def acknowledge(self, mid: int, *codes: Code) -> None:
-        self.transport._on_ack(self, None, mid, list(codes or [Code(), Code()]), None)  # type: ignore[arg-type]
+        answer: list[Any] = list(codes or [Code(), Code()])
+        self.transport._on_ack(self, None, mid, answer, None)  # type: ignore[arg-type]
 
 
 def _transport(
@@ -141,8 +142,11 @@ def test_a_lost_connection_wakes_a_waiting_unsubscribe_at_once() -> None:
     fake.answer = lambda mid: threading.Timer(0.1, _drop, args=(t,)).start()
     woke = threading.Event()
 
-    thread = threading.Thread(target=lambda: (t.unsubscribe(MODEL), woke.set()))
-    thread.start()
+    def unsubscribe() -> None:
+        t.unsubscribe(MODEL)
+        woke.set()
+
+    threading.Thread(target=unsubscribe).start()
 
     assert woke.wait(5)  # not the 30 s timeout
     assert t._subs == [(DELTA, 1)]  # the reconnect does not subscribe to it again
@@ -169,7 +173,7 @@ def test_tracker_answers_a_waiter_even_when_the_ack_came_first() -> None:
     acks = PendingAcks()
     mid = acks.send(["a", "b"], lambda: (0, 7))
     assert mid == 7
-    acks.acknowledged(7, [None, "Not authorized"])
+    assert acks.acknowledged(7, [None, "Not authorized"]) is None  # the waiter reports it
 
     assert acks.wait(7, timeout=0) == Ack(refused=("b: Not authorized",))
 
