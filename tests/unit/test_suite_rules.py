@@ -11,8 +11,9 @@ import ast
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
-# The one polling loop: it waits for a condition with a deadline, between checks.
-POLLING_HELPERS = {("integration/federation.py", "wait_for")}
+# The polling loops: each waits for a condition with a deadline, sleeping between checks
+# (unit/inprocess.py: the in-memory federation's helper, on the lead's branch).
+POLLING_HELPERS = {("integration/federation.py", "wait_for"), ("unit/inprocess.py", "wait_for")}
 # What only an integration test may use: a broker, a broker client, service processes.
 BROKER_FIXTURES = {"broker", "mqtt_client", "small_broker", "secure"}
 BROKER_IMPORTS = ("aggregator.ops.local_broker", "tests.integration")
@@ -85,8 +86,15 @@ def test_unit_tests_use_no_broker_and_no_service_processes() -> None:
         if not path.startswith("unit/"):
             continue
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(BROKER_IMPORTS):
-                offenders.append(f"{path}:{node.lineno} imports {node.module}")
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                names = []
+            offenders += [
+                f"{path}:{node.lineno} imports {n}" for n in names if n.startswith(BROKER_IMPORTS)
+            ]
             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_"):
                 used = {a.arg for a in node.args.args} & BROKER_FIXTURES
                 offenders += [f"{path}:{node.lineno} uses fixture {f}" for f in sorted(used)]
