@@ -199,6 +199,20 @@ def on(topic: str) -> Callable[[mqtt.MQTTMessage], bool]:
     return lambda m: m.topic == topic and bool(m.payload)
 
 
+def until_each(
+    inbox: Inbox, topics: Iterable[str], timeout: float, what: str
+) -> list[mqtt.MQTTMessage]:
+    """Every message until each of ``topics`` has had a non-empty one, in any order."""
+    pending = set(topics)
+
+    def all_seen(m: mqtt.MQTTMessage) -> bool:
+        if m.payload:
+            pending.discard(m.topic)
+        return not pending
+
+    return until(inbox, all_seen, timeout, what)
+
+
 def next_on(inbox: Inbox, topic: str, timeout: float) -> mqtt.MQTTMessage:
     """The next non-empty message on ``topic`` (others are skipped)."""
     return until(inbox, on(topic), timeout, f"a message on {topic}")[-1]

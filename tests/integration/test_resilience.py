@@ -316,22 +316,33 @@ def test_starved_round_is_extended_then_fails_with_a_clear_exit_code(
 
 # --- 1. broker killed and restarted mid-round ---------------------------------------------
 def test_broker_killed_mid_round_federation_completes(
-    small_broker: LocalBroker, tmp_path: Path, data: list[Path]
+    small_broker: LocalBroker, tmp_path: Path, data: list[Path], mqtt_client: Any
 ) -> None:
     url = small_broker.url
-    agg = fed.start_aggregator(url, tmp_path, "--no-onnx", rounds=3, min_clients=3)
+    pi2 = T.agent_status("pi-2")
+    inbox = fed.collect(mqtt_client(url), pi2, T.update(1, "pi-0"), T.update(1, "pi-1"))
     agents = [_agent(url, i, p, tmp_path) for i, p in enumerate(data)]
+    procs = list(agents)
     try:
-        fed.wait_for(lambda: (tmp_path / "metrics.json").exists(), 40, "round 1 applied")
+        # pi-2 is paused once online: round 1 opens with it selected and cannot close
+        # without it, so the broker dies mid-round however fast the rounds run.
+        fed.until(inbox, _status(pi2, "online"), 60, "pi-2 online")
+        fed.pause(agents[2:])
+        agg = fed.start_aggregator(url, tmp_path, "--no-onnx", rounds=3, min_clients=3)
+        procs.insert(0, agg)
+        updates = [T.update(1, "pi-0"), T.update(1, "pi-1")]
+        fed.until_each(inbox, updates, 60, "pi-0's and pi-1's round-1 updates")
         small_broker.kill()
-        # Restart only once every client has noticed: the whole federation is cut off.
-        for name in ("aggregator", "pi-0", "pi-1", "pi-2"):
+        # Restart only once every running client has noticed: the federation is cut off.
+        for name in ("aggregator", "pi-0", "pi-1"):
             lost = fed.logged(tmp_path / f"{name}.log", "lost the broker")
             fed.wait_for(lost, 30, f"{name} noticing the broker is gone")
         small_broker.restart()
+        fed.resume(agents[2:])  # finds its connection dead, reconnects, trains round 1
         code = _finish(agg, agents, tmp_path)
     finally:
-        fed.stop([agg, *agents])
+        fed.resume(procs)
+        fed.stop(procs)
     assert code == 0
     _assert_each_round_counted_once(tmp_path, 3)
 
