@@ -145,27 +145,33 @@ def test_agent_killed_before_its_receipt_is_counted_once(
     small_broker: LocalBroker, tmp_path: Path, data: list[Path], mqtt_client: Any
 ) -> None:
     url = small_broker.url
-    watcher = mqtt_client(url)
     pi2 = T.agent_status("pi-2")
-    inbox = fed.collect(watcher, T.round_start(1), pi2, T.update(1, "pi-2"))
-    agg = fed.start_aggregator(url, tmp_path, rounds=2, min_clients=3)
+    inbox = fed.collect(mqtt_client(url), T.round_start(1), pi2, T.update(1, "pi-2"))
     agents = [_agent(url, i, p, tmp_path) for i, p in enumerate(data)]
+    procs = list(agents)
     outbox = tmp_path / "state-pi-2" / "outbox" / "update-1.fmq"
     try:
+        # pi-2 waits (paused) until the aggregator is paused in round 1: its update is then
+        # certainly sent, and in its outbox, before any receipt can come.
+        fed.until(inbox, _status(pi2, "online"), 60, "pi-2 online")
+        fed.pause(agents[2:])
+        agg = fed.start_aggregator(url, tmp_path, rounds=2, min_clients=3)
+        procs.insert(0, agg)
         fed.next_on(inbox, T.round_start(1), 30)
-        fed.pause([agg])  # no receipt can come while it is paused
+        fed.pause([agg])
+        fed.resume(agents[2:])
         fed.wait_for(outbox.exists, 20, "pi-2's update in its outbox")
         agents[2].kill()
         agents[2].wait()
         fed.until(inbox, _status(pi2, "offline"), 30, "the killed pi-2's will")
-        agents[2] = _agent(url, 2, data[2], tmp_path)
+        agents[2] = procs[-1] = _agent(url, 2, data[2], tmp_path)
         fed.until(inbox, _status(pi2, "online"), 60, "the restarted pi-2 online")
         fed.until(inbox, fed.on(T.update(1, "pi-2")), 30, "pi-2's update re-sent from its outbox")
         fed.resume([agg])
         code = _finish(agg, agents, tmp_path)
     finally:
-        fed.resume([agg])
-        fed.stop([agg, *agents])
+        fed.resume(procs)
+        fed.stop(procs)
     assert code == 0
     _assert_each_round_counted_once(tmp_path, 2)
     assert not outbox.exists()  # its receipt arrived: the outbox let it go
@@ -352,20 +358,28 @@ def test_agent_behind_a_cut_link_reconnects_and_its_update_arrives(
     small_broker: LocalBroker, tmp_path: Path, data: list[Path], mqtt_client: Any
 ) -> None:
     url = small_broker.url
-    watcher = mqtt_client(url)
-    inbox = fed.collect(watcher, T.round_start(1))
+    pi2 = T.agent_status("pi-2")
+    inbox = fed.collect(mqtt_client(url), T.round_start(1), pi2)
     with NetProxy(small_broker.host, small_broker.port) as proxy:
-        agg = fed.start_aggregator(url, tmp_path, "--no-onnx", rounds=2, min_clients=3)
         agents = [_agent(url, i, p, tmp_path) for i, p in enumerate(data[:2])]
         agents.append(_agent(proxy.url, 2, data[2], tmp_path))
+        procs = list(agents)
         try:
+            # pi-2 is paused once online and the link cut once round 1 is open: its update
+            # can only arrive over a reconnection (round 1 cannot close without it).
+            fed.until(inbox, _status(pi2, "online"), 60, "pi-2 online")
+            fed.pause(agents[2:])
+            agg = fed.start_aggregator(url, tmp_path, "--no-onnx", rounds=2, min_clients=3)
+            procs.insert(0, agg)
             fed.next_on(inbox, T.round_start(1), 40)
             proxy.cut()
+            fed.resume(agents[2:])
             fed.wait_for(lambda: proxy.refused > 0, 30, "pi-2 retrying while the link is down")
             proxy.heal()
             code = _finish(agg, agents, tmp_path)
         finally:
-            fed.stop([agg, *agents])
+            fed.resume(procs)
+            fed.stop(procs)
         reconnected = proxy.accepted >= 2
     assert code == 0
     assert reconnected
