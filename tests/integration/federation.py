@@ -180,8 +180,9 @@ def until(
     """Every message up to and including the first one ``last`` accepts; fail after ``timeout``.
 
     With a marker as ``last`` this is how the tests show that something did *not* arrive:
-    mosquitto routes one publisher's messages in order, and acknowledges a QoS 1 publish
-    only after routing it, so everything published before the marker is in the list.
+    mosquitto routes messages in the order it receives them and acknowledges a QoS 1
+    publish only once routed, so whatever was published (and acknowledged) before the
+    marker, by anyone, is in the list if it was routed to this client at all.
     """
     end = time.monotonic() + timeout
     out: list[mqtt.MQTTMessage] = []
