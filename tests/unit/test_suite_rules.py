@@ -25,7 +25,7 @@ def _modules() -> list[tuple[str, ast.Module]]:
 
 
 class _SleepFinder(ast.NodeVisitor):
-    """Collects (enclosing function, line) of every ``sleep(...)`` / ``time.sleep(...)`` call."""
+    """Collects (enclosing function, line) of every call of ``sleep``, ``time.sleep`` included."""
 
     def __init__(self) -> None:
         self.function = "<module>"
