@@ -80,11 +80,11 @@ class Transport(Protocol):
         ...
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
-        """Add a subscription now and after every reconnect."""
+        """Add a subscription now and after every reconnect (connected: return once confirmed)."""
         ...
 
     def unsubscribe(self, topic: str) -> None:
-        """Drop a subscription now and for later reconnects."""
+        """Drop a subscription now and for later reconnects (connected: return once confirmed)."""
         ...
 
     def stop(self, final: Iterable[Outbound] = ()) -> None:

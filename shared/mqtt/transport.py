@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import random
 import ssl
 import threading
 import time
@@ -32,7 +31,9 @@ from shared.mqtt.chunking import (
     split,
 )
 from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
-from shared.protocol.topics import chunk_subscription, chunk_topic, split_chunk_topic
+from shared.mqtt.reconnect import JitteredClient
+from shared.mqtt.subscriptions import Ack, PendingAcks, Send, with_chunk_subs
+from shared.protocol.topics import chunk_topic, split_chunk_topic
 
 log = logging.getLogger(__name__)
 
@@ -82,35 +83,9 @@ class ConnectOptions:
     max_transfers: int = 32
     max_transfer_bytes: int = 512 * 1024 * 1024
     max_payload_bytes: int = 256 * 1024 * 1024
-
-
-_STOPPING = (
-    mqtt._ConnectionState.MQTT_CS_DISCONNECTING,
-    mqtt._ConnectionState.MQTT_CS_DISCONNECTED,
-)
-
-
-class _JitteredClient(mqtt.Client):
-    """paho's client with *full jitter* on its capped exponential reconnect backoff.
-
-    paho (2.x) doubles its reconnect delay up to ``reconnect_delay_set``'s maximum but adds
-    no jitter, so a fleet that lost the same broker reconnects in lock-step. Overriding the
-    (private, but stable through 2.x) ``_reconnect_wait`` hook keeps paho's loop and adds
-    a random delay in [delay/2, delay].
-    """
-
-    def _reconnect_wait(self) -> None:
-        with self._reconnect_delay_mutex:
-            if self._reconnect_delay is None:
-                self._reconnect_delay = self._reconnect_min_delay
-            else:
-                self._reconnect_delay = min(self._reconnect_delay * 2, self._reconnect_max_delay)
-            delay = self._reconnect_delay * random.uniform(0.5, 1.0)
-        end = time.monotonic() + delay
-        while not self._thread_terminate and time.monotonic() < end:
-            if self._state in _STOPPING:
-                return
-            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+    # How long subscribe/unsubscribe wait for the broker's SUBACK/UNSUBACK (loopback and
+    # LAN answer in milliseconds; a longer silence means the connection is dying).
+    ack_timeout_s: float = 10.0
 
 
 class MqttTransport:
@@ -152,10 +127,11 @@ class MqttTransport:
         )
         # Topic → number of retained chunks we last published there (to clear stale ones).
         self._retained_chunks: dict[str, int] = {}
+        self._acks = PendingAcks()
         self._client = self._make_client(will)
 
     def _make_client(self, will: Outbound | None) -> mqtt.Client:
-        client = _JitteredClient(
+        client = JitteredClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=mqtt.MQTTv5,
@@ -181,6 +157,7 @@ class MqttTransport:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = client.on_unsubscribe = self._on_ack
         return client
 
     # --- paho callbacks: network thread, hand over only -------------------------------
@@ -201,9 +178,9 @@ class MqttTransport:
         max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
         self.broker_max_packet = int(max_packet) if max_packet else None
         if self._subs:
-            client.subscribe(
-                [(t, mqtt.SubscribeOptions(qos=q)) for t, q in _with_chunk_subs(self._subs)]
-            )
+            subs = with_chunk_subs(self._subs)
+            # Not awaited (this is the network thread): a refusal is still logged.
+            self._acks.send([t for t, _ in subs], _subscribe_call(client, subs), awaited=False)
         for msg in self._births() if self._births else []:
             client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
         self.connect_count += 1
@@ -219,6 +196,7 @@ class MqttTransport:
         properties: Properties | None,
     ) -> None:
         self.connected.clear()
+        self._acks.connection_lost()
         if not self._closing:
             log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason_code)
 
@@ -237,6 +215,24 @@ class MqttTransport:
             return
         if whole is not None:
             self.inbox.put(Inbound(base, whole, bool(msg.retain)))
+
+    def _on_ack(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        """SUBACK and UNSUBACK alike: wake the waiter, or report a refusal nobody waits for."""
+        failures = [str(rc) if rc.is_failure else None for rc in reason_codes]
+        ack = self._acks.acknowledged(mid, failures)
+        if ack is not None and ack.refused:  # the subscriptions made on (re)connect
+            self._log_refused(ack)
+
+    def _log_refused(self, ack: Ack) -> None:
+        # An ACL denial, typically: the device will never receive these topics.
+        log.error("broker refused %s: %s", self.client_id, "; ".join(ack.refused))
 
     def chunk_capacity(self) -> int:
         """Largest payload sent as one message; larger ones are chunked."""
@@ -284,17 +280,44 @@ class MqttTransport:
         return self.connected.wait(timeout)
 
     def subscribe(self, topic: str, qos: int = 1) -> None:
-        """Add a subscription now and after every reconnect."""
+        """Add a subscription now and after every reconnect.
+
+        Connected, return once the broker has confirmed it (SUBACK; at most
+        ``options.ack_timeout_s``): the topic's retained messages are then on their way.
+        Disconnected, only update the list subscribed to on reconnect.
+        """
         self._subs.append((topic, qos))
-        if self.connected.is_set():
-            for t, q in _with_chunk_subs([(topic, qos)]):
-                self._client.subscribe(t, qos=q)
+        subs = with_chunk_subs([(topic, qos)])
+        self._confirmed("subscribed to", topic, subs, _subscribe_call(self._client, subs))
 
     def unsubscribe(self, topic: str) -> None:
-        """Drop a subscription (and its chunk subscription) now and for later reconnects."""
+        """Drop a subscription (and its chunk subscription) now and for later reconnects.
+
+        Connected, return once the broker has confirmed it (UNSUBACK; at most
+        ``options.ack_timeout_s``): nothing published after that reaches us on ``topic``.
+        Disconnected, only update the list subscribed to on reconnect.
+        """
         self._subs = [(t, q) for t, q in self._subs if t != topic]
-        if self.connected.is_set():
-            self._client.unsubscribe([t for t, _ in _with_chunk_subs([(topic, 0)])])
+        subs = with_chunk_subs([(topic, 0)])
+        names = [t for t, _ in subs]
+        self._confirmed("unsubscribed from", topic, subs, lambda: self._client.unsubscribe(names))
+
+    def _confirmed(self, done: str, topic: str, subs: list[tuple[str, int]], send: Send) -> None:
+        """Send a subscription change and wait for the broker's acknowledgement."""
+        if not self.connected.is_set():
+            return  # the reconnect subscribes from the list
+        mid = self._acks.send([t for t, _ in subs], send)
+        ack = self._acks.wait(mid, self.options.ack_timeout_s) if mid is not None else None
+        if ack is None:
+            # Lost the connection meanwhile (the reconnect applies the list), or no answer.
+            if self.connected.is_set():
+                why = f"no answer within {self.options.ack_timeout_s:g}s"
+                log.warning("%s %s %s? %s", self.client_id, done, topic, why)
+            return
+        if ack.refused:
+            self._log_refused(ack)
+        else:
+            log.info("%s %s %s", self.client_id, done, topic)
 
     def publish(
         self,
@@ -371,15 +394,9 @@ class MqttTransport:
         self._client.loop_stop()
 
 
-def _with_chunk_subs(subs: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Each subscription plus the one covering its chunks (deduplicated, order kept)."""
-    out: dict[str, int] = {}
-    for topic, qos in subs:
-        out.setdefault(topic, qos)
-        chunked = chunk_subscription(topic)
-        if chunked is not None:
-            out.setdefault(chunked, qos)
-    return list(out.items())
+def _subscribe_call(client: mqtt.Client, subs: list[tuple[str, int]]) -> Send:
+    """paho's subscribe for ``subs``, as one SUBSCRIBE packet (one SUBACK)."""
+    return lambda: client.subscribe([(t, mqtt.SubscribeOptions(qos=q)) for t, q in subs])
 
 
 class BrokerSettings(Protocol):

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 
 from aggregator.ops.demo import agent_command, stop_processes
 from shared.runtime.data import ArrayDataset, save_npz
@@ -19,6 +23,9 @@ FEDERATION = "itest"
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 4
 REPO = Path(__file__).resolve().parents[2]
+# Bound on a wait for the broker itself (SUBACK, a marker message): loopback answers in
+# milliseconds, so this only limits how long a broken broker can hang a test.
+BROKER_WAIT = 10.0
 
 
 def make_dataset(n: int, seed: int) -> ArrayDataset:
@@ -42,9 +49,14 @@ def write_client_data(directory: Path, clients: int, n: int = 300) -> list[Path]
     return paths
 
 
-def _env() -> dict[str, str]:
+def _env(workdir: Path | None = None) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    if workdir is not None:
+        # Device state (outbox, residuals) defaults to ~/.local/state/fedmq/<client-id>:
+        # shared by every run on the machine (pi-0 of another test, another checkout), where
+        # a leftover outbox re-sends or a concurrent run deletes files. Each test has its own.
+        env["XDG_STATE_HOME"] = str(workdir / "xdg-state")
     return env
 
 
@@ -83,7 +95,7 @@ def start_aggregator(
         *extra,
     ]
     log = open(workdir / "aggregator.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workdir), cwd=REPO)
 
 
 def start_agent(
@@ -92,7 +104,7 @@ def start_agent(
     """Launch ``fedmq-agent`` (as a module) for one device."""
     cmd = agent_command(url, FEDERATION, client_id, data, "--val-fraction", "0.1", *extra)
     log = open(workdir / f"{client_id}.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=REPO)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workdir), cwd=REPO)
 
 
 def wait_exit(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
@@ -126,10 +138,95 @@ def metrics(workdir: Path) -> list[dict[str, object]]:
 
 
 def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``pred`` until true or fail naming ``what``."""
+    """Poll ``pred`` until true or fail naming ``what``.
+
+    The one polling loop of the integration tests, for conditions nothing announces (a
+    file written, a log line); messages are awaited on their queue (:func:`until`).
+    """
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if pred():
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def logged(path: Path, text: str) -> Callable[[], bool]:
+    """A :func:`wait_for` condition: ``text`` appears in the log at ``path``."""
+    return lambda: path.exists() and text in path.read_text(errors="replace")
+
+
+Inbox = queue.Queue[mqtt.MQTTMessage]
+
+
+def collect(client: mqtt.Client, *subscriptions: str) -> Inbox:
+    """Subscribe ``client`` at QoS 1 and wait for the SUBACK; its messages land in the queue.
+
+    Once this returns, the broker routes to ``client`` everything published afterwards.
+    """
+    inbox: Inbox = queue.Queue()
+    granted = threading.Event()
+    client.on_message = lambda _c, _u, m: inbox.put(m)
+    client.on_subscribe = lambda *_a: granted.set()
+    client.subscribe([(s, 1) for s in subscriptions])
+    if not granted.wait(BROKER_WAIT):
+        raise AssertionError(f"no SUBACK for {subscriptions} within {BROKER_WAIT}s")
+    return inbox
+
+
+def until(
+    inbox: Inbox, last: Callable[[mqtt.MQTTMessage], bool], timeout: float, what: str
+) -> list[mqtt.MQTTMessage]:
+    """Every message up to and including the first one ``last`` accepts; fail after ``timeout``.
+
+    With a marker as ``last`` this is how the tests show that something did *not* arrive:
+    mosquitto routes messages in the order it receives them and acknowledges a QoS 1
+    publish only once routed, so whatever was published (and acknowledged) before the
+    marker, by anyone, is in the list if it was routed to this client at all.
+    """
+    end = time.monotonic() + timeout
+    out: list[mqtt.MQTTMessage] = []
+    while True:
+        try:
+            out.append(inbox.get(timeout=max(0.0, end - time.monotonic())))
+        except queue.Empty:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+        if last(out[-1]):
+            return out
+
+
+def on(topic: str) -> Callable[[mqtt.MQTTMessage], bool]:
+    """An :func:`until` condition: a non-empty message on ``topic``."""
+    return lambda m: m.topic == topic and bool(m.payload)
+
+
+def until_each(
+    inbox: Inbox, topics: Iterable[str], timeout: float, what: str
+) -> list[mqtt.MQTTMessage]:
+    """Every message until each of ``topics`` has had a non-empty one, in any order."""
+    pending = set(topics)
+
+    def all_seen(m: mqtt.MQTTMessage) -> bool:
+        if m.payload:
+            pending.discard(m.topic)
+        return not pending
+
+    return until(inbox, all_seen, timeout, what)
+
+
+def next_on(inbox: Inbox, topic: str, timeout: float) -> mqtt.MQTTMessage:
+    """The next non-empty message on ``topic`` (others are skipped)."""
+    return until(inbox, on(topic), timeout, f"a message on {topic}")[-1]
+
+
+def pause(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGSTOP: the processes keep their connections but do nothing until :func:`resume`."""
+    for p in procs:
+        os.kill(p.pid, signal.SIGSTOP)
+
+
+def resume(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGCONT whatever still runs (safe on processes that were never paused)."""
+    for p in procs:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGCONT)

@@ -32,6 +32,7 @@ class NetProxy:
         self._flowing.set()
         self._closed = False
         self.accepted = 0
+        self.refused = 0  # connection attempts while the link was down
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
     @property
@@ -83,6 +84,7 @@ class NetProxy:
                 return
             if not self._up.is_set():
                 client.close()  # the link is down: the connection attempt fails
+                self.refused += 1
                 continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)

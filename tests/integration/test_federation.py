@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import queue
 import re
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -24,26 +21,12 @@ pytestmark = pytest.mark.integration
 T = Topics(fed.FEDERATION)
 
 
-def _collect(client: mqtt.Client, *subscriptions: str) -> queue.Queue[mqtt.MQTTMessage]:
-    inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-    client.on_message = lambda _c, _u, m: inbox.put(m)
-    for topic in subscriptions:
-        client.subscribe(topic, qos=1)
-    return inbox
-
-
-def _drain(inbox: queue.Queue[mqtt.MQTTMessage]) -> list[mqtt.MQTTMessage]:
+def _drain(inbox: fed.Inbox) -> list[mqtt.MQTTMessage]:
+    """What has arrived so far."""
     out = []
     while not inbox.empty():
         out.append(inbox.get())
     return out
-
-
-def _next_on(inbox: queue.Queue[mqtt.MQTTMessage], topic: str, timeout: float) -> Any:
-    while True:
-        m = inbox.get(timeout=timeout)
-        if m.topic == topic and m.payload:
-            return m
 
 
 def test_three_agents_complete_three_rounds(broker: LocalBroker, tmp_path: Path) -> None:
@@ -72,13 +55,13 @@ def test_late_agent_gets_retained_model(
 ) -> None:
     clients = fed.write_client_data(tmp_path / "data", 3)
     watcher = mqtt_client(broker.url)
-    inbox = _collect(watcher, T.global_meta)
+    inbox = fed.collect(watcher, T.global_meta)
     agg = fed.start_aggregator(broker.url, tmp_path, rounds=2, min_clients=3)
     procs = [agg] + [fed.start_agent(broker.url, f"pi-{i}", clients[i], tmp_path) for i in (0, 1)]
     try:
         # The initial model is published before the third agent exists: it can only get it
         # from the broker's retained copy, and round 1 cannot start without it.
-        initial = json.loads(_next_on(inbox, T.global_meta, timeout=60).payload)
+        initial = json.loads(fed.next_on(inbox, T.global_meta, timeout=60).payload)
         assert initial["round"] == 0
         procs.append(fed.start_agent(broker.url, "pi-late", clients[2], tmp_path))
         assert fed.wait_exit(agg, 180, tmp_path / "aggregator.log") == 0
@@ -88,8 +71,8 @@ def test_late_agent_gets_retained_model(
     assert all("pi-late" in r["participants"] for r in rounds)
 
     late_reader = mqtt_client(broker.url)
-    models = _collect(late_reader, T.global_model)
-    retained = _next_on(models, T.global_model, timeout=10)
+    models = fed.collect(late_reader, T.global_model)
+    retained = fed.next_on(models, T.global_model, timeout=10)
     frame = decode_frame(retained.payload)
     assert retained.retain
     assert frame.header.round == 2
@@ -103,11 +86,11 @@ def test_malformed_updates_get_receipts_and_round_completes(
 ) -> None:
     clients = fed.write_client_data(tmp_path / "data", 3)
     intruder = mqtt_client(broker.url, client_id="intruder")
-    inbox = _collect(intruder, T.round_start(1), T.receipt_any_round("intruder"))
+    inbox = fed.collect(intruder, T.round_start(1), T.receipt_any_round("intruder"))
     agg = fed.start_aggregator(broker.url, tmp_path, rounds=3, min_clients=3)
     agents = [fed.start_agent(broker.url, f"pi-{i}", p, tmp_path) for i, p in enumerate(clients)]
     try:
-        _next_on(inbox, T.round_start(1), timeout=90)
+        fed.next_on(inbox, T.round_start(1), timeout=90)
         intruder.publish(T.update(1, "intruder"), b"\x00not a frame", qos=1)
         foreign = encode_frame(
             FrameHeader(
@@ -122,7 +105,7 @@ def test_malformed_updates_get_receipts_and_round_completes(
         ).payload
         intruder.publish(T.update(1, "intruder"), foreign, qos=1)
         receipts = [
-            json.loads(_next_on(inbox, T.receipt(1, "intruder"), 30).payload) for _ in range(2)
+            json.loads(fed.next_on(inbox, T.receipt(1, "intruder"), 30).payload) for _ in range(2)
         ]
         assert fed.wait_exit(agg, 180, tmp_path / "aggregator.log") == 0
     finally:
@@ -139,53 +122,86 @@ def test_malformed_updates_get_receipts_and_round_completes(
 def test_agents_follow_int8_global_deltas_and_a_late_agent_catches_up_in_full(
     broker: LocalBroker, tmp_path: Path, mqtt_client: Any
 ) -> None:
-    names = ("pi-0", "pi-1", "pi-late")
+    names = ["pi-0", "pi-1", "pi-late"]
     clients = fed.write_client_data(tmp_path / "data", 3)
-    inbox = _collect(mqtt_client(broker.url), T.global_meta)
-    starts = _collect(mqtt_client(broker.url), T.round_start(2))
+    metas = fed.collect(mqtt_client(broker.url), T.global_meta)
+    starts = fed.collect(mqtt_client(broker.url), T.round_start(2))
     agg = fed.start_aggregator(broker.url, tmp_path, "--no-onnx", rounds=4, min_clients=2)
     procs = [agg] + [fed.start_agent(broker.url, f"pi-{i}", clients[i], tmp_path) for i in (0, 1)]
     try:
-        metas = [json.loads(_next_on(inbox, T.global_meta, timeout=60).payload)]
-        while metas[-1]["round"] < 1:
-            metas.append(json.loads(_next_on(inbox, T.global_meta, timeout=60).payload))
-        # Round 1 is applied. Hold the aggregator while pi-late starts: it can get model 1
-        # only from the retained full model, and it holds it (and follows deltas only, once
-        # a round on it is announced) before the aggregator goes on, so it is selected in
-        # round 3 at the latest (round 4 if round 2's updates were queued before its status).
-        os.kill(agg.pid, signal.SIGSTOP)
-        procs.append(fed.start_agent(broker.url, "pi-late", clients[2], tmp_path))
-        late_log = tmp_path / "pi-late.log"
-        fed.wait_for(
-            lambda: "global model of round 1:" in late_log.read_text(), 60, "pi-late's model 1"
-        )
-        if any(m.payload for m in _drain(starts)):  # round 2 was announced before the pause
-            fed.wait_for(
-                lambda: "following global deltas only" in late_log.read_text(),
-                30,
-                "pi-late following deltas only",
-            )
-        os.kill(agg.pid, signal.SIGCONT)
+        initial = json.loads(fed.next_on(metas, T.global_meta, 60).payload)
+        while json.loads(fed.next_on(metas, T.global_meta, 60).payload)["round"] < 1:
+            pass
+        procs.append(_join_between_rounds_1_and_2(broker.url, clients[2], procs, starts, tmp_path))
         assert fed.wait_exit(agg, 180, tmp_path / "aggregator.log") == 0
-        codes = fed.wait_agents(procs[1:], list(names), tmp_path)
+        codes = fed.wait_agents(procs[1:], names, tmp_path)
     finally:
-        if agg.poll() is None:
-            os.kill(agg.pid, signal.SIGCONT)
+        fed.resume(procs)
         fed.stop(procs)
 
     assert codes == [0, 0, 0]
+    assert initial["round"] == 0
     rounds = fed.metrics(tmp_path)
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert all(r["download_codec"] == "int8" for r in rounds)
     # (a) Every round published an int8 delta several times smaller than the full model.
     assert all(r["model_bytes"] > 3.5 * r["delta_bytes"] > 0 for r in rounds)
-    # bytes_down is what the agents measured: since its previous update, an early agent
-    # downloaded exactly the previous round's delta (round 1: the initial full model);
-    # pi-late, before its first update, the retained full model 1 and delta 1, then every
-    # delta up to the round before.
+    _assert_downloads(rounds, initial["nbytes"])
+    # (b) Everybody ends with the aggregator's model; early agents only ever applied
+    # deltas after the initial model, pi-late fetched model 1 in full once.
+    final = rounds[-1]["model_hash"]
+    for name in names:
+        log = (tmp_path / f"{name}.log").read_text()
+        assert f"holding the global model of round 4: {final}" in log, name
+        assert f"{name} unsubscribed from {T.global_model}" in log, name
+        full = log.count("(full model,")
+        applied = log.count("(delta, int8,")
+        assert (full, applied) == ((1, 3) if name == "pi-late" else (1, 4)), (name, full, applied)
+    late = (tmp_path / "pi-late.log").read_text()
+    assert re.findall(r"global model of round (\d+): \w+ \(full model,", late) == ["1"]
+
+
+def _join_between_rounds_1_and_2(
+    url: str, data: Path, procs: list[Any], starts: fed.Inbox, tmp_path: Path
+) -> Any:
+    """Start pi-late once model 1 is out, so that it gets model 1, and only it, in full.
+
+    The aggregator (``procs[0]``) is paused right after model 1: pi-late can get model 1
+    only from the retained full model. It drops the full-model topic once it holds model 1
+    and a round on it is announced; the transport logs "unsubscribed from" when the broker
+    has confirmed it, and no newer model may be published before that line.
+    """
+    agg, early = procs[0], procs[1:3]
+    fed.pause([agg])
+    late = fed.start_agent(url, "pi-late", data, tmp_path)
+    late_log = tmp_path / "pi-late.log"
+    fed.wait_for(fed.logged(late_log, "global model of round 1:"), 60, "pi-late's model 1")
+    dropped = fed.logged(late_log, f"pi-late unsubscribed from {T.global_model}")
+    # Seconds after the pause: whatever the aggregator had sent has reached the watcher.
+    if any(m.payload for m in _drain(starts)):
+        # pi-late got round 2's retained announcement: it drops the topic while the
+        # aggregator is still paused.
+        fed.wait_for(dropped, 60, "pi-late following deltas only")
+        fed.resume([agg])
+    else:
+        # Round 2 is announced only once the aggregator goes on: hold the early agents so
+        # that round 2 (and model 2) cannot complete before pi-late has dropped the topic.
+        fed.pause(early)
+        fed.resume([agg])
+        fed.wait_for(dropped, 60, "pi-late following deltas only")
+        fed.resume(early)
+    return late
+
+
+def _assert_downloads(rounds: list[dict[str, Any]], initial: int) -> None:
+    """bytes_down is what the agents measured and reported with their updates.
+
+    Since its previous update, an early agent downloaded exactly the previous round's delta
+    (round 1: the initial full model); pi-late, before its first update, the retained full
+    model 1 and delta 1, then every delta up to the round before.
+    """
     first_late = min(r["round"] for r in rounds if "pi-late" in r["participants"])
     assert first_late in (2, 3, 4)
-    initial = next(m for m in metas if m["round"] == 0)["nbytes"]
     delta = {r["round"]: r["delta_bytes"] for r in rounds}
     for r in rounds:
         n = r["round"]
@@ -198,15 +214,3 @@ def test_agents_follow_int8_global_deltas_and_a_late_agent_catches_up_in_full(
         assert r["bytes_down"] == early + late_bytes, n
         if n > 1 and n != first_late:
             assert r["bytes_down"] / r["accepted"] < r["model_bytes"] / 3.5
-    # (b) Everybody ends with the aggregator's model; early agents only ever applied
-    # deltas after the initial model, pi-late fetched model 1 in full once.
-    final = rounds[-1]["model_hash"]
-    for name in names:
-        log = (tmp_path / f"{name}.log").read_text()
-        assert f"holding the global model of round 4: {final}" in log, name
-        assert "following global deltas only" in log, name
-        full = log.count("(full model,")
-        applied = log.count("(delta, int8,")
-        assert (full, applied) == ((1, 3) if name == "pi-late" else (1, 4)), (name, full, applied)
-    late = (tmp_path / "pi-late.log").read_text()
-    assert re.findall(r"global model of round (\d+): \w+ \(full model,", late) == ["1"]

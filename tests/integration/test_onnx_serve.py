@@ -27,7 +27,8 @@ def _start_serve(url: str, workdir: Path) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "edge_agent.cli", "serve", "--broker", url]
     cmd += ["--federation", fed.FEDERATION, "--client-id", "pi-0", "--log-level", "DEBUG"]
     log = open(workdir / "serve.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=fed._env(), cwd=fed.REPO)
+    env = fed._env(workdir)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=fed.REPO)
 
 
 def test_served_model_is_the_published_onnx(

@@ -1,18 +1,16 @@
 """Nothing lost: faults injected into a real federation (Mosquitto, aggregator, agents).
 
 Every test asserts on outcomes — rounds applied, updates counted (metrics and the
-aggregator's checkpoint history), models — never on log text.
+aggregator's checkpoint history), models — never on log text (a log line at most tells a
+test when to go on). No test sleeps: each waits for the message or state it needs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import queue
-import signal
 import subprocess
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -45,31 +43,23 @@ def _agent(url: str, i: int, data: Path, tmp: Path, *extra: str) -> subprocess.P
     return fed.start_agent(url, f"pi-{i}", data, tmp, "--state-dir", state, *extra)
 
 
-def _watch(client: mqtt.Client, *subscriptions: str) -> queue.Queue[mqtt.MQTTMessage]:
-    inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-    client.on_message = lambda _c, _u, m: inbox.put(m)
-    for topic in subscriptions:
-        client.subscribe(topic, qos=1)
-    return inbox
+def _json_on(messages: list[mqtt.MQTTMessage], topic_prefix: str) -> list[dict[str, Any]]:
+    """The JSON bodies of the non-empty messages under ``topic_prefix``."""
+    return [
+        json.loads(m.payload) for m in messages if m.topic.startswith(topic_prefix) and m.payload
+    ]
 
 
-def _next_on(inbox: queue.Queue[mqtt.MQTTMessage], topic: str, timeout: float) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        m = inbox.get(timeout=max(0.01, end - time.monotonic()))
-        if m.topic == topic and m.payload:
-            return m
+def _status(topic: str, *states: str) -> Callable[[mqtt.MQTTMessage], bool]:
+    """A :func:`fed.until` condition: a status message on ``topic`` in one of ``states``."""
+    return lambda m: (
+        m.topic == topic and bool(m.payload) and json.loads(m.payload)["state"] in states
+    )
 
 
-def _drain(inbox: queue.Queue[mqtt.MQTTMessage], topic_prefix: str) -> list[dict[str, Any]]:
-    out = []
-    while True:
-        try:
-            m = inbox.get_nowait()
-        except queue.Empty:
-            return out
-        if m.topic.startswith(topic_prefix) and m.payload:
-            out.append(json.loads(m.payload))
+# The aggregator's last word (a clean stop's status, or its will): published after every
+# receipt and decision it sent, so a watcher holding it has all of them.
+_AGGREGATOR_DONE = _status(T.aggregator_status, "finished", "offline")
 
 
 def _finish(agg: subprocess.Popen[bytes], agents: list[subprocess.Popen[bytes]], tmp: Path) -> int:
@@ -155,25 +145,33 @@ def test_agent_killed_before_its_receipt_is_counted_once(
     small_broker: LocalBroker, tmp_path: Path, data: list[Path], mqtt_client: Any
 ) -> None:
     url = small_broker.url
-    watcher = mqtt_client(url)
-    inbox = _watch(watcher, T.round_start(1))
-    agg = fed.start_aggregator(url, tmp_path, rounds=2, min_clients=3)
+    pi2 = T.agent_status("pi-2")
+    inbox = fed.collect(mqtt_client(url), T.round_start(1), pi2, T.update(1, "pi-2"))
     agents = [_agent(url, i, p, tmp_path) for i, p in enumerate(data)]
+    procs = list(agents)
     outbox = tmp_path / "state-pi-2" / "outbox" / "update-1.fmq"
     try:
-        _next_on(inbox, T.round_start(1), 30)
-        os.kill(agg.pid, signal.SIGSTOP)  # no receipt can come while it is paused
+        # pi-2 waits (paused) until the aggregator is paused in round 1: its update is then
+        # certainly sent, and in its outbox, before any receipt can come.
+        fed.until(inbox, _status(pi2, "online"), 60, "pi-2 online")
+        fed.pause(agents[2:])
+        agg = fed.start_aggregator(url, tmp_path, rounds=2, min_clients=3)
+        procs.insert(0, agg)
+        fed.next_on(inbox, T.round_start(1), 30)
+        fed.pause([agg])
+        fed.resume(agents[2:])
         fed.wait_for(outbox.exists, 20, "pi-2's update in its outbox")
         agents[2].kill()
         agents[2].wait()
-        agents[2] = _agent(url, 2, data[2], tmp_path)
-        time.sleep(2)  # the restarted agent re-sends from its outbox
-        os.kill(agg.pid, signal.SIGCONT)
+        fed.until(inbox, _status(pi2, "offline"), 30, "the killed pi-2's will")
+        agents[2] = procs[-1] = _agent(url, 2, data[2], tmp_path)
+        fed.until(inbox, _status(pi2, "online"), 60, "the restarted pi-2 online")
+        fed.until(inbox, fed.on(T.update(1, "pi-2")), 30, "pi-2's update re-sent from its outbox")
+        fed.resume([agg])
         code = _finish(agg, agents, tmp_path)
     finally:
-        if agg.poll() is None:
-            os.kill(agg.pid, signal.SIGCONT)
-        fed.stop([agg, *agents])
+        fed.resume(procs)
+        fed.stop(procs)
     assert code == 0
     _assert_each_round_counted_once(tmp_path, 2)
     assert not outbox.exists()  # its receipt arrived: the outbox let it go
@@ -184,20 +182,20 @@ def test_same_update_delivered_twice_is_counted_once(
 ) -> None:
     url = small_broker.url
     spy = mqtt_client(url, client_id="spy")
-    inbox = _watch(spy, T.update(1, "pi-0"), T.receipt_any_round("pi-0"))
+    inbox = fed.collect(spy, T.update(1, "pi-0"), T.receipt_any_round("pi-0"), T.aggregator_status)
     # Two rounds: the aggregator is still running when the copies of round 1 arrive, so each
     # copy gets its receipt ("duplicate" while round 1 is open, "late" once it closed).
     agg = fed.start_aggregator(url, tmp_path, rounds=2, min_clients=3)
     agents = [_agent(url, i, p, tmp_path) for i, p in enumerate(data)]
     try:
-        update = _next_on(inbox, T.update(1, "pi-0"), 40).payload
+        update = fed.next_on(inbox, T.update(1, "pi-0"), 40).payload
         for _ in range(2):
             spy.publish(T.update(1, "pi-0"), update, qos=1).wait_for_publish(5)
         code = _finish(agg, agents, tmp_path)
-        time.sleep(0.5)
+        done = fed.until(inbox, _AGGREGATOR_DONE, 30, "the aggregator's final status")
     finally:
         fed.stop([agg, *agents])
-    receipts = _drain(inbox, T.receipt(1, "pi-0"))
+    receipts = _json_on(done, T.receipt(1, "pi-0"))
     assert code == 0
     _assert_each_round_counted_once(tmp_path, 2)
     assert [r["status"] for r in receipts].count("accepted") == 1
@@ -221,7 +219,7 @@ def _run(url: str, tmp: Path, data: list[Path], kill: bool) -> Path:
         if kill:
             while b'"online"' not in statuses.inbox.get(timeout=30).payload:
                 pass
-            os.kill(agents[0].pid, signal.SIGSTOP)
+            fed.pause(agents[:1])
         agg = fed.start_aggregator(url, tmp, *args, rounds=2, min_clients=3)
         if kill:
             journal = state / "journal" / "round-1.jsonl"
@@ -233,13 +231,11 @@ def _run(url: str, tmp: Path, data: list[Path], kill: bool) -> Path:
             agg.kill()  # kill -9: no clean shutdown
             agg.wait()
             agg = fed.start_aggregator(url, tmp, *args, rounds=2, min_clients=3)
-            os.kill(agents[0].pid, signal.SIGCONT)
+            fed.resume(agents[:1])
         assert _finish(agg, agents, tmp) == 0
     finally:
         statuses.stop()
-        for a in agents:
-            if a.poll() is None:
-                os.kill(a.pid, signal.SIGCONT)
+        fed.resume(agents)
         fed.stop(agents)
     return state
 
@@ -286,7 +282,7 @@ def test_silent_agent_does_not_block_a_round(
     url = small_broker.url
     ghost = mqtt_client(url, client_id="ghost")
     _ghost(ghost, "ghost")
-    decisions = _watch(ghost, T.round_decision(1), T.agent_status_any)
+    decisions = fed.collect(ghost, T.round_decision(1), T.agent_status_any, T.aggregator_status)
     agents = [_agent(url, i, p, tmp_path) for i, p in enumerate(data)]
     online: set[str] = set()
     while len(online) < 3:  # all real agents up first: the ghost alone is in the way
@@ -295,10 +291,10 @@ def test_silent_agent_does_not_block_a_round(
             online.add(m.topic)
     agg = fed.start_aggregator(url, tmp_path, "--round-timeout", "8", rounds=1, min_clients=3)
     code = _finish(agg, agents, tmp_path)
-    time.sleep(0.3)
+    done = fed.until(decisions, _AGGREGATOR_DONE, 30, "the aggregator's final status")
     assert code == 0
     _assert_each_round_counted_once(tmp_path, 1)  # ghost was selected but never counted
-    seen = _drain(decisions, f"{T.root}/round/")
+    seen = _json_on(done, f"{T.root}/round/")
     # (The round may be extended once: the ghost can fill the quorum of 3 online agents
     # before the third real one is up, so the first selection lacks it.)
     final = {d["round"]: d["decision"] for d in seen}
@@ -312,33 +308,47 @@ def test_starved_round_is_extended_then_fails_with_a_clear_exit_code(
     url = small_broker.url
     ghost = mqtt_client(url, client_id="ghost")
     _ghost(ghost, "ghost")
-    decisions = _watch(ghost, T.round_decision(1))
+    decisions = fed.collect(ghost, T.round_decision(1), T.aggregator_status)
     extra = ("--round-timeout", "3", "--max-extensions", "1", "--on-starved", "retry")
     agg = fed.start_aggregator(url, tmp_path, *extra, rounds=1, min_clients=2)
     agents = [_agent(url, 0, data[0], tmp_path)]
     code = _finish(agg, agents, tmp_path)
-    time.sleep(0.3)
+    done = fed.until(decisions, _AGGREGATOR_DONE, 30, "the aggregator's final status")
     assert code == 3
-    seen = _drain(decisions, T.round_decision(1))
+    seen = _json_on(done, T.round_decision(1))
     assert [d["decision"] for d in seen] == ["retried", "failed"]
     assert seen[-1]["accepted"] == 1 and seen[-1]["min_clients"] == 2
 
 
 # --- 1. broker killed and restarted mid-round ---------------------------------------------
 def test_broker_killed_mid_round_federation_completes(
-    small_broker: LocalBroker, tmp_path: Path, data: list[Path]
+    small_broker: LocalBroker, tmp_path: Path, data: list[Path], mqtt_client: Any
 ) -> None:
     url = small_broker.url
-    agg = fed.start_aggregator(url, tmp_path, "--no-onnx", rounds=3, min_clients=3)
+    pi2 = T.agent_status("pi-2")
+    inbox = fed.collect(mqtt_client(url), pi2, T.update(1, "pi-0"), T.update(1, "pi-1"))
     agents = [_agent(url, i, p, tmp_path) for i, p in enumerate(data)]
+    procs = list(agents)
     try:
-        fed.wait_for(lambda: (tmp_path / "metrics.json").exists(), 40, "round 1 applied")
+        # pi-2 is paused once online: round 1 opens with it selected and cannot close
+        # without it, so the broker dies mid-round however fast the rounds run.
+        fed.until(inbox, _status(pi2, "online"), 60, "pi-2 online")
+        fed.pause(agents[2:])
+        agg = fed.start_aggregator(url, tmp_path, "--no-onnx", rounds=3, min_clients=3)
+        procs.insert(0, agg)
+        updates = [T.update(1, "pi-0"), T.update(1, "pi-1")]
+        fed.until_each(inbox, updates, 60, "pi-0's and pi-1's round-1 updates")
         small_broker.kill()
-        time.sleep(1.0)
+        # Restart only once every running client has noticed: the federation is cut off.
+        for name in ("aggregator", "pi-0", "pi-1"):
+            lost = fed.logged(tmp_path / f"{name}.log", "lost the broker")
+            fed.wait_for(lost, 30, f"{name} noticing the broker is gone")
         small_broker.restart()
+        fed.resume(agents[2:])  # finds its connection dead, reconnects, trains round 1
         code = _finish(agg, agents, tmp_path)
     finally:
-        fed.stop([agg, *agents])
+        fed.resume(procs)
+        fed.stop(procs)
     assert code == 0
     _assert_each_round_counted_once(tmp_path, 3)
 
@@ -348,20 +358,28 @@ def test_agent_behind_a_cut_link_reconnects_and_its_update_arrives(
     small_broker: LocalBroker, tmp_path: Path, data: list[Path], mqtt_client: Any
 ) -> None:
     url = small_broker.url
-    watcher = mqtt_client(url)
-    inbox = _watch(watcher, T.round_start(1))
+    pi2 = T.agent_status("pi-2")
+    inbox = fed.collect(mqtt_client(url), T.round_start(1), pi2)
     with NetProxy(small_broker.host, small_broker.port) as proxy:
-        agg = fed.start_aggregator(url, tmp_path, "--no-onnx", rounds=2, min_clients=3)
         agents = [_agent(url, i, p, tmp_path) for i, p in enumerate(data[:2])]
         agents.append(_agent(proxy.url, 2, data[2], tmp_path))
+        procs = list(agents)
         try:
-            _next_on(inbox, T.round_start(1), 40)
+            # pi-2 is paused once online and the link cut once round 1 is open: its update
+            # can only arrive over a reconnection (round 1 cannot close without it).
+            fed.until(inbox, _status(pi2, "online"), 60, "pi-2 online")
+            fed.pause(agents[2:])
+            agg = fed.start_aggregator(url, tmp_path, "--no-onnx", rounds=2, min_clients=3)
+            procs.insert(0, agg)
+            fed.next_on(inbox, T.round_start(1), 40)
             proxy.cut()
-            time.sleep(3.0)
+            fed.resume(agents[2:])
+            fed.wait_for(lambda: proxy.refused > 0, 30, "pi-2 retrying while the link is down")
             proxy.heal()
             code = _finish(agg, agents, tmp_path)
         finally:
-            fed.stop([agg, *agents])
+            fed.resume(procs)
+            fed.stop(procs)
         reconnected = proxy.accepted >= 2
     assert code == 0
     assert reconnected

@@ -7,10 +7,8 @@ and a signed federation whose agents pin the model-signing key.
 from __future__ import annotations
 
 import json
-import queue
 import re
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,23 +95,8 @@ def _client(sb: SecureBroker, user: str, client_id: str = "") -> mqtt.Client:
     return client
 
 
-def _collect(client: mqtt.Client, *subs: str) -> queue.Queue[mqtt.MQTTMessage]:
-    inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
-    granted = threading.Event()
-    client.on_message = lambda _c, _u, m: inbox.put(m)
-    client.on_subscribe = lambda *_a: granted.set()
-    client.subscribe([(s, 1) for s in subs])
-    assert granted.wait(5)
-    return inbox
-
-
-def _drain(inbox: queue.Queue[mqtt.MQTTMessage], wait: float = 1.0) -> list[tuple[str, bytes]]:
-    time.sleep(wait)
-    out = []
-    while not inbox.empty():
-        m = inbox.get()
-        out.append((m.topic, bytes(m.payload)))
-    return out
+def _seen(messages: list[mqtt.MQTTMessage]) -> list[tuple[str, bytes]]:
+    return [(m.topic, bytes(m.payload)) for m in messages]
 
 
 def _publish(client: mqtt.Client, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -175,7 +158,7 @@ def test_transport_reports_a_refused_connection(tmp_path: Path) -> None:
 
 def test_device_cannot_forge_updates_models_or_rounds(secure: SecureBroker) -> None:
     aggregator = _client(secure, "aggregator", "agg-watch")
-    seen = _collect(aggregator, "fl/v1/#")
+    seen = fed.collect(aggregator, "fl/v1/#")
     device_a = _client(secure, "pi-0")
 
     _publish(device_a, T.update(1, "pi-0"), b"own update")
@@ -185,28 +168,33 @@ def test_device_cannot_forge_updates_models_or_rounds(secure: SecureBroker) -> N
     _publish(device_a, T.global_meta, b"forged meta", retain=True)
     _publish(device_a, T.round_start(7), b"forged round", retain=True)
     _publish(device_a, T.agent_status("pi-1"), b"forged status", retain=True)
+    _publish(device_a, T.update(2, "pi-0"), b"marker")  # allowed, and routed after the rest
 
-    assert _drain(seen) == [(T.update(1, "pi-0"), b"own update")]
+    got = fed.until(seen, fed.on(T.update(2, "pi-0")), fed.BROKER_WAIT, "pi-0's marker")
+    assert _seen(got) == [(T.update(1, "pi-0"), b"own update"), (T.update(2, "pi-0"), b"marker")]
 
 
 def test_device_cannot_read_other_devices_updates(secure: SecureBroker) -> None:
     aggregator = _client(secure, "aggregator", "agg-watch")
-    agg_seen = _collect(aggregator, T.update_any)
+    agg_seen = fed.collect(aggregator, T.update_any)
     device_a = _client(secure, "pi-0")
-    a_seen = _collect(device_a, T.update_any, "fl/v1/#")
+    a_seen = fed.collect(device_a, T.update_any, "fl/v1/#", T.global_meta)
     device_b = _client(secure, "pi-1")
 
     _publish(device_b, T.update(1, "pi-1"), b"private delta of pi-1")
+    _publish(aggregator, T.global_meta, b"marker")  # pi-0 may read it; routed after the update
 
-    assert _drain(agg_seen) == [(T.update(1, "pi-1"), b"private delta of pi-1")]
-    assert _drain(a_seen, wait=0.2) == []
+    got = fed.until(agg_seen, fed.on(T.update(1, "pi-1")), fed.BROKER_WAIT, "pi-1's update")
+    assert _seen(got) == [(T.update(1, "pi-1"), b"private delta of pi-1")]
+    got = fed.until(a_seen, fed.on(T.global_meta), fed.BROKER_WAIT, "the marker")
+    assert _seen(got) == [(T.global_meta, b"marker")]
 
 
 def test_monitor_reads_but_cannot_publish_and_never_sees_updates(secure: SecureBroker) -> None:
     monitor = _client(secure, "monitor", "mon")
-    mon_seen = _collect(monitor, "fl/#")
+    mon_seen = fed.collect(monitor, "fl/#")
     aggregator = _client(secure, "aggregator", "agg")
-    agg_seen = _collect(aggregator, "fl/v1/#")
+    agg_seen = fed.collect(aggregator, "fl/v1/#")
     device = _client(secure, "pi-2")
 
     _publish(device, T.agent_status("pi-2"), b"online")
@@ -214,24 +202,21 @@ def test_monitor_reads_but_cannot_publish_and_never_sees_updates(secure: SecureB
     _publish(monitor, T.global_model, b"monitor model")
     _publish(monitor, T.update(1, "monitor"), b"monitor update")
     _publish(monitor, T.agent_status("monitor"), b"monitor status")
+    _publish(aggregator, T.global_meta, b"marker")  # routed after everything above
 
-    assert _drain(mon_seen) == [(T.agent_status("pi-2"), b"online")]
-    assert sorted(t for t, _ in _drain(agg_seen, 0.2)) == [
-        T.agent_status("pi-2"),
-        T.update(1, "pi-2"),
+    marker = (T.global_meta, b"marker")
+    got = fed.until(mon_seen, fed.on(T.global_meta), fed.BROKER_WAIT, "the marker")
+    assert _seen(got) == [(T.agent_status("pi-2"), b"online"), marker]
+    got = fed.until(agg_seen, fed.on(T.global_meta), fed.BROKER_WAIT, "the marker")
+    assert sorted(_seen(got)) == [
+        (T.agent_status("pi-2"), b"online"),
+        marker,
+        (T.update(1, "pi-2"), b"delta"),
     ]
 
 
-def _first(inbox: queue.Queue[mqtt.MQTTMessage], topic: str, timeout: float) -> bytes:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            m = inbox.get(timeout=max(0.01, end - time.monotonic()))
-        except queue.Empty:
-            break
-        if m.topic == topic and m.payload:
-            return bytes(m.payload)
-    raise AssertionError(f"nothing on {topic} within {timeout}s")
+def _first(inbox: fed.Inbox, topic: str, timeout: float) -> bytes:
+    return bytes(fed.next_on(inbox, topic, timeout).payload)
 
 
 def _forged_models(genuine: bytes) -> tuple[bytes, bytes]:
@@ -282,9 +267,9 @@ def test_signed_federation_rejects_forged_and_rolled_back_models_and_replays(
     # The attacker holds a broker login with write access to global/# (a stolen
     # aggregator password) but not the model-signing key.
     attacker = _client(secure, "aggregator", "attacker")
-    inbox = _collect(attacker, T.global_model, T.global_meta, T.round_start_any, T.update_any)
+    inbox = fed.collect(attacker, T.global_model, T.global_meta, T.round_start_any, T.update_any)
     replayer = _client(secure, "pi-0", "pi-0-replayer")
-    receipts = _collect(replayer, T.receipt_any_round("pi-0"))
+    receipts = fed.collect(replayer, T.receipt_any_round("pi-0"))
     # Full models only (no global deltas): agents follow global/model every round, so the
     # forged full models reach them. The delta path is attacked in the next test.
     agg, agents = _start_signed_federation(secure, tmp_path, "--download-codec", "none")
@@ -298,7 +283,7 @@ def test_signed_federation_rejects_forged_and_rolled_back_models_and_replays(
         update1 = _first(inbox, T.update(1, "pi-0"), 60)
         _first(inbox, T.round_start(2), 60)
         _publish(attacker, T.global_model, genuine0, retain=True)  # rollback to round 0
-        _drain(receipts, wait=0)  # pi-0's genuine round-1 receipt
+        genuine_receipt = json.loads(_first(receipts, T.receipt(1, "pi-0"), 30))
         _publish(replayer, T.update(1, "pi-0"), update1)  # replay of round 1's update
         replay_receipt = json.loads(_first(receipts, T.receipt(1, "pi-0"), 30))
         assert fed.wait_exit(agg, 120, tmp_path / "aggregator.log") == 0
@@ -311,6 +296,7 @@ def test_signed_federation_rejects_forged_and_rolled_back_models_and_replays(
     rounds = fed.metrics(tmp_path)
     assert [r["round"] for r in rounds] == [1, 2, 3]
     assert all(r["participants"] == list(DEVICES) for r in rounds)
+    assert genuine_receipt["status"] == "accepted"
     assert replay_receipt["status"] == "rejected"
     assert replay_receipt["reason"] in ("late: round 1 is closed", "no round is open")
     for name in DEVICES:
@@ -344,17 +330,19 @@ def test_signed_federation_with_global_deltas_rejects_forged_and_replayed_deltas
     secure: SecureBroker, tmp_path: Path
 ) -> None:
     # The attacker again holds the aggregator's broker login, not the signing key. Agents
-    # always follow global/delta, and a forged delta published right after a round's start
-    # reaches every agent before that round's genuine delta (one publisher, one broker:
-    # in order), so each agent checks it against the model it holds.
+    # always follow global/delta; the forged deltas are published while the aggregator is
+    # paused in round 1, so they reach every agent before round 1's genuine delta, and each
+    # agent checks them against the model it holds (round 0).
     attacker = _client(secure, "aggregator", "attacker")
-    inbox = _collect(attacker, T.global_model, T.global_delta, T.round_start_any)
+    inbox = fed.collect(attacker, T.global_model, T.global_delta, T.round_start_any)
     agg, agents = _start_signed_federation(secure, tmp_path)  # default: int8 deltas
     try:
         genuine0 = _first(inbox, T.global_model, 60)
         _first(inbox, T.round_start(1), 90)
+        fed.pause([agg])
         for forged in _forged_deltas(genuine0):
             _publish(attacker, T.global_delta, forged)
+        fed.resume([agg])
         delta1 = _first(inbox, T.global_delta, 90)
         while decode_frame(delta1).header.round != 1:  # skip the attacker's own forgeries
             delta1 = _first(inbox, T.global_delta, 90)
@@ -363,6 +351,7 @@ def test_signed_federation_with_global_deltas_rejects_forged_and_replayed_deltas
         assert fed.wait_exit(agg, 120, tmp_path / "aggregator.log") == 0
         codes = fed.wait_agents(agents, list(DEVICES), tmp_path)
     finally:
+        fed.resume([agg])
         fed.stop([agg, *agents])
 
     assert codes == [0, 0, 0]
