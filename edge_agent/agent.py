@@ -237,12 +237,13 @@ class EdgeAgent:
         if bool(why) == self.full_subscribed:
             return
         self.full_subscribed = bool(why)
+        # Logged once the broker has confirmed (the transport waits for SUBACK/UNSUBACK).
         if why:
-            log.info("%s: subscribing to the full global model (%s)", self.cfg.client_id, why)
             self.transport.subscribe(self.topics.global_model)
+            log.info("%s: subscribed to the full global model (%s)", self.cfg.client_id, why)
         else:
-            log.info("%s: following global deltas only", self.cfg.client_id)
             self.transport.unsubscribe(self.topics.global_model)
+            log.info("%s: following global deltas only", self.cfg.client_id)
 
     # --- training ----------------------------------------------------------------------
     def _maybe_train(self) -> None:

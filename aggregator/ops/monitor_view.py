@@ -237,7 +237,8 @@ def run_monitor(args: argparse.Namespace) -> int:
     """Follow the federation until Ctrl-C (or ``--duration``)."""
     from rich.live import Live
 
-    from shared.mqtt.transport import ConnectOptions, MqttTransport
+    from shared.mqtt.options import ConnectOptions
+    from shared.mqtt.transport import MqttTransport
 
     t = topics.Topics(args.federation)
     state = MonitorState(args.federation)

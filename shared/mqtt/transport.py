@@ -13,9 +13,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Protocol
-from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -23,69 +20,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from shared.mqtt.base import Connector, Inbound, Outbound, Session, TransportError
-from shared.mqtt.chunking import (
-    DEFAULT_MAX_CHUNK_BYTES,
-    ChunkError,
-    Reassembler,
-    chunk_capacity,
-    split,
-)
+from shared.mqtt.chunking import ChunkError, Reassembler, chunk_capacity, split
 from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
+from shared.mqtt.options import BrokerAddress, BrokerSettings, ConnectOptions
 from shared.mqtt.reconnect import JitteredClient
 from shared.mqtt.subscriptions import Ack, PendingAcks, Send, with_chunk_subs
 from shared.protocol.topics import chunk_topic, split_chunk_topic
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BrokerAddress:
-    """Where the broker listens, parsed from ``mqtt://host:port`` or ``mqtts://host:port``."""
-
-    host: str
-    port: int
-    tls: bool = False
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """Parse a broker URL; a bare ``host[:port]`` means plain MQTT."""
-        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
-        if parsed.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise TransportError(f"unsupported broker scheme {parsed.scheme!r} in {url!r}")
-        tls = parsed.scheme in ("mqtts", "ssl")
-        if not parsed.hostname:
-            raise TransportError(f"no host in broker URL {url!r}")
-        return cls(parsed.hostname, parsed.port or (8883 if tls else 1883), tls)
-
-    def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-
-@dataclass
-class ConnectOptions:
-    """How to authenticate and secure the connection."""
-
-    username: str | None = None
-    password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    keepalive: int = 30
-    reconnect_min_s: float = 1.0
-    reconnect_max_s: float = 30.0
-    extra: dict[str, str] = field(default_factory=dict)
-    # Payloads larger than this (or than the broker's advertised maximum packet size, less
-    # room for headers) travel as chunks on <topic>/chunk/<i>: see shared/mqtt/chunking.py.
-    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
-    # Bounds on chunked payloads being reassembled: incomplete ones are dropped after the
-    # timeout; beyond the caps new transfers are refused (the sender's outbox re-sends).
-    chunk_timeout_s: float = 120.0
-    max_transfers: int = 32
-    max_transfer_bytes: int = 512 * 1024 * 1024
-    max_payload_bytes: int = 256 * 1024 * 1024
-    # How long subscribe/unsubscribe wait for the broker's SUBACK/UNSUBACK (loopback and
-    # LAN answer in milliseconds; a longer silence means the connection is dying).
-    ack_timeout_s: float = 10.0
 
 
 class MqttTransport:
@@ -397,23 +339,6 @@ class MqttTransport:
 def _subscribe_call(client: mqtt.Client, subs: list[tuple[str, int]]) -> Send:
     """paho's subscribe for ``subs``, as one SUBSCRIBE packet (one SUBACK)."""
     return lambda: client.subscribe([(t, mqtt.SubscribeOptions(qos=q)) for t, q in subs])
-
-
-class BrokerSettings(Protocol):
-    """The connection settings every fedmq process has (agent, aggregator, inference)."""
-
-    @property
-    def broker(self) -> str: ...
-    @property
-    def username(self) -> str | None: ...
-    @property
-    def password(self) -> str | None: ...
-    @property
-    def ca_file(self) -> str | None: ...
-    @property
-    def cert_file(self) -> str | None: ...
-    @property
-    def key_file(self) -> str | None: ...
 
 
 def connector_for(settings: BrokerSettings) -> Connector:

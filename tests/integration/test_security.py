@@ -22,7 +22,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from aggregator.ops import provision
 from aggregator.ops.local_broker import LocalBroker, free_port
 from shared.mqtt.base import TransportError
-from shared.mqtt.transport import ConnectOptions, MqttTransport
+from shared.mqtt.options import ConnectOptions
+from shared.mqtt.transport import MqttTransport
 from shared.protocol.frames import FrameHeader, decode_frame, encode_frame, tensors_hash
 from shared.protocol.global_delta import apply_delta
 from shared.protocol.topics import Topics

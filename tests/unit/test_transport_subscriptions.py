@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from shared.mqtt.options import ConnectOptions
 from shared.mqtt.subscriptions import Ack, PendingAcks
-from shared.mqtt.transport import ConnectOptions, MqttTransport
+from shared.mqtt.transport import MqttTransport
 
 MODEL = "fl/v1/f/global/model"
 MODEL_CHUNKS = "fl/v1/f/global/model/chunk/+"
