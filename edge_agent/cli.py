@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -45,17 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataFormatError, OSError, TransportError) as exc:
         log.error("%s", exc)
         return 1
-    # SIGTERM (systemd, the demo) ends the agent cleanly: offline status, then disconnect.
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-    signal.signal(signal.SIGINT, lambda *_: agent.stop())
-    try:
-        return agent.run()
-    except TransportError as exc:
-        log.error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        agent.stop()
-        return 130
+    return _run_until_signalled(agent)
 
 
 def _mqtt(cfg: AgentConfig | ServeConfig) -> Connector:
@@ -123,10 +113,21 @@ def _run_serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         return 1
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    signal.signal(signal.SIGINT, lambda *_: server.stop())
+    return _run_until_signalled(server)
+
+
+class _Stoppable(Protocol):
+    def run(self) -> int: ...
+    def stop(self) -> None: ...
+
+
+def _run_until_signalled(worker: _Stoppable) -> int:
+    """Run ``worker``; SIGTERM (systemd, the demo) or SIGINT end it cleanly (offline, then
+    disconnect) instead of killing it mid-message."""
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop())
     try:
-        return server.run()
+        return worker.run()
     except TransportError as exc:
         log.error("%s", exc)
         return 1

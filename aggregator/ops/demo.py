@@ -127,6 +127,14 @@ def agent_command(url: str, federation: str, client_id: str, data: Path, *extra:
     ]  # fmt: skip
 
 
+def aggregator_command(url: str, federation: str, *extra: str) -> list[str]:
+    """The command line of the ``fedmq-aggregator`` process, run with this interpreter."""
+    return [
+        sys.executable, "-m", "aggregator.cli", "--broker", url, "--federation", federation,
+        *extra,
+    ]  # fmt: skip
+
+
 def start_processes(
     args: argparse.Namespace, url: str, clients: list[Path], test: Path, out: Path
 ) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
@@ -134,13 +142,8 @@ def start_processes(
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = _child_env()
-    agg_cmd = [
-        sys.executable,
-        "-m",
-        "aggregator.cli",
-        "--broker",
+    agg_cmd = aggregator_command(
         url,
-        "--federation",
         FEDERATION,
         "--model",
         args.model,
@@ -170,7 +173,7 @@ def start_processes(
         str(test),
         "--metrics-file",
         str(out / "metrics.json"),
-    ]
+    )
     agents = []
     for i, path in enumerate(clients):
         cmd = agent_command(

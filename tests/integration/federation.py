@@ -7,34 +7,22 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 import paho.mqtt.client as mqtt
 
-from aggregator.ops.demo import agent_command, stop_processes
-from shared.runtime.data import ArrayDataset, save_npz
+from aggregator.ops.demo import agent_command, aggregator_command, stop_processes
+from shared.runtime.data import save_npz
+from tests.synthetic import INPUT_SHAPE, NUM_CLASSES, make_dataset
 
 FEDERATION = "itest"
-INPUT_SHAPE = (1, 8, 8)
-NUM_CLASSES = 4
 REPO = Path(__file__).resolve().parents[2]
 # Bound on a wait for the broker itself (SUBACK, a marker message): loopback answers in
 # milliseconds, so this only limits how long a broken broker can hang a test.
 BROKER_WAIT = 10.0
-
-
-def make_dataset(n: int, seed: int) -> ArrayDataset:
-    """A small learnable image task: each class is a fixed random prototype plus noise."""
-    protos = np.random.default_rng(1234).uniform(0, 255, size=(NUM_CLASSES, *INPUT_SHAPE))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, NUM_CLASSES, size=n)
-    x = protos[y] + rng.normal(0, 40, size=(n, *INPUT_SHAPE))
-    return ArrayDataset(x=np.clip(x, 0, 255).astype(np.uint8), y=y.astype(np.int64))
 
 
 def write_client_data(directory: Path, clients: int, n: int = 300) -> list[Path]:
@@ -64,13 +52,8 @@ def start_aggregator(
     url: str, workdir: Path, *extra: str, rounds: int = 3, min_clients: int = 3
 ) -> subprocess.Popen[bytes]:
     """Launch ``fedmq-aggregator`` (as a module) on the MLP for the generated task."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "aggregator.cli",
-        "--broker",
+    cmd = aggregator_command(
         url,
-        "--federation",
         FEDERATION,
         "--model",
         "mlp",
@@ -93,7 +76,7 @@ def start_aggregator(
         "--wait-clients-timeout",
         "120",
         *extra,
-    ]
+    )
     log = open(workdir / "aggregator.log", "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workdir), cwd=REPO)
 

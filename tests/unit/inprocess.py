@@ -26,11 +26,10 @@ from shared.mqtt.memory import MemoryBroker, MemoryTransport
 from shared.protocol import messages as msg
 from shared.protocol.frames import FrameHeader, encode_frame
 from shared.protocol.topics import Topics
-from shared.runtime.data import ArrayDataset, save_npz
+from shared.runtime.data import save_npz
+from tests.synthetic import INPUT_SHAPE, NUM_CLASSES, make_dataset
 
 FED = "unit"
-INPUT_SHAPE = (1, 8, 8)
-NUM_CLASSES = 4
 T = Topics(FED)
 # Real seconds a condition may take: generous, a loaded machine is slow, and nothing waits
 # this long when things work.
@@ -44,15 +43,6 @@ def wait_for(pred: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.005)
-
-
-def make_dataset(n: int, seed: int) -> ArrayDataset:
-    """A small learnable task: each class is a fixed random prototype plus noise."""
-    protos = np.random.default_rng(1234).uniform(0, 255, size=(NUM_CLASSES, *INPUT_SHAPE))
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, NUM_CLASSES, size=n)
-    x = protos[y] + rng.normal(0, 40, size=(n, *INPUT_SHAPE))
-    return ArrayDataset(x=np.clip(x, 0, 255).astype(np.uint8), y=y.astype(np.int64))
 
 
 @dataclass
