@@ -308,10 +308,19 @@ def test_starved_round_is_extended_then_fails_with_a_clear_exit_code(
     url = small_broker.url
     ghost = mqtt_client(url, client_id="ghost")
     _ghost(ghost, "ghost")
-    decisions = fed.collect(ghost, T.round_decision(1), T.aggregator_status)
-    extra = ("--round-timeout", "3", "--max-extensions", "1", "--on-starved", "retry")
+    pi0 = T.agent_status("pi-0")
+    decisions = fed.collect(ghost, T.round_decision(1), T.aggregator_status, pi0)
+    # pi-0's update must be counted before the first deadline whatever the load: it loads
+    # torch before going online, and the aggregator starts once it is online.
+    agents = [_agent(url, 0, data[0], tmp_path, "--warm-up")]
+    fed.until(
+        decisions,
+        lambda m: m.topic == pi0 and b'"online"' in m.payload,
+        60,
+        "pi-0 online and warmed up",
+    )
+    extra = ("--round-timeout", "10", "--max-extensions", "1", "--on-starved", "retry")
     agg = fed.start_aggregator(url, tmp_path, *extra, rounds=1, min_clients=2)
-    agents = [_agent(url, 0, data[0], tmp_path)]
     code = _finish(agg, agents, tmp_path)
     done = fed.until(decisions, _AGGREGATOR_DONE, 30, "the aggregator's final status")
     assert code == 3
