@@ -212,12 +212,9 @@ class MqttTransport:
             self._client = self._make_client(self._will)
         if not self.wait_connected(max(0.0, deadline - time.monotonic())):
             self._client.loop_stop()
-            why = f"refused: {self._refused}" if self._refused else "no answer"
-            if self.negotiation.fallback_reason is not None:
-                why += f"; tried MQTT 5 and 3.1.1: the broker {self.negotiation.fallback_reason}"
             raise TransportError(
                 f"could not connect to {self.address} as {self.client_id!r} "
-                f"within {timeout:.0f}s ({why})"
+                f"within {timeout:.0f}s ({self.negotiation.failure(self._refused)})"
             )
         return self
 

@@ -92,6 +92,15 @@ class VersionNegotiation:
         self.version = V311 if self.version == V5 else V5
         return True
 
+    def failure(self, refused: str | None) -> str:
+        """Why no connection was made (``refused``: the last refusal), for the timeout error."""
+        why = f"refused: {refused}" if refused else "no answer"
+        if self.fallback_reason is not None:
+            return f"{why}; tried MQTT 5 and 3.1.1: the broker {self.fallback_reason}"
+        if refused is None and self.setting == V5:
+            return f"{why}; a 3.1.1-only broker may not answer MQTT 5: try --mqtt-version auto"
+        return why
+
     def describe(self, max_chunk_bytes: int) -> str:
         """How the connection speaks, for the log line after a successful connect."""
         text = f"MQTT {self.version}"

@@ -95,6 +95,23 @@ def test_log_line_of_a_fallback_names_the_reason_and_the_chunk_limit() -> None:
     assert "payloads over 4096 bytes" in text
 
 
+def test_failure_after_trying_both_versions_says_so() -> None:
+    negotiation = VersionNegotiation("auto")
+    negotiation.record(Outcome.SILENT)
+    negotiation.record(Outcome.CLOSED)
+
+    why = negotiation.failure(refused=None)
+
+    assert why == (
+        "no answer; tried MQTT 5 and 3.1.1: "
+        "the broker closed the connection on an MQTT 3.1.1 CONNECT"
+    )
+
+
+def test_silence_to_a_pinned_5_suggests_auto() -> None:
+    assert VersionNegotiation("5").failure(refused=None).endswith("try --mqtt-version auto")
+
+
 def test_311_refusal_names_the_return_code_the_broker_sent() -> None:
     text = describe_refusal(_connack("Bad user name or password"), "3.1.1")
 
