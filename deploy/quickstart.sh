@@ -148,8 +148,13 @@ print(version("amqtt"))' 2>/dev/null || true)"
         return 0
     fi
     log "creating $AMQTT_VENV: amqtt $want (the MQTT 3.1.1 test broker)"
-    "$VENV/bin/python" -m venv --clear "$AMQTT_VENV"
-    "$AMQTT_VENV/bin/python" -m pip install --quiet -c "$AMQTT_CONSTRAINTS" "amqtt==$want"
+    # A failure here must not stop the other checks: without amqtt its tests are skipped
+    # locally and fail under CI=true (tests/integration/test_mqtt311.py), naming the cause.
+    if ! { "$VENV/bin/python" -m venv --clear "$AMQTT_VENV" \
+        && "$AMQTT_VENV/bin/python" -m pip install --quiet -c "$AMQTT_CONSTRAINTS" "amqtt==$want"; }
+    then
+        log "WARNING: could not install amqtt into $AMQTT_VENV; the MQTT 3.1.1 tests cannot run"
+    fi
 }
 
 cmd_setup() {
