@@ -120,7 +120,7 @@ class MqttTransport:
         properties: Properties | None,
     ) -> None:
         outcome = connack_outcome(reason_code.value)
-        self._attempt.settle(outcome, str(reason_code))
+        self._attempt.settle(outcome)
         if reason_code.is_failure:
             self._refused = describe_refusal(reason_code, self.negotiation.version)
             if outcome is Outcome.VERSION_REFUSED and not self.negotiation.settled:
@@ -155,7 +155,7 @@ class MqttTransport:
         was_connected = self.connected.is_set()
         self.connected.clear()
         self._acks.connection_lost()
-        self._attempt.settle(Outcome.CLOSED, str(reason_code))
+        self._attempt.settle(Outcome.CLOSED)
         # A connection that never got its CONNACK was not "lost": start() reports it.
         if was_connected and not self._closing:
             log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason_code)

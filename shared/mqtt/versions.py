@@ -122,19 +122,18 @@ class ConnectAttempt:
         self._done = threading.Event()
         self._lock = threading.Lock()
         self.outcome: Outcome | None = None
-        self.detail = ""
 
-    def settle(self, outcome: Outcome, detail: str = "") -> bool:
+    def settle(self, outcome: Outcome) -> bool:
         """Record ``outcome`` unless one is recorded already; True when this one counted."""
         with self._lock:
             if self.outcome is not None:
                 return False
-            self.outcome, self.detail = outcome, detail
+            self.outcome = outcome
         self._done.set()
         return True
 
     def wait(self, timeout: float) -> Outcome:
         """The outcome, or SILENT (settled as such) when nothing came within ``timeout``."""
         if not self._done.wait(max(0.0, timeout)):
-            self.settle(Outcome.SILENT, f"no CONNACK within {timeout:.1f}s")
+            self.settle(Outcome.SILENT)
         return self.outcome or Outcome.SILENT  # settled above, or by the network thread

@@ -131,7 +131,7 @@ def test_5_refusal_keeps_the_reason_code_name_only() -> None:
 
 def test_attempt_keeps_the_first_outcome() -> None:
     attempt = ConnectAttempt()
-    attempt.settle(Outcome.VERSION_REFUSED, "Unsupported protocol version")
+    attempt.settle(Outcome.VERSION_REFUSED)
 
     attempt.settle(Outcome.CLOSED)  # paho's disconnect callback after the refusal
 
