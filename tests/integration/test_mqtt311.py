@@ -171,7 +171,7 @@ def test_federation_over_mosquitto_speaking_311_under_its_packet_limit(
 
     assert_federation_completed(tmp_path, code, agent_codes)
     assert model_hash == fed.metrics(tmp_path)[-1]["model_hash"]
-    # Mosquitto logs each connection's protocol: p4 is 3.1.1, p5 would be MQTT 5.
+    # Mosquitto logs each connection's protocol: p2 is 3.1.1, p5 would be MQTT 5.
     for name in ["aggregator", *AGENTS]:
-        assert re.search(rf" as {name} \(p4,", broker_log), f"{name} did not connect with 3.1.1"
+        assert re.search(rf" as {name} \(p2,", broker_log), f"{name} did not connect with 3.1.1"
     assert "oversize" not in broker_log.lower()
