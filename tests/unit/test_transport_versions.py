@@ -128,3 +128,19 @@ def test_311_chunks_payloads_over_max_chunk_bytes_without_a_broker_limit() -> No
 
     assert t.broker_max_packet is None
     assert capacity == 4096
+
+
+def test_a_refused_connect_is_not_reported_as_a_lost_broker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with ScriptedBroker({MQTT5: "refuse-version"}) as broker:
+        t = _transport(broker.url, "5")
+
+        with (
+            caplog.at_level(logging.INFO, logger="shared.mqtt.transport"),
+            pytest.raises(TransportError),
+        ):
+            t.start(timeout=0.5)
+
+    assert "Unsupported protocol version" in caplog.text
+    assert "lost the broker" not in caplog.text
