@@ -125,7 +125,7 @@ def test_federation_over_amqtt_with_small_chunks(
     assert_federation_completed(tmp_path, code, agent_codes)
     for name in ["aggregator", *AGENTS]:
         log = (tmp_path / f"{name}.log").read_text(errors="replace")
-        spoken = re.search(r"connected to \S+ with (MQTT \S+)( \(auto: [^)]*\))?", log)
+        spoken = re.search(r"connected to \S+ with (MQTT [0-9.]+)( \(auto: [^)]*\))?", log)
         assert spoken is not None, f"{name} logged no connection"
         assert spoken.group(1) == "MQTT 3.1.1"
         assert (spoken.group(2) is not None) == (version == "auto")  # auto says why it fell back
