@@ -9,6 +9,9 @@ from pathlib import Path
 from shared.compression.quantize import CodecError
 from shared.compression.registry import KNOWN as KNOWN_CODECS
 from shared.compression.registry import resolve_codec
+from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES
+from shared.mqtt.options import add_protocol_arguments, check_protocol_settings
+from shared.mqtt.versions import AUTO
 from shared.protocol.global_delta import DOWNLOAD_CODECS
 from shared.settings import load_settings
 
@@ -44,6 +47,10 @@ class AggregatorConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # MQTT protocol version: "5", "3.1.1" or "auto" (5, else 3.1.1); see docs/brokers.md.
+    mqtt_version: str = AUTO
+    # Payloads over this many bytes travel as chunks (an MQTT 5 broker may lower it).
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
     # Ed25519 private key (PEM) signing every global model; None = unsigned (dev only).
     signing_key: str | None = None
     # Reject updates whose delta has a larger L2 norm (over all tensors); None = off.
@@ -84,6 +91,7 @@ class AggregatorConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        check_protocol_settings(self.mqtt_version, self.max_chunk_bytes)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,6 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", help="CA certificate that signed the broker's (mqtts://)")
     parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
     parser.add_argument("--key-file", help="private key of --cert-file")
+    add_protocol_arguments(parser)
     parser.add_argument("--signing-key", help="Ed25519 private key (PEM) to sign global models")
     parser.add_argument(
         "--max-update-norm", type=float, help="reject deltas with a larger L2 norm (default off)"

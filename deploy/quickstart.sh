@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # fedmq quick start: install everything, run the demo, or run the checks CI runs.
 #
-#   deploy/quickstart.sh setup               system packages + .venv + pip install
+#   deploy/quickstart.sh setup               system packages + .venv + pip install (+ .venv-amqtt)
 #   deploy/quickstart.sh demo [ARGS...]      setup, then a 10-client Fashion-MNIST demo
 #   deploy/quickstart.sh test [PYTEST_ARGS]  setup, then ruff, mypy and pytest
 #
 # Environment:
 #   FEDMQ_VENV    virtualenv path (default: <repo>/.venv)
 #   FEDMQ_PYTHON  interpreter used to create the venv (default: python3, must be >= 3.11)
+#   FEDMQ_AMQTT_VENV  virtualenv of the MQTT 3.1.1 test broker (default: <repo>/.venv-amqtt)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${FEDMQ_VENV:-$REPO_ROOT/.venv}"
 PYTHON="${FEDMQ_PYTHON:-python3}"
 CONSTRAINTS="$REPO_ROOT/deploy/constraints-ci.txt"
+AMQTT_VENV="${FEDMQ_AMQTT_VENV:-$REPO_ROOT/.venv-amqtt}"
+AMQTT_CONSTRAINTS="$REPO_ROOT/deploy/constraints-amqtt.txt"
 APT_PACKAGES=(mosquitto mosquitto-clients dataset-fashion-mnist)
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
 LINT_PATHS=(shared aggregator edge_agent tests)
@@ -28,7 +31,8 @@ usage: deploy/quickstart.sh COMMAND [ARGS...]
 commands:
   setup               install system packages (mosquitto, mosquitto-clients,
                       dataset-fashion-mnist) if missing, create the virtualenv if
-                      missing, and pip-install fedmq with its train and dev extras
+                      missing, and pip-install fedmq with its train and dev extras;
+                      create .venv-amqtt (amqtt, the MQTT 3.1.1 test broker) if missing
   demo [ARGS...]      setup, then: fedmq demo --clients 10 --rounds 20
                       --dataset fashion-mnist --partition dirichlet --alpha 0.5 ARGS...
   test [PYTEST_ARGS]  setup, then ruff check, ruff format --check, mypy, the layering
@@ -38,6 +42,7 @@ commands:
 environment:
   FEDMQ_VENV    virtualenv path (default: <repo>/.venv)
   FEDMQ_PYTHON  Python used to create the virtualenv (default: python3, >= 3.11)
+  FEDMQ_AMQTT_VENV  virtualenv of the MQTT 3.1.1 test broker (default: <repo>/.venv-amqtt)
 EOF
 }
 
@@ -131,6 +136,27 @@ except PackageNotFoundError:
     fi
 }
 
+ensure_amqtt() {
+    # amqtt, a pure-Python MQTT 3.1.1-only broker, runs the 3.1.1 integration tests
+    # (tests/integration/test_mqtt311.py). Its dependencies conflict with fedmq's, so it gets a
+    # virtualenv of its own, made once (about 10 s) and re-made only when the pin changes.
+    local want have
+    want="$(sed -n 's/^amqtt==//p' "$AMQTT_CONSTRAINTS")"
+    have="$("$AMQTT_VENV/bin/python" -c 'from importlib.metadata import version
+print(version("amqtt"))' 2>/dev/null || true)"
+    if [ -x "$AMQTT_VENV/bin/amqtt" ] && [ "$have" = "$want" ]; then
+        return 0
+    fi
+    log "creating $AMQTT_VENV: amqtt $want (the MQTT 3.1.1 test broker)"
+    # A failure here must not stop the other checks: without amqtt its tests are skipped
+    # locally and fail under CI=true (tests/integration/test_mqtt311.py), naming the cause.
+    if ! { "$VENV/bin/python" -m venv --clear "$AMQTT_VENV" \
+        && "$AMQTT_VENV/bin/python" -m pip install --quiet -c "$AMQTT_CONSTRAINTS" "amqtt==$want"; }
+    then
+        log "WARNING: could not install amqtt into $AMQTT_VENV; the MQTT 3.1.1 tests cannot run"
+    fi
+}
+
 cmd_setup() {
     ensure_system_packages
     ensure_venv
@@ -140,6 +166,7 @@ cmd_setup() {
     log "installing fedmq (editable) with extras train,dev"
     (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install --quiet \
         -c "$CONSTRAINTS" -e '.[train,dev]')
+    ensure_amqtt
     log "setup complete: $VENV"
 }
 

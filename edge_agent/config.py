@@ -7,6 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES
+from shared.mqtt.options import add_protocol_arguments, check_protocol_settings
+from shared.mqtt.versions import AUTO
 from shared.settings import load_settings
 
 
@@ -25,6 +28,10 @@ class AgentConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # MQTT protocol version: "5", "3.1.1" or "auto" (5, else 3.1.1); see docs/brokers.md.
+    mqtt_version: str = AUTO
+    # Payloads over this many bytes travel as chunks (an MQTT 5 broker may lower it).
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
     # Pinned Ed25519 key: only models signed by it are loaded. None = dev mode (unsigned OK).
     model_public_key: str | None = None
     max_frame_bytes: int = 256 * 1024 * 1024
@@ -49,6 +56,7 @@ class AgentConfig:
             raise ValueError("threads must be ≥ 1")
         if self.delta_wait_s < 0:
             raise ValueError("delta-wait-s must be ≥ 0")
+        check_protocol_settings(self.mqtt_version, self.max_chunk_bytes)
 
     def resolved_state_dir(self) -> Path:
         """``state_dir``, or ``~/.local/state/fedmq/<client-id>`` (XDG_STATE_HOME honoured)."""
@@ -74,6 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", help="CA certificate that signed the broker's (mqtts://)")
     parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
     parser.add_argument("--key-file", help="private key of --cert-file")
+    add_protocol_arguments(parser)
     parser.add_argument(
         "--model-public-key",
         help="Ed25519 public key (PEM): load only global models signed by it (no rollback)",

@@ -23,6 +23,9 @@ import numpy as np
 
 from edge_agent.inference import MAX_REQUEST_BYTES, InferenceError, OnnxClassifier
 from shared.mqtt.base import Connector, Inbound, Session
+from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES
+from shared.mqtt.options import add_protocol_arguments, check_protocol_settings
+from shared.mqtt.versions import AUTO
 from shared.protocol import topics
 from shared.protocol.onnx_frame import OnnxFrameError, decode_onnx_frame
 from shared.protocol.signing import ONNX_CONTEXT, SignatureError, load_public_key, verify_model
@@ -47,6 +50,8 @@ class ServeConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    mqtt_version: str = AUTO  # "5", "3.1.1" or "auto" (5, else 3.1.1): docs/brokers.md
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
     connect_timeout: float = 60.0
     max_model_bytes: int = 256 * 1024 * 1024
     model_public_key: str | None = None  # pin the aggregator's key: serve signed models only
@@ -56,6 +61,7 @@ class ServeConfig:
             raise ValueError("client-id is required")
         topics.validate_name("client id", self.client_id)
         topics.validate_name("federation", self.federation)
+        check_protocol_settings(self.mqtt_version, self.max_chunk_bytes)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +79,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", help="CA certificate that signed the broker's (mqtts://)")
     parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
     parser.add_argument("--key-file", help="private key of --cert-file")
+    add_protocol_arguments(parser)
     parser.add_argument("--connect-timeout", type=float)
     parser.add_argument(
         "--model-public-key",

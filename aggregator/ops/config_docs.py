@@ -30,6 +30,12 @@ _COMMON = {
     "connect_timeout": "seconds to wait for the first CONNACK",
     "cert_file": "client certificate (brokers that require one)",
     "key_file": "private key of `cert_file`",
+    "mqtt_version": "MQTT protocol version: `5`, `3.1.1`, or `auto` (5, and 3.1.1 when the "
+    "broker refuses 5 or does not answer it within 3 s); what degrades under 3.1.1: "
+    "docs/brokers.md",
+    "max_chunk_bytes": "payloads over this many bytes travel as chunks on `<topic>/chunk/<i>`; "
+    "an MQTT 5 broker's Maximum Packet Size may lower it, a 3.1.1 broker cannot (set it "
+    "below the broker's limit)",
 }
 
 DESCRIPTIONS: dict[str, dict[str, str]] = {

@@ -23,6 +23,7 @@ from aggregator.ops.datasets import load_named_dataset, partition
 from aggregator.ops.local_broker import LocalBroker
 from aggregator.ops.monitor import RoundTable
 from aggregator.ops.report import load_metrics, plot_metrics, summarize
+from shared.mqtt.versions import AUTO, MQTT_VERSIONS
 from shared.protocol.global_delta import DOWNLOAD_CODECS
 from shared.runtime.data import ArrayDataset, save_npz
 
@@ -72,6 +73,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-clients", type=int, help="default: all clients")
     p.add_argument("--round-timeout", type=float, default=300.0)
     p.add_argument("--out", type=Path, help="run directory (default runs/demo-<time>)")
+    add_mqtt_version_argument(p)
+
+
+def add_mqtt_version_argument(p: argparse.ArgumentParser) -> None:
+    """``--mqtt-version``, handed to every child process (shared with ``bench``)."""
+    p.add_argument(
+        "--mqtt-version",
+        choices=MQTT_VERSIONS,
+        default=AUTO,
+        help="MQTT version of the aggregator, the agents and the monitor (default auto: 5; "
+        "3.1.1 runs the federation the way it runs on a 3.1.1-only broker)",
+    )
 
 
 def client_indices(args: argparse.Namespace, labels: np.ndarray) -> list[np.ndarray]:
@@ -173,6 +186,7 @@ def start_processes(
         str(test),
         "--metrics-file",
         str(out / "metrics.json"),
+        *child_protocol_flags(args),
     )
     agents = []
     for i, path in enumerate(clients):
@@ -189,12 +203,19 @@ def start_processes(
             # Ten agents importing torch at once on one small machine would make round 1 alone
             # take tens of seconds; a real device imports it once, at its first round.
             "--warm-up",
+            *child_protocol_flags(args),
         )
         with open(logs / f"agent-{i:02d}.log", "wb") as fh:
             agents.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))
     with open(logs / "aggregator.log", "wb") as fh:
         aggregator = subprocess.Popen(agg_cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     return aggregator, agents
+
+
+def child_protocol_flags(args: argparse.Namespace) -> list[str]:
+    """The children's ``--mqtt-version`` flag (none when the caller has no such option)."""
+    version = getattr(args, "mqtt_version", AUTO)
+    return [] if version == AUTO else ["--mqtt-version", version]
 
 
 def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
@@ -222,7 +243,7 @@ def run_demo(args: argparse.Namespace) -> int:
             f"broker {broker.url}; watch it with: mosquitto_sub -h 127.0.0.1 -p {broker.port} "
             "-v -t 'fl/#'"
         )
-        table = RoundTable(broker.url, FEDERATION, args.rounds)
+        table = RoundTable(broker.url, FEDERATION, args.rounds, args.mqtt_version)
         t0 = time.monotonic()
         aggregator, agents = start_processes(args, broker.url, clients, test, out)
         try:

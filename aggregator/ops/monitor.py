@@ -10,7 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from shared.mqtt.options import ConnectOptions
 from shared.mqtt.transport import MqttTransport
+from shared.mqtt.versions import AUTO
 from shared.protocol import messages as msg
 from shared.protocol import topics
 
@@ -32,7 +34,9 @@ COLUMNS = (
 class RoundTable:
     """Prints one row per applied round as the aggregator publishes its metrics."""
 
-    def __init__(self, url: str, federation: str, rounds_total: int) -> None:
+    def __init__(
+        self, url: str, federation: str, rounds_total: int, mqtt_version: str = AUTO
+    ) -> None:
         self.topics = topics.Topics(federation)
         self.rounds_total = rounds_total
         self.console = Console(width=max(100, Console().width))
@@ -42,6 +46,7 @@ class RoundTable:
             url,
             f"monitor-{int(time.time() * 1000) % 10**9}",
             subscriptions=[(self.topics.metrics, 1), (self.topics.agent_status_any, 1)],
+            options=ConnectOptions(mqtt_version=mqtt_version),
         )
 
     def follow(self, until: Callable[[], bool], timeout: float | None = None) -> None:

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shared.mqtt.base import Inbound
+from shared.mqtt.versions import AUTO, MQTT_VERSIONS
 from shared.protocol import messages as msg
 from shared.protocol import topics
 from shared.protocol.onnx_frame import OnnxFrameError, decode_onnx_frame
@@ -224,6 +225,12 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--username")
     parser.add_argument("--password")
     parser.add_argument("--ca-file")
+    parser.add_argument(
+        "--mqtt-version",
+        choices=MQTT_VERSIONS,
+        default=AUTO,
+        help="MQTT protocol version: 5, 3.1.1, or auto (5, else 3.1.1; default auto)",
+    )
     parser.add_argument("--duration", type=float, help="exit after this many seconds")
 
 
@@ -247,7 +254,10 @@ def run_monitor(args: argparse.Namespace) -> int:
         f"monitor-{int(time.time() * 1000) % 10**9}",
         subscriptions=subscriptions(t),
         options=ConnectOptions(
-            username=args.username, password=args.password, ca_file=args.ca_file
+            username=args.username,
+            password=args.password,
+            ca_file=args.ca_file,
+            mqtt_version=args.mqtt_version,
         ),
     )
     transport.start()

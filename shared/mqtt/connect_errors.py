@@ -11,6 +11,8 @@ import ssl
 
 from paho.mqtt.reasoncodes import ReasonCode
 
+from shared.mqtt.versions import UNSUPPORTED_PROTOCOL_VERSION, V5, V311, return_code_311
+
 _AUTH_REASONS = ("bad user name or password", "not authorized", "bad authentication method")
 
 
@@ -39,10 +41,22 @@ def describe_connect_error(exc: BaseException, address: str) -> str:
     return f"cannot connect to {address}: {type(exc).__name__}: {exc}"
 
 
-def describe_refusal(reason: ReasonCode | str) -> str:
-    """Explain a CONNACK failure reason code."""
+def describe_refusal(reason: ReasonCode | str, version: str = V5) -> str:
+    """Explain a CONNACK failure reason code received while speaking MQTT ``version``.
+
+    Under 3.1.1 the broker sent a return code (1-5), which paho reports as the MQTT 5
+    reason code of the same meaning: the message names the code really sent.
+    """
     text = str(reason)
-    if text.lower() in _AUTH_REASONS:
+    value = reason.value if isinstance(reason, ReasonCode) else None
+    if version == V311 and value is not None and return_code_311(value) is not None:
+        text += f" (MQTT 3.1.1 return code {return_code_311(value)})"
+    if value == UNSUPPORTED_PROTOCOL_VERSION:
+        other = V311 if version == V5 else V5
+        return (
+            f"{text}: the broker does not speak MQTT {version}; try --mqtt-version {other} or auto"
+        )
+    if str(reason).lower() in _AUTH_REASONS:
         return (
             f"{text}: check --username/--password (and the client certificate) "
             "against the broker's password file"

@@ -5,12 +5,14 @@ No paho here: configs, tests and the transport share these value objects.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlparse
 
 from shared.mqtt.base import TransportError
-from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES
+from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from shared.mqtt.versions import AUTO, MQTT_VERSIONS, check_mqtt_version
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,13 @@ class ConnectOptions:
     # How long subscribe/unsubscribe wait for the broker's SUBACK/UNSUBACK (loopback and
     # LAN answer in milliseconds; a longer silence means the connection is dying).
     ack_timeout_s: float = 10.0
+    # "5", "3.1.1" or "auto" (5, and 3.1.1 when the broker does not answer 5): see
+    # shared/mqtt/versions.py. A 3.1.1 broker advertises no packet limit, so max_chunk_bytes
+    # alone bounds what one message carries there.
+    mqtt_version: str = AUTO
+    # auto: how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried (a broker
+    # answers in milliseconds on a LAN; amqtt never answers some MQTT 5 CONNECTs).
+    version_probe_s: float = 3.0
 
 
 class BrokerSettings(Protocol):
@@ -78,3 +87,30 @@ class BrokerSettings(Protocol):
     def cert_file(self) -> str | None: ...
     @property
     def key_file(self) -> str | None: ...
+    @property
+    def mqtt_version(self) -> str: ...
+    @property
+    def max_chunk_bytes(self) -> int: ...
+
+
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--mqtt-version`` and ``--max-chunk-bytes`` (unset: the file or environment decides)."""
+    parser.add_argument(
+        "--mqtt-version",
+        choices=MQTT_VERSIONS,
+        help="MQTT protocol version: 5, 3.1.1, or auto (5, falling back to 3.1.1 when the "
+        "broker does not answer 5; default auto)",
+    )
+    parser.add_argument(
+        "--max-chunk-bytes",
+        type=int,
+        help=f"payloads over this many bytes travel as chunks (default {DEFAULT_MAX_CHUNK_BYTES}; "
+        "MQTT 5 brokers may lower it with their Maximum Packet Size, 3.1.1 brokers cannot)",
+    )
+
+
+def check_protocol_settings(mqtt_version: str, max_chunk_bytes: int) -> None:
+    """A config's range check of its ``mqtt_version`` and ``max_chunk_bytes`` (ValueError)."""
+    check_mqtt_version(mqtt_version)
+    if max_chunk_bytes < MIN_CHUNK_BYTES:
+        raise ValueError(f"max-chunk-bytes must be ≥ {MIN_CHUNK_BYTES} (got {max_chunk_bytes})")

@@ -1,4 +1,4 @@
-"""The one place that talks to paho-mqtt (2.x, VERSION2 callbacks, MQTT v5).
+"""The one place that talks to paho-mqtt (2.x, VERSION2 callbacks, MQTT 5 or 3.1.1).
 
 Callbacks run on paho's network thread and do nothing but hand messages over to a queue; the
 agent's trainer and the aggregator's worker consume the queue on their own thread. paho's
@@ -25,13 +25,14 @@ from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
 from shared.mqtt.options import BrokerAddress, BrokerSettings, ConnectOptions
 from shared.mqtt.reconnect import JitteredClient
 from shared.mqtt.subscriptions import Ack, PendingAcks, Send, with_chunk_subs
+from shared.mqtt.versions import V5, ConnectAttempt, Outcome, VersionNegotiation, connack_outcome
 from shared.protocol.topics import chunk_topic, split_chunk_topic
 
 log = logging.getLogger(__name__)
 
 
 class MqttTransport:
-    """A reconnecting MQTT v5 client whose inbound messages land in ``self.inbox``.
+    """A reconnecting MQTT client (5 or 3.1.1) whose inbound messages land in ``self.inbox``.
 
     On every (re)connect it subscribes to ``subscriptions`` and publishes ``births()``
     (Sparkplug-style: presence is re-announced after each reconnect).
@@ -70,13 +71,20 @@ class MqttTransport:
         # Topic → number of retained chunks we last published there (to clear stale ones).
         self._retained_chunks: dict[str, int] = {}
         self._acks = PendingAcks()
+        self._will = will
+        self.negotiation = VersionNegotiation(self.options.mqtt_version)
+        self._attempt = ConnectAttempt()
         self._client = self._make_client(will)
 
     def _make_client(self, will: Outbound | None) -> mqtt.Client:
+        v5 = self.negotiation.version == V5
         client = JitteredClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            # 3.1.1's clean session = MQTT 5's clean start with session expiry 0 (paho's v5
+            # default): no broker-side session either way; receipts + outbox carry reliability.
+            clean_session=None if v5 else True,
         )
         opts = self.options
         if opts.username is not None:
@@ -111,12 +119,18 @@ class MqttTransport:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        outcome = connack_outcome(reason_code.value)
+        self._attempt.settle(outcome)
         if reason_code.is_failure:
-            self._refused = describe_refusal(reason_code)
+            self._refused = describe_refusal(reason_code, self.negotiation.version)
+            if outcome is Outcome.VERSION_REFUSED and not self.negotiation.settled:
+                return  # auto: start() tries the other version and says so
             # paho retries with backoff (reconnect_delay_set): one line per attempt, no trace.
             log.error("broker %s refused %s: %s", self.address, self.client_id, self._refused)
             return
         self._refused = None
+        # MQTT 5 only: 3.1.1 has no CONNACK properties, so chunk_capacity() falls back to
+        # options.max_chunk_bytes alone.
         max_packet = getattr(properties, "MaximumPacketSize", None) if properties else None
         self.broker_max_packet = int(max_packet) if max_packet else None
         if self._subs:
@@ -127,7 +141,8 @@ class MqttTransport:
             client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
         self.connect_count += 1
         self.connected.set()
-        log.info("%s connected to %s", self.client_id, self.address)
+        speaks = self.negotiation.describe(self.chunk_capacity())
+        log.info("%s connected to %s with %s", self.client_id, self.address, speaks)
 
     def _on_disconnect(
         self,
@@ -137,9 +152,12 @@ class MqttTransport:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
         self._acks.connection_lost()
-        if not self._closing:
+        self._attempt.settle(Outcome.CLOSED)
+        # A connection that never got its CONNACK was not "lost": start() reports it.
+        if was_connected and not self._closing:
             log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
@@ -188,16 +206,34 @@ class MqttTransport:
         ``timeout`` a TransportError names the last reason.
         """
         deadline = time.monotonic() + timeout
-        self._open_connection(deadline)
-        self._client.loop_start()
+        while self._first_connack(deadline):  # auto: no answer in this version, a new client
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = self._make_client(self._will)
         if not self.wait_connected(max(0.0, deadline - time.monotonic())):
             self._client.loop_stop()
-            why = f"refused: {self._refused}" if self._refused else "no answer"
             raise TransportError(
                 f"could not connect to {self.address} as {self.client_id!r} "
-                f"within {timeout:.0f}s ({why})"
+                f"within {timeout:.0f}s ({self.negotiation.failure(self._refused)})"
             )
         return self
+
+    def _first_connack(self, deadline: float) -> bool:
+        """Send CONNECT; True when (auto) the broker did not answer and the other version is next.
+
+        A settled version waits no further here: paho retries refusals, start() waits.
+        """
+        self._attempt = ConnectAttempt()
+        self._open_connection(deadline)
+        self._client.loop_start()
+        if self.negotiation.settled:
+            return False
+        probe = min(self.options.version_probe_s, deadline - time.monotonic())
+        if not self.negotiation.record(self._attempt.wait(probe)):
+            return False
+        why, version = self.negotiation.fallback_reason, self.negotiation.version
+        log.warning("%s: broker %s %s; trying MQTT %s", self.client_id, self.address, why, version)
+        return time.monotonic() < deadline
 
     def _open_connection(self, deadline: float) -> None:
         """Open the socket (and TLS session) and send CONNECT, retrying with backoff."""
@@ -337,18 +373,27 @@ class MqttTransport:
 
 
 def _subscribe_call(client: mqtt.Client, subs: list[tuple[str, int]]) -> Send:
-    """paho's subscribe for ``subs``, as one SUBSCRIBE packet (one SUBACK)."""
+    """paho's subscribe for ``subs``, as one SUBSCRIBE packet (one SUBACK).
+
+    paho takes SubscribeOptions only under MQTT 5, plain QoS only under 3.1.1 (whose SUBACK
+    refuses with 0x80 and no reason: paho's "Unspecified error").
+    """
+    if client.protocol != mqtt.MQTTv5:
+        return lambda: client.subscribe(list(subs))
     return lambda: client.subscribe([(t, mqtt.SubscribeOptions(qos=q)) for t, q in subs])
 
 
 def connector_for(settings: BrokerSettings) -> Connector:
-    """The paho connector for a process's settings: its broker URL, credentials and TLS files."""
+    """The paho connector for a process's settings: broker URL, credentials, TLS files,
+    MQTT version and chunk size."""
     options = ConnectOptions(
         username=settings.username,
         password=settings.password,
         ca_file=settings.ca_file,
         cert_file=settings.cert_file,
         key_file=settings.key_file,
+        mqtt_version=settings.mqtt_version,
+        max_chunk_bytes=settings.max_chunk_bytes,
     )
     return mqtt_connector(settings.broker, options)
 

@@ -35,6 +35,8 @@ class Code:
 class FakeClient:
     """Records subscribe/unsubscribe calls; ``answer(mid)`` decides how the broker replies."""
 
+    protocol = 5  # paho's MQTTv5: subscriptions carry SubscribeOptions
+
     def __init__(self, transport: MqttTransport) -> None:
         self.transport = transport
         self.calls: list[tuple[str, Any]] = []

@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.ops.demo import add_task_arguments, prepare_data, start_processes, stop_processes
+from aggregator.ops.demo import (
+    add_mqtt_version_argument,
+    add_task_arguments,
+    prepare_data,
+    start_processes,
+    stop_processes,
+)
 from aggregator.ops.local_broker import LocalBroker
 from aggregator.ops.report import load_metrics
 from shared.protocol.frames import FrameHeader, decode_frame, encode_frame
@@ -63,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-timeout", type=float, default=600.0)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per codec run")
     p.add_argument("--out", type=Path, help="output directory (default runs/compression-<time>)")
+    add_mqtt_version_argument(p)
 
 
 def run_compression(args: argparse.Namespace) -> int:
