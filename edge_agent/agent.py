@@ -189,7 +189,9 @@ class EdgeAgent:
         elif stored is not None:
             # (Re-)announced while we hold its update, e.g. by a restarted aggregator.
             self.done_rounds.add(ann.round)
-            self._resend(ann.round, "round announced")
+            # A live re-announcement (a restarted aggregator) always gets the update again; the
+            # retained copy a reconnect brings is the reconnect's own re-send (coalesced).
+            self._resend(ann.round, "round announced", coalesce=item.retain)
 
     def _on_receipt(self, item: Inbound) -> None:
         receipt = msg.decode(item.payload, msg.Receipt)
@@ -296,12 +298,12 @@ class EdgeAgent:
         topic = self.topics.update(round_id, self.cfg.client_id)
         self.transport.publish(topic, payload, qos=1, wait=False)
 
-    def _resend(self, round_id: int, why: str) -> None:
+    def _resend(self, round_id: int, why: str, coalesce: bool = False) -> None:
         payload = self.outbox.get(round_id)
         if payload is None:
             return
         last = self.sent_at.get(round_id)
-        if last is not None and self.clock.monotonic() - last < RESEND_GAP_S:
+        if coalesce and last is not None and self.clock.monotonic() - last < RESEND_GAP_S:
             # One event, two triggers (a reconnect and the retained announcement it brings):
             # the update goes out once.
             return
@@ -323,7 +325,7 @@ class EdgeAgent:
             return
         last = self.sent_at.get(ann.round)
         if reconnected and last is not None:
-            self._resend(ann.round, "reconnected")
+            self._resend(ann.round, "reconnected", coalesce=True)
         elif last is None or self.clock.monotonic() - last >= self.cfg.resend_after_s:
             self._resend(ann.round, "no receipt yet" if last is not None else "restarted")
 

@@ -160,6 +160,21 @@ def test_after_a_reconnect_the_agent_resends_and_says_it_is_online_again(
     wait_for(lambda: _status(fed, "pi-0") == "online", "its birth message")
 
 
+def test_a_live_reannouncement_gets_the_update_again_at_once(
+    fed: Federation, agg: ScriptedAggregator
+) -> None:
+    # A restarted aggregator re-announces its open round: an update sent a moment before
+    # may have been lost with it, so the agent sends it again without waiting.
+    agg.publish_model()
+    fed.start_agent("pi-0", seed=1)
+    agg.announce(1, "pi-0")
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
+
+    agg.announce(1, "pi-0")
+
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the re-send for the re-announcement")
+
+
 def test_a_restarted_agent_resends_from_its_outbox_instead_of_training_again(
     fed: Federation, agg: ScriptedAggregator
 ) -> None:
