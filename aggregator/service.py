@@ -38,7 +38,7 @@ from shared.clock import Clock, SystemClock
 from shared.mqtt.base import Connector, Inbound, Outbound, Session
 from shared.protocol import messages as msg
 from shared.protocol import topics
-from shared.protocol.claims import sign_round_start
+from shared.protocol.claims import sign_round_start, sign_status
 from shared.protocol.frames import tensors_hash
 from shared.protocol.signing import load_private_key
 
@@ -467,9 +467,13 @@ class AggregatorService:
         self.transport.publish(topic, payload, retain=retain, wait=wait)
 
     def _status(self, state: str) -> bytes:
-        return msg.AggregatorStatus(
+        status = msg.AggregatorStatus(
             federation=self.cfg.federation,
             state=state,  # type: ignore[arg-type]
             round=self.round_id,
             rounds_total=self.cfg.rounds,
-        ).to_json()
+            run=self.run_epoch,
+        )
+        if self.signing_key is not None:  # a live "finished" ends pinned agents: signed
+            status = sign_status(self.signing_key, status)
+        return status.to_json()

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from edge_agent.announcements import DeviceLimits, check_announcement
+from edge_agent.announcements import DeviceLimits, check_announcement, check_finished
 from edge_agent.config import AgentConfig
 from edge_agent.local_training import LocalTrainer
 from edge_agent.model_sync import ModelSync
@@ -249,6 +249,7 @@ class EdgeAgent:
         status = msg.decode(item.payload, msg.AggregatorStatus)
         # A retained "finished" is the previous federation's: keep waiting for the next one.
         if status.state == "finished" and not item.retain and self.cfg.exit_when_finished:
+            check_finished(status, self.model_key, self.announcement)  # refused: logged
             log.info("federation %s finished", status.federation)
             self.stop()
 

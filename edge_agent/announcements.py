@@ -13,6 +13,9 @@ it keeps its model and follows the next genuine announcement.
 - Order: ``(run, round)`` never goes back. A later run supersedes an earlier one (a new run
   of the federation starts again at round 1), so a replayed announcement of an old run, or of
   an earlier round of this run, is refused instead of replacing the current round.
+
+The aggregator's live ``finished`` status ends the agent: :func:`check_finished` holds it to
+the same origin (signed, when pinned) and to the run the agent follows.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared.compression.quantize import CodecError
 from shared.compression.registry import resolve_codec
-from shared.protocol.claims import verify_round_start
+from shared.protocol.claims import verify_round_start, verify_status
 from shared.protocol.global_delta import DOWNLOAD_CODECS
-from shared.protocol.messages import MessageError, RoundStart
+from shared.protocol.messages import AggregatorStatus, MessageError, RoundStart
 from shared.protocol.signing import SignatureError
 
 
@@ -61,6 +64,24 @@ def check_announcement(
         raise AnnouncementRefused(
             f"{what}: older than round {current.round} of run {current.run}, which it follows"
         )
+
+
+def check_finished(
+    status: AggregatorStatus, public_key: Ed25519PublicKey | None, current: RoundStart | None
+) -> None:
+    """Raise AnnouncementRefused unless a ``finished`` status may end the agent.
+
+    Pinned: it must be signed. Always: it must be of the run the agent follows (a replayed
+    ``finished`` of an earlier run must not stop a new one).
+    """
+    what = f"'finished' of run {status.run} ignored"
+    if public_key is not None:
+        try:
+            verify_status(public_key, status)
+        except SignatureError as exc:
+            raise AnnouncementRefused(f"{what}: {exc}") from exc
+    if current is not None and status.run != current.run:
+        raise AnnouncementRefused(f"{what}: the agent follows run {current.run}")
 
 
 def _unaffordable(ann: RoundStart, limits: DeviceLimits) -> str:

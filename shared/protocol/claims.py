@@ -12,6 +12,8 @@ field means a new domain. Signed fields, by claim:
   update size, download codec. Only ``ts`` (the send time, informative) is outside.
 - ``fedmq-onnx-header-v2`` (ONNX frame version 2, ``signature``): federation, run, round,
   model hash, ONNX SHA-256, input shape, number of classes, architecture, opset.
+- ``fedmq-aggregator-status-v1`` (``AggregatorStatus.signature``: a live ``finished`` ends
+  the agents): schema, federation, state, round, rounds total, run.
 
 A *run* is the aggregator's run epoch (:class:`shared.protocol.messages.RoundStart.run`): a
 new run of a federation has a larger one, and devices order models by ``(run, round)``.
@@ -26,12 +28,13 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared.protocol.frames import FrameError, FrameHeader
-from shared.protocol.messages import MAX_RUN, RoundStart
+from shared.protocol.messages import MAX_RUN, AggregatorStatus, RoundStart
 from shared.protocol.onnx_frame import OnnxFrame, OnnxHeader
 from shared.protocol.signing import SignatureError, canonical_json, sign_bytes, verify_bytes
 
 MODEL_CONTEXT = "fedmq-global-model-v2"
 ROUND_START_CONTEXT = "fedmq-round-start-v1"
+STATUS_CONTEXT = "fedmq-aggregator-status-v1"
 ONNX_HEADER_CONTEXT = "fedmq-onnx-header-v2"
 
 
@@ -114,6 +117,27 @@ def verify_round_start(key: Ed25519PublicKey, ann: RoundStart) -> None:
         raise SignatureError("announcement is not signed")
     what = f"the round {ann.round} announcement of run {ann.run}"
     verify_bytes(key, round_start_claim(ann), ann.signature, what)
+
+
+def status_claim(status: AggregatorStatus) -> bytes:
+    """The signed bytes of an aggregator status: every field but ``ts`` and the signature."""
+    body = msgspec.to_builtins(msgspec.structs.replace(status, signature=""))
+    assert isinstance(body, dict)
+    del body["ts"], body["signature"]
+    return canonical_json(STATUS_CONTEXT, body)
+
+
+def sign_status(key: Ed25519PrivateKey, status: AggregatorStatus) -> AggregatorStatus:
+    """``status`` with its Ed25519 signature (over :func:`status_claim`)."""
+    return msgspec.structs.replace(status, signature=sign_bytes(key, status_claim(status)))
+
+
+def verify_status(key: Ed25519PublicKey, status: AggregatorStatus) -> None:
+    """Raise SignatureError unless ``status`` carries a valid signature over all its fields."""
+    if not status.signature:
+        raise SignatureError("status is not signed")
+    what = f"the {status.state!r} status of run {status.run}"
+    verify_bytes(key, status_claim(status), status.signature, what)
 
 
 def onnx_claim(header: OnnxHeader) -> bytes:

@@ -188,6 +188,10 @@ class AggregatorStatus(Message, frozen=True, kw_only=True):
     state: Literal["running", "finished", "offline"]
     round: int = -1
     rounds_total: NonNeg = 0
+    run: Run = 0  # the aggregator's run epoch (0: an aggregator older than runs)
+    # base64 Ed25519 over every field but ts (shared/protocol/claims.py); "" = unsigned. A
+    # pinned agent ends on "finished" only when it is signed and of the run it follows.
+    signature: Signature = ""
 
 
 class RoundMetrics(Message, frozen=True, kw_only=True):

@@ -19,7 +19,7 @@ from aggregator.downloads import model_frame
 from shared.mqtt.base import Session
 from shared.mqtt.memory import MemoryTransport
 from shared.protocol import messages as msg
-from shared.protocol.claims import sign_model_v2, sign_round_start
+from shared.protocol.claims import sign_model_v2, sign_round_start, sign_status
 from shared.protocol.frames import read_header, tensors_hash
 from shared.protocol.signing import generate_keypair, public_pem
 from tests.unit.inprocess import FED, INPUT_SHAPE, NUM_CLASSES, Federation, T, wait_for
@@ -88,9 +88,11 @@ class ScriptedAggregator:
         body = msg.Receipt(round=round_id, client_id=client_id, status=status, code=code)
         self.link.publish(T.receipt(round_id, client_id), body.to_json())
 
-    def status(self, state: str, retain: bool) -> None:
-        """The aggregator's life-cycle status."""
-        body = msg.AggregatorStatus(federation=FED, state=state)  # type: ignore[arg-type]
+    def status(self, state: str, retain: bool, sign: bool = True) -> None:
+        """The aggregator's life-cycle status (signed with the key, unless ``sign`` is off)."""
+        body = msg.AggregatorStatus(federation=FED, state=state, run=self.run)  # type: ignore[arg-type]
+        if self.key is not None and sign:
+            body = sign_status(self.key, body)
         self.link.publish(T.aggregator_status, body.to_json(), retain=retain)
 
 

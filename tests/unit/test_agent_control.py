@@ -201,3 +201,39 @@ def test_a_replayed_signed_announcement_of_an_older_run_is_refused(
 
     assert fed.updates(7, "pi-0") == []
     assert "round 7 announcement (run 5) refused: older than round 1 of run 6" in caplog.text
+
+
+def test_a_pinned_agent_ignores_an_unsigned_finished_and_ends_on_the_signed_one(
+    fed: Federation, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key, pem = _pinned(fed, tmp_path)
+    agg = ScriptedAggregator(fed, key)
+    agg.publish_model()
+    fed.start_agent("pi-0", seed=1, model_public_key=pem)
+    agg.announce(1, "pi-0")
+    _trained(fed, 1)
+
+    agg.status("finished", retain=False, sign=False)
+    agg.announce(2, "pi-0")
+    _trained(fed, 2)
+    agg.status("finished", retain=False)
+
+    assert fed.workers["pi-0"].join() == 0
+    assert "'finished' of run 0 ignored: status is not signed" in caplog.text
+
+
+def test_a_finished_of_an_earlier_run_does_not_end_an_agent_following_a_new_run(
+    fed: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_a, run_b = ScriptedAggregator(fed, run=5), ScriptedAggregator(fed, run=6)
+    run_b.publish_model()
+    fed.start_agent("pi-0", seed=1)
+    run_b.announce(1, "pi-0")
+    _trained(fed, 1)
+
+    run_a.status("finished", retain=False)  # replayed live
+    run_b.announce(2, "pi-0")
+    _trained(fed, 2)
+
+    assert not fed.workers["pi-0"].done
+    assert "'finished' of run 5 ignored: the agent follows run 6" in caplog.text

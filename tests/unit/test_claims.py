@@ -13,8 +13,10 @@ from shared.protocol.claims import (
     round_start_claim,
     sign_model_v2,
     sign_round_start,
+    sign_status,
     verify_model_v2,
     verify_round_start,
+    verify_status,
 )
 from shared.protocol.signing import SignatureError, generate_keypair, sign_bytes, verify_bytes
 
@@ -190,3 +192,18 @@ def test_an_announcement_of_an_aggregator_older_than_runs_decodes_as_run_0_unsig
     ann = msg.decode(msgspec.json.encode(raw), msg.RoundStart)
 
     assert (ann.run, ann.signature) == (0, "")
+
+
+# --- the aggregator's status ---------------------------------------------------------------
+def test_a_signed_running_status_does_not_verify_as_finished_nor_for_another_run() -> None:
+    status = msg.AggregatorStatus(federation="lab", state="running", round=2, run=5)
+    signed = _status_wire(sign_status(KEY, status))
+    verify_status(KEY.public_key(), signed)
+
+    for change in ({"state": "finished"}, {"run": 6}):
+        with pytest.raises(SignatureError, match="bad signature"):
+            verify_status(KEY.public_key(), msgspec.structs.replace(signed, **change))
+
+
+def _status_wire(status: msg.AggregatorStatus) -> msg.AggregatorStatus:
+    return msg.decode(status.to_json(), msg.AggregatorStatus)
