@@ -3,8 +3,10 @@
 After every applied round the aggregator writes ``checkpoint.safetensors`` into its
 ``--state-dir``: the global parameters as safetensors (safe to load: no pickle) and, in the
 safetensors metadata, a JSON document with the number of applied rounds, the model hash, the
-selection RNG state, a fingerprint of the settings that shape the model, and which clients
-were counted in each round. The server's download error-feedback residual (see
+selection RNG state, a fingerprint of the settings that shape the model, which clients
+were counted in each round, and the run epoch (a resumed aggregator continues the same run;
+a checkpoint written before runs existed has none, and resuming it starts a new run).
+The server's download error-feedback residual (see
 ``shared/protocol/global_delta.py``), when there is one, is stored next to the parameters as tensors
 named ``residual/<name>`` (``/`` never occurs in a model tensor's name); checkpoints without
 it load with no residual. A readable copy of that JSON goes to ``checkpoint.json``; only
@@ -85,6 +87,7 @@ class Checkpoint:
     history: list[dict[str, Any]] = field(default_factory=list)
     # Download error feedback of the aggregator (None: none yet, or download codec none).
     residual: Tensors | None = None
+    run: int | None = None  # the run epoch (None: written before runs existed)
 
 
 class CheckpointStore:
@@ -103,6 +106,7 @@ class CheckpointStore:
             "rng_state": ckpt.rng_state,
             "fingerprint": ckpt.fingerprint,
             "history": ckpt.history,
+            "run": ckpt.run,
         }
         text = json.dumps(doc, separators=(",", ":"))
         tensors = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in ckpt.params.items()}
@@ -138,6 +142,7 @@ class CheckpointStore:
                 fingerprint=str(doc["fingerprint"]),
                 history=list(doc.get("history", [])),
                 residual=residual or None,
+                run=_run(doc.get("run")),
             )
         except (SafetensorError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {self.path} is unreadable: {exc}") from exc
@@ -153,6 +158,14 @@ class CheckpointStore:
         if tensors_hash(ckpt.params) != ckpt.model_hash:
             raise CheckpointError(f"checkpoint {self.path}: parameters do not match their hash")
         return ckpt
+
+
+def _run(value: object) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"run {value!r} is not an epoch")
+    return value
 
 
 def _metadata(data: bytes) -> dict[str, str]:

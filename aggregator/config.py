@@ -12,6 +12,7 @@ from shared.compression.registry import resolve_codec
 from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES
 from shared.mqtt.options import add_protocol_arguments, check_protocol_settings
 from shared.mqtt.versions import AUTO
+from shared.protocol import messages as msg
 from shared.protocol.global_delta import DOWNLOAD_CODECS
 from shared.settings import load_settings
 
@@ -65,6 +66,9 @@ class AggregatorConfig:
     # kept either way. After max_extensions the federation fails (exit code 3).
     on_starved: str = "extend"
     max_extensions: int = 5
+    # The run epoch agents order models by (with the round). None: continue the run of
+    # --state-dir's checkpoint, else start a new one (the start time in milliseconds).
+    run: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -74,8 +78,7 @@ class AggregatorConfig:
             (self.round_timeout > 0, "round-timeout must be > 0"),
             (self.local_epochs >= 1, "local-epochs must be ≥ 1"),
             (self.batch_size >= 1, "batch-size must be ≥ 1"),
-            (self.lr > 0, "lr must be > 0"),
-            (self.momentum >= 0, "momentum must be ≥ 0"),
+            *_protocol_checks(self),
             (_known_codec(self.codec), f"codec must be one of: {KNOWN_CODECS}"),
             (
                 self.download_codec in DOWNLOAD_CODECS,
@@ -92,6 +95,33 @@ class AggregatorConfig:
             if not ok:
                 raise ValueError(message)
         check_protocol_settings(self.mqtt_version, self.max_chunk_bytes)
+
+
+# Agents refuse announcements outside the protocol's bounds: refuse to start with them.
+_MAX_SEED = (msg.MAX_SEED - 1_000_000_000) // 100_003  # the round seed is seed·100003 + round
+
+
+def _protocol_checks(cfg: AggregatorConfig) -> list[tuple[bool, str]]:
+    return [
+        (0 < cfg.lr <= msg.MAX_LR, f"lr must be in (0, {msg.MAX_LR:g}]"),
+        (0 <= cfg.momentum < msg.MAX_MOMENTUM, f"momentum must be in [0, {msg.MAX_MOMENTUM:g})"),
+        (
+            0 <= cfg.weight_decay <= msg.MAX_WEIGHT_DECAY,
+            f"weight-decay must be in [0, {msg.MAX_WEIGHT_DECAY:g}]",
+        ),
+        (
+            cfg.local_epochs <= msg.MAX_LOCAL_EPOCHS,
+            f"local-epochs must be ≤ {msg.MAX_LOCAL_EPOCHS}",
+        ),
+        (cfg.batch_size <= msg.MAX_BATCH_SIZE, f"batch-size must be ≤ {msg.MAX_BATCH_SIZE}"),
+        (0 <= cfg.seed <= _MAX_SEED, f"seed must be in [0, {_MAX_SEED}]"),
+        (
+            all(0 < d <= msg.MAX_INPUT_DIM for d in cfg.input_shape),
+            f"input-shape dimensions must be in [1, {msg.MAX_INPUT_DIM}]",
+        ),
+        (0 < cfg.num_classes <= msg.MAX_CLASSES, f"num-classes must be in [1, {msg.MAX_CLASSES}]"),
+        (cfg.run is None or 0 <= cfg.run <= msg.MAX_RUN, f"run must be in [0, {msg.MAX_RUN}]"),
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,6 +178,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "when given, also a checkpoint + journal to resume after a crash",
     )
     add_resilience_arguments(parser)
+    parser.add_argument(
+        "--run",
+        type=int,
+        help="run epoch (default: continue --state-dir's run, else a new one: the start time "
+        "in ms); agents follow the largest run",
+    )
 
 
 def add_resilience_arguments(parser: argparse.ArgumentParser) -> None:

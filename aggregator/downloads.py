@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.protocol import messages as msg
+from shared.protocol.claims import sign_model_v2
 from shared.protocol.frames import FrameError, FrameHeader, encode_frame, tensors_hash
 from shared.protocol.global_delta import delta_frame, server_step
 from shared.protocol.signing import sign_model
@@ -45,8 +47,10 @@ def model_frame(
     *,
     model_hash: str | None = None,
     signature: str = "",
+    run: int = 0,
+    signature_v2: str = "",
 ) -> bytes:
-    """The global-model frame: fp32 tensors, their hash, signature and architecture.
+    """The global-model frame: fp32 tensors, their hash, run, signatures and architecture.
 
     The same bytes are published on ``global/model`` and saved for ``fedmq export``.
     """
@@ -58,6 +62,8 @@ def model_frame(
         meta={
             "model_hash": model_hash or tensors_hash(params),
             "signature": signature,
+            "run": run,
+            "signature_v2": signature_v2,
             "model": {
                 "arch": spec.arch,
                 "input_shape": list(spec.input_shape),
@@ -66,6 +72,14 @@ def model_frame(
         },
     )
     return encode_frame(header, params).payload
+
+
+@dataclass(frozen=True)
+class ModelSignatures:
+    """A global model's two signatures: ``v1`` for agents older than runs, ``v2`` with its run."""
+
+    v1: str
+    v2: str
 
 
 class GlobalDownloads:
@@ -78,8 +92,10 @@ class GlobalDownloads:
         codec: str,
         seed: int,
         signing_key: Ed25519PrivateKey | None,
+        run: int = 0,
     ) -> None:
         self.federation = federation
+        self.run = run  # the aggregator's run epoch (set again when it resumes a run)
         self.topics = Topics(federation)
         self.spec = spec
         self.codec = codec
@@ -90,11 +106,16 @@ class GlobalDownloads:
         self._delta: tuple[int, bytes] | None = None  # (round, frame) leading to that round
         self._retained_delta = _UNKNOWN  # round whose delta the broker retains
 
-    def sign(self, round_id: int, model_hash: str) -> str:
-        """Ed25519 signature over (federation, round, hash); "" without a signing key."""
-        if self.signing_key is None:
-            return ""
-        return sign_model(self.signing_key, self.federation, round_id, model_hash)
+    def signatures(self, round_id: int, model_hash: str) -> ModelSignatures:
+        """The model's signatures (over its run and without it); "" without a signing key."""
+        key = self.signing_key
+        if key is None:
+            return ModelSignatures("", "")
+        return ModelSignatures(
+            # Still written for agents older than runs, which verify only this one.
+            sign_model(key, self.federation, round_id, model_hash),
+            sign_model_v2(key, self.federation, self.run, round_id, model_hash),
+        )
 
     def advance(
         self, old: Tensors, old_hash: str, old_round: int, target: Tensors, new_round: int
@@ -115,13 +136,16 @@ class GlobalDownloads:
             self.residual = None
             return target, tensors_hash(target)
         self.residual = step.residual
+        sigs = self.signatures(new_round, step.model_hash)
         try:
             frame = delta_frame(
                 step,
                 federation=self.federation,
                 base_hash=old_hash,
                 base_round=old_round,
-                signature=self.sign(new_round, step.model_hash),
+                signature=sigs.v1,
+                run=self.run,
+                signature_v2=sigs.v2,
             )
         except FrameError as exc:
             log.error(
@@ -141,14 +165,16 @@ class GlobalDownloads:
         self, round_id: int, params: Tensors, model_hash: str, final: bool, publish: Publish
     ) -> None:
         """Publish the full model, the delta (or clear it) and the meta of ``round_id``."""
-        signature = self.sign(round_id, model_hash)
+        sigs = self.signatures(round_id, model_hash)
         frame = model_frame(
             self.federation,
             round_id,
             self.spec,
             params,
             model_hash=model_hash,
-            signature=signature,
+            signature=sigs.v1,
+            run=self.run,
+            signature_v2=sigs.v2,
         )
         self.model_frame = frame
         publish(self.topics.global_model, frame, retain=True)
@@ -167,7 +193,9 @@ class GlobalDownloads:
             model=self.spec,
             nbytes=len(frame),
             final=final,
-            signature=signature,
+            signature=sigs.v1,
+            run=self.run,
+            signature_v2=sigs.v2,
         )
         publish(self.topics.global_meta, meta.to_json(), retain=True)
 

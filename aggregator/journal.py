@@ -15,7 +15,7 @@ resumed sum is the same sum.
 JSONL records::
 
     {"event": "announce", "round": r, "base_hash": h, "selected": [...], "deadline": t,
-     "extensions": k, "rng_state": {...}}
+     "extensions": k, "rng_state": {...}, "run": e}
     {"event": "accepted", "round": r, "client": c, "num_samples": n, "sha256": s}
 """
 
@@ -79,6 +79,7 @@ class RoundJournal:
         deadline: float,
         extensions: int,
         rng_state: dict[str, Any],
+        run: int | None = None,
     ) -> None:
         """Record an announcement (first or re-announced) *before* it is published."""
         self._append(
@@ -91,6 +92,8 @@ class RoundJournal:
                 "deadline": deadline,
                 "extensions": extensions,
                 "rng_state": rng_state,
+                # Before the first checkpoint, the only durable record of the run.
+                "run": run,
             },
         )
 

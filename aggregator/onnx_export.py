@@ -22,10 +22,10 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.files import write_atomic
+from shared.protocol.claims import sign_onnx_header
 from shared.protocol.frames import tensors_hash
 from shared.protocol.messages import ModelSpec
 from shared.protocol.onnx_frame import OnnxHeader, encode_onnx_frame, sha256
-from shared.protocol.signing import ONNX_CONTEXT, sign_model
 from shared.protocol.topics import Topics
 from shared.runtime.data import ArrayDataset
 from shared.runtime.modelio import set_params
@@ -129,6 +129,7 @@ def export_verified(
     batch: np.ndarray,
     model: torch.nn.Module | None = None,
     signing_key: Ed25519PrivateKey | None = None,
+    run: int = 0,
 ) -> OnnxExport:
     """Export ``params`` as ONNX, check it, verify parity, and frame it; or raise ExportError."""
     t0 = time.perf_counter()
@@ -142,24 +143,21 @@ def export_verified(
             f"onnxruntime disagrees with torch: max |Δlogit| {parity.max_abs_diff:.2e}, "
             f"same argmax: {parity.same_argmax}"
         )
-    onnx_sha = sha256(onnx_bytes)
-    # Signed like the weights: a device pinning the aggregator's key serves nothing else.
-    signature = (
-        sign_model(signing_key, federation, round_id, onnx_sha, ONNX_CONTEXT)
-        if signing_key is not None
-        else ""
-    )
     header = OnnxHeader(
         federation=federation,
+        run=run,
         round=round_id,
         model_hash=tensors_hash(params),
-        onnx_sha256=onnx_sha,
+        onnx_sha256=sha256(onnx_bytes),
         input_shape=spec.input_shape,
         num_classes=spec.num_classes,
         arch=spec.arch,
         opset=OPSET,
-        signature=signature,
     )
+    # The whole header is signed (input shape, classes, ...), not only the ONNX hash: a
+    # device pinning the aggregator's key serves nothing relabelled.
+    if signing_key is not None:
+        header = sign_onnx_header(signing_key, header)
     frame = encode_onnx_frame(header, onnx_bytes)
     return OnnxExport(onnx_bytes, frame, parity, time.perf_counter() - t0)
 
@@ -177,9 +175,11 @@ class RoundExporter:
         holdout: ArrayDataset | None,
         seed: int = 0,
         signing_key: Ed25519PrivateKey | None = None,
+        run: int = 0,
     ) -> None:
         self.spec = spec
         self.signing_key = signing_key
+        self.run = run  # the aggregator's run epoch (set again when it resumes a run)
         self.federation = federation
         self.onnx = onnx
         self.state_dir = state_dir
@@ -204,6 +204,7 @@ class RoundExporter:
                 batch=self.batch,
                 model=self.model,
                 signing_key=self.signing_key,
+                run=self.run,
             )
         except (ExportError, RuntimeError, ValueError) as exc:
             log.error("round %d: ONNX export failed, not published: %s", round_id, exc)

@@ -4,6 +4,10 @@
 checkpoint and the open round's journal at start, journals announcements and accepted
 updates (before their receipts), and checkpoints each applied round (then drops its
 journal). :func:`starved_action` is the pure policy for a round below quorum at its deadline.
+
+It also keeps the run epoch (:func:`resolve_run`): written into every announcement record and
+checkpoint, so a restarted aggregator continues the run it was in (agents see the same run
+and rounds), while a fresh state directory, or none, starts a new run.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.checkpoint import Checkpoint, CheckpointStore, config_fingerprint
+from aggregator.checkpoint import Checkpoint, CheckpointError, CheckpointStore, config_fingerprint
 from aggregator.journal import JournaledRound, RoundJournal
 from aggregator.rounds import RoundState
 
@@ -33,6 +37,7 @@ class Restored:
 
     checkpoint: Checkpoint | None
     open_round: JournaledRound | None  # the round after the checkpoint, if it was announced
+    run: int | None = None  # the run they belong to (None: nothing saved, or saved before runs)
 
 
 class Durability:
@@ -43,6 +48,7 @@ class Durability:
         self.journal = RoundJournal(state_dir)
         self.fingerprint = config_fingerprint(cfg)
         self.history: list[dict[str, Any]] = []
+        self.run: int | None = None  # written into announcements and checkpoints
 
     def restore(self) -> Restored:
         """Load the checkpoint (CheckpointError if foreign) and the next round's journal."""
@@ -57,7 +63,10 @@ class Durability:
             log.warning("journal of round %d is on another base model: discarded", applied + 1)
             self.journal.clear_through(applied + 1)
             jr = None
-        return Restored(ckpt, jr)
+        saved = ckpt.run if ckpt is not None else None
+        if saved is None and jr is not None and isinstance(jr.announce.get("run"), int):
+            saved = jr.announce["run"]  # crashed in round 1: no checkpoint yet
+        return Restored(ckpt, jr, saved)
 
     def announced(self, state: RoundState, rng: np.random.Generator) -> None:
         """Journal an announcement before it is published."""
@@ -68,6 +77,7 @@ class Durability:
             state.deadline,
             state.extensions,
             rng_state(rng),
+            self.run,
         )
 
     def accepted(self, round_id: int, client_id: str, num_samples: int, payload: bytes) -> None:
@@ -93,9 +103,31 @@ class Durability:
                 fingerprint=self.fingerprint,
                 history=self.history,
                 residual=residual,
+                run=self.run,
             )
         )
         self.journal.clear_through(state.round_id)
+
+
+def new_run_epoch(now: float) -> int:
+    """A new run's epoch: the start time in milliseconds, larger than any earlier run's."""
+    return int(now * 1000)
+
+
+def resolve_run(configured: int | None, saved: int | None, new: int) -> int:
+    """The run to continue (``saved``), or to start: ``configured`` (``--run``), else ``new``.
+
+    Raises CheckpointError when ``--run`` names another run than the saved state's: resuming
+    would mix two runs; a new run needs a new ``--state-dir``.
+    """
+    if saved is None:
+        return configured if configured is not None else new
+    if configured is not None and configured != saved:
+        raise CheckpointError(
+            f"--run {configured} but the state directory holds run {saved}: omit --run to "
+            "resume it, or give another --state-dir to start a new run"
+        )
+    return saved
 
 
 def rng_state(rng: np.random.Generator) -> dict[str, Any]:

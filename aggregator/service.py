@@ -23,7 +23,14 @@ from aggregator.evaluation import Evaluator
 from aggregator.intake import UpdateIntake, receipt_for
 from aggregator.metrics_log import MetricsLog
 from aggregator.onnx_export import RoundExporter, state_dir_of
-from aggregator.resume import EXIT_STARVED, Durability, set_rng_state, starved_action
+from aggregator.resume import (
+    EXIT_STARVED,
+    Durability,
+    new_run_epoch,
+    resolve_run,
+    set_rng_state,
+    starved_action,
+)
 from aggregator.round_records import ClosedRound, OpenRound
 from aggregator.rounds import RoundPhase, RoundState, Verdict, select_clients, without_open_round
 from aggregator.strategy import StreamingFedAvg
@@ -31,6 +38,7 @@ from shared.clock import Clock, SystemClock
 from shared.mqtt.base import Connector, Inbound, Outbound, Session
 from shared.protocol import messages as msg
 from shared.protocol import topics
+from shared.protocol.claims import sign_round_start, sign_status
 from shared.protocol.frames import tensors_hash
 from shared.protocol.signing import load_private_key
 
@@ -55,6 +63,8 @@ class AggregatorService:
         self.signing_key = load_private_key(cfg.signing_key) if cfg.signing_key else None
         # Checkpoint + journal only with an explicit --state-dir: resuming is opt-in.
         self.durable = Durability(Path(cfg.state_dir), cfg) if cfg.state_dir else None
+        # This run's epoch (a resumed one is set again by _restore): agents follow the largest.
+        self.run_epoch = resolve_run(cfg.run, None, new_run_epoch(self.clock.time()))
         # What the broker must hold (retained), re-published after every reconnect: a broker
         # without persistence forgets it when it restarts.
         self._retained: dict[str, bytes] = {}
@@ -67,12 +77,18 @@ class AggregatorService:
             holdout=self.evaluator.data,
             seed=cfg.seed,
             signing_key=self.signing_key,
+            run=self.run_epoch,
         )
         self.params: Tensors = self.evaluator.initial_params()
         self.shapes = {n: tuple(v.shape) for n, v in self.params.items()}
         self.model_hash = tensors_hash(self.params)
         self.downloads = GlobalDownloads(
-            cfg.federation, self.spec, cfg.download_codec, cfg.seed, self.signing_key
+            cfg.federation,
+            self.spec,
+            cfg.download_codec,
+            cfg.seed,
+            self.signing_key,
+            run=self.run_epoch,
         )
         self.agents: dict[str, msg.AgentStatus] = {}
         self.rng = np.random.default_rng(cfg.seed)
@@ -93,6 +109,9 @@ class AggregatorService:
         self.transport.start()
         self._seen_connects = self.transport.connect_count
         resumed = self._restore()
+        log.info(
+            "federation %s, run %d (agents follow the latest run)", cfg.federation, self.run_epoch
+        )
         self._publish(self.topics.aggregator_status, self._status("running"), retain=True)
         self._publish_model(final=self.round_id >= cfg.rounds)
         current = resumed or self._open_round(self.round_id + 1)
@@ -169,6 +188,7 @@ class AggregatorService:
             return None
         restored = self.durable.restore()  # CheckpointError (a ValueError): exit 1
         ckpt, jr = restored.checkpoint, restored.open_round
+        self._continue_run(restored.run)
         if ckpt is not None:
             self.params, self.model_hash, self.round_id = ckpt.params, ckpt.model_hash, ckpt.round
             self.downloads.residual = ckpt.residual
@@ -199,6 +219,12 @@ class AggregatorService:
         log.info("round %d resumed with %d journaled updates", jr.round, len(state.accepted))
         self._announce(state)
         return OpenRound(state, intake, started)
+
+    def _continue_run(self, saved: int | None) -> None:
+        """Continue the state directory's run (or start this one); everything signs with it."""
+        assert self.durable is not None
+        self.run_epoch = resolve_run(self.cfg.run, saved, self.run_epoch)
+        self.downloads.run = self.exporter.run = self.durable.run = self.run_epoch
 
     def _close_round(self, rnd: OpenRound) -> ClosedRound | None:
         """Collect updates until the round may be applied; apply it and publish the model.
@@ -264,7 +290,10 @@ class AggregatorService:
             codec=cfg.codec,
             max_update_bytes=cfg.max_update_bytes,
             download_codec=cfg.download_codec,
+            run=self.run_epoch,
         )
+        if self.signing_key is not None:  # pinned agents follow only signed announcements
+            announcement = sign_round_start(self.signing_key, announcement)
         # Retained, so an agent that (re)connects mid-round learns the round at once.
         self._publish(self.topics.round_start(state.round_id), announcement.to_json(), retain=True)
         log.info(
@@ -438,9 +467,13 @@ class AggregatorService:
         self.transport.publish(topic, payload, retain=retain, wait=wait)
 
     def _status(self, state: str) -> bytes:
-        return msg.AggregatorStatus(
+        status = msg.AggregatorStatus(
             federation=self.cfg.federation,
             state=state,  # type: ignore[arg-type]
             round=self.round_id,
             rounds_total=self.cfg.rounds,
-        ).to_json()
+            run=self.run_epoch,
+        )
+        if self.signing_key is not None:  # a live "finished" ends pinned agents: signed
+            status = sign_status(self.signing_key, status)
+        return status.to_json()

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from edge_agent.announcements import DeviceLimits, check_announcement, check_finished
 from edge_agent.config import AgentConfig
 from edge_agent.local_training import LocalTrainer
 from edge_agent.model_sync import ModelSync
@@ -65,6 +66,7 @@ class EdgeAgent:
             clock=self.clock.monotonic,
         )
         self.full_subscribed = True  # until it holds a model
+        self.limits = DeviceLimits(cfg.max_local_epochs, cfg.max_batch_size)
         self.announcement: msg.RoundStart | None = None
         # Unacknowledged updates live on disk: a restarted agent re-sends, never re-trains.
         self.outbox = Outbox(cfg.resolved_state_dir(), cfg.federation, cfg.client_id)
@@ -174,8 +176,12 @@ class EdgeAgent:
         if ann.deadline < self.clock.time() - 1.0:
             log.debug("ignoring expired announcement of round %d", ann.round)
             return
+        # Signature (when pinned), cost, codecs, (run, round) order: refused = logged, skipped.
+        check_announcement(ann, self.model_key, self.limits, self.announcement)
+        if self.announcement is not None and ann.run != self.announcement.run:
+            self._new_run(self.announcement.run, ann.run)
         self.announcement = ann
-        self.sync.on_announcement(ann.round, ann.base_hash, ann.download_codec)
+        self.sync.on_announcement(ann.round, ann.base_hash, ann.download_codec, ann.run)
         # Its fate is unknown (a lost receipt may have said "accepted"): dropped, not given
         # back to the residual, which could count its mass twice.
         for old in self.outbox.drop_before(ann.round):
@@ -192,6 +198,21 @@ class EdgeAgent:
             # A live re-announcement (a restarted aggregator) always gets the update again; the
             # retained copy a reconnect brings is the reconnect's own re-send (coalesced).
             self._resend(ann.round, "round announced", coalesce=item.retain)
+
+    def _new_run(self, old: int, new: int) -> None:
+        """A new run of the federation: its rounds start again, the old run's state goes."""
+        log.warning(
+            "%s: run %d of %s supersedes run %d: its rounds start again",
+            self.cfg.client_id,
+            new,
+            self.cfg.federation,
+            old,
+        )
+        for r in self.outbox.rounds():
+            self.outbox.remove(r)
+        self.done_rounds.clear()
+        self.sent_at.clear()
+        self.feedback.reset()  # mass owed to the old run's model, not to the new one
 
     def _on_receipt(self, item: Inbound) -> None:
         receipt = msg.decode(item.payload, msg.Receipt)
@@ -230,6 +251,7 @@ class EdgeAgent:
         status = msg.decode(item.payload, msg.AggregatorStatus)
         # A retained "finished" is the previous federation's: keep waiting for the next one.
         if status.state == "finished" and not item.retain and self.cfg.exit_when_finished:
+            check_finished(status, self.model_key, self.announcement)  # refused: logged
             log.info("federation %s finished", status.federation)
             self.stop()
 

@@ -44,6 +44,10 @@ class AgentConfig:
     # Device-local state (error-feedback residual); "" = $XDG_STATE_HOME/fedmq/<client-id>
     state_dir: str = ""
     warm_up: bool = False  # True: import torch before going online (first round is faster)
+    # What one round may cost this device: an announcement asking for more is refused (logged,
+    # skipped). The protocol bounds every training parameter too (shared/protocol/messages.py).
+    max_local_epochs: int = 20
+    max_batch_size: int = 1024
 
     def __post_init__(self) -> None:
         if not self.client_id:
@@ -57,6 +61,8 @@ class AgentConfig:
         if self.delta_wait_s < 0:
             raise ValueError("delta-wait-s must be ≥ 0")
         check_protocol_settings(self.mqtt_version, self.max_chunk_bytes)
+        if self.max_local_epochs < 1 or self.max_batch_size < 1:
+            raise ValueError("max-local-epochs and max-batch-size must be ≥ 1")
 
     def resolved_state_dir(self) -> Path:
         """``state_dir``, or ``~/.local/state/fedmq/<client-id>`` (XDG_STATE_HOME honoured)."""
@@ -105,6 +111,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_const",
         const=False,
         help="keep running after the federation finishes",
+    )
+    parser.add_argument(
+        "--max-local-epochs",
+        type=int,
+        help="refuse rounds asking for more local epochs than this device affords (default 20)",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="refuse rounds asking for a larger batch than this device affords (default 1024)",
     )
     parser.add_argument(
         "--warm-up",

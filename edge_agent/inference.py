@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.protocol.onnx_frame import MAGIC, OnnxHeader, decode_onnx_frame, sha256
+from shared.protocol.onnx_frame import OnnxHeader, decode_onnx_frame, is_onnx_frame, sha256
 from shared.runtime.data import load_device_data
 
 log = logging.getLogger("fedmq.inference")
@@ -50,7 +50,7 @@ class OnnxClassifier:
     @classmethod
     def from_bytes(cls, data: bytes, threads: int = 1) -> OnnxClassifier:
         """A raw ``.onnx`` file or a fedmq ONNX frame (verified against its SHA-256)."""
-        if data[:4] == MAGIC:
+        if is_onnx_frame(data):
             frame = decode_onnx_frame(data)
             return cls(frame.onnx, frame.header, threads)
         return cls(data, None, threads)

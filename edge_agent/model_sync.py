@@ -10,7 +10,7 @@ delta topic, and subscribes to the full model only while it needs it (:class:`Sy
 - a delta was refused (bad hash, shapes, signature) or builds on a model it does not hold
   (it missed a round),
 - a round is announced on a model it does not hold and no usable delta came within
-  ``delta_wait_s``,
+  ``delta_wait_s``, or at once when the round belongs to another run (no delta crosses runs),
 - the aggregator publishes no deltas (the announcement's ``download_codec`` is ``none``).
 
 :class:`ModelSync` holds the verified model, applies deltas with
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from edge_agent.model_guard import HeldModel, ModelRejected, check_global_model
+from edge_agent.model_guard import HeldModel, ModelRejected, check_global_model, refuse_older
+from shared.protocol.claims import frame_run
 from shared.protocol.frames import FrameError, decode_frame, read_header, tensors_hash
 from shared.protocol.global_delta import DELTA_KIND, apply_delta
 
@@ -45,6 +46,7 @@ class GlobalModel:
     round_id: int
     model_hash: str
     params: Tensors
+    run: int = 0
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class _Announced:
     base_hash: str
     deltas: bool  # the aggregator publishes global deltas
     seen_at: float
+    run: int = 0
 
 
 class SyncPolicy:
@@ -70,13 +73,17 @@ class SyncPolicy:
         self.held = held
         self._fallback = ""
 
-    def announced(self, round_id: int, base_hash: str, deltas: bool) -> None:
-        """A round was announced on model ``base_hash``; ``deltas``: deltas are published."""
+    def announced(self, round_id: int, base_hash: str, deltas: bool, run: int = 0) -> None:
+        """A round of ``run`` was announced on model ``base_hash``; ``deltas``: deltas come."""
         prev = self._announced
-        if prev is not None and (prev.round_id, prev.base_hash) == (round_id, base_hash):
-            self._announced = _Announced(round_id, base_hash, deltas, prev.seen_at)
+        if prev is not None and (prev.run, prev.round_id, prev.base_hash) == (
+            run,
+            round_id,
+            base_hash,
+        ):
+            self._announced = _Announced(round_id, base_hash, deltas, prev.seen_at, run)
             return  # re-announced (extended, reconnect): the grace period keeps running
-        self._announced = _Announced(round_id, base_hash, deltas, self.clock())
+        self._announced = _Announced(round_id, base_hash, deltas, self.clock(), run)
 
     def fall_back(self, why: str) -> None:
         """A delta could not be used: fetch the full model until a new model is held."""
@@ -96,8 +103,13 @@ class SyncPolicy:
             return "no round announced yet"
         if not ann.deltas:
             return "the aggregator publishes no global deltas"
-        if ann.round_id <= held.round_id or ann.base_hash == held.model_hash:
-            return ""  # announced on the model held (or an old announcement)
+        if ann.base_hash == held.model_hash:
+            return ""  # announced on the model held
+        if ann.run > held.run:
+            # A new run starts from its own initial model: no delta leads there.
+            return f"run {ann.run} supersedes the run {held.run} of the model held"
+        if (ann.run, ann.round_id) <= (held.run, held.round_id):
+            return ""  # an old announcement
         waited = self.clock() - ann.seen_at
         if waited < self.delta_wait_s:
             return ""
@@ -136,9 +148,11 @@ class ModelSync:
         n, self.download_bytes = self.download_bytes, 0
         return n
 
-    def on_announcement(self, round_id: int, base_hash: str, download_codec: str) -> None:
+    def on_announcement(
+        self, round_id: int, base_hash: str, download_codec: str, run: int = 0
+    ) -> None:
         """A round announcement: which model it trains, whether deltas come."""
-        self.policy.announced(round_id, base_hash, download_codec != "none")
+        self.policy.announced(round_id, base_hash, download_codec != "none", run)
 
     def on_full_model(self, payload: bytes) -> GlobalModel:
         """Verify and hold a full global model frame; raise FrameError (ModelRejected) if bad."""
@@ -147,7 +161,7 @@ class ModelSync:
         head = frame.header
         actual = tensors_hash(frame.tensors)
         check_global_model(head, actual, self.federation, self._held(), self.public_key)
-        model = GlobalModel(head.round, actual, frame.tensors)
+        model = GlobalModel(head.round, actual, frame.tensors, frame_run(head))
         self._hold(model)
         log.info(
             "global model of round %d: %s (full model, %d bytes)",
@@ -175,8 +189,7 @@ class ModelSync:
         if head.meta.get("model_hash") == held.model_hash:
             return None  # the model it gives is held already (e.g. fetched in full)
         if head.base_hash != held.model_hash:
-            if head.round < held.round_id:
-                raise ModelRejected(f"older model refused (round {head.round} < {held.round_id})")
+            refuse_older(frame_run(head), head.round, HeldModel(*_identity(held)))
             why = (
                 f"global delta of round {head.round} builds on {head.base_hash[:12]}, "
                 f"we hold round {held.round_id} ({held.model_hash[:12]})"
@@ -208,12 +221,17 @@ class ModelSync:
         check_global_model(
             frame.header, actual, self.federation, self._held(), self.public_key, kind=DELTA_KIND
         )
-        return GlobalModel(frame.header.round, actual, params)
+        return GlobalModel(frame.header.round, actual, params, frame_run(frame.header))
 
     def _held(self) -> HeldModel | None:
         m = self.model
-        return HeldModel(m.round_id, m.model_hash) if m is not None else None
+        return HeldModel(*_identity(m)) if m is not None else None
 
     def _hold(self, model: GlobalModel) -> None:
         self.model = model
-        self.policy.holds(HeldModel(model.round_id, model.model_hash))
+        self.policy.holds(HeldModel(*_identity(model)))
+
+
+def _identity(model: GlobalModel) -> tuple[int, str, int]:
+    """(round, hash, run): what :class:`HeldModel` keeps of a model."""
+    return model.round_id, model.model_hash, model.run

@@ -112,6 +112,11 @@ class DeviceFeedback:
             ef.residual[name] = ef.residual.get(name, np.zeros_like(value)) + value
         self._save()
 
+    def reset(self) -> None:
+        """Forget the residual (a new run: what was owed belongs to another model)."""
+        self._ef = ErrorFeedback()
+        self._save()
+
     def _save(self) -> None:
         try:
             self.store.save(self.ef)

@@ -1,9 +1,10 @@
 """``fedmq-agent serve``: answer prediction requests with the federation's latest ONNX model.
 
 Subscribes to the retained ``global/onnx`` topic and hot-swaps to every new model whose frame
-verifies (SHA-256 of the ONNX bytes, federation, newer round); answers requests published on
-``fl/v1/{fed}/infer/{cid}/request`` (JSON ``{"id": .., "x": [[...]]}`` or ``.npz`` bytes with
-an ``x`` array) with JSON on ``.../response``. No torch: see :mod:`edge_agent.inference`.
+verifies (SHA-256 of the ONNX bytes, federation, newer run and round; with a pinned key, a
+signed header); answers requests published on ``fl/v1/{fed}/infer/{cid}/request`` (JSON
+``{"id": .., "x": [[...]]}`` or ``.npz`` bytes with an ``x`` array) with JSON on
+``.../response``. No torch: see :mod:`edge_agent.inference`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES
 from shared.mqtt.options import add_protocol_arguments, check_protocol_settings
 from shared.mqtt.versions import AUTO
 from shared.protocol import topics
+from shared.protocol.claims import verify_onnx_frame
 from shared.protocol.onnx_frame import OnnxFrameError, decode_onnx_frame
-from shared.protocol.signing import ONNX_CONTEXT, SignatureError, load_public_key, verify_model
+from shared.protocol.signing import SignatureError, load_public_key
 from shared.settings import load_settings
 
 log = logging.getLogger("fedmq.serve")
@@ -151,18 +153,14 @@ class InferenceServer:
                 payload, max_bytes=self.cfg.max_model_bytes, federation=self.cfg.federation
             )
             head = frame.header
-            if self.model_key is not None:
-                verify_model(
-                    self.model_key,
-                    head.federation,
-                    head.round,
-                    head.onnx_sha256,
-                    head.signature,
-                    ONNX_CONTEXT,
-                )
+            if self.model_key is not None:  # the whole header: input shape, classes, ...
+                verify_onnx_frame(self.model_key, frame)
             current = self.model.header if self.model else None
-            if current is not None and head.round < current.round:
-                raise OnnxFrameError(f"older model (round {head.round} < {current.round})")
+            if current is not None and (head.run, head.round) < (current.run, current.round):
+                raise OnnxFrameError(
+                    f"older model (run {head.run} round {head.round} < "
+                    f"run {current.run} round {current.round})"
+                )
             model = OnnxClassifier(frame.onnx, frame.header, self.cfg.threads)
         except (OnnxFrameError, InferenceError, SignatureError) as exc:
             log.warning("rejected ONNX model on %s: %s", self.topics.global_onnx, exc)

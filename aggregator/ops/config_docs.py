@@ -63,8 +63,8 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "eval_data": "held-out data (.npz, IDX, image folder) evaluated after every round",
         "metrics_file": "write metrics.json (one entry per round) here",
         "max_update_bytes": "updates larger than this are rejected",
-        "signing_key": "Ed25519 private key (PEM) signing every global model; none: unsigned "
-        "(development only)",
+        "signing_key": "Ed25519 private key (PEM) signing every global model, delta, round "
+        "announcement and ONNX header; none: unsigned (development only)",
         "max_update_norm": "reject deltas with a larger L2 norm over all tensors; none: off",
         "wait_clients_timeout": "seconds to wait for `min_clients` agents before giving up",
         "onnx": "export each new global model to ONNX, verify it and publish it retained on "
@@ -76,6 +76,10 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "newly online agents) or `retry` (fresh selection); accepted updates are kept",
         "max_extensions": "extensions/retries of one starved round before the aggregator "
         "gives up (exit code 3)",
+        "run": "run epoch, signed into every model and announcement; agents follow the largest "
+        "(a new run supersedes older ones). Unset: the checkpoint's run when resuming "
+        "`state_dir`, else a new one (the start time in milliseconds); a value contradicting "
+        'the checkpoint\'s is an error (docs/security.md, "Runs")',
     },
     "agent": {
         **_COMMON,
@@ -87,11 +91,15 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "delta_wait_s": "a round announced on a model the agent does not hold: seconds to "
         "wait for its global delta before downloading the full model",
         "exit_when_finished": "exit when the federation finishes (`--stay`: keep running)",
-        "model_public_key": "pinned Ed25519 public key (PEM): only models signed by it are "
-        "loaded; none: development mode (unsigned models accepted)",
+        "model_public_key": "pinned Ed25519 public key (PEM): only models and round "
+        "announcements signed by it are followed; none: development mode (unsigned accepted)",
         "state_dir": "device state, e.g. the error-feedback residual of top-k codecs "
         '(`""`: `$XDG_STATE_HOME/fedmq/<client_id>`)',
         "warm_up": "import torch before going online (default: at the first round it trains)",
+        "max_local_epochs": "refuse (log and skip) a round asking for more local epochs than "
+        "this device affords",
+        "max_batch_size": "refuse (log and skip) a round asking for a larger mini-batch than "
+        "this device affords",
     },
     "inference": {
         **_COMMON,

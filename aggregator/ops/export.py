@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aggregator.onnx_export import ExportError, export_verified, holdout_batch
 from shared.files import write_atomic
+from shared.protocol.claims import frame_run
 from shared.protocol.frames import FrameError, decode_frame
 from shared.protocol.messages import ModelSpec
 from shared.protocol.onnx_frame import sha256
@@ -40,6 +41,7 @@ def run_export(args: argparse.Namespace) -> int:
             federation=frame.header.federation,
             round_id=frame.header.round,
             batch=holdout_batch(holdout, spec.input_shape),
+            run=frame_run(frame.header),
         )
     except (ExportError, RuntimeError, ValueError) as exc:
         print(f"error: export failed: {exc}")

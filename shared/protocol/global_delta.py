@@ -17,8 +17,9 @@ quantization dropped from one round's step is carried to the next one instead of
 so ``published + residual' == target + residual`` up to fp32 rounding. The step is encoded
 once; ``q`` is what the encoder says it sent (bit-identical to decoding it). The frame
 (kind ``global_delta``) names the round of ``published``, the hash of ``old`` as its base, and
-in its meta the hash of ``published``, the base round and the same Ed25519 signature as the
-full model of that round (over federation, round and ``published``'s hash).
+in its meta the hash of ``published``, the base round, the run and the same Ed25519 signatures
+as the full model of that round (``signature``: over federation, round and ``published``'s
+hash; ``signature_v2``: the same bound to the run, :mod:`shared.protocol.claims`).
 """
 
 from __future__ import annotations
@@ -136,7 +137,14 @@ def server_step(
 
 
 def delta_frame(
-    step: ServerStep, *, federation: str, base_hash: str, base_round: int, signature: str = ""
+    step: ServerStep,
+    *,
+    federation: str,
+    base_hash: str,
+    base_round: int,
+    signature: str = "",
+    run: int = 0,
+    signature_v2: str = "",
 ) -> bytes:
     """The ``global_delta`` frame of ``step``, verified to reproduce ``step.model_hash``.
 
@@ -157,7 +165,13 @@ def delta_frame(
         round=step.round_id,
         codec=step.codec,
         base_hash=base_hash,
-        meta={"model_hash": step.model_hash, "base_round": base_round, "signature": signature},
+        meta={
+            "model_hash": step.model_hash,
+            "base_round": base_round,
+            "signature": signature,
+            "run": run,
+            "signature_v2": signature_v2,
+        },
     )
     return pack_frame(header, step.encoded)
 

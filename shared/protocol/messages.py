@@ -18,7 +18,6 @@ SCHEMA = 1
 
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
-PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}\Z")]
 Hash = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
@@ -26,6 +25,27 @@ CodeName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9\-]{0,31}\Z")]
 
 # Control messages are small; anything bigger is hostile or a bug.
 MAX_CONTROL_BYTES = 256 * 1024
+
+# Bounds of every training parameter an agent accepts, signed or not: an announcement outside
+# them fails to decode (MessageError naming the field), so the agent logs and skips it. They
+# are the protocol's (a sane SGD step); each device may cap what it can afford below them
+# (edge_agent.config: max_local_epochs, max_batch_size). The aggregator refuses to start
+# outside them (aggregator.config).
+MAX_LR = 10.0
+MAX_MOMENTUM = 1.0  # exclusive: heavy-ball SGD diverges at momentum ≥ 1
+MAX_WEIGHT_DECAY = 1.0
+MAX_LOCAL_EPOCHS = 1000
+MAX_BATCH_SIZE = 65536
+MAX_SEED = 2**63 - 1
+MAX_INPUT_DIM = 4096
+MAX_CLASSES = 100_000
+# A run epoch (milliseconds since 1970 by default): any JSON number that is exactly an integer.
+MAX_RUN = 2**53 - 1
+
+Run = Annotated[int, msgspec.Meta(ge=0, le=MAX_RUN)]
+Dim = Annotated[int, msgspec.Meta(gt=0, le=MAX_INPUT_DIM)]
+# base64 of a 64-byte Ed25519 signature is 88 characters; "" = unsigned.
+Signature = Annotated[str, msgspec.Meta(max_length=128)]
 
 
 class MessageError(ValueError):
@@ -51,19 +71,19 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     """Which architecture to build: agents need no code change per model."""
 
     arch: Name
-    input_shape: tuple[Positive, Positive, Positive] = (1, 28, 28)
-    num_classes: Positive = 10
+    input_shape: tuple[Dim, Dim, Dim] = (1, 28, 28)
+    num_classes: Annotated[int, msgspec.Meta(gt=0, le=MAX_CLASSES)] = 10
 
 
 class TrainParams(msgspec.Struct, frozen=True, kw_only=True):
     """Local training hyper-parameters chosen by the operator for a round."""
 
-    local_epochs: Positive = 1
-    batch_size: Positive = 32
-    lr: PosFloat = 0.01
-    momentum: NonNegFloat = 0.9
-    weight_decay: NonNegFloat = 0.0
-    seed: NonNeg = 0
+    local_epochs: Annotated[int, msgspec.Meta(gt=0, le=MAX_LOCAL_EPOCHS)] = 1
+    batch_size: Annotated[int, msgspec.Meta(gt=0, le=MAX_BATCH_SIZE)] = 32
+    lr: Annotated[float, msgspec.Meta(gt=0, le=MAX_LR)] = 0.01
+    momentum: Annotated[float, msgspec.Meta(ge=0, lt=MAX_MOMENTUM)] = 0.9
+    weight_decay: Annotated[float, msgspec.Meta(ge=0, le=MAX_WEIGHT_DECAY)] = 0.0
+    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] = 0
 
 
 class RoundStart(Message, frozen=True, kw_only=True):
@@ -81,6 +101,12 @@ class RoundStart(Message, frozen=True, kw_only=True):
     # How the aggregator publishes each new global model on global/delta (a quantized step
     # from the previous one); "none" (also: an older aggregator) = only the full model.
     download_codec: str = "none"
+    # The aggregator's run epoch: a new run of the federation has a larger one (0: an
+    # aggregator older than runs). Agents order announcements and models by (run, round).
+    run: Run = 0
+    # base64 Ed25519 over every field but ts (shared/protocol/claims.py); "" = unsigned.
+    # Agents pinning the aggregator's key refuse an announcement without a valid one.
+    signature: Signature = ""
 
 
 class AgentStatus(Message, frozen=True, kw_only=True):
@@ -135,8 +161,11 @@ class GlobalMeta(Message, frozen=True, kw_only=True):
     nbytes: NonNeg
     final: bool = False
     # base64 Ed25519 over (federation, round, model_hash), see shared/protocol/signing.py;
-    # "" = unsigned
+    # "" = unsigned. Read by agents older than runs.
     signature: str = ""
+    run: Run = 0  # the run that produced the model (0: an aggregator older than runs)
+    # base64 Ed25519 over (federation, run, round, model_hash), shared/protocol/claims.py
+    signature_v2: Signature = ""
 
 
 class RoundDecision(Message, frozen=True, kw_only=True):
@@ -159,6 +188,10 @@ class AggregatorStatus(Message, frozen=True, kw_only=True):
     state: Literal["running", "finished", "offline"]
     round: int = -1
     rounds_total: NonNeg = 0
+    run: Run = 0  # the aggregator's run epoch (0: an aggregator older than runs)
+    # base64 Ed25519 over every field but ts (shared/protocol/claims.py); "" = unsigned. A
+    # pinned agent ends on "finished" only when it is signed and of the run it follows.
+    signature: Signature = ""
 
 
 class RoundMetrics(Message, frozen=True, kw_only=True):

@@ -4,11 +4,17 @@ Frame layout (little endian)::
 
     b"FMX" + version byte | u32 header length | header (UTF-8 JSON) | ONNX model bytes
 
-The header names the federation, the round that produced the model, the hash of the fp32
-global model it was exported from (:func:`shared.protocol.frames.tensors_hash`), the SHA-256 of the
-ONNX bytes, the input shape ``(C, H, W)`` and the number of classes. Decoding checks every
-field and the SHA-256, so a device never hands a truncated or altered model to onnxruntime.
-Only the standard library is imported: an inference-only device pays nothing for it.
+The header names the federation, the run and round that produced the model, the hash of the
+fp32 global model it was exported from (:func:`shared.protocol.frames.tensors_hash`), the
+SHA-256 of the ONNX bytes, the input shape ``(C, H, W)``, the number of classes, the
+architecture and the opset. Decoding checks every field and the SHA-256, so a device never
+hands a truncated or altered model to onnxruntime. Only the standard library is imported: an
+inference-only device pays nothing for it.
+
+Version 2 (written since runs exist): the header's ``signature`` covers every header field
+(:func:`shared.protocol.claims.onnx_claim`) and the header has a ``run``. Version 1 (older
+aggregators) is still decoded, with run 0; its signature covered only the ONNX hash, so a
+server pinning the aggregator's key refuses it (:func:`shared.protocol.claims.verify_onnx_frame`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
-MAGIC = b"FMX\x01"
+MAGIC = b"FMX\x02"
+MAGIC_V1 = b"FMX\x01"
+_VERSIONS = {MAGIC: 2, MAGIC_V1: 1}
 _HEADER_LEN = struct.Struct("<I")
 MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_ONNX_BYTES = 256 * 1024 * 1024
@@ -43,16 +51,24 @@ class OnnxHeader:
     num_classes: int
     arch: str = ""
     opset: int = 0
-    # Ed25519 over (federation, round, onnx_sha256) by the aggregator's key; "" = unsigned.
+    # Version 2: Ed25519 over every other field (shared/protocol/claims.py) by the
+    # aggregator's key; version 1: over (federation, round, onnx_sha256) only. "" = unsigned.
     signature: str = ""
+    run: int = 0  # the aggregator's run epoch (0: a version-1 frame)
 
 
 @dataclass(frozen=True)
 class OnnxFrame:
-    """A verified ONNX frame: its header and the ONNX model bytes."""
+    """A verified ONNX frame: its header, the ONNX model bytes and the frame version."""
 
     header: OnnxHeader
     onnx: bytes
+    version: int = 2
+
+
+def is_onnx_frame(data: bytes) -> bool:
+    """True when ``data`` starts like a fedmq ONNX frame (any version)."""
+    return data[:3] == MAGIC[:3]
 
 
 def sha256(data: bytes) -> str:
@@ -86,7 +102,8 @@ def decode_onnx_frame(
         raise OnnxFrameError(f"frame too short ({len(payload)} bytes)")
     if payload[:3] != MAGIC[:3]:
         raise OnnxFrameError("not a fedmq ONNX frame (bad magic)")
-    if payload[:4] != MAGIC:
+    version = _VERSIONS.get(payload[:4])
+    if version is None:
         raise OnnxFrameError(f"unsupported ONNX frame version {payload[3]}")
     (hlen,) = _HEADER_LEN.unpack_from(payload, 4)
     if hlen > MAX_HEADER_BYTES or start + hlen > len(payload):
@@ -97,6 +114,8 @@ def decode_onnx_frame(
         raise OnnxFrameError(f"header is not valid JSON: {exc}") from exc
     if not isinstance(head, dict):
         raise OnnxFrameError("header is not a JSON object")
+    if version == 1:
+        head.pop("run", None)  # version 1 has no run: never trust one that claims it
     header = _validate(head)
     onnx = payload[start + hlen :]
     if head.get("nbytes") != len(onnx):
@@ -105,7 +124,7 @@ def decode_onnx_frame(
         raise OnnxFrameError("ONNX bytes do not match onnx_sha256 (corrupt or altered)")
     if federation is not None and header.federation != federation:
         raise OnnxFrameError(f"model of federation {header.federation!r}, not {federation!r}")
-    return OnnxFrame(header, onnx)
+    return OnnxFrame(header, onnx, version)
 
 
 def _validate(head: dict[str, Any]) -> OnnxHeader:
@@ -121,6 +140,7 @@ def _validate(head: dict[str, Any]) -> OnnxHeader:
             arch=head.get("arch", ""),
             opset=head.get("opset", 0),
             signature=head.get("signature", ""),
+            run=head.get("run", 0),
         )
     except KeyError as exc:
         raise OnnxFrameError(f"header lacks field {exc}") from exc
@@ -142,6 +162,7 @@ def _validate(head: dict[str, Any]) -> OnnxHeader:
         (isinstance(header.arch, str), "bad arch"),
         (_is_int(header.opset) and header.opset >= 0, "bad opset"),
         (isinstance(header.signature, str) and len(header.signature) <= 200, "bad signature"),
+        (_is_int(header.run) and 0 <= header.run < 2**53, f"bad run {header.run!r}"),
     ]
     for ok, reason in checks:
         if not ok:

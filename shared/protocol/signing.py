@@ -1,10 +1,14 @@
-"""Ed25519 signatures over global models: who may publish the model agents train on.
+"""Ed25519 signatures: who may publish what changes a device's behaviour.
 
-The aggregator signs the canonical bytes of ``(federation, round, model_hash)``; the model
-hash is the SHA-256 of the tensors (:func:`shared.protocol.frames.tensors_hash`), so the signature
-covers every weight without hashing the frame encoding. Binding the federation and the
-round stops a valid signature from being replayed into another federation or to roll an
-agent back to an older model. Keys are plain PEM files (PKCS#8 private, SPKI public).
+Two layers. :func:`sign_bytes` / :func:`verify_bytes` sign and verify canonical bytes built
+by :func:`canonical_json` (a signing domain + a JSON body, sorted keys, no whitespace): the
+claims of :mod:`shared.protocol.claims` (global models bound to a run, round announcements,
+ONNX headers) are built on them. :func:`sign_model` / :func:`verify_model` are the first
+model signature, over ``(federation, round, model_hash)`` only: the aggregator still writes
+it (field ``signature``) so that agents older than runs keep loading its models; agents that
+know runs require the run-bound ``signature_v2`` instead. The model hash is the SHA-256 of
+the tensors (:func:`shared.protocol.frames.tensors_hash`), so a signature covers every weight
+without hashing the frame encoding. Keys are plain PEM files (PKCS#8 private, SPKI public).
 """
 
 from __future__ import annotations
@@ -21,8 +25,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 #: Domain separation: a signature over a model can never be mistaken for anything else.
 CONTEXT = "fedmq-global-model-v1"
-#: The same for ONNX exports, whose "hash" is the SHA-256 of the ONNX bytes.
-ONNX_CONTEXT = "fedmq-onnx-model-v1"
 
 
 class SignatureError(ValueError):
@@ -38,12 +40,46 @@ def canonical_bytes(
     ).encode()
 
 
+def canonical_json(context: str, body: object) -> bytes:
+    """The bytes a claim signs: ``[context, body]`` as JSON, keys sorted, no whitespace.
+
+    Built on both sides from decoded values (ints as ints, floats as floats: Python's float
+    repr round-trips), so the signer and the verifier produce the same bytes; NaN and
+    infinities are refused (ValueError), they never reach a signature.
+    """
+    return json.dumps(
+        [context, body], sort_keys=True, separators=(",", ":"), allow_nan=False
+    ).encode()
+
+
+def sign_bytes(key: Ed25519PrivateKey, message: bytes) -> str:
+    """The base64 Ed25519 signature of ``message``."""
+    return base64.b64encode(key.sign(message)).decode()
+
+
+def verify_bytes(key: Ed25519PublicKey, message: bytes, signature: object, what: str) -> None:
+    """Raise SignatureError unless ``signature`` signs exactly ``message``; ``what`` names it."""
+    if not isinstance(signature, str) or not signature:
+        raise SignatureError(f"{what} is not signed")
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError(f"signature is not base64: {exc}") from exc
+    if len(raw) != 64:
+        raise SignatureError(f"signature has {len(raw)} bytes, Ed25519 has 64")
+    try:
+        key.verify(raw, message)
+    except InvalidSignature:
+        raise SignatureError(
+            f"bad signature for {what} (tampered, or signed by another key)"
+        ) from None
+
+
 def sign_model(
     key: Ed25519PrivateKey, federation: str, round_id: int, model_hash: str, context: str = CONTEXT
 ) -> str:
-    """Return the base64 Ed25519 signature of one global model (or, by context, its ONNX)."""
-    message = canonical_bytes(federation, round_id, model_hash, context)
-    return base64.b64encode(key.sign(message)).decode()
+    """Return the base64 Ed25519 signature of one global model, without its run (v1)."""
+    return sign_bytes(key, canonical_bytes(federation, round_id, model_hash, context))
 
 
 def verify_model(
@@ -54,22 +90,15 @@ def verify_model(
     signature: object,
     context: str = CONTEXT,
 ) -> None:
-    """Raise SignatureError unless ``signature`` signs exactly this federation/round/hash."""
-    if not isinstance(signature, str) or not signature:
-        raise SignatureError("model is not signed")
+    """Raise SignatureError unless ``signature`` signs exactly this federation/round/hash (v1)."""
+    what = f"federation {federation!r} round {round_id} model {model_hash[:12]}"
+    message = canonical_bytes(federation, round_id, model_hash, context)
     try:
-        raw = base64.b64decode(signature, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise SignatureError(f"signature is not base64: {exc}") from exc
-    if len(raw) != 64:
-        raise SignatureError(f"signature has {len(raw)} bytes, Ed25519 has 64")
-    try:
-        key.verify(raw, canonical_bytes(federation, round_id, model_hash, context))
-    except InvalidSignature:
-        raise SignatureError(
-            f"bad signature for federation {federation!r} round {round_id} "
-            f"model {model_hash[:12]} (tampered, or signed by another key)"
-        ) from None
+        verify_bytes(key, message, signature, what)
+    except SignatureError as exc:
+        if not isinstance(signature, str) or not signature:
+            raise SignatureError("model is not signed") from exc
+        raise
 
 
 def generate_keypair() -> Ed25519PrivateKey:

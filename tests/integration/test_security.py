@@ -320,11 +320,16 @@ def _forged_deltas(genuine0: bytes) -> tuple[bytes, bytes]:
             round=round_id,
             codec="fp32",
             base_hash=model0.header.meta["model_hash"],
-            meta={"model_hash": forged_hash, "base_round": 0, "signature": signature},
+            meta={
+                "model_hash": forged_hash,
+                "base_round": 0,
+                "run": model0.header.meta.get("run", 0),
+                "signature_v2": signature,
+            },
         )
         return encode_frame(head, step).payload
 
-    return delta(50, ""), delta(60, model0.header.meta["signature"])
+    return delta(50, ""), delta(60, model0.header.meta["signature_v2"])
 
 
 def test_signed_federation_with_global_deltas_rejects_forged_and_replayed_deltas(

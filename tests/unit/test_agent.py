@@ -6,30 +6,42 @@ status) and watches what the agent publishes; a manual clock drives its timers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from aggregator.downloads import model_frame
 from shared.mqtt.base import Session
 from shared.mqtt.memory import MemoryTransport
 from shared.protocol import messages as msg
+from shared.protocol.claims import sign_model_v2, sign_round_start, sign_status
 from shared.protocol.frames import read_header, tensors_hash
 from shared.protocol.signing import generate_keypair, public_pem
 from tests.unit.inprocess import FED, INPUT_SHAPE, NUM_CLASSES, Federation, T, wait_for
 
+_LINKS = itertools.count()
 SPEC = msg.ModelSpec(arch="mlp", input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES)
 
 
 class ScriptedAggregator:
-    """Publishes what an aggregator would, message by message, as the test says."""
+    """Publishes what an aggregator would, message by message, as the test says.
 
-    def __init__(self, fed: Federation) -> None:
+    With a ``key`` it signs models and announcements as the real one does, for ``run``.
+    """
+
+    def __init__(
+        self, fed: Federation, key: Ed25519PrivateKey | None = None, run: int = 0, seed: int = 0
+    ) -> None:
         self.fed = fed
-        self.link: MemoryTransport = fed.broker.connector(Session("aggregator")).start()
-        rng = np.random.default_rng(0)
+        self.key, self.run = key, run
+        session = Session(f"aggregator-{next(_LINKS)}")  # one connection each, no takeover
+        self.link: MemoryTransport = fed.broker.connector(session).start()
+        rng = np.random.default_rng(seed)
         self.params = {
             "1.weight": (rng.standard_normal((200, 64)) * 0.1).astype(np.float32),
             "1.bias": np.zeros(200, np.float32),
@@ -40,13 +52,22 @@ class ScriptedAggregator:
         }
         self.model_hash = tensors_hash(self.params)
 
-    def publish_model(self, round_id: int = 0, signature: str = "") -> None:
-        """The retained full global model."""
-        frame = model_frame(FED, round_id, SPEC, self.params, signature=signature)
+    def publish_model(self, round_id: int = 0) -> None:
+        """The retained full global model (signed with the key, if any)."""
+        sig = sign_model_v2(self.key, FED, self.run, round_id, self.model_hash) if self.key else ""
+        frame = model_frame(FED, round_id, SPEC, self.params, run=self.run, signature_v2=sig)
         self.link.publish(T.global_model, frame, retain=True)
 
-    def announce(self, round_id: int, *selected: str, deadline_in: float = 60.0) -> None:
-        """A retained round announcement on the published model."""
+    def announce(
+        self,
+        round_id: int,
+        *selected: str,
+        deadline_in: float = 60.0,
+        sign: bool = True,
+        train: msg.TrainParams | None = None,
+        **fields: Any,
+    ) -> None:
+        """A retained round announcement on the published model (signed unless ``sign`` is off)."""
         ann = msg.RoundStart(
             federation=FED,
             round=round_id,
@@ -54,10 +75,11 @@ class ScriptedAggregator:
             deadline=self.fed.clock.time() + deadline_in,
             selected=list(selected),
             model=SPEC,
-            train=msg.TrainParams(lr=0.05, seed=round_id),
-            codec="int8",
-            download_codec="none",
+            train=train or msg.TrainParams(lr=0.05, seed=round_id),
+            **{"codec": "int8", "download_codec": "none", "run": self.run, **fields},
         )
+        if self.key is not None and sign:
+            ann = sign_round_start(self.key, ann)
         self.link.publish(T.round_start(round_id), ann.to_json(), retain=True)
 
     def receipt(self, round_id: int, client_id: str, code: str = "accepted") -> None:
@@ -66,9 +88,11 @@ class ScriptedAggregator:
         body = msg.Receipt(round=round_id, client_id=client_id, status=status, code=code)
         self.link.publish(T.receipt(round_id, client_id), body.to_json())
 
-    def status(self, state: str, retain: bool) -> None:
-        """The aggregator's life-cycle status."""
-        body = msg.AggregatorStatus(federation=FED, state=state)  # type: ignore[arg-type]
+    def status(self, state: str, retain: bool, sign: bool = True) -> None:
+        """The aggregator's life-cycle status (signed with the key, unless ``sign`` is off)."""
+        body = msg.AggregatorStatus(federation=FED, state=state, run=self.run)  # type: ignore[arg-type]
+        if self.key is not None and sign:
+            body = sign_status(self.key, body)
         self.link.publish(T.aggregator_status, body.to_json(), retain=retain)
 
 
@@ -207,14 +231,21 @@ def test_a_retained_finished_status_is_an_old_federation_but_a_live_one_ends_the
     assert _status(fed, "pi-0") == "offline"
 
 
-def test_an_agent_pinned_to_a_key_refuses_an_unsigned_model(
-    fed: Federation, agg: ScriptedAggregator, tmp_path: Path
-) -> None:
+def _pinned(fed: Federation, tmp_path: Path) -> tuple[Ed25519PrivateKey, str]:
+    """A signing key and the path of its public half, for agents to pin."""
     key = generate_keypair()
     pem = tmp_path / "model.pub"
     pem.write_bytes(public_pem(key))
-    agg.publish_model()  # unsigned
-    agent = fed.start_agent("pi-0", seed=1, model_public_key=str(pem))
+    return key, str(pem)
+
+
+def test_an_agent_pinned_to_a_key_refuses_an_unsigned_model(
+    fed: Federation, tmp_path: Path
+) -> None:
+    key, pem = _pinned(fed, tmp_path)
+    agg = ScriptedAggregator(fed, key)
+    ScriptedAggregator(fed).publish_model()  # the same weights, unsigned
+    agent = fed.start_agent("pi-0", seed=1, model_public_key=pem)
     agg.announce(1, "pi-0")
     agg.announce(2, "pi-1")  # handled after the model: the model was seen by then
     wait_for(lambda: agent.announcement is not None and agent.announcement.round == 2, "round 2")

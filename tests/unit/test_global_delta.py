@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from aggregator.downloads import GlobalDownloads, bytes_down
+from shared.protocol.claims import sign_model_v2, verify_model_v2
 from shared.protocol.frames import FrameError, decode_frame, tensors_hash
 from shared.protocol.global_delta import (
     DeltaError,
@@ -19,7 +20,7 @@ from shared.protocol.global_delta import (
     step_rng,
 )
 from shared.protocol.messages import GlobalMeta, ModelSpec, decode
-from shared.protocol.signing import generate_keypair, sign_model, verify_model
+from shared.protocol.signing import SignatureError, generate_keypair, sign_model, verify_model
 from shared.protocol.topics import Topics
 
 FED = "lab"
@@ -57,18 +58,35 @@ def test_aggregator_and_agent_hold_bit_identical_models() -> None:
     assert all(agent_new[n].dtype == np.float32 for n in SHAPES)
 
 
-def test_frame_header_names_round_base_hash_and_signature() -> None:
+def test_frame_header_names_round_base_hash_run_and_both_signatures() -> None:
     old = _model()
     step = server_step(old, _step(old, 1), None, codec="int8", seed=0, round_id=5)
     key = generate_keypair()
     sig = sign_model(key, FED, 5, step.model_hash)
+    sig2 = sign_model_v2(key, FED, 42, 5, step.model_hash)
 
-    head = decode_frame(_frame(step, base_hash="c" * 64, signature=sig)).header
+    payload = delta_frame(
+        step,
+        federation=FED,
+        base_hash="c" * 64,
+        base_round=0,
+        signature=sig,
+        run=42,
+        signature_v2=sig2,
+    )
+    head = decode_frame(payload).header
 
     assert (head.kind, head.federation, head.round, head.codec) == ("global_delta", FED, 5, "int8")
     assert head.base_hash == "c" * 64
-    assert head.meta == {"model_hash": step.model_hash, "base_round": 0, "signature": sig}
+    assert head.meta == {
+        "model_hash": step.model_hash,
+        "base_round": 0,
+        "signature": sig,
+        "run": 42,
+        "signature_v2": sig2,
+    }
     verify_model(key.public_key(), FED, 5, step.model_hash, head.meta["signature"])
+    verify_model_v2(key.public_key(), FED, 42, 5, step.model_hash, head.meta["signature_v2"])
 
 
 @pytest.mark.parametrize(
@@ -164,28 +182,30 @@ def _five_rounds(codec: str) -> list[tuple[str, str, str]]:
 
 
 # Computed with server_step / delta_frame as they were before the step used ErrorFeedback and
-# was encoded only once (commit af4a3d9): the demo's published models must not change.
+# was encoded only once (commit af4a3d9): the demo's published models must not change. The
+# frame digests (third column) were re-pinned when the header gained the run and signature_v2;
+# the models and residuals (first two) are the same.
 PINNED_ROUNDS: dict[str, list[tuple[str, str, str]]] = {
     "int8": [
-        ("c8d6f39e764dd2e9", "2ad6d959ec6a1b66", "70134d4fddecdf29"),
-        ("43a41341622e75e7", "c104a290799817e8", "36db34e691e77346"),
-        ("6a6975a3918284cd", "82edd5a6cba4f10c", "34f5478e1ec10feb"),
-        ("428532d2ffa2e0ae", "9f9c295705e2bd98", "ccd358b522960d50"),
-        ("6fc738a32b07e825", "e20e8e5bdceff0c2", "7153236d60887894"),
+        ("c8d6f39e764dd2e9", "2ad6d959ec6a1b66", "b1f48f4dcf7e12e0"),
+        ("43a41341622e75e7", "c104a290799817e8", "e8664b5e5a15e7ca"),
+        ("6a6975a3918284cd", "82edd5a6cba4f10c", "7c6cb63c20742dcf"),
+        ("428532d2ffa2e0ae", "9f9c295705e2bd98", "75172c42787fd5a6"),
+        ("6fc738a32b07e825", "e20e8e5bdceff0c2", "161fbe1063e0d789"),
     ],
     "fp16": [
-        ("f78cd83984e3cbe7", "430524d9a7079d87", "454389935a0bfd02"),
-        ("f0f4c26e203e934a", "9852016b68f6a6d8", "8cf37cdef930cfb6"),
-        ("4cf4e144d118ce05", "eb5971d91d683ea4", "863649121a0e4b75"),
-        ("d4e9f45a229ea682", "c44740165f20d7c9", "590575825beb7557"),
-        ("b8c837497d96884e", "19e702ec745bd750", "9df5c29dc5d192d9"),
+        ("f78cd83984e3cbe7", "430524d9a7079d87", "6d82711feba133df"),
+        ("f0f4c26e203e934a", "9852016b68f6a6d8", "7712094d38b7488e"),
+        ("4cf4e144d118ce05", "eb5971d91d683ea4", "1750bbd74a0a914a"),
+        ("d4e9f45a229ea682", "c44740165f20d7c9", "4bb5570e70ff9805"),
+        ("b8c837497d96884e", "19e702ec745bd750", "c4f11ab8ae88d66a"),
     ],
     "fp32": [
-        ("2530b01293bf3949", "9d1e9fa06e76fe20", "2f8f079bfd3c8f62"),
-        ("78b3bef4132dc538", "9d1e9fa06e76fe20", "8425939e4f3f312a"),
-        ("bfd32453100ce214", "9d1e9fa06e76fe20", "85f132fab06b7715"),
-        ("9323d6a6350f3dfd", "9d1e9fa06e76fe20", "8d27b209d3667229"),
-        ("ea312fe99277fe52", "9d1e9fa06e76fe20", "4e101a0f813f22b1"),
+        ("2530b01293bf3949", "9d1e9fa06e76fe20", "9c9b233b88e4d663"),
+        ("78b3bef4132dc538", "9d1e9fa06e76fe20", "16861549e470e043"),
+        ("bfd32453100ce214", "9d1e9fa06e76fe20", "7adcd1be37f67d93"),
+        ("9323d6a6350f3dfd", "9d1e9fa06e76fe20", "37a00e1b8cc40a10"),
+        ("ea312fe99277fe52", "9d1e9fa06e76fe20", "1f525c87249f6e9f"),
     ],
 }
 
@@ -292,6 +312,23 @@ def test_publishes_full_model_then_delta_then_meta_each_round() -> None:
     assert delta.header.meta["signature"] == model.header.meta["signature"] == meta.signature
     assert dl.delta_bytes(1) == len(broker.sent[4][1]) and dl.delta_bytes(2) == 0
     assert dl.residual is not None
+
+
+def test_model_delta_and_meta_carry_the_run_and_one_run_bound_signature() -> None:
+    key = generate_keypair()
+    dl = GlobalDownloads(FED, ModelSpec(arch="lenet5"), "int8", 0, key, run=77)
+    broker = _Broker()
+    old = _model()
+    published, h = dl.advance(old, tensors_hash(old), 0, _step(old, 1), 1)
+    dl.publish(1, published, h, False, broker)
+
+    model, delta = (decode_frame(broker.sent[i][1]).header.meta for i in (0, 1))
+    meta = decode(broker.sent[2][1], GlobalMeta)
+    assert model["run"] == delta["run"] == meta.run == 77
+    assert model["signature_v2"] == delta["signature_v2"] == meta.signature_v2
+    verify_model_v2(key.public_key(), FED, 77, 1, h, meta.signature_v2)
+    with pytest.raises(SignatureError):  # another run's claim
+        verify_model_v2(key.public_key(), FED, 76, 1, h, meta.signature_v2)
 
 
 def test_download_codec_none_publishes_the_exact_model_and_no_delta() -> None:

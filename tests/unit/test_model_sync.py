@@ -11,10 +11,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from aggregator.downloads import model_frame
 from edge_agent.model_guard import HeldModel, ModelRejected
 from edge_agent.model_sync import ModelSync, SyncPolicy
+from shared.protocol.claims import sign_model_v2
 from shared.protocol.frames import FrameError, FrameHeader, encode_frame, tensors_hash
 from shared.protocol.global_delta import apply_delta, delta_frame, server_step
 from shared.protocol.messages import ModelSpec
-from shared.protocol.signing import generate_keypair, sign_model
+from shared.protocol.signing import generate_keypair
 
 FED = "lab"
 SHAPES = {"w": (4, 50), "b": (4,)}
@@ -77,6 +78,15 @@ def test_policy_ignores_an_announcement_older_than_the_held_model() -> None:
     assert not policy.wants_full()
 
 
+def test_policy_fetches_the_full_model_at_once_for_a_round_of_a_newer_run() -> None:
+    policy = SyncPolicy(5.0, Clock())
+    policy.holds(HeldModel(9, "c" * 64, run=5))
+
+    policy.announced(1, "d" * 64, deltas=True, run=6)  # no delta leads into another run
+
+    assert policy.why_full() == "run 6 supersedes the run 5 of the model held"
+
+
 def test_policy_keeps_the_full_model_when_the_aggregator_sends_no_deltas() -> None:
     policy = SyncPolicy(5.0, Clock())
     policy.holds(HeldModel(2, "b" * 64))
@@ -102,19 +112,22 @@ def test_policy_falls_back_until_a_new_model_is_held() -> None:
 class Aggregator:
     """What the aggregator publishes, built with its own functions."""
 
-    def __init__(self, key: Ed25519PrivateKey | None = None, codec: str = "int8") -> None:
+    def __init__(
+        self, key: Ed25519PrivateKey | None = None, codec: str = "int8", run: int = 0
+    ) -> None:
         rng = np.random.default_rng(0)
-        self.key, self.codec = key, codec
+        self.key, self.codec, self.run = key, codec, run
         self.params = {n: rng.normal(0, 0.1, s).astype(np.float32) for n, s in SHAPES.items()}
         self.hash, self.round, self.residual = tensors_hash(self.params), 0, None
         self.rng = rng
 
     def sign(self, round_id: int, h: str) -> str:
-        return sign_model(self.key, FED, round_id, h) if self.key else ""
+        """The run-bound signature agents verify (signature_v2)."""
+        return sign_model_v2(self.key, FED, self.run, round_id, h) if self.key else ""
 
     def full(self) -> bytes:
         sig = self.sign(self.round, self.hash)
-        return model_frame(FED, self.round, SPEC, self.params, signature=sig)
+        return model_frame(FED, self.round, SPEC, self.params, run=self.run, signature_v2=sig)
 
     def next_round(self) -> bytes:
         """Apply a FedAvg-like step; return the delta frame."""
@@ -126,7 +139,8 @@ class Aggregator:
             federation=FED,
             base_hash=self.hash,
             base_round=self.round,
-            signature=self.sign(r, step.model_hash),
+            run=self.run,
+            signature_v2=self.sign(r, step.model_hash),
         )
         self.params, self.hash, self.round = step.published, step.model_hash, r
         self.residual = step.residual  # type: ignore[assignment]
@@ -208,7 +222,12 @@ def _forged(agg: Aggregator, **changes: Any) -> bytes:
         "round": agg.round + 1,
         "codec": "fp32",
         "base_hash": agg.hash,
-        "meta": {"model_hash": h, "base_round": agg.round, "signature": agg.sign(agg.round + 1, h)},
+        "meta": {
+            "model_hash": h,
+            "base_round": agg.round,
+            "run": agg.run,
+            "signature_v2": agg.sign(agg.round + 1, h),
+        },
     }
     fields.update(changes)
     return encode_frame(FrameHeader(**fields), tensors).payload
@@ -262,3 +281,27 @@ def test_fp16_and_fp32_deltas_are_applied_too() -> None:
         sync.on_full_model(agg.full())
         model = sync.on_delta(agg.next_round())
         assert model is not None and model.model_hash == agg.hash
+
+
+# --- runs ----------------------------------------------------------------------------------
+def test_the_initial_model_of_a_newer_run_replaces_a_later_model_of_an_older_run() -> None:
+    key = generate_keypair()
+    old_run, sync = Aggregator(key, run=5), _sync(key)
+    for _ in range(3):
+        old_run.next_round()
+    sync.on_full_model(old_run.full())
+    new_run = Aggregator(key, run=6)  # round 0 again
+
+    model = sync.on_full_model(new_run.full())
+
+    assert (model.run, model.round_id, model.model_hash) == (6, 0, new_run.hash)
+
+
+def test_a_replayed_delta_of_an_older_run_is_refused() -> None:
+    key = generate_keypair()
+    old_run, sync = Aggregator(key, run=5), _sync(key)
+    old_delta = [old_run.next_round() for _ in range(3)][-1]
+    sync.on_full_model(Aggregator(key, run=6).full())
+
+    with pytest.raises(ModelRejected, match=r"older run refused \(run 5 < 6"):
+        sync.on_delta(old_delta)

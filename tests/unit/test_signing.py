@@ -7,7 +7,8 @@ import pytest
 
 from edge_agent.model_guard import HeldModel, ModelRejected, check_global_model
 from shared.protocol import signing
-from shared.protocol.frames import FrameHeader, decode_frame, encode_frame, tensors_hash
+from shared.protocol.claims import sign_model_v2
+from shared.protocol.frames import FrameError, FrameHeader, decode_frame, encode_frame, tensors_hash
 
 FED = "lab"
 HASH = "a" * 64
@@ -65,16 +66,18 @@ def test_loading_a_non_key_names_the_file(tmp_path) -> None:  # type: ignore[no-
 
 
 # --- the agent's decision ----------------------------------------------------------------
-def _model(round_id: int, key: object | None, *, value: float = 1.0, **meta: object):  # type: ignore[no-untyped-def]
+def _model(round_id: int, key: object | None, *, value: float = 1.0, run: int = 0, **meta: object):  # type: ignore[no-untyped-def]
+    """A model frame as the aggregator signs it: both signatures, the run in the meta."""
     tensors = {"w": np.full((2, 2), value, np.float32)}
     h = tensors_hash(tensors)
     sig = signing.sign_model(key, FED, round_id, h) if key is not None else ""  # type: ignore[arg-type]
+    sig2 = sign_model_v2(key, FED, run, round_id, h) if key is not None else ""  # type: ignore[arg-type]
     header = FrameHeader(
         kind="model",
         federation=FED,
         round=round_id,
         codec="fp32",
-        meta={"model_hash": h, "signature": sig, **meta},
+        meta={"model_hash": h, "signature": sig, "run": run, "signature_v2": sig2, **meta},
     )
     frame = decode_frame(encode_frame(header, tensors).payload)
     return frame.header, tensors_hash(frame.tensors)
@@ -114,8 +117,9 @@ def test_rehashed_tampered_model_fails_the_signature() -> None:
     key = signing.generate_keypair()
     good_head, _ = _model(2, key)
     bad_head, bad_hash = _model(2, None, value=5.0)
+    good_sig = good_head.meta["signature_v2"]
     forged = FrameHeader(
-        **{**bad_head.__dict__, "meta": {**bad_head.meta, "signature": good_head.meta["signature"]}}
+        **{**bad_head.__dict__, "meta": {**bad_head.meta, "signature_v2": good_sig}}
     )
 
     with pytest.raises(ModelRejected, match="bad signature"):
@@ -151,3 +155,46 @@ def test_model_of_another_federation_is_refused() -> None:
 
     with pytest.raises(ModelRejected, match="not a global model"):
         check_global_model(head, actual, "elsewhere", None, key.public_key())
+
+
+# --- runs ----------------------------------------------------------------------------------
+def test_model_with_only_the_pre_run_signature_is_refused_by_pinned_agent() -> None:
+    key = signing.generate_keypair()
+    head, actual = _model(2, key, signature_v2="")  # an aggregator older than runs
+
+    with pytest.raises(ModelRejected, match="not signed"):
+        check_global_model(head, actual, FED, None, key.public_key())
+
+
+def test_a_model_relabelled_to_another_run_fails_the_signature() -> None:
+    key = signing.generate_keypair()
+    head, actual = _model(2, key, run=5)
+    relabelled = FrameHeader(**{**head.__dict__, "meta": {**head.meta, "run": 9}})
+
+    with pytest.raises(ModelRejected, match="bad signature"):
+        check_global_model(relabelled, actual, FED, None, key.public_key())
+
+
+def test_round_0_of_a_newer_run_supersedes_a_later_round_of_an_older_run() -> None:
+    key = signing.generate_keypair()
+    head, actual = _model(0, key, run=6)
+
+    check_global_model(head, actual, FED, HeldModel(9, "c" * 64, run=5), key.public_key())
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "dev-mode"])
+def test_a_signed_model_of_an_older_run_is_refused_whatever_its_round(pinned: bool) -> None:
+    key = signing.generate_keypair()
+    head, actual = _model(9, key, run=5)
+    pub = key.public_key() if pinned else None
+
+    with pytest.raises(ModelRejected, match=r"older run refused \(run 5 < 6"):
+        check_global_model(head, actual, FED, HeldModel(0, "c" * 64, run=6), pub)
+
+
+@pytest.mark.parametrize("run", [-1, "7", 2.5, True, 2**53])
+def test_a_malformed_run_is_refused(run: object) -> None:
+    head, actual = _model(1, None, run=run)  # type: ignore[arg-type]
+
+    with pytest.raises(FrameError, match="bad run"):
+        check_global_model(head, actual, FED, None, None)

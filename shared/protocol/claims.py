@@ -1,0 +1,179 @@
+"""What the aggregator signs: global models bound to a run, round announcements, ONNX headers.
+
+Each claim is the canonical JSON (:func:`shared.protocol.signing.canonical_json`) of a signing
+domain and every field that changes what a device does with the signed thing; the domain
+names the claim's version, so a signature of one kind never verifies another, and a new
+field means a new domain. Signed fields, by claim:
+
+- ``fedmq-global-model-v2`` (model frame, global delta, ``global/meta``: ``signature_v2``):
+  federation, run, round, model hash (the SHA-256 of every tensor).
+- ``fedmq-round-start-v1`` (``RoundStart.signature``): schema, federation, run, round, base
+  hash, deadline, selection, model spec, training parameters (seed included), codec, maximum
+  update size, download codec. Only ``ts`` (the send time, informative) is outside.
+- ``fedmq-onnx-header-v2`` (ONNX frame version 2, ``signature``): federation, run, round,
+  model hash, ONNX SHA-256, input shape, number of classes, architecture, opset.
+- ``fedmq-aggregator-status-v1`` (``AggregatorStatus.signature``: a live ``finished`` ends
+  the agents): schema, federation, state, round, rounds total, run.
+
+A *run* is the aggregator's run epoch (:class:`shared.protocol.messages.RoundStart.run`): a
+new run of a federation has a larger one, and devices order models by ``(run, round)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import msgspec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared.protocol.frames import FrameError, FrameHeader
+from shared.protocol.messages import MAX_RUN, AggregatorStatus, RoundStart
+from shared.protocol.onnx_frame import OnnxFrame, OnnxHeader
+from shared.protocol.signing import SignatureError, canonical_json, sign_bytes, verify_bytes
+
+MODEL_CONTEXT = "fedmq-global-model-v2"
+ROUND_START_CONTEXT = "fedmq-round-start-v1"
+STATUS_CONTEXT = "fedmq-aggregator-status-v1"
+ONNX_HEADER_CONTEXT = "fedmq-onnx-header-v2"
+
+
+def model_claim(federation: str, run: int, round_id: int, model_hash: str) -> bytes:
+    """The signed bytes of one global model of one run."""
+    body = [federation, int(run), int(round_id), model_hash]
+    return canonical_json(MODEL_CONTEXT, body)
+
+
+def sign_model_v2(
+    key: Ed25519PrivateKey, federation: str, run: int, round_id: int, model_hash: str
+) -> str:
+    """Ed25519 over (federation, run, round, model hash): the ``signature_v2`` of a model."""
+    return sign_bytes(key, model_claim(federation, run, round_id, model_hash))
+
+
+def verify_model_v2(
+    key: Ed25519PublicKey,
+    federation: str,
+    run: int,
+    round_id: int,
+    model_hash: str,
+    signature: object,
+) -> None:
+    """Raise SignatureError unless ``signature`` signs this model of this run."""
+    if not isinstance(signature, str) or not signature:
+        raise SignatureError("model is not signed (no run-bound signature_v2)")
+    what = f"federation {federation!r} run {run} round {round_id} model {model_hash[:12]}"
+    verify_bytes(key, model_claim(federation, run, round_id, model_hash), signature, what)
+
+
+def frame_run(head: FrameHeader) -> int:
+    """The run a model or delta frame names in its meta (0: an aggregator older than runs).
+
+    Raises FrameError when it is not an integer in [0, MAX_RUN]: it orders models, so a
+    malformed one is never guessed at.
+    """
+    run = head.meta.get("run", 0)
+    if not isinstance(run, int) or isinstance(run, bool) or not 0 <= run <= MAX_RUN:
+        raise FrameError(f"bad run {run!r} in the frame header")
+    return run
+
+
+def round_start_claim(ann: RoundStart) -> bytes:
+    """The signed bytes of a round announcement: every field but ``ts`` and the signature.
+
+    Every field this version knows is signed (a test pins the list: a field added to
+    :class:`RoundStart` needs a new domain, or older pinned agents would refuse it).
+    """
+    body = msgspec.to_builtins(_normalized(ann, ""))
+    assert isinstance(body, dict)
+    del body["ts"], body["signature"]
+    return canonical_json(ROUND_START_CONTEXT, body)
+
+
+def _normalized(ann: RoundStart, signature: str) -> RoundStart:
+    """``ann`` with ``signature`` and its floats as floats: an int ``lr`` would sign as ``1``,
+    and the agent, which decodes it as a float, would verify ``1.0``."""
+    return msgspec.structs.replace(
+        ann,
+        signature=signature,
+        deadline=float(ann.deadline),
+        train=msgspec.structs.replace(
+            ann.train,
+            lr=float(ann.train.lr),
+            momentum=float(ann.train.momentum),
+            weight_decay=float(ann.train.weight_decay),
+        ),
+    )
+
+
+def sign_round_start(key: Ed25519PrivateKey, ann: RoundStart) -> RoundStart:
+    """``ann`` with its Ed25519 signature (over :func:`round_start_claim`)."""
+    return _normalized(ann, sign_bytes(key, round_start_claim(ann)))
+
+
+def verify_round_start(key: Ed25519PublicKey, ann: RoundStart) -> None:
+    """Raise SignatureError unless ``ann`` carries a valid signature over all its fields."""
+    if not ann.signature:
+        raise SignatureError("announcement is not signed")
+    what = f"the round {ann.round} announcement of run {ann.run}"
+    verify_bytes(key, round_start_claim(ann), ann.signature, what)
+
+
+def status_claim(status: AggregatorStatus) -> bytes:
+    """The signed bytes of an aggregator status: every field but ``ts`` and the signature."""
+    body = msgspec.to_builtins(msgspec.structs.replace(status, signature=""))
+    assert isinstance(body, dict)
+    del body["ts"], body["signature"]
+    return canonical_json(STATUS_CONTEXT, body)
+
+
+def sign_status(key: Ed25519PrivateKey, status: AggregatorStatus) -> AggregatorStatus:
+    """``status`` with its Ed25519 signature (over :func:`status_claim`)."""
+    return msgspec.structs.replace(status, signature=sign_bytes(key, status_claim(status)))
+
+
+def verify_status(key: Ed25519PublicKey, status: AggregatorStatus) -> None:
+    """Raise SignatureError unless ``status`` carries a valid signature over all its fields."""
+    if not status.signature:
+        raise SignatureError("status is not signed")
+    what = f"the {status.state!r} status of run {status.run}"
+    verify_bytes(key, status_claim(status), status.signature, what)
+
+
+def onnx_claim(header: OnnxHeader) -> bytes:
+    """The signed bytes of an ONNX header: every field but the signature."""
+    body: dict[str, Any] = {
+        "federation": header.federation,
+        "run": int(header.run),
+        "round": int(header.round),
+        "model_hash": header.model_hash,
+        "onnx_sha256": header.onnx_sha256,
+        "input_shape": [int(d) for d in header.input_shape],
+        "num_classes": int(header.num_classes),
+        "arch": header.arch,
+        "opset": int(header.opset),
+    }
+    return canonical_json(ONNX_HEADER_CONTEXT, body)
+
+
+def sign_onnx_header(key: Ed25519PrivateKey, header: OnnxHeader) -> OnnxHeader:
+    """``header`` with its Ed25519 signature (over :func:`onnx_claim`)."""
+    return replace(header, signature=sign_bytes(key, onnx_claim(header)))
+
+
+def verify_onnx_frame(key: Ed25519PublicKey, frame: OnnxFrame) -> None:
+    """Raise SignatureError unless ``frame`` is a version-2 frame whose header is signed.
+
+    A version-1 frame (an aggregator older than signed headers) signed only the ONNX hash:
+    its input shape, classes and architecture could be relabelled, so it is refused.
+    """
+    head = frame.header
+    if frame.version < 2:
+        raise SignatureError(
+            f"ONNX frame version {frame.version} has an unsigned header "
+            "(an aggregator older than signed ONNX headers): refused"
+        )
+    if not head.signature:
+        raise SignatureError("ONNX model is not signed")
+    what = f"the ONNX header of run {head.run} round {head.round}"
+    verify_bytes(key, onnx_claim(head), head.signature, what)
