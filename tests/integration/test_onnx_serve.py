@@ -49,7 +49,8 @@ def test_served_model_is_the_published_onnx(
         retained = inbox.get(timeout=10)
         sample = fed.make_dataset(8, seed=5)
         request = {"id": "req-1", "x": sample.x.astype(float).__truediv__(255).tolist()}
-        client.publish(T.infer_request("pi-0", "app"), json.dumps(request), qos=1).wait_for_publish(5)
+        ask = T.infer_request("pi-0", "app")
+        client.publish(ask, json.dumps(request), qos=1).wait_for_publish(5)
         response = json.loads(inbox.get(timeout=15).payload)
     finally:
         fed.stop([agg, agent, serve])
