@@ -219,7 +219,8 @@ class InferenceServer:
                 f"{limits.bytes_per_s:g} bytes/s per requester; further refusals this period "
                 "are not answered"
             )
-            self.reply(reply_topic, {"id": None, "error": reason})
+            # Once per period per requester, so reading the id here costs little.
+            self.reply(reply_topic, {"id": read_request_id(payload), "error": reason})
             return
         response = self.answer(payload)
         outcome = Outcome.ERROR if "error" in response else Outcome.ANSWERED

@@ -174,7 +174,8 @@ def test_requester_over_budget_is_told_once_then_counted(onnx_frame: bytes) -> N
     replies = [bench.ask(_good(i)) for i in range(4)]
 
     assert [r and r.get("id") for r in replies[:2]] == [0, 1]
-    assert replies[2] is not None and "over budget" in replies[2]["error"]
+    refusal = replies[2]
+    assert refusal is not None and refusal["id"] == 2 and "over budget" in refusal["error"]
     assert replies[3] is None
 
 
