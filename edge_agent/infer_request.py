@@ -24,6 +24,8 @@ import io
 import math
 import re
 import struct
+import tokenize
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -175,7 +177,8 @@ def _open_zip(payload: bytes) -> zipfile.ZipFile:
     _check_zip_directory(payload)
     try:
         zf = zipfile.ZipFile(io.BytesIO(payload))
-    except (zipfile.BadZipFile, ValueError, struct.error, OSError) as exc:
+    except (zipfile.BadZipFile, ValueError, struct.error, OSError, NotImplementedError) as exc:
+        # NotImplementedError: zipfile's answer to an archive version or flag it lacks.
         raise RequestError(f"bad npz request: {exc}") from exc
     if len(zf.infolist()) > MAX_NPZ_MEMBERS:
         zf.close()
@@ -250,7 +253,15 @@ def _read_npy(zf: zipfile.ZipFile, name: str, check: Any) -> np.ndarray:
             check(shape, dtype)
             nbytes = math.prod(shape) * dtype.itemsize
             data = fh.read(nbytes)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, struct.error) as exc:
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+        struct.error,
+        NotImplementedError,  # a local header flag zipfile does not support
+    ) as exc:
         raise InferenceError(f"unreadable .npy member: {exc}") from exc
     if len(data) != nbytes:
         raise InferenceError(f"truncated: {len(data)} of {nbytes} bytes")
@@ -259,14 +270,22 @@ def _read_npy(zf: zipfile.ZipFile, name: str, check: Any) -> np.ndarray:
 
 
 def _npy_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """(shape, Fortran order, dtype) of the ``.npy`` stream at ``fh``; ValueError if malformed."""
     version = np.lib.format.read_magic(fh)
     if version == (1, 0):
-        header = np.lib.format.read_array_header_1_0(fh, max_header_size=MAX_NPY_HEADER_BYTES)
+        read = np.lib.format.read_array_header_1_0
     elif version == (2, 0):
-        header = np.lib.format.read_array_header_2_0(fh, max_header_size=MAX_NPY_HEADER_BYTES)
+        read = np.lib.format.read_array_header_2_0
     else:  # 3.0 exists only for structured dtypes with non-Latin-1 names
         raise ValueError(f".npy format version {version} not accepted")
-    shape, fortran, dtype = header
+    try:
+        with warnings.catch_warnings():
+            # numpy warns, then re-parses, on a header its own writer never produces.
+            warnings.simplefilter("error")
+            shape, fortran, dtype = read(fh, max_header_size=MAX_NPY_HEADER_BYTES)
+    except (SyntaxError, TypeError, tokenize.TokenError, Warning) as exc:
+        # What numpy's header parser lets escape besides ValueError (found by fuzzing).
+        raise ValueError(f"malformed .npy header: {exc}") from exc
     if dtype.hasobject:
         raise ValueError("object arrays are never loaded (they would need pickle)")
     if any(n < 0 for n in shape):  # numpy does not check: a negative size would read it all

@@ -232,6 +232,34 @@ def test_npz_object_array_is_refused_before_any_unpickling() -> None:
     assert "object arrays are never loaded" in str(err)
 
 
+def _raw_npy(header: bytes, data: bytes = bytes(128)) -> bytes:
+    """A version 1.0 .npy with ``header`` as its text, verbatim (numpy would not write it)."""
+    pad = 64 - (10 + len(header) + 1) % 64
+    size = (len(header) + pad + 1).to_bytes(2, "little")
+    return b"\x93NUMPY\x01\x00" + size + header + b" " * pad + b"\n" + data
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        pytest.param(
+            b"{'descr': ',u1', 'fortran_order': False, 'shape': (2, 1,8, 8), }", id="syntax"
+        ),
+        pytest.param(
+            b"{'descr': '|u1',b'fortran_order': False, 'h7pe': (2, 1, 8, 8), }", id="type"
+        ),
+        pytest.param(
+            b"{'descr': '|u1', 'fortran_order': False, 'shape': (2, 1, 8, 8, }", id="token"
+        ),
+    ],
+)
+def test_npz_with_a_malformed_npy_header_is_refused(header: bytes) -> None:
+    # Headers that made numpy's parser raise SyntaxError, TypeError or TokenError (fuzzing).
+    err = _refusal(_zip({"x.npy": _raw_npy(header)}))
+
+    assert "npz 'x'" in str(err)
+
+
 def test_npz_with_many_members_is_refused_before_its_directory_is_parsed() -> None:
     members = {f"m{i}.npy": b"" for i in range(1000)}
 
