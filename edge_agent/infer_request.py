@@ -253,6 +253,8 @@ def _read_npy(zf: zipfile.ZipFile, name: str, check: Any) -> np.ndarray:
             check(shape, dtype)
             nbytes = math.prod(shape) * dtype.itemsize
             data = fh.read(nbytes)
+    except InferenceError:
+        raise  # check()'s refusal (an InferenceError is a ValueError): keep its words
     except (
         ValueError,
         OSError,

@@ -170,11 +170,11 @@ def test_json_over_the_size_bound_is_refused_unread() -> None:
 def test_npz_with_a_complex_id_is_refused() -> None:
     err = _refusal(_npz(x=np.zeros((1, *SAMPLE), np.float32), id=np.array(1 + 2j)))
 
-    assert "npz 'id'" in str(err) and "<c16" in str(err)
+    assert str(err).startswith("npz 'id': dtype '<c16': want an integer or a string")
 
 
 def test_npz_with_a_string_x_is_refused_with_its_id() -> None:
-    err = _refusal(_npz(x=np.array(["a", "b"]), id=np.array(42)))
+    err = _refusal(_npz(x=np.full((2, *SAMPLE), "a"), id=np.array(42)))
 
     assert "dtype '<U1'" in str(err) and err.request_id == 42
 
@@ -196,7 +196,7 @@ def test_npz_memory_bomb_is_refused_from_its_header_before_inflating() -> None:
     finally:
         tracemalloc.stop()
 
-    assert "batch of 64000 exceeds 4096" in str(err)
+    assert str(err) == "npz 'x': batch of 64000 exceeds 4096"
     assert peak < 2 * 1024 * 1024  # nothing near the 50 MB the data would inflate to
 
 

@@ -129,7 +129,7 @@ def test_valid_request_is_answered_with_its_id_and_the_model_round(bench: Bench)
             id="complex-id",
         ),
         pytest.param(
-            _npz(x=np.array(["a", "b"]), id=np.array("str-x")),
+            _npz(x=np.full((2, 1, 8, 8), "a"), id=np.array("str-x")),
             "str-x",
             "x has dtype '<U1'",
             id="string-x",
