@@ -79,6 +79,7 @@ class RequesterBudgets:
     _table: dict[str, _Requester] = field(default_factory=dict)
     _reported_at: float | None = None
     _crowded: int = 0  # refused because the table was full of active requesters
+    _unroutable: int = 0  # requests on topics naming no valid requester: unanswerable
 
     def admit(self, requester: str, size: int, now: float) -> Verdict:
         """Spend one request and ``size`` bytes of ``requester``'s budget, or refuse."""
@@ -96,6 +97,12 @@ class RequesterBudgets:
         entry.refused += 1
         entry.refused_bytes += size
         return Verdict.REFUSE_AND_REPLY if entry.refused == 1 else Verdict.REFUSE
+
+    def note_unroutable(self, now: float) -> None:
+        """Count a request that cannot be answered (no valid requester in its topic)."""
+        if self._reported_at is None:
+            self._reported_at = now
+        self._unroutable += 1
 
     def record(self, requester: str, outcome: Outcome) -> None:
         """Count how an admitted request of ``requester`` ended."""
@@ -125,9 +132,14 @@ class RequesterBudgets:
                 f"{self._crowded} requests refused in the last {period:.0f}s: "
                 f"{self.limits.max_requesters} requesters are active (max-requesters)"
             )
+        if self._unroutable:
+            lines.append(
+                f"{self._unroutable} messages in the last {period:.0f}s on request topics "
+                "naming no valid requester ([A-Za-z0-9_.-]): not answered"
+            )
         for e in self._table.values():
             e.answered = e.errors = e.refused = e.refused_bytes = 0
-        self._crowded = 0
+        self._crowded = self._unroutable = 0
         self._reported_at = now
         return lines
 

@@ -183,8 +183,9 @@ class InferenceServer:
             self.on_model(item.payload)
             return
         route = self.route(item.topic)
-        if route is None:
-            log.warning("ignored a message on %s: not a request to this server", item.topic)
+        if route is None:  # counted, and reported once per period (a flood must not log)
+            log.debug("ignored a message on %s: names no valid requester", item.topic)
+            self.budgets.note_unroutable(self.clock.monotonic())
             return
         requester, reply_topic = route
         try:

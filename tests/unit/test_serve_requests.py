@@ -224,3 +224,20 @@ def test_custom_input_topic_is_answered_on_the_output_topic(onnx_frame: bytes) -
 def test_input_topic_without_output_topic_is_a_config_error() -> None:
     with pytest.raises(ValueError, match="set both or neither"):
         ServeConfig(client_id=DEVICE, input_topic="plant/cam/+/frame")
+
+
+def test_requests_naming_no_valid_requester_are_counted_in_the_periodic_report(
+    bench: Bench,
+) -> None:
+    client = bench.broker.connector(Session("odd")).start()
+    for _ in range(3):
+        client.publish(f"{T.root}/infer/{DEVICE}/request/bad name", _good())
+    bench.drain()
+
+    bench.clock.advance(10.0)
+    lines = bench.server.budgets.report(bench.clock.monotonic())
+
+    assert lines == [
+        "3 messages in the last 10s on request topics naming no valid requester "
+        "([A-Za-z0-9_.-]): not answered"
+    ]
