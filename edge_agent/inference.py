@@ -21,7 +21,6 @@ from shared.runtime.data import load_device_data
 log = logging.getLogger("fedmq.inference")
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
-MAX_REQUEST_BYTES = 16 * 1024 * 1024
 MAX_BATCH = 4096
 
 
@@ -58,7 +57,10 @@ class OnnxClassifier:
     def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Class ids and softmax confidence for a batch (uint8 0..255 or float in [0, 1])."""
         batch = prepare(x, self.input_shape)
-        logits = self.session.run(None, {self.input_name: batch})[0]
+        try:
+            logits = self.session.run(None, {self.input_name: batch})[0]
+        except Exception as exc:  # onnxruntime raises its own untyped Fail/InvalidArgument errors
+            raise InferenceError(f"onnxruntime could not run the model: {exc}") from exc
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
         labels = probs.argmax(axis=1)

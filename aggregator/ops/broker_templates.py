@@ -94,6 +94,8 @@ user monitor
 topic deny fl/v1/+/round/+/update/+
 topic deny fl/v1/+/round/+/update/+/chunk/+
 topic deny fl/v1/+/agents/monitor/status
+# Inference requests carry a device's inputs (camera frames...), answers what it saw.
+topic deny fl/v1/+/infer/#
 topic read fl/v1/#
 
 # Devices. Publish: only their own update and their own (retained) status. Read:
@@ -112,4 +114,19 @@ pattern read fl/v1/+/global/delta
 pattern read fl/v1/+/global/delta/chunk/+
 pattern read fl/v1/+/aggregator/status
 pattern read fl/v1/+/round/+/receipt/%u
+
+# On-device inference (`fedmq-agent serve` logs in as its device). The last topic level
+# names the requester and is bound to the requester's login, so a requester can neither
+# pose as another nor read another's answers, and the server budgets each requester.
+# A device's server reads the ONNX model and the requests addressed to it, and answers
+# them; a device asks only its own server (applications on the device use its identity).
+# No device reads another's requests or answers. The aggregator (fl/v1/#) may ask any.
+pattern read fl/v1/+/global/onnx
+pattern read fl/v1/+/global/onnx/chunk/+
+pattern read fl/v1/+/infer/%u/request/+
+pattern read fl/v1/+/infer/%u/request/+/chunk/+
+pattern write fl/v1/+/infer/%u/response/+
+pattern write fl/v1/+/infer/%u/request/%u
+pattern write fl/v1/+/infer/%u/request/%u/chunk/+
+pattern read fl/v1/+/infer/%u/response/%u
 """

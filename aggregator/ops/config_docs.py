@@ -1,8 +1,9 @@
 """Generate ``docs/configuration.md`` from the settings dataclasses, so docs cannot drift.
 
 ``python -m aggregator.ops.config_docs`` rewrites the file; ``tests/unit/test_deploy.py`` fails when
-a field is added to :class:`AggregatorConfig`, :class:`AgentConfig` or :class:`ServeConfig`
-without a description here, or when the committed file is not what this module renders.
+a field is added to :class:`AggregatorConfig`, :class:`AgentConfig`, :class:`ServeConfig` or
+:class:`MonitorConfig` without a description here, or when the committed file is not what this
+module renders.
 Imports no torch (the config modules are plain dataclasses).
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator.config import AggregatorConfig
+from aggregator.ops.monitor_view import MonitorConfig
 from edge_agent.config import AgentConfig
 from edge_agent.serve import ServeConfig
 
@@ -104,12 +106,30 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
     "inference": {
         **_COMMON,
         "client_id": "this device's id (required); names the request/response topics",
-        "input_topic": "request topic (empty: `fl/v1/{fed}/infer/{client_id}/request`)",
-        "output_topic": "response topic (empty: `fl/v1/{fed}/infer/{client_id}/response`)",
+        "input_topic": "one request topic (may hold wildcards; all its requests share one "
+        "budget) instead of each requester's `fl/v1/{fed}/infer/{client_id}/request/{requester}`"
+        " (the requester is its broker login, bound by the provisioned ACL)",
+        "output_topic": "where requests on `input_topic` are answered (set both or neither; "
+        "default: `fl/v1/{fed}/infer/{client_id}/response/{requester}`)",
         "model": "ONNX file (or fedmq ONNX frame) served until the federation's model arrives",
         "max_model_bytes": "ONNX frames larger than this are refused",
         "model_public_key": "aggregator's model-signing public key (PEM): only ONNX models it "
         "signed are served (unset: unsigned models are served, with a warning)",
+        "max_batch": "samples per request; larger batches are refused from the npz header, "
+        "before their data is read",
+        "requests_per_s": "each requester's sustained request rate; over budget, the first "
+        "refusal of a 10 s period gets an error reply, the rest one log line per period",
+        "burst_requests": "requests a requester may send at once",
+        "request_bytes_per_s": "each requester's sustained request bytes per second",
+        "burst_request_bytes": "request bytes a requester may send at once",
+        "max_requesters": "requesters tracked at once; when all are active, newcomers are "
+        "refused (an idle requester's entry is reused)",
+    },
+    "monitor": {
+        **_COMMON,
+        "password": "MQTT password (visible to `ps` as a flag: prefer the TOML file, "
+        "`password_file` or the environment)",
+        "password_file": "read the MQTT password from this file (first line)",
     },
 }
 
@@ -120,6 +140,7 @@ SECTIONS: list[tuple[str, type[Any], str, str]] = [
     ("aggregator", AggregatorConfig, "FEDMQ_AGGREGATOR_", "fedmq-aggregator"),
     ("agent", AgentConfig, "FEDMQ_AGENT_", "fedmq-agent"),
     ("inference", ServeConfig, "FEDMQ_INFERENCE_", "fedmq-agent serve"),
+    ("monitor", MonitorConfig, "FEDMQ_MONITOR_", "fedmq monitor"),
 ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import queue
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -19,11 +20,13 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from shared.mqtt.base import Inbound
-from shared.mqtt.versions import AUTO, MQTT_VERSIONS
+from shared.mqtt.base import Inbound, TransportError
+from shared.mqtt.options import ConnectOptions
+from shared.mqtt.versions import AUTO, MQTT_VERSIONS, check_mqtt_version
 from shared.protocol import messages as msg
 from shared.protocol import topics
 from shared.protocol.onnx_frame import OnnxFrameError, decode_onnx_frame
+from shared.settings import load_settings
 
 HISTORY_ROWS = 12
 
@@ -218,17 +221,64 @@ def _history_table(s: MonitorState) -> Table:
 
 
 # --- shell --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Settings of ``fedmq monitor`` (TOML ``[monitor]``, ``FEDMQ_MONITOR_*``).
+
+    `fedmq broker init` writes ``identities/monitor/monitor.toml`` with all of them, so a
+    secured broker is watched with ``--config`` and no password on the command line.
+    """
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    federation: str = "default"
+    username: str | None = None
+    password: str | None = None
+    password_file: str | None = None  # the password, read from this file (first line)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    connect_timeout: float = 30.0
+    mqtt_version: str = AUTO
+
+    def __post_init__(self) -> None:
+        topics.validate_name("federation", self.federation)
+        check_mqtt_version(self.mqtt_version)
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password and password-file: give one, not both")
+
+    def connect_options(self) -> ConnectOptions:
+        """Credentials and TLS files; the password read from ``password_file`` when given."""
+        password = self.password
+        if self.password_file is not None:
+            with open(self.password_file, encoding="utf-8") as fh:
+                password = fh.readline().rstrip("\r\n")
+        return ConnectOptions(
+            username=self.username,
+            password=password,
+            ca_file=self.ca_file,
+            cert_file=self.cert_file,
+            key_file=self.key_file,
+            mqtt_version=self.mqtt_version,
+        )
+
+
 def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``fedmq monitor``."""
-    parser.add_argument("--broker", default="mqtt://127.0.0.1:1883")
-    parser.add_argument("--federation", default="default")
+    """Flags of ``fedmq monitor`` (unset flags do not override the file or environment)."""
+    parser.add_argument("--config", help="TOML file ([monitor] table), e.g. monitor.toml")
+    parser.add_argument("--broker", help="broker URL (default mqtt://127.0.0.1:1883)")
+    parser.add_argument("--federation", help="federation name (default: default)")
     parser.add_argument("--username")
-    parser.add_argument("--password")
-    parser.add_argument("--ca-file")
+    parser.add_argument(
+        "--password", help="visible to `ps`: prefer --password-file or FEDMQ_MONITOR_PASSWORD"
+    )
+    parser.add_argument("--password-file", help="read the password from this file")
+    parser.add_argument("--ca-file", help="CA certificate that signed the broker's (mqtts://)")
+    parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
+    parser.add_argument("--key-file", help="private key of --cert-file")
+    parser.add_argument("--connect-timeout", type=float)
     parser.add_argument(
         "--mqtt-version",
         choices=MQTT_VERSIONS,
-        default=AUTO,
         help="MQTT protocol version: 5, 3.1.1, or auto (5, else 3.1.1; default auto)",
     )
     parser.add_argument("--duration", type=float, help="exit after this many seconds")
@@ -240,27 +290,30 @@ def subscriptions(t: topics.Topics) -> list[tuple[str, int]]:
     return [(topic, 1) for topic in [*subs, t.receipt_any, t.agent_status_any]]
 
 
+def monitor_config(args: argparse.Namespace) -> MonitorConfig:
+    """Defaults < TOML ``[monitor]`` < ``FEDMQ_MONITOR_*`` < flags."""
+    return load_settings(MonitorConfig, args, "monitor", "FEDMQ_MONITOR_")
+
+
 def run_monitor(args: argparse.Namespace) -> int:
-    """Follow the federation until Ctrl-C (or ``--duration``)."""
+    """Follow the federation until Ctrl-C (or ``--duration``); 1 on a config/connect error."""
     from rich.live import Live
 
-    from shared.mqtt.options import ConnectOptions
     from shared.mqtt.transport import MqttTransport
 
-    t = topics.Topics(args.federation)
-    state = MonitorState(args.federation)
-    transport = MqttTransport(
-        args.broker,
-        f"monitor-{int(time.time() * 1000) % 10**9}",
-        subscriptions=subscriptions(t),
-        options=ConnectOptions(
-            username=args.username,
-            password=args.password,
-            ca_file=args.ca_file,
-            mqtt_version=args.mqtt_version,
-        ),
-    )
-    transport.start()
+    try:
+        cfg = monitor_config(args)
+        transport = MqttTransport(
+            cfg.broker,
+            f"monitor-{int(time.time() * 1000) % 10**9}",
+            subscriptions=subscriptions(topics.Topics(cfg.federation)),
+            options=cfg.connect_options(),
+        )
+        transport.start(timeout=cfg.connect_timeout)
+    except (ValueError, OSError, TransportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    state = MonitorState(cfg.federation)
     end = None if args.duration is None else time.monotonic() + args.duration
     try:
         with Live(render(state, time.time()), refresh_per_second=2) as live:

@@ -15,7 +15,10 @@ Layout (protocol version in the namespace, like Sparkplug's ``spBv1.0``)::
     <any topic>/chunk/{i}                  one chunk of a payload over the packet limit
     fl/v1/{fed}/agents/{cid}/status        retained JSON: online | busy | offline (will)
     fl/v1/{fed}/metrics                    JSON per applied round (latest retained)
-    fl/v1/{fed}/infer/{cid}/request|response  JSON/npz inference requests to a device (local)
+    fl/v1/{fed}/infer/{cid}/request/{req}  JSON/npz inference request from requester {req}
+    fl/v1/{fed}/infer/{cid}/response/{req} JSON answer of {cid}'s inference server to {req}
+                                           ({req} is the requester's broker login: the ACL
+                                           binds it, so it cannot be forged)
 
 No other module writes a topic literal.
 """
@@ -92,13 +95,20 @@ class Topics:
         """Retained ONNX frame of the current global model (inference without torch)."""
         return f"{self.root}/global/onnx"
 
-    def infer_request(self, client_id: str) -> str:
-        """Where local clients ask ``client_id``'s inference server for predictions."""
-        return f"{self.root}/infer/{validate_name('client id', client_id)}/request"
+    def infer_request(self, client_id: str, requester: str) -> str:
+        """Where ``requester`` asks ``client_id``'s inference server for predictions."""
+        return f"{self._infer(client_id)}/request/{validate_name('requester', requester)}"
 
-    def infer_response(self, client_id: str) -> str:
-        """Where ``client_id``'s inference server answers."""
-        return f"{self.root}/infer/{validate_name('client id', client_id)}/response"
+    def infer_request_any(self, client_id: str) -> str:
+        """Subscription to every requester's requests to ``client_id`` (its server's)."""
+        return f"{self._infer(client_id)}/request/+"
+
+    def infer_response(self, client_id: str, requester: str) -> str:
+        """Where ``client_id``'s inference server answers ``requester``."""
+        return f"{self._infer(client_id)}/response/{validate_name('requester', requester)}"
+
+    def _infer(self, client_id: str) -> str:
+        return f"{self.root}/infer/{validate_name('client id', client_id)}"
 
     @property
     def metrics(self) -> str:
@@ -159,9 +169,11 @@ class ParsedTopic:
 
     federation: str
     kind: str  # aggregator_status | global_meta | global_model | global_delta | global_onnx |
-    # metrics | round_start | update | receipt | decision | agent_status
+    # metrics | round_start | update | receipt | decision | agent_status | infer_request |
+    # infer_response
     round_id: int | None = None
     client_id: str | None = None
+    requester: str | None = None  # infer_request | infer_response: who asked
 
 
 def parse(topic: str) -> ParsedTopic:
@@ -183,6 +195,10 @@ def parse(topic: str) -> ParsedTopic:
         return ParsedTopic(fed, simple[tuple(rest)])
     if len(rest) == 3 and rest[0] == "agents" and rest[2] == "status":
         return ParsedTopic(fed, "agent_status", client_id=validate_name("client id", rest[1]))
+    if len(rest) == 4 and rest[0] == "infer" and rest[2] in ("request", "response"):
+        cid = validate_name("client id", rest[1])
+        who = validate_name("requester", rest[3])
+        return ParsedTopic(fed, f"infer_{rest[2]}", client_id=cid, requester=who)
     if len(rest) >= 3 and rest[0] == "round":
         round_id = _parse_round(rest[1], topic)
         if len(rest) == 3 and rest[2] == "start":

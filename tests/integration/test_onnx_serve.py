@@ -45,11 +45,12 @@ def test_served_model_is_the_published_onnx(
         inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         client.on_message = lambda _c, _u, m: inbox.put(m)
         client.subscribe(T.global_onnx, qos=1)
-        client.subscribe(T.infer_response("pi-0"), qos=1)
+        client.subscribe(T.infer_response("pi-0", "app"), qos=1)
         retained = inbox.get(timeout=10)
         sample = fed.make_dataset(8, seed=5)
         request = {"id": "req-1", "x": sample.x.astype(float).__truediv__(255).tolist()}
-        client.publish(T.infer_request("pi-0"), json.dumps(request), qos=1).wait_for_publish(5)
+        ask = T.infer_request("pi-0", "app")
+        client.publish(ask, json.dumps(request), qos=1).wait_for_publish(5)
         response = json.loads(inbox.get(timeout=15).payload)
     finally:
         fed.stop([agg, agent, serve])

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
+import pytest
 from rich.console import Console
 
-from aggregator.ops.monitor_view import MonitorState, render, subscriptions
+from aggregator.ops.monitor_view import (
+    MonitorState,
+    add_monitor_arguments,
+    monitor_config,
+    render,
+    subscriptions,
+)
 from shared.protocol import messages as msg
 from shared.protocol.topics import Topics
 
@@ -149,3 +159,48 @@ def test_monitor_never_subscribes_to_update_payloads() -> None:
     topics = [t for t, _ in subscriptions(T)]
 
     assert T.update_any not in topics and T.receipt_any in topics
+
+
+def _monitor_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_monitor_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_monitor_reads_its_password_from_a_file(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+
+    cfg = monitor_config(_monitor_args("--username", "monitor", "--password-file", str(secret)))
+
+    assert cfg.connect_options().password == "s3cret"
+
+
+def test_monitor_reads_its_password_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FEDMQ_MONITOR_PASSWORD", "from-env")
+
+    cfg = monitor_config(_monitor_args("--username", "monitor"))
+
+    assert cfg.connect_options().password == "from-env"
+
+
+def test_monitor_reads_broker_identity_and_certificates_from_its_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "monitor.toml"
+    toml.write_text(
+        '[monitor]\nbroker = "mqtts://b:8883"\nfederation = "lab"\nusername = "monitor"\n'
+        'password = "pw"\ncert_file = "/c.crt"\nkey_file = "/c.key"\n'
+    )
+
+    options = monitor_config(_monitor_args("--config", str(toml))).connect_options()
+
+    assert (options.username, options.password) == ("monitor", "pw")
+    assert (options.cert_file, options.key_file) == ("/c.crt", "/c.key")
+
+
+def test_monitor_refuses_a_password_and_a_password_file_together(tmp_path: Path) -> None:
+    args = _monitor_args("--password", "a", "--password-file", str(tmp_path / "p"))
+
+    with pytest.raises(ValueError, match="give one, not both"):
+        monitor_config(args)

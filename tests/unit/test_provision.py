@@ -6,6 +6,7 @@ No broker here: tests/integration/test_security.py starts Mosquitto with these f
 from __future__ import annotations
 
 import ipaddress
+import json
 import shutil
 import stat
 import subprocess
@@ -182,3 +183,54 @@ def test_cli_runs_broker_init_and_device_add(
 
     out = capsys.readouterr().out
     assert "created" in out and "reserved" in out
+
+
+def test_device_add_writes_an_inference_table_serve_can_load(tmp_path: Path) -> None:
+    from edge_agent.serve import ServeConfig
+
+    _init(tmp_path)
+    provision.device_add(tmp_path, "pi-7")
+
+    ddir = tmp_path / "devices/pi-7"
+    cfg = ServeConfig(**load_toml(ServeConfig, ddir / "agent.toml", "inference"))
+    assert (cfg.client_id, cfg.username, cfg.federation) == ("pi-7", "pi-7", "lab")
+    assert cfg.password == (ddir / "password").read_text().strip()
+    assert cfg.model_public_key == str(ddir / "model-signing.pub")
+    assert (cfg.cert_file, cfg.key_file) == (str(ddir / "client.crt"), str(ddir / "client.key"))
+
+
+def test_broker_init_writes_a_private_monitor_config_and_mosquitto_sub_defaults(
+    tmp_path: Path,
+) -> None:
+    from aggregator.ops.monitor_view import MonitorConfig
+
+    _init(tmp_path)
+
+    ident = tmp_path / "identities/monitor"
+    password = (ident / "password").read_text().strip()
+    cfg = MonitorConfig(**load_toml(MonitorConfig, ident / "monitor.toml", "monitor"))
+    assert (cfg.username, cfg.password, cfg.federation) == ("monitor", password, "lab")
+    assert cfg.cert_file == str(ident / "client.crt")
+    options = (ident / "mosquitto_sub").read_text().splitlines()
+    assert f"-P {password}" in options and "-u monitor" in options and "-p 18883" in options
+    assert _mode(ident / "monitor.toml") == _mode(ident / "mosquitto_sub") == 0o600
+
+
+def test_forced_init_rewrites_the_monitor_files_with_the_new_password(tmp_path: Path) -> None:
+    _init(tmp_path)
+
+    _init(tmp_path, force=True)
+
+    ident = tmp_path / "identities/monitor"
+    password = (ident / "password").read_text().strip()
+    assert f"-P {password}\n" in (ident / "mosquitto_sub").read_text()
+    assert json.dumps(password) in (ident / "monitor.toml").read_text()
+
+
+def test_acl_confines_inference_topics_to_the_devices_own_login() -> None:
+    device_lines = [line for line in ACL.splitlines() if "/infer/" in line]
+
+    assert "pattern write fl/v1/+/infer/%u/request/%u" in device_lines
+    assert "pattern read fl/v1/+/infer/%u/response/%u" in device_lines
+    assert "topic deny fl/v1/+/infer/#" in device_lines  # the monitor's
+    assert not [line for line in device_lines if "/infer/+/" in line]  # never another's

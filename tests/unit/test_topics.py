@@ -201,6 +201,25 @@ def test_parse_round_trips_agent_status(fed: str, cid: str) -> None:
     assert parse(topic) == ParsedTopic(fed, "agent_status", client_id=cid)
 
 
+@settings(max_examples=50, deadline=None)
+@given(fed=names, cid=names, requester=names)
+def test_parse_round_trips_inference_requests_and_responses(
+    fed: str, cid: str, requester: str
+) -> None:
+    t = Topics(fed)
+
+    assert parse(t.infer_request(cid, requester)) == ParsedTopic(
+        fed, "infer_request", client_id=cid, requester=requester
+    )
+    assert parse(t.infer_response(cid, requester)) == ParsedTopic(
+        fed, "infer_response", client_id=cid, requester=requester
+    )
+
+
+def test_inference_subscription_covers_every_requester_of_one_device() -> None:
+    assert Topics("lab").infer_request_any("pi-7") == "fl/v1/lab/infer/pi-7/request/+"
+
+
 @pytest.mark.parametrize(
     "topic",
     [
