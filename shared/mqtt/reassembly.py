@@ -62,7 +62,12 @@ class ReassemblyLimits:
     @classmethod
     def one_update_per_sender(cls, max_update_bytes: int) -> ReassemblyLimits:
         """An aggregator's intake: each sender holds one transfer of at most one update."""
-        return cls(max_payload=max_update_bytes, sender_transfers=1, sender_bytes=max_update_bytes)
+        return cls(
+            max_payload=max_update_bytes,
+            sender_transfers=1,
+            sender_bytes=max_update_bytes,
+            max_bytes=max(cls.max_bytes, max_update_bytes),  # room for one update at least
+        )
 
 
 @dataclass(frozen=True)

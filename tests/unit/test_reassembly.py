@@ -252,6 +252,12 @@ def test_sender_of_update_topics_is_their_client_id() -> None:
     assert sender_of("not/a/fedmq/topic") == "not/a/fedmq/topic"
 
 
+def test_one_update_per_sender_leaves_room_for_an_update_over_the_global_default() -> None:
+    limits = ReassemblyLimits.one_update_per_sender(1024 * MIB)
+
+    assert limits.max_bytes == limits.sender_bytes == limits.max_payload == 1024 * MIB
+
+
 def test_limits_refuse_nonsense_values() -> None:
     with pytest.raises(ValueError, match="sender_transfers"):
         ReassemblyLimits(sender_transfers=0)
