@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from aggregator.ops import provision
-from aggregator.ops.local_broker import EMBEDDED_TEMPLATE
+
+DEV_TEMPLATE = Path(__file__).resolve().parents[2] / "broker_config" / "mosquitto-dev.conf"
 
 
 def _settings(text: str) -> dict[str, str]:
@@ -25,4 +26,4 @@ def test_production_config_bounds_packets_queues_and_broker_memory(tmp_path: Pat
 
 
 def test_development_broker_has_mosquitto_21_packet_limit() -> None:
-    assert _settings(EMBEDDED_TEMPLATE)["max_packet_size"] == "2000000"
+    assert _settings(DEV_TEMPLATE.read_text())["max_packet_size"] == "2000000"
