@@ -97,11 +97,7 @@ class ChunkReceiver:
             self._last_report = now
             reports = self.reassembler.tally.drain()
         for report in reports:
-            log.warning(
-                "chunks refused or dropped in the last %.0fs: %s",
-                self.report_every_s,
-                report.line(),
-            )
+            log.warning("chunks refused or dropped since the last report: %s", report.line())
         return reports
 
     def start(self, name: str) -> None:
