@@ -8,9 +8,11 @@ limits); the attacker is a provisioned device, ``pi-evil``, using only its own t
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import re
 import struct
 import threading
@@ -112,22 +114,39 @@ def _rss_mib(pid: int, field: str = "VmRSS") -> float:
     raise AssertionError(f"no {field} in /proc/{pid}/status")
 
 
-def _start(
-    sb: SecureBroker, workdir: Path, data: list[Path], *extra: str, rounds: int
-) -> tuple[Popen[bytes], list[Popen[bytes]]]:
-    """The aggregator and one agent per data file, each with its provisioned config."""
-    names = DEVICES[: len(data)]
+def _start_aggregator(
+    sb: SecureBroker, workdir: Path, *extra: str, rounds: int, clients: int
+) -> Popen[bytes]:
+    """The aggregator with its provisioned config, waiting for ``clients`` agents."""
     agg_toml = sb.root / "identities" / "aggregator" / "aggregator.toml"
-    agg = fed.start_aggregator(
-        sb.url, workdir, "--config", str(agg_toml), *extra, rounds=rounds, min_clients=len(names)
+    return fed.start_aggregator(
+        sb.url, workdir, "--config", str(agg_toml), *extra, rounds=rounds, min_clients=clients
     )
-    agents = [
+
+
+def _start_agents(sb: SecureBroker, workdir: Path, data: list[Path]) -> list[Popen[bytes]]:
+    """One agent per data file (pi-0, pi-1, …), each with its provisioned config."""
+    return [
         fed.start_agent(
             sb.url, name, path, workdir, "--config", str(sb.root / "devices" / name / "agent.toml")
         )
-        for name, path in zip(names, data, strict=True)
+        for name, path in zip(DEVICES, data, strict=False)
     ]
-    return agg, agents
+
+
+def _answered(client: mqtt.Client, receipts: fed.Inbox) -> None:
+    """Publish junk on pi-evil's update topic until a receipt for it comes back.
+
+    The broker drops what is over the aggregator's queue cap (after a flood, the junk too), so
+    it is re-sent like an agent's outbox would. A receipt means the aggregator has read
+    everything published before it.
+    """
+    for _ in range(24):
+        client.publish(T.update(1, EVIL), b"not a frame", qos=1).wait_for_publish(10)
+        with contextlib.suppress(queue.Empty):
+            receipts.get(timeout=5)
+            return
+    raise AssertionError("no receipt from the aggregator within 2 minutes")
 
 
 def _finish(agg: Popen[bytes], agents: list[Popen[bytes]], workdir: Path, n: int) -> list[int]:
@@ -146,19 +165,18 @@ def test_fake_chunk_flood_leaves_aggregator_memory_bounded_and_rounds_complete(
     hardened: SecureBroker, tmp_path: Path
 ) -> None:
     watch = _login(hardened, "aggregator", "agg-watch")
-    starts = fed.collect(watch, T.round_start_any)
+    ready = fed.collect(watch, T.global_meta)
     evil = _login(hardened, EVIL, EVIL)
     receipts = fed.collect(evil, T.receipt_any_round(EVIL))
     data = fed.write_client_data(tmp_path / "data", 3)
-    agg, agents = _start(hardened, tmp_path, data, rounds=3)
+    agg, agents = _start_aggregator(hardened, tmp_path, rounds=3, clients=3), []
     try:
-        fed.next_on(starts, T.round_start(1), 120)
+        fed.next_on(ready, T.global_meta, 120)  # up, its model published, waiting for agents
         before = _rss_mib(agg.pid)
         _flood(evil, T.update(1, EVIL), FLOOD_CHUNKS)
-        evil.publish(T.update(1, EVIL), b"not a frame", qos=1).wait_for_publish(10)
-        # The receipt for the message after the flood: the aggregator has read all of it.
-        fed.next_on(receipts, T.receipt(1, EVIL), 120)
+        _answered(evil, receipts)
         peak = _rss_mib(agg.pid, "VmHWM")
+        agents = _start_agents(hardened, tmp_path, data)
         codes = _finish(agg, agents, tmp_path, 3)
     finally:
         fed.stop([agg, *agents])
@@ -197,15 +215,15 @@ def test_retained_update_chunks_are_cleared_from_the_broker(
     _flood(evil, T.update(1, EVIL), RETAINED_CHUNKS, retain=True)  # parked before any aggregator
     parked = len(_retained_updates(hardened))
     watch = _login(hardened, "aggregator", "agg-watch")
-    starts = fed.collect(watch, T.round_start_any)
+    ready = fed.collect(watch, T.global_meta)
     data = fed.write_client_data(tmp_path / "data", 3)
-    agg, agents = _start(hardened, tmp_path, data, rounds=2)
+    agg, agents = _start_aggregator(hardened, tmp_path, rounds=2, clients=3), []
     try:
-        fed.next_on(starts, T.round_start(1), 120)
+        fed.next_on(ready, T.global_meta, 120)
         _flood(evil, T.update(2, EVIL), RETAINED_CHUNKS, retain=True)  # and while it runs
-        evil.publish(T.update(1, EVIL), b"not a frame", qos=1).wait_for_publish(10)
-        fed.next_on(receipts, T.receipt(1, EVIL), 120)
+        _answered(evil, receipts)
         left = _retained_updates(hardened)
+        agents = _start_agents(hardened, tmp_path, data)
         codes = _finish(agg, agents, tmp_path, 3)
     finally:
         fed.stop([agg, *agents])
@@ -249,7 +267,8 @@ def test_device_opening_transfers_does_not_starve_chunked_cnn_updates(
     attacker.start()
     data = _cnn_data(tmp_path / "data", 2)
     short = ("--round-timeout", "40", "--max-extensions", "1")
-    agg, agents = _start(hardened, tmp_path, data, *CNN, *short, rounds=2)
+    agg = _start_aggregator(hardened, tmp_path, *CNN, *short, rounds=2, clients=2)
+    agents = _start_agents(hardened, tmp_path, data)
     try:
         codes = _finish(agg, agents, tmp_path, 2)
     finally:
