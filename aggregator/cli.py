@@ -14,6 +14,8 @@ from aggregator.config import AggregatorConfig, add_arguments, from_args
 from aggregator.service import AggregatorService
 from shared.clock import SystemClock
 from shared.mqtt.base import Connector, TransportError
+from shared.mqtt.reassembly import ReassemblyLimits
+from shared.protocol.topics import Topics
 
 log = logging.getLogger("fedmq.aggregator")
 
@@ -40,10 +42,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mqtt(cfg: AggregatorConfig) -> Connector:
-    """The real transport: paho-mqtt to ``cfg.broker`` (imported here, not at start-up)."""
+    """The real transport: paho-mqtt to ``cfg.broker`` (imported here, not at start-up).
+
+    Chunked updates are reassembled within one update's bytes per device (a device cannot
+    starve the others or exhaust memory), and retained updates are cleared from the broker.
+    """
     from shared.mqtt.transport import connector_for
 
-    return connector_for(cfg)
+    return connector_for(
+        cfg,
+        reassembly=ReassemblyLimits.one_update_per_sender(cfg.max_update_bytes),
+        unretained=(Topics(cfg.federation).update_any,),
+    )
 
 
 if __name__ == "__main__":

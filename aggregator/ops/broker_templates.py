@@ -55,10 +55,26 @@ user {user}
 persistence true
 persistence_location {dir}/data/
 
-# Same flow control as the development broker (see mosquitto-dev.conf).
+# Largest MQTT packet (the whole packet, headers included) a client may send; a
+# larger one disconnects it. 2,000,000 bytes is Mosquitto 2.1's default: fedmq sends
+# payloads over 1 MB as chunks (shared/mqtt/chunking.py), and MQTT v5 clients learn
+# the limit from the CONNACK and chunk below it.
+max_packet_size 2000000
+
+# Flow control as the development broker (see mosquitto-dev.conf), plus a byte cap:
+# the QoS 1 messages queued for one slow or stalled subscriber cost at most 1000
+# messages and 128 MiB. Beyond that Mosquitto drops them (fedmq's receipts and the
+# agents' outboxes re-send what was lost).
 max_inflight_messages 100
 max_queued_messages 1000
-max_queued_bytes 0
+max_queued_bytes 134217728
+
+# Heap the broker may allocate in all, retained messages included: Mosquitto 2.0
+# has no limit of their own, and its ACL cannot forbid the retain flag on a topic a
+# client may write (the aggregator clears retained updates it receives). Over the
+# limit, the message being received is dropped and its publisher disconnected.
+# Raise it for federations whose retained models and queues need more.
+memory_limit 1073741824
 retain_available true
 set_tcp_nodelay true
 
@@ -104,6 +120,11 @@ topic read fl/v1/#
 # and no write on global/# or round/+/start, so no device can publish a model or a round.
 pattern write fl/v1/+/round/+/update/%u
 # Payloads over the packet limit travel in chunks (shared/mqtt/chunking.py).
+# An acl_file cannot forbid the retain flag on a topic a client may write, so a
+# device could park retained update chunks in the broker for every new subscriber:
+# the aggregator drops and clears any retained update it receives (it subscribes
+# with retain-as-published, shared/mqtt/chunk_receiver.py), and memory_limit in
+# mosquitto.conf bounds what the broker holds meanwhile.
 pattern write fl/v1/+/round/+/update/%u/chunk/+
 pattern write fl/v1/+/agents/%u/status
 pattern read fl/v1/+/round/+/start

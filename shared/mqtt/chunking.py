@@ -16,23 +16,20 @@ different transfers never mix (the transfer id), which is what keeps *retained* 
 models consistent: a late joiner that sees a stale chunk of an older model next to fresh
 ones simply never completes the stale transfer, which times out.
 
-:class:`Reassembler` bounds memory: at most ``max_transfers`` incomplete transfers and
-``max_bytes`` declared bytes at once; an incomplete transfer is dropped after ``timeout_s``.
-Pure: no MQTT; the clock is injected.
+Every chunk of a transfer but the last has the same size ``c`` (the sender's chunk capacity,
+at least :data:`MIN_CHUNK_BYTES`), so a chunk's offset is bound to its index (``off = i·c``)
+and the chunks of a transfer never hold more than its declared length
+(:func:`chunk_size_of` checks it). :mod:`shared.mqtt.reassembly` puts chunks back together
+within per-sender and global bounds. Pure: no MQTT, no clock.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import struct
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
-log = logging.getLogger(__name__)
+from dataclasses import dataclass
 
 MAGIC = b"FMC\x01"
 _HEAD_LEN = struct.Struct("<H")
@@ -124,8 +121,7 @@ def parse_chunk(message: bytes) -> tuple[ChunkHeader, bytes]:
     body = message[start + head_len :]
     if not (0 <= head.index < head.count <= MAX_CHUNKS and len(head.transfer_id) <= 64):
         raise ChunkError(f"chunk index {head.index} of {head.count} is out of range")
-    if head.offset + len(body) > head.total:
-        raise ChunkError(f"chunk {head.index} overruns the declared length {head.total}")
+    chunk_size_of(head, len(body))  # before hashing: a misshapen chunk costs no SHA-256
     if hashlib.sha256(body).hexdigest() != head.chunk_sha256:
         raise ChunkError(f"chunk {head.index} of transfer {head.transfer_id}: hash mismatch")
     return head, body
@@ -137,117 +133,32 @@ def _int(value: object) -> int:
     return value
 
 
-@dataclass
-class _Transfer:
-    head: ChunkHeader
-    started: float
-    parts: dict[int, bytes] = field(default_factory=dict)
+def chunk_size_of(head: ChunkHeader, body_len: int) -> int:
+    """The transfer's chunk size ``c`` implied by one chunk; ChunkError when inconsistent.
 
-
-@dataclass
-class ReassemblyStats:
-    """Counters for logs and tests."""
-
-    completed: int = 0
-    duplicates: int = 0
-    corrupt: int = 0
-    refused: int = 0  # over the transfer/byte caps or the size limit
-    expired: int = 0
-
-
-class Reassembler:
-    """Collects chunk messages per (topic, transfer) and returns whole payloads."""
-
-    def __init__(
-        self,
-        *,
-        max_transfers: int = 32,
-        max_bytes: int = 512 * 1024 * 1024,
-        max_payload: int = 256 * 1024 * 1024,
-        timeout_s: float = 120.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.max_transfers = max_transfers
-        self.max_bytes = max_bytes
-        self.max_payload = max_payload
-        self.timeout_s = timeout_s
-        self.clock = clock
-        self._open: dict[tuple[str, str], _Transfer] = {}
-        self.stats = ReassemblyStats()
-
-    @property
-    def reserved_bytes(self) -> int:
-        """Declared size of every incomplete transfer (the memory bound is enforced on it)."""
-        return sum(t.head.total for t in self._open.values())
-
-    @property
-    def open_transfers(self) -> int:
-        """How many transfers are incomplete."""
-        return len(self._open)
-
-    def offer(self, topic: str, message: bytes) -> bytes | None:
-        """Add one chunk of a payload for ``topic``; the whole payload once it is complete.
-
-        Raises ChunkError for a corrupt chunk, one that contradicts its transfer, a
-        transfer over the caps, or a reassembled payload whose hash is wrong.
-        """
-        self.expire()
-        try:
-            head, body = parse_chunk(message)
-        except ChunkError:
-            self.stats.corrupt += 1
-            raise
-        key = (topic, head.transfer_id)
-        transfer = self._open.get(key) or self._admit(key, head)
-        if _identity(transfer.head) != _identity(head):
-            self.stats.corrupt += 1
-            raise ChunkError(f"chunk {head.index} contradicts transfer {head.transfer_id}")
-        if head.index in transfer.parts:
-            self.stats.duplicates += 1
-            return None
-        transfer.parts[head.index] = body
-        if len(transfer.parts) < head.count:
-            return None
-        del self._open[key]
-        payload = b"".join(transfer.parts[i] for i in range(head.count))
-        if len(payload) != head.total or hashlib.sha256(payload).hexdigest() != head.sha256:
-            self.stats.corrupt += 1
-            raise ChunkError(f"transfer {head.transfer_id} on {topic}: whole-payload mismatch")
-        self.stats.completed += 1
-        return payload
-
-    def _admit(self, key: tuple[str, str], head: ChunkHeader) -> _Transfer:
-        problem = ""
-        if head.total > self.max_payload:
-            problem = f"{head.total} bytes exceed the payload limit {self.max_payload}"
-        elif len(self._open) >= self.max_transfers:
-            problem = f"{len(self._open)} transfers already open (cap {self.max_transfers})"
-        elif self.reserved_bytes + head.total > self.max_bytes:
-            problem = f"would reserve more than {self.max_bytes} bytes"
-        if problem:
-            self.stats.refused += 1
-            raise ChunkError(f"transfer {head.transfer_id} on {key[0]} refused: {problem}")
-        transfer = _Transfer(head, self.clock())
-        self._open[key] = transfer
-        return transfer
-
-    def expire(self) -> list[tuple[str, str]]:
-        """Drop incomplete transfers older than the timeout; return their (topic, id) keys."""
-        now = self.clock()
-        stale = [k for k, t in self._open.items() if now - t.started > self.timeout_s]
-        for key in stale:
-            t = self._open.pop(key)
-            self.stats.expired += 1
-            log.warning(
-                "incomplete transfer %s on %s dropped after %.0fs (%d/%d chunks)",
-                key[1],
-                key[0],
-                self.timeout_s,
-                len(t.parts),
-                t.head.count,
-            )
-        return stale
-
-
-def _identity(head: ChunkHeader) -> tuple[int, int, str]:
-    return head.count, head.total, head.sha256
+    Chunk ``i`` of ``n`` starts at ``i·c``; every chunk but the last holds exactly ``c``
+    bytes, the last one the rest (1…c bytes), and ``n`` is the fewest chunks of ``c`` bytes
+    that hold ``total``. So no two chunks overlap and their bodies add up to ``total``:
+    a transfer can never hold more than the length it declared.
+    """
+    n, i, off, total = head.count, head.index, head.offset, head.total
+    where = f"chunk {i} of {n} (offset {off}, {body_len} bytes, total {total})"
+    if n == 1:
+        if off != 0 or body_len != total:
+            raise ChunkError(f"{where}: a single chunk must hold the whole payload")
+        return total
+    if i < n - 1:
+        size = body_len
+    elif off % (n - 1) == 0:
+        size = off // (n - 1)
+    else:
+        raise ChunkError(f"{where}: the last offset is not a multiple of {n - 1}")
+    if size < MIN_CHUNK_BYTES:
+        raise ChunkError(f"{where}: chunks under {MIN_CHUNK_BYTES} bytes are refused")
+    if off != i * size:
+        raise ChunkError(f"{where}: offset is not {i} × the chunk size {size}")
+    if not (n - 1) * size < total <= n * size:
+        raise ChunkError(f"{where}: {n} chunks of {size} bytes cannot hold {total} bytes")
+    if i == n - 1 and off + body_len != total:
+        raise ChunkError(f"{where}: the last chunk must end at the declared length")
+    return size

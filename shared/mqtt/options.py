@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from shared.mqtt.base import TransportError
 from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from shared.mqtt.reassembly import ReassemblyLimits
 from shared.mqtt.versions import AUTO, MQTT_VERSIONS, check_mqtt_version
 
 
@@ -54,12 +55,13 @@ class ConnectOptions:
     # Payloads larger than this (or than the broker's advertised maximum packet size, less
     # room for headers) travel as chunks on <topic>/chunk/<i>: see shared/mqtt/chunking.py.
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
-    # Bounds on chunked payloads being reassembled: incomplete ones are dropped after the
-    # timeout; beyond the caps new transfers are refused (the sender's outbox re-sends).
-    chunk_timeout_s: float = 120.0
-    max_transfers: int = 32
-    max_transfer_bytes: int = 512 * 1024 * 1024
-    max_payload_bytes: int = 256 * 1024 * 1024
+    # Bounds on chunked payloads being reassembled, per sender and in all (see
+    # shared/mqtt/reassembly.py): beyond them a transfer is refused or dropped, and the
+    # sender's outbox re-sends. An aggregator uses ReassemblyLimits.one_update_per_sender.
+    reassembly: ReassemblyLimits = field(default_factory=ReassemblyLimits)
+    # Subscription filters whose messages must never be retained (a device's update): a
+    # retained one is dropped and cleared from the broker (shared/mqtt/chunk_receiver.py).
+    unretained: tuple[str, ...] = ()
     # How long subscribe/unsubscribe wait for the broker's SUBACK/UNSUBACK (loopback and
     # LAN answer in milliseconds; a longer silence means the connection is dying).
     ack_timeout_s: float = 10.0

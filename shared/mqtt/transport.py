@@ -20,13 +20,15 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from shared.mqtt.base import Connector, Inbound, Outbound, Session, TransportError
-from shared.mqtt.chunking import ChunkError, Reassembler, chunk_capacity, split
+from shared.mqtt.chunk_receiver import ChunkReceiver
+from shared.mqtt.chunking import chunk_capacity, split
 from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
 from shared.mqtt.options import BrokerAddress, BrokerSettings, ConnectOptions
+from shared.mqtt.reassembly import ReassemblyLimits
 from shared.mqtt.reconnect import JitteredClient
 from shared.mqtt.subscriptions import Ack, PendingAcks, Send, with_chunk_subs
 from shared.mqtt.versions import V5, ConnectAttempt, Outcome, VersionNegotiation, connack_outcome
-from shared.protocol.topics import chunk_topic, split_chunk_topic
+from shared.protocol.topics import chunk_topic, sender_of
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +64,16 @@ class MqttTransport:
         self.connect_count = 0
         self.broker_max_packet: int | None = None
         opts = self.options
-        self.reassembler = Reassembler(
-            max_transfers=opts.max_transfers,
-            max_bytes=opts.max_transfer_bytes,
-            max_payload=opts.max_payload_bytes,
-            timeout_s=opts.chunk_timeout_s,
+        self.chunks = ChunkReceiver(
+            opts.reassembly,
+            sender_of=sender_of,
+            never_retained=self._never_retained,
+            clear=self._clear_retained,
         )
+        # Subscriptions whose retained flag we must see on live messages too (MQTT v5
+        # retain-as-published), so a retained update is cleared as soon as it is published.
+        unretained = with_chunk_subs((f, 0) for f in opts.unretained)
+        self._retain_as_published = frozenset(t for t, _ in unretained)
         # Topic → number of retained chunks we last published there (to clear stale ones).
         self._retained_chunks: dict[str, int] = {}
         self._acks = PendingAcks()
@@ -136,7 +142,8 @@ class MqttTransport:
         if self._subs:
             subs = with_chunk_subs(self._subs)
             # Not awaited (this is the network thread): a refusal is still logged.
-            self._acks.send([t for t, _ in subs], _subscribe_call(client, subs), awaited=False)
+            send = _subscribe_call(client, subs, self._retain_as_published)
+            self._acks.send([t for t, _ in subs], send, awaited=False)
         for msg in self._births() if self._births else []:
             client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
         self.connect_count += 1
@@ -161,20 +168,17 @@ class MqttTransport:
             log.warning("%s lost the broker (%s); reconnecting", self.client_id, reason_code)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        chunk = split_chunk_topic(msg.topic)
-        if chunk is None:
-            self.inbox.put(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
-            return
-        if not msg.payload:  # a cleared retained chunk
-            return
-        base = chunk[0]
-        try:
-            whole = self.reassembler.offer(base, bytes(msg.payload))
-        except ChunkError as exc:
-            log.warning("dropped chunk on %s: %s", msg.topic, exc)
-            return
-        if whole is not None:
-            self.inbox.put(Inbound(base, whole, bool(msg.retain)))
+        handed = self.chunks.receive(msg.topic, bytes(msg.payload), bool(msg.retain))
+        if handed is not None:
+            self.inbox.put(Inbound(handed[0], handed[1], bool(msg.retain)))
+
+    def _never_retained(self, topic: str) -> bool:
+        return any(mqtt.topic_matches_sub(f, topic) for f in self.options.unretained)
+
+    def _clear_retained(self, topic: str) -> None:
+        # On paho's network thread: queued, not awaited (a lost clearance is redone when
+        # the retained message comes back at the next subscription).
+        self._client.publish(topic, b"", qos=1, retain=True)
 
     def _on_ack(
         self,
@@ -210,8 +214,10 @@ class MqttTransport:
             self._client.disconnect()
             self._client.loop_stop()
             self._client = self._make_client(self._will)
+        self.chunks.start(self.client_id)
         if not self.wait_connected(max(0.0, deadline - time.monotonic())):
             self._client.loop_stop()
+            self.chunks.stop()
             raise TransportError(
                 f"could not connect to {self.address} as {self.client_id!r} "
                 f"within {timeout:.0f}s ({self.negotiation.failure(self._refused)})"
@@ -266,7 +272,8 @@ class MqttTransport:
         """
         self._subs.append((topic, qos))
         subs = with_chunk_subs([(topic, qos)])
-        self._confirmed("subscribed to", topic, subs, _subscribe_call(self._client, subs))
+        send = _subscribe_call(self._client, subs, self._retain_as_published)
+        self._confirmed("subscribed to", topic, subs, send)
 
     def unsubscribe(self, topic: str) -> None:
         """Drop a subscription (and its chunk subscription) now and for later reconnects.
@@ -370,22 +377,38 @@ class MqttTransport:
                 log.warning("could not publish final message to %s: %s", msg.topic, exc)
         self._client.disconnect()
         self._client.loop_stop()
+        self.chunks.stop()
 
 
-def _subscribe_call(client: mqtt.Client, subs: list[tuple[str, int]]) -> Send:
+def _subscribe_call(
+    client: mqtt.Client, subs: list[tuple[str, int]], retain_as_published: frozenset[str]
+) -> Send:
     """paho's subscribe for ``subs``, as one SUBSCRIBE packet (one SUBACK).
 
     paho takes SubscribeOptions only under MQTT 5, plain QoS only under 3.1.1 (whose SUBACK
-    refuses with 0x80 and no reason: paho's "Unspecified error").
+    refuses with 0x80 and no reason: paho's "Unspecified error"; and which has no
+    retain-as-published: a retained message arrives flagged retained either way).
     """
     if client.protocol != mqtt.MQTTv5:
         return lambda: client.subscribe(list(subs))
-    return lambda: client.subscribe([(t, mqtt.SubscribeOptions(qos=q)) for t, q in subs])
+    opts = [
+        (t, mqtt.SubscribeOptions(q, retainAsPublished=t in retain_as_published)) for t, q in subs
+    ]
+    return lambda: client.subscribe(opts)
 
 
-def connector_for(settings: BrokerSettings) -> Connector:
+def connector_for(
+    settings: BrokerSettings,
+    *,
+    reassembly: ReassemblyLimits | None = None,
+    unretained: tuple[str, ...] = (),
+) -> Connector:
     """The paho connector for a process's settings: broker URL, credentials, TLS files,
-    MQTT version and chunk size."""
+    MQTT version and chunk size.
+
+    ``reassembly`` bounds the chunked payloads it receives (default: ReassemblyLimits());
+    ``unretained`` names subscriptions whose retained messages it clears (ConnectOptions).
+    """
     options = ConnectOptions(
         username=settings.username,
         password=settings.password,
@@ -394,6 +417,8 @@ def connector_for(settings: BrokerSettings) -> Connector:
         key_file=settings.key_file,
         mqtt_version=settings.mqtt_version,
         max_chunk_bytes=settings.max_chunk_bytes,
+        reassembly=reassembly or ReassemblyLimits(),
+        unretained=unretained,
     )
     return mqtt_connector(settings.broker, options)
 

@@ -232,6 +232,19 @@ def split_chunk_topic(topic: str) -> tuple[str, int] | None:
     return base, int(index)
 
 
+def sender_of(topic: str) -> str:
+    """Whose quota a payload on ``topic`` counts against (chunk reassembly, per sender).
+
+    The client id an update, receipt or status topic names: the broker's ACL lets a device
+    publish only under its own id. Any other topic is a sender of its own.
+    """
+    try:
+        client_id = parse(topic).client_id
+    except TopicError:
+        return topic
+    return client_id or topic
+
+
 def _round(round_id: int) -> int:
     if (
         not isinstance(round_id, int)

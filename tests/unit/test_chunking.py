@@ -1,17 +1,21 @@
-"""Chunking of payloads over the broker's packet limit: split, reassemble, refuse, expire."""
+"""Chunk messages: splitting, parsing, and the geometry that binds offsets to indexes."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import random
+import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared.mqtt.chunking import (
     MAGIC,
+    MIN_CHUNK_BYTES,
     PACKET_OVERHEAD,
     ChunkError,
-    Reassembler,
     chunk_capacity,
     parse_chunk,
     split,
@@ -19,58 +23,31 @@ from shared.mqtt.chunking import (
 from shared.protocol.topics import chunk_subscription, chunk_topic, split_chunk_topic
 
 TOPIC = "fl/v1/f/global/model"
+MIB = 1024 * 1024
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_chunks_reassemble_in_any_order() -> None:
-    payload = os.urandom(10_000)
-    chunks = split(payload, 1_000)
-    random.Random(3).shuffle(chunks)
-    r = Reassembler()
-
-    results = [r.offer(TOPIC, c) for c in chunks]
-
-    assert len(chunks) == 10
-    assert results[:-1] == [None] * 9
-    assert results[-1] == payload
-    assert r.open_transfers == 0 and r.stats.completed == 1
-
-
-def test_duplicate_chunks_are_ignored() -> None:
-    payload = os.urandom(3_000)
-    chunks = split(payload, 1_000)
-    r = Reassembler()
-
-    assert r.offer(TOPIC, chunks[0]) is None
-    assert r.offer(TOPIC, chunks[0]) is None
-    assert r.offer(TOPIC, chunks[1]) is None
-    assert r.offer(TOPIC, chunks[2]) == payload
-    assert r.stats.duplicates == 1
-
-
-def test_payload_of_exactly_one_chunk_round_trips() -> None:
-    payload = b"x" * 1_000
-    (only,) = split(payload, 1_000)
-
-    assert Reassembler().offer(TOPIC, only) == payload
+def forged_chunk(body: bytes, *, i: int, n: int, off: int, total: int, tid: str = "t") -> bytes:
+    """A chunk message with whatever header an attacker chooses (hashes consistent)."""
+    head = {
+        "id": tid,
+        "i": i,
+        "n": n,
+        "off": off,
+        "total": total,
+        "sha": "0" * 64,
+        "csha": hashlib.sha256(body).hexdigest(),
+    }
+    raw = json.dumps(head).encode()
+    return MAGIC + struct.pack("<H", len(raw)) + raw + body
 
 
 def test_corrupt_chunk_is_refused_by_its_hash() -> None:
-    chunks = split(os.urandom(2_000), 1_000)
+    chunks = split(os.urandom(2 * MIN_CHUNK_BYTES), MIN_CHUNK_BYTES)
     bad = bytearray(chunks[1])
     bad[-1] ^= 0xFF
-    r = Reassembler()
 
     with pytest.raises(ChunkError, match="hash mismatch"):
-        r.offer(TOPIC, bytes(bad))
-    assert r.stats.corrupt == 1
+        parse_chunk(bytes(bad))
 
 
 def test_not_a_chunk_is_refused() -> None:
@@ -78,67 +55,50 @@ def test_not_a_chunk_is_refused() -> None:
         parse_chunk(b"FMQ\x01 a frame")
 
 
-def test_missing_chunk_times_out_and_is_cleaned_up() -> None:
-    clock = FakeClock()
-    chunks = split(os.urandom(3_000), 1_000)
-    r = Reassembler(timeout_s=10, clock=clock)
-    r.offer(TOPIC, chunks[0])
-    r.offer(TOPIC, chunks[1])
+def test_chunk_at_offset_zero_with_a_later_index_is_refused() -> None:
+    # Finding 1: every chunk claimed offset 0 and a fresh index, and all were stored.
+    body = os.urandom(4 * MIN_CHUNK_BYTES)
 
-    clock.now = 11
-    expired = r.expire()
-
-    assert len(expired) == 1 and r.open_transfers == 0 and r.reserved_bytes == 0
-    assert r.offer(TOPIC, chunks[2]) is None  # a fresh, incomplete transfer now
+    with pytest.raises(ChunkError, match="offset is not 5 × the chunk size"):
+        parse_chunk(forged_chunk(body, i=5, n=8, off=0, total=8 * len(body)))
 
 
-def test_concurrent_transfer_cap_refuses_new_transfers() -> None:
-    r = Reassembler(max_transfers=2)
-    for _ in range(2):
-        r.offer(TOPIC, split(os.urandom(2_000), 1_000)[0])
+def test_chunk_count_that_cannot_hold_the_declared_length_is_refused() -> None:
+    # The flood's own shape: 1 MiB chunks of a 1 MiB payload "in 100,000 chunks".
+    body = bytes(MIB)
 
-    with pytest.raises(ChunkError, match="transfers already open"):
-        r.offer(TOPIC, split(os.urandom(2_000), 1_000)[0])
-    assert r.stats.refused == 1
+    with pytest.raises(ChunkError, match="cannot hold"):
+        parse_chunk(forged_chunk(body, i=0, n=100_000, off=0, total=MIB))
 
 
-def test_byte_cap_bounds_reserved_memory() -> None:
-    r = Reassembler(max_bytes=5_000)
-    r.offer(TOPIC, split(os.urandom(4_000), 1_000)[0])
+def test_chunks_under_the_minimum_size_are_refused() -> None:
+    body = b"x" * 10
 
-    with pytest.raises(ChunkError, match="reserve more than"):
-        r.offer(TOPIC, split(os.urandom(2_000), 1_000)[0])
-    assert r.reserved_bytes == 4_000
+    with pytest.raises(ChunkError, match="under 1024 bytes"):
+        parse_chunk(forged_chunk(body, i=0, n=3, off=0, total=25))
 
 
-def test_payload_over_the_size_limit_is_refused_at_its_first_chunk() -> None:
-    r = Reassembler(max_payload=1_500)
+def test_last_chunk_must_end_at_the_declared_length() -> None:
+    body = os.urandom(100)
+    cap = MIN_CHUNK_BYTES
 
-    with pytest.raises(ChunkError, match="payload limit"):
-        r.offer(TOPIC, split(os.urandom(2_000), 1_000)[0])
-
-
-def test_transfers_of_different_payloads_do_not_mix() -> None:
-    old, new = os.urandom(3_000), os.urandom(3_000)
-    old_chunks, new_chunks = split(old, 1_000), split(new, 1_000)
-    r = Reassembler()
-
-    # A late joiner sees a stale retained chunk next to fresh ones: only the fresh completes.
-    assert r.offer(TOPIC, old_chunks[2]) is None
-    assert r.offer(TOPIC, new_chunks[0]) is None
-    assert r.offer(TOPIC, new_chunks[1]) is None
-    assert r.offer(TOPIC, new_chunks[2]) == new
-    assert r.open_transfers == 1  # the stale one waits for its timeout
+    with pytest.raises(ChunkError, match="must end at the declared length"):
+        parse_chunk(forged_chunk(body, i=2, n=3, off=2 * cap, total=2 * cap + 500))
 
 
-def test_chunk_contradicting_its_transfer_is_refused() -> None:
-    a = split(os.urandom(3_000), 1_000, transfer_id="same")
-    b = split(os.urandom(4_000), 1_000, transfer_id="same")
-    r = Reassembler()
-    r.offer(TOPIC, a[0])
+def test_single_chunk_must_hold_the_whole_payload() -> None:
+    with pytest.raises(ChunkError, match="whole payload"):
+        parse_chunk(forged_chunk(b"abc", i=0, n=1, off=0, total=10))
 
-    with pytest.raises(ChunkError, match="contradicts"):
-        r.offer(TOPIC, b[1])
+
+@given(size=st.integers(1, 40_000), capacity=st.integers(MIN_CHUNK_BYTES, 9_000))
+def test_every_chunk_split_makes_passes_the_geometry_check(size: int, capacity: int) -> None:
+    payload = bytes(size)
+
+    parsed = [parse_chunk(c) for c in split(payload, capacity)]
+
+    assert b"".join(body for _, body in parsed) == payload
+    assert all(h.offset == h.index * capacity for h, _ in parsed)
 
 
 def test_chunk_capacity_respects_the_broker_limit() -> None:

@@ -1,0 +1,303 @@
+"""Chunked uploads cannot exhaust or starve the aggregator (real TLS broker, real processes).
+
+The broker is configured by `fedmq broker init` (TLS, passwords, ACL, its size and queue
+limits); the attacker is a provisioned device, ``pi-evil``, using only its own topics. Run with
+``-rP`` to see the figures each test measures (docs/security.md quotes them).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import queue
+import re
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from subprocess import Popen
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from aggregator.ops import provision
+from aggregator.ops.local_broker import LocalBroker, free_port
+from shared.mqtt.chunking import MAGIC, split
+from shared.protocol.topics import Topics, chunk_subscription, chunk_topic
+from shared.runtime.data import ArrayDataset, save_npz
+from tests.conftest import require_mosquitto
+from tests.integration import federation as fed
+from tests.integration.test_security import DEVICES, SecureBroker
+
+pytestmark = pytest.mark.integration
+
+T = Topics(fed.FEDERATION)
+EVIL = "pi-evil"
+MIB = 1024 * 1024
+FLOOD_CHUNKS = 600  # finding 1: 600 MiB of fake chunks
+RETAINED_CHUNKS = 100  # under the broker's 128 MiB queue cap: all delivered at subscription
+# What the aggregator's peak RSS may grow by while it reads the flood (the fix holds none of
+# it; before the fix it grew by the whole flood).
+RSS_ALLOWANCE_MIB = 150
+# fp32 updates (≈ 3 MB after zstd) are chunked; int8 ones of this data stay under 1 MB.
+CNN = ("--model", "cnn", "--input-shape", "1,28,28", "--codec", "fp32", "--no-onnx")
+
+
+@pytest.fixture
+def hardened(tmp_path: Path) -> Iterator[SecureBroker]:
+    """The provisioned TLS broker of test_security, plus the attacker's device identity."""
+    require_mosquitto()
+    root = tmp_path / "pki"
+    port = free_port()
+    provision.broker_init(root, port=port, bind="127.0.0.1", federation=fed.FEDERATION)
+    for name in (*DEVICES, EVIL):
+        provision.device_add(root, name)
+    broker = LocalBroker(tmp_path / "run", port=port, template=root / "mosquitto.conf")
+    broker.start()
+    try:
+        yield SecureBroker(root, broker)
+    finally:
+        broker.stop()
+
+
+def _login(sb: SecureBroker, user: str, client_id: str) -> mqtt.Client:
+    """A TLS client logged in as ``user``, its network loop running."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client.tls_set(ca_certs=str(sb.root / "ca.crt"))
+    client.username_pw_set(user, sb.password(user))
+    codes: list[Any] = []
+    connected = threading.Event()
+
+    def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        codes.append(rc)
+        connected.set()
+
+    client.on_connect = on_connect
+    client.connect("localhost", sb.broker.port)
+    client.loop_start()
+    assert connected.wait(fed.BROKER_WAIT) and not codes[0].is_failure, codes
+    return client
+
+
+def _fake_chunk(index: int, body: bytes, body_sha: str) -> bytes:
+    """Finding 1's chunk: index ``index`` of 100,000 of a 1 MiB payload, at offset 0."""
+    head = {"id": "flood", "i": index, "n": 100_000, "off": 0, "total": MIB, "sha": "0" * 64}
+    raw = json.dumps({**head, "csha": body_sha}).encode()
+    return MAGIC + struct.pack("<H", len(raw)) + raw + body
+
+
+def _flood(client: mqtt.Client, topic: str, count: int, *, retain: bool = False) -> None:
+    """Publish ``count`` fake 1 MiB chunks on ``topic``'s chunk topics (QoS 1, acknowledged)."""
+    body = os.urandom(MIB)
+    sha = hashlib.sha256(body).hexdigest()
+    pending: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
+    for i in range(count):
+        message = _fake_chunk(i, body, sha)
+        pending.append(client.publish(chunk_topic(topic, i), message, qos=1, retain=retain))
+        if len(pending) > 16:  # paho would otherwise buffer the whole flood in memory
+            pending.popleft().wait_for_publish(60)
+    for info in pending:
+        info.wait_for_publish(60)
+
+
+def _rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of ``pid`` (VmRSS now, VmHWM the peak so far), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _start_aggregator(
+    sb: SecureBroker, workdir: Path, *extra: str, rounds: int, clients: int
+) -> Popen[bytes]:
+    """The aggregator with its provisioned config, waiting for ``clients`` agents."""
+    agg_toml = sb.root / "identities" / "aggregator" / "aggregator.toml"
+    return fed.start_aggregator(
+        sb.url, workdir, "--config", str(agg_toml), *extra, rounds=rounds, min_clients=clients
+    )
+
+
+def _start_agents(sb: SecureBroker, workdir: Path, data: list[Path]) -> list[Popen[bytes]]:
+    """One agent per data file (pi-0, pi-1, …), each with its provisioned config."""
+    return [
+        fed.start_agent(
+            sb.url, name, path, workdir, "--config", str(sb.root / "devices" / name / "agent.toml")
+        )
+        for name, path in zip(DEVICES, data, strict=False)
+    ]
+
+
+def _answered(client: mqtt.Client, receipts: fed.Inbox) -> None:
+    """Publish junk on pi-evil's update topic until a receipt for it comes back.
+
+    The broker drops what is over the aggregator's queue cap (after a flood, the junk too), so
+    it is re-sent like an agent's outbox would. A receipt means the aggregator has read
+    everything published before it.
+    """
+    for _ in range(24):
+        client.publish(T.update(1, EVIL), b"not a frame", qos=1).wait_for_publish(10)
+        with contextlib.suppress(queue.Empty):
+            receipts.get(timeout=5)
+            return
+    raise AssertionError("no receipt from the aggregator within 2 minutes")
+
+
+def _finish(agg: Popen[bytes], agents: list[Popen[bytes]], workdir: Path, n: int) -> list[int]:
+    """Exit codes of the aggregator and its agents once the federation is over."""
+    code = fed.wait_exit(agg, 300, workdir / "aggregator.log")
+    return [code, *fed.wait_agents(agents, list(DEVICES[:n]), workdir)]
+
+
+def _evil_counts(workdir: Path, kind: str) -> list[int]:
+    """The counts of ``kind`` on the aggregator's aggregated report lines about pi-evil."""
+    log = (workdir / "aggregator.log").read_text(errors="replace")
+    return [int(n) for n in re.findall(rf"{EVIL}: (?:\d+ [a-z-]+, )*(\d+) {kind}", log)]
+
+
+def test_fake_chunk_flood_leaves_aggregator_memory_bounded_and_rounds_complete(
+    hardened: SecureBroker, tmp_path: Path
+) -> None:
+    watch = _login(hardened, "aggregator", "agg-watch")
+    ready = fed.collect(watch, T.global_meta)
+    evil = _login(hardened, EVIL, EVIL)
+    receipts = fed.collect(evil, T.receipt_any_round(EVIL))
+    data = fed.write_client_data(tmp_path / "data", 3)
+    agg, agents = _start_aggregator(hardened, tmp_path, rounds=3, clients=3), []
+    try:
+        fed.next_on(ready, T.global_meta, 120)  # up, its model published, waiting for agents
+        before = _rss_mib(agg.pid)
+        _flood(evil, T.update(1, EVIL), FLOOD_CHUNKS)
+        _answered(evil, receipts)
+        peak = _rss_mib(agg.pid, "VmHWM")
+        agents = _start_agents(hardened, tmp_path, data)
+        codes = _finish(agg, agents, tmp_path, 3)
+    finally:
+        fed.stop([agg, *agents])
+
+    rounds = fed.metrics(tmp_path)
+    times = [round(r["round_time_s"], 1) for r in rounds]
+    refused = _evil_counts(tmp_path, "malformed")
+    print(f"aggregator RSS {before:.0f} MiB before {FLOOD_CHUNKS} MiB of fake chunks, peak after")
+    print(f"{peak:.0f} MiB; {sum(refused)} chunks reached it, all refused, reported in")
+    print(f"{len(refused)} log lines; round times {times} s")
+    assert peak - before < RSS_ALLOWANCE_MIB
+    assert codes == [0, 0, 0, 0]
+    assert [r["participants"] for r in rounds] == [list(DEVICES)] * 3
+    # Every fake chunk that reached the aggregator (the broker drops what is over the
+    # aggregator's queue cap) was refused, reported in a few lines rather than one per chunk.
+    assert 0 < sum(refused) <= FLOOD_CHUNKS and len(refused) <= 10
+
+
+def _retained_updates(sb: SecureBroker) -> list[str]:
+    """Update topics (and their chunks) on which the broker holds a retained message."""
+    checker = _login(sb, "aggregator", "retained-check")
+    marker = f"{T.root}/check"
+    inbox = fed.collect(checker, T.update_any, str(chunk_subscription(T.update_any)), marker)
+    checker.publish(marker, b"end", qos=1).wait_for_publish(10)
+    got = fed.until(inbox, fed.on(marker), fed.BROKER_WAIT, "the marker")
+    checker.loop_stop()
+    checker.disconnect()
+    return [m.topic for m in got if m.retain and m.topic != marker]
+
+
+def test_retained_update_chunks_are_cleared_from_the_broker(
+    hardened: SecureBroker, tmp_path: Path
+) -> None:
+    evil = _login(hardened, EVIL, EVIL)
+    receipts = fed.collect(evil, T.receipt_any_round(EVIL))
+    _flood(evil, T.update(1, EVIL), RETAINED_CHUNKS, retain=True)  # parked before any aggregator
+    parked = len(_retained_updates(hardened))
+    watch = _login(hardened, "aggregator", "agg-watch")
+    ready = fed.collect(watch, T.global_meta)
+    data = fed.write_client_data(tmp_path / "data", 3)
+    agg, agents = _start_aggregator(hardened, tmp_path, rounds=2, clients=3), []
+    try:
+        fed.next_on(ready, T.global_meta, 120)
+        _flood(evil, T.update(2, EVIL), RETAINED_CHUNKS, retain=True)  # and while it runs
+        _answered(evil, receipts)
+        left = _retained_updates(hardened)
+        agents = _start_agents(hardened, tmp_path, data)
+        codes = _finish(agg, agents, tmp_path, 3)
+    finally:
+        fed.stop([agg, *agents])
+
+    print(f"retained update chunks on the broker: {parked} before the aggregator started,")
+    print(f"{len(left)} once it had run (another {RETAINED_CHUNKS} published meanwhile)")
+    assert parked == RETAINED_CHUNKS
+    assert left == []
+    assert codes == [0, 0, 0, 0]
+    assert [r["participants"] for r in fed.metrics(tmp_path)] == [list(DEVICES)] * 2
+    assert sum(_evil_counts(tmp_path, "retained")) == 2 * RETAINED_CHUNKS
+
+
+def _cnn_data(directory: Path, clients: int) -> list[Path]:
+    """28×28 images for the FedAvg CNN (1.66 M parameters)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    paths = []
+    for name in [f"client-{i}.npz" for i in range(clients)] + ["eval.npz"]:
+        x = rng.integers(0, 255, size=(60, 1, 28, 28), dtype=np.uint8)
+        save_npz(directory / name, ArrayDataset(x=x, y=rng.integers(0, 4, size=60)))
+        paths.append(directory / name)
+    return paths[:clients]
+
+
+def _open_transfers(client: mqtt.Client, stop: threading.Event, opened: list[int]) -> None:
+    """Finding 4's attacker: every 0.5 s, 32 new transfers that never finish."""
+    topic = chunk_topic(T.update(1, EVIL), 0)
+    while not stop.wait(0.5):
+        for _ in range(32):
+            client.publish(topic, split(os.urandom(4096), 2048)[0], qos=1)
+            opened[0] += 1
+
+
+def test_device_opening_transfers_does_not_starve_chunked_cnn_updates(
+    hardened: SecureBroker, tmp_path: Path
+) -> None:
+    evil = _login(hardened, EVIL, EVIL)
+    stop, opened = threading.Event(), [0]
+    attacker = threading.Thread(target=_open_transfers, args=(evil, stop, opened), daemon=True)
+    attacker.start()
+    data = _cnn_data(tmp_path / "data", 2)
+    short = ("--round-timeout", "40", "--max-extensions", "1")
+    agg = _start_aggregator(hardened, tmp_path, *CNN, *short, rounds=2, clients=2)
+    agents = _start_agents(hardened, tmp_path, data)
+    try:
+        codes = _finish(agg, agents, tmp_path, 2)
+    finally:
+        stop.set()
+        attacker.join(10)
+        fed.stop([agg, *agents])
+
+    rounds = fed.metrics(tmp_path) if (tmp_path / "metrics.json").exists() else []
+    times = [round(r["round_time_s"], 1) for r in rounds]
+    print(f"{opened[0]} transfers opened by {EVIL}; exit codes {codes}; round times {times} s")
+    assert codes == [0, 0, 0]
+    assert [r["participants"] for r in rounds] == [list(DEVICES[:2])] * 2
+    assert all(r["bytes_up"] > 2 * 1_000_000 for r in rounds)  # both updates were chunked
+    assert opened[0] >= 32 * 10 and sum(_evil_counts(tmp_path, "superseded")) > 0
+
+
+def test_broker_disconnects_a_device_sending_a_packet_over_the_limit(
+    hardened: SecureBroker,
+) -> None:
+    watch = _login(hardened, "aggregator", "agg-watch")
+    seen = fed.collect(watch, T.update_any)
+    evil = _login(hardened, EVIL, EVIL)
+    dropped = threading.Event()
+    evil.on_disconnect = lambda *_a: dropped.set()
+
+    evil.publish(T.update(1, EVIL), bytes(3_000_000), qos=1)  # 3 MB: over the 2 MB limit
+
+    assert dropped.wait(fed.BROKER_WAIT), "the broker kept the connection"
+    honest = _login(hardened, "pi-0", "pi-0")
+    honest.publish(T.update(1, "pi-0"), b"marker", qos=1).wait_for_publish(10)
+    got = fed.until(seen, fed.on(T.update(1, "pi-0")), fed.BROKER_WAIT, "pi-0's marker")
+    assert [m.topic for m in got] == [T.update(1, "pi-0")]
