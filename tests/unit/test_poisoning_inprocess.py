@@ -58,9 +58,11 @@ def _huge_update(fed: Federation, round_id: int, client: str) -> bytes:
     return encode_frame(header, tensors).payload
 
 
-def _start(fed: Federation, **overrides: object) -> None:
-    """A silent device (declares 50 samples) and two agents; the aggregator selects all three."""
-    fed.silent_device("pi-x")
+def _start(fed: Federation, declared: int = 50, **overrides: object) -> None:
+    """A silent device declaring ``declared`` samples and two agents, all three selected."""
+    status = msg.AgentStatus(client_id="pi-x", state="online", num_samples=declared).to_json()
+    birth = Outbound(T.agent_status("pi-x"), status, retain=True)
+    fed.broker.connector(Session("pi-x", births=lambda: [birth])).start()
     fed.start_agent("pi-0", seed=1)
     fed.start_agent("pi-1", seed=2)
     fed.wait_online("pi-x", "pi-0", "pi-1")
@@ -142,3 +144,22 @@ def test_the_aggregator_logs_why_an_agent_skipped_a_round(
     device.stop([Outbound(T.agent_status("pi-x"), b"", retain=True)])
     fed.clock.advance(61.0)
     assert fed.finish()["aggregator"] == 0
+
+
+def test_a_device_within_the_bounds_gets_no_more_than_its_share_of_the_weight(
+    fed: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="fedmq.aggregator")
+    _start(fed, declared=10_000, rounds=1, max_weight_share=0.5)
+    assert fed.service is not None
+    device = fed.broker.connector(Session("pi-x-device")).start()
+
+    device.publish(T.update(1, "pi-x"), update_frame(fed.service, 1, "pi-x", num_samples=10_000))
+    codes = fed.finish()
+
+    assert codes == {"aggregator": 0, "pi-0": 0, "pi-1": 0}
+    assert [r.code for r in fed.receipts(1, "pi-x")] == ["accepted"]
+    # The two agents hold 2 × 120 samples: pi-x may weigh as much as both together, no more.
+    assert "round 1: weight of pi-x capped from 10000 to 240 samples (max share 0.5)" in (
+        caplog.messages
+    )
