@@ -34,8 +34,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-# Honest updates of the demo task (LeNet-5, Fashion-MNIST, Dirichlet 0.5, 1 epoch, lr 0.01,
-# momentum 0.9) stay below 5.4, the MLP's below 4.9 (docs/security.md): 4× headroom.
+# Honest updates of the demo task (Fashion-MNIST, Dirichlet 0.5, 1 epoch, lr 0.01, momentum
+# 0.9) stay below 4.14 with LeNet-5 and the MLP (the first round is the largest;
+# `fedmq bench inprocess`, docs/security.md): about 5× headroom.
 DEFAULT_MAX_UPDATE_NORM = 20.0
 # Far above a Raspberry Pi's local data set; a sanity bound, the weight share does the rest.
 DEFAULT_MAX_SAMPLES = 1_000_000
