@@ -60,7 +60,7 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "signing_key": "Ed25519 private key (PEM) signing every global model; none: unsigned "
         "(development only)",
         "max_update_norm": "reject deltas with a larger L2 norm over all tensors (on by "
-        "default: 4× the largest honest norm measured on the demo task, docs/security.md; "
+        "default: about 5× the largest honest norm measured on the demo task, docs/security.md; "
         "the norms are logged at debug level); `inf`: off",
         "max_samples": "reject updates claiming more samples than this; an update may also "
         "claim no more than its device declared in its status",
