@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.update_bounds import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_NORM
 from shared.compression.quantize import CodecError
 from shared.compression.registry import KNOWN as KNOWN_CODECS
 from shared.compression.registry import resolve_codec
@@ -54,8 +55,13 @@ class AggregatorConfig:
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
     # Ed25519 private key (PEM) signing every global model; None = unsigned (dev only).
     signing_key: str | None = None
-    # Reject updates whose delta has a larger L2 norm (over all tensors); None = off.
-    max_update_norm: float | None = None
+    # Reject updates whose delta has a larger L2 norm (over all tensors); inf or None = off.
+    # On by default: measured on honest updates, see aggregator/update_bounds.py.
+    max_update_norm: float | None = DEFAULT_MAX_UPDATE_NORM
+    # Reject updates claiming more samples than this (or than the device's status declares).
+    max_samples: int = DEFAULT_MAX_SAMPLES
+    # No device's weight may exceed this share of a round's total weight (1.0 = no cap).
+    max_weight_share: float = 0.5
     max_update_bytes: int = 64 * 1024 * 1024
     wait_clients_timeout: float = 600.0
     threads: int = 1
@@ -90,6 +96,8 @@ class AggregatorConfig:
                 self.max_update_norm is None or self.max_update_norm > 0,
                 "max-update-norm must be > 0",
             ),
+            (self.max_samples >= 1, "max-samples must be ≥ 1"),
+            (0 < self.max_weight_share <= 1, "max-weight-share must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -161,7 +169,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_protocol_arguments(parser)
     parser.add_argument("--signing-key", help="Ed25519 private key (PEM) to sign global models")
     parser.add_argument(
-        "--max-update-norm", type=float, help="reject deltas with a larger L2 norm (default off)"
+        "--max-update-norm",
+        type=float,
+        help=f"reject deltas with a larger L2 norm (default {d.max_update_norm}; inf: off)",
     )
     parser.add_argument("--max-update-bytes", type=int)
     parser.add_argument("--wait-clients-timeout", type=float)
@@ -184,6 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run epoch (default: continue --state-dir's run, else a new one: the start time "
         "in ms); agents follow the largest run",
     )
+    add_weight_arguments(parser)
 
 
 def add_resilience_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +208,22 @@ def add_resilience_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-extensions",
         type=int,
         help="extensions/retries of one round before the federation fails (default 5)",
+    )
+
+
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags bounding the weight one device's update may take (see aggregator/update_bounds.py)."""
+    d = AggregatorConfig()
+    parser.add_argument(
+        "--max-samples",
+        type=int,
+        help=f"reject updates claiming more samples than this (default {d.max_samples})",
+    )
+    parser.add_argument(
+        "--max-weight-share",
+        type=float,
+        help="cap any device's weight at this share of a round's total "
+        f"(default {d.max_weight_share}; 1: no cap)",
     )
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from aggregator.onnx_export import holdout_batch
 from shared.protocol.messages import ModelSpec
 from shared.runtime.data import load_device_data
 from shared.runtime.modelio import get_params, set_params
@@ -15,6 +16,8 @@ from shared.runtime.models import build_model
 from shared.runtime.training import EvalResult, evaluate
 
 log = logging.getLogger(__name__)
+
+PROBE_SAMPLES = 64
 
 
 class Evaluator:
@@ -32,10 +35,25 @@ class Evaluator:
                     f"{spec.input_shape}"
                 )
             log.info("evaluating on %d held-out samples from %s", len(self.data), eval_data)
+        # What every new global model must give finite outputs on before it is published.
+        self.probe = holdout_batch(self.data, spec.input_shape, n=PROBE_SAMPLES, seed=seed)
 
     def initial_params(self) -> dict[str, np.ndarray]:
         """The seeded initial global model."""
         return get_params(self.model)
+
+    def unusable(self, params: Mapping[str, np.ndarray]) -> str | None:
+        """Why ``params`` must not be published (a non-finite weight, or non-finite logits on
+        the probe batch: held-out samples, or seeded noise without them), else None."""
+        for name, value in params.items():
+            if not np.isfinite(value).all():
+                return f"{name} has non-finite values"
+        set_params(self.model, params)
+        with torch.no_grad():
+            logits = self.model.eval()(torch.from_numpy(self.probe))
+        if not bool(torch.isfinite(logits).all()):
+            return f"its outputs on {len(self.probe)} probe samples are not finite"
+        return None
 
     def evaluate(self, params: Mapping[str, np.ndarray]) -> EvalResult | None:
         """Test loss/accuracy of ``params``, or None without eval data."""

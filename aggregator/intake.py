@@ -8,12 +8,14 @@ into the receipt the agent gets.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aggregator.rounds import ACCEPT, RoundState, Verdict
 from aggregator.strategy import AggregationError, StreamingFedAvg
-from aggregator.update_bounds import norm_violation
-from shared.protocol.frames import FrameError, decode_frame, read_header
+from aggregator.update_bounds import norm_violation, sample_violation, value_violation
+from shared.protocol.frames import FrameError, NonFiniteError, decode_frame, read_header
 from shared.protocol.messages import Receipt
 from shared.protocol.receipts import ReceiptCode
 
@@ -52,12 +54,21 @@ class UpdateIntake:
         acc: StreamingFedAvg,
         max_bytes: int,
         max_norm: float | None = None,
+        *,
+        max_samples: int | None = None,
+        declared: Callable[[str], int | None] | None = None,
+        headroom: float = math.inf,
     ) -> None:
         self.federation = federation
         self.state = state
         self.acc = acc
         self.max_bytes = max_bytes
         self.max_norm = max_norm
+        self.max_samples = max_samples
+        # The sample count each device declared in its status (None: unknown).
+        self.declared = declared or (lambda _client: None)
+        # Largest delta value the global model can take without overflowing fp32.
+        self.headroom = headroom
         self.stats: list[UpdateStats] = []
         self.bytes_received = 0
 
@@ -92,17 +103,28 @@ class UpdateIntake:
         for bad, reason in mismatch:
             if bad:
                 return Verdict("malformed", reason)
-        return self.state.screen(client, head.round, head.base_hash)
+        verdict = self.state.screen(client, head.round, head.base_hash)
+        if not verdict.accepted:
+            return verdict
+        # Header-only, so before any decompression.
+        too_many = sample_violation(head.num_samples, self.declared(client), self.max_samples)
+        return Verdict("too-many-samples", too_many) if too_many else ACCEPT
 
     def _decode_and_add(self, client: str, payload: bytes) -> tuple[Verdict, UpdateStats | None]:
         try:
             frame = decode_frame(payload, max_bytes=self.max_bytes, expect_shapes=self.acc.shapes)
+        except NonFiniteError as exc:
+            return Verdict("non-finite", f"non-finite: {exc}"), None
         except FrameError as exc:
             return Verdict("malformed", f"invalid update: {exc}"), None
         head = frame.header
-        too_long = norm_violation(frame.tensors, self.max_norm)
+        who = f"round {head.round} update of {client}"
+        too_long = norm_violation(frame.tensors, self.max_norm, who)
         if too_long is not None:
             return Verdict("over-norm", too_long), None
+        overflow = value_violation(frame.tensors, self.headroom)
+        if overflow is not None:
+            return Verdict("non-finite", overflow), None
         meta = head.meta
         # Everything is parsed before the delta touches the sum: nothing can fail after it.
         stats = UpdateStats(
@@ -116,7 +138,7 @@ class UpdateIntake:
             download_bytes=_count(meta["download_bytes"]) if "download_bytes" in meta else None,
         )
         try:
-            self.acc.add(frame.tensors, head.num_samples)
+            self.acc.add(frame.tensors, head.num_samples, client)
         except AggregationError as exc:
             return Verdict("malformed", f"invalid update: {exc}"), None
         self.state.accept(client, head.num_samples)

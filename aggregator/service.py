@@ -22,6 +22,7 @@ from aggregator.downloads import GlobalDownloads, bytes_down
 from aggregator.evaluation import Evaluator
 from aggregator.intake import UpdateIntake, receipt_for
 from aggregator.metrics_log import MetricsLog
+from aggregator.model_check import next_global_model
 from aggregator.onnx_export import RoundExporter, state_dir_of
 from aggregator.resume import (
     EXIT_STARVED,
@@ -34,6 +35,7 @@ from aggregator.resume import (
 from aggregator.round_records import ClosedRound, OpenRound
 from aggregator.rounds import RoundPhase, RoundState, Verdict, select_clients, without_open_round
 from aggregator.strategy import StreamingFedAvg
+from aggregator.update_bounds import model_headroom
 from shared.clock import Clock, SystemClock
 from shared.mqtt.base import Connector, Inbound, Outbound, Session
 from shared.protocol import messages as msg
@@ -177,9 +179,12 @@ class AggregatorService:
         return UpdateIntake(
             cfg.federation,
             state,
-            StreamingFedAvg(self.shapes),
+            StreamingFedAvg(self.shapes, cfg.max_weight_share),
             cfg.max_update_bytes,
             cfg.max_update_norm,
+            max_samples=cfg.max_samples,
+            declared=lambda c: self.agents[c].num_samples if c in self.agents else None,
+            headroom=model_headroom(self.params),
         )
 
     def _restore(self) -> OpenRound | None:
@@ -243,16 +248,22 @@ class AggregatorService:
             if item is not None and self._handle(item, intake):
                 last_update_at = item.received_at
         state.close()
-        target = intake.acc.apply(self.params)
-        # With a download codec: the quantized path agents can follow from the global delta.
-        self.params, self.model_hash = self.downloads.advance(
-            self.params, self.model_hash, self.round_id, target, state.round_id
+        target, unusable = next_global_model(
+            intake.acc, self.params, self.evaluator.unusable, state.round_id
         )
+        if target is not None:
+            # With a download codec: the quantized path agents can follow from the global delta.
+            self.params, self.model_hash = self.downloads.advance(
+                self.params, self.model_hash, self.round_id, target, state.round_id
+            )
         self.round_id = state.round_id
         if self.durable is not None:
             residual = self.downloads.residual
             self.durable.applied(state, self.params, self.model_hash, self.rng, residual)
-        self._decide(state, "applied", f"{phase.value}: {len(state.accepted)} updates")
+        if target is None:
+            self._decide(state, "discarded", unusable)
+        else:
+            self._decide(state, "applied", f"{phase.value}: {len(state.accepted)} updates")
         self._publish_model(final=False)
         latency_ms = (self.clock.monotonic() - last_update_at) * 1000
         self._publish(self.topics.round_start(state.round_id), b"", retain=True)
@@ -429,6 +440,9 @@ class AggregatorService:
             # The ACL lets a device write only its own status topic: the payload must agree.
             log.warning("ignoring status for %r on %s", status.client_id, item.topic)
             return
+        before = self.agents.get(status.client_id)
+        if status.skipped and (before is None or before.round != status.round):
+            log.warning("%s skipped round %d: %s", status.client_id, status.round, status.skipped)
         self.agents[status.client_id] = status
 
     def _online(self) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_agent.announcements import DeviceLimits, check_announcement, check_finished
 from edge_agent.config import AgentConfig
-from edge_agent.local_training import LocalTrainer
+from edge_agent.local_training import DivergedTraining, LocalRound, LocalTrainer, encoder_rng
 from edge_agent.model_sync import ModelSync
 from edge_agent.outbox import COUNTED_CODES, MISSED_CODES, Outbox, receipt_is_final
 from edge_agent.residual import DeviceFeedback
@@ -277,26 +277,13 @@ class EdgeAgent:
         if self.cfg.client_id not in ann.selected or model.model_hash != ann.base_hash:
             return  # not invited, or the announced base model has not arrived yet
         self._publish_status("training", ann.round)
-        local = self.trainer.train(ann.model, model.params, ann.train, self.data, self.val)
-        t0 = time.perf_counter()
-        # Top-k / low-rank drop part of the update: error feedback sends it later.
-        biased = needs_error_feedback(ann.codec)
-        delta = self.feedback.compensate(local.delta) if biased else local.delta
-        header = FrameHeader(
-            kind="update",
-            federation=self.cfg.federation,
-            round=ann.round,
-            client_id=self.cfg.client_id,
-            base_hash=ann.base_hash,
-            codec=ann.codec,
-            num_samples=local.num_samples,
-            # Global models and deltas received since the previous update: measured downloads.
-            meta={**local.meta, "download_bytes": self.sync.take_download_bytes()},
-        )
-        encoded = encode_frame(header, delta, rng=np.random.default_rng(ann.train.seed))
-        payload = encoded.payload
-        if biased:
-            self.feedback.commit(delta, encoded.sent)
+        try:
+            local = self.trainer.train(ann.model, model.params, ann.train, self.data, self.val)
+            t0 = time.perf_counter()
+            payload = self._encode_update(ann, local)
+        except (DivergedTraining, FrameError) as exc:
+            self._skip_round(ann.round, str(exc))
+            return
         log.info(
             "round %d: trained %d samples in %.2fs (loss %.4f), update %d bytes "
             "(%s, encoded in %.0f ms)",
@@ -314,6 +301,37 @@ class EdgeAgent:
         self.rounds_trained += 1
         self._send(ann.round, payload)
         self._publish_status("online", ann.round)
+
+    def _encode_update(self, ann: msg.RoundStart, local: LocalRound) -> bytes:
+        """The update frame of ``local``; FrameError when its delta cannot be encoded."""
+        # Top-k / low-rank drop part of the update: error feedback sends it later.
+        biased = needs_error_feedback(ann.codec)
+        delta = self.feedback.compensate(local.delta) if biased else local.delta
+        header = FrameHeader(
+            kind="update",
+            federation=self.cfg.federation,
+            round=ann.round,
+            client_id=self.cfg.client_id,
+            base_hash=ann.base_hash,
+            codec=ann.codec,
+            num_samples=local.num_samples,
+            # Global models and deltas received since the previous update: measured downloads.
+            meta={**local.meta, "download_bytes": self.sync.take_download_bytes()},
+        )
+        rng = encoder_rng(ann.train.seed, self.cfg.client_id)
+        encoded = encode_frame(header, delta, rng=rng)
+        if biased:  # only once encoded: a refused delta leaves the residual as it was
+            self.feedback.commit(delta, encoded.sent)
+        return encoded.payload
+
+    def _skip_round(self, round_id: int, why: str) -> None:
+        """No update this round (diverged training, unencodable delta): say so, carry on.
+
+        The next global model is a fresh start; the aggregator learns why from the status.
+        """
+        log.error("round %d skipped, no update sent: %s", round_id, why)
+        self.done_rounds.add(round_id)
+        self._publish_status("online", round_id, skipped=why)
 
     def _send(self, round_id: int, payload: bytes) -> None:
         self.sent_at[round_id] = self.clock.monotonic()
@@ -352,19 +370,20 @@ class EdgeAgent:
             self._resend(ann.round, "no receipt yet" if last is not None else "restarted")
 
     # --- outbound ----------------------------------------------------------------------
-    def _publish_status(self, state: str, round_id: int) -> None:
+    def _publish_status(self, state: str, round_id: int, skipped: str = "") -> None:
         self.transport.publish(
             self.topics.agent_status(self.cfg.client_id),
-            self._status(state, round_id),
+            self._status(state, round_id, skipped),
             retain=True,
             wait=False,
         )
 
-    def _status(self, state: str, round_id: int = -1) -> bytes:
+    def _status(self, state: str, round_id: int = -1, skipped: str = "") -> bytes:
         return msg.AgentStatus(
             client_id=self.cfg.client_id,
             state=state,  # type: ignore[arg-type]
             num_samples=len(self.data),
             round=round_id,
             device={"machine": platform.machine(), "python": platform.python_version()},
+            skipped=skipped[:300],
         ).to_json()

@@ -20,6 +20,21 @@ if TYPE_CHECKING:
     import torch
 
 Tensors = dict[str, np.ndarray]
+# Separates the update encoder's random stream from the training seed of the same round.
+_ENCODER_STREAM = 0x656E63
+
+
+class DivergedTraining(ValueError):
+    """Local training ended with a non-finite loss or weights: there is no update to send."""
+
+
+def encoder_rng(round_seed: int, client_id: str) -> np.random.Generator:
+    """The random stream that encodes one client's update of one round (int8 rounding).
+
+    Per client and round, and deterministic: from the round seed alone every device would
+    draw the same rounding noise, correlated across the sum instead of averaging out.
+    """
+    return np.random.default_rng([round_seed, zlib.crc32(client_id.encode()), _ENCODER_STREAM])
 
 
 @dataclass(frozen=True)
@@ -69,7 +84,10 @@ class LocalTrainer:
         data: ArrayDataset,
         val: ArrayDataset | None,
     ) -> LocalRound:
-        """Train from ``global_params``; return the delta (local − global) and statistics."""
+        """Train from ``global_params``; return the delta (local − global) and statistics.
+
+        Raises DivergedTraining when the loss or the trained weights are not finite.
+        """
         from shared.runtime.modelio import get_params, set_params, subtract
         from shared.runtime.training import TrainConfig, evaluate, train_local
 
@@ -101,6 +119,11 @@ class LocalTrainer:
                 val_samples=ev.num_samples,
             )
         delta = subtract(get_params(model), global_params)
+        if not np.isfinite(result.train_loss):
+            raise DivergedTraining(f"training diverged: loss {result.train_loss}")
+        for name, value in delta.items():
+            if not np.isfinite(value).all():
+                raise DivergedTraining(f"training diverged: {name} has non-finite values")
         return LocalRound(delta=delta, num_samples=len(data), meta=meta)
 
 

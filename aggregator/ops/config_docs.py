@@ -67,7 +67,13 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "max_update_bytes": "updates larger than this are rejected",
         "signing_key": "Ed25519 private key (PEM) signing every global model, delta, round "
         "announcement and ONNX header; none: unsigned (development only)",
-        "max_update_norm": "reject deltas with a larger L2 norm over all tensors; none: off",
+        "max_update_norm": "reject deltas with a larger L2 norm over all tensors (on by "
+        "default: about 5× the largest honest norm measured on the demo task, docs/security.md; "
+        "the norms are logged at debug level); `inf`: off",
+        "max_samples": "reject updates claiming more samples than this; an update may also "
+        "claim no more than its device declared in its status",
+        "max_weight_share": "cap any one device's weight at this share of a round's total "
+        "(the heaviest are lowered, FedAvg otherwise unchanged); 1: no cap",
         "wait_clients_timeout": "seconds to wait for `min_clients` agents before giving up",
         "onnx": "export each new global model to ONNX, verify it and publish it retained on "
         "`global/onnx` (`--no-onnx` to turn off)",
@@ -170,8 +176,8 @@ def render_markdown() -> str:
         "must have the right TOML type (an integer is accepted where a float is expected; a",
         "tuple is an array, `input_shape = [1, 28, 28]`). Environment values are text: numbers",
         "as usual, booleans `true`/`false`/`1`/`0`/`yes`/`no`/`on`/`off` (any case), tuples",
-        "comma-separated (`FEDMQ_AGGREGATOR_INPUT_SHAPE=1,28,28`), and an empty value unsets a",
-        "setting whose default is none (`FEDMQ_AGGREGATOR_MAX_UPDATE_NORM=` turns the bound off).",
+        "comma-separated (`FEDMQ_AGGREGATOR_INPUT_SHAPE=1,28,28`), and an empty value sets an",
+        "optional setting to none (`FEDMQ_AGGREGATOR_MAX_UPDATE_NORM=` turns the bound off).",
         "",
     ]
     for section, cls, env, command in SECTIONS:

@@ -63,6 +63,10 @@ class FrameError(ValueError):
     """A binary frame is malformed, inconsistent or does not match what was expected."""
 
 
+class NonFiniteError(FrameError):
+    """A tensor holds (or decodes to) NaN or ±inf: a well-formed frame with unusable values."""
+
+
 @dataclass(frozen=True)
 class FrameHeader:
     """What a frame says about itself."""
@@ -157,7 +161,7 @@ def encode_tensors(
         if not _TENSOR_NAME_RE.fullmatch(name):
             raise FrameError(f"tensor name {name!r} is not allowed in a frame")
         if not np.isfinite(arr).all():
-            raise FrameError(f"tensor {name!r} has non-finite values")
+            raise NonFiniteError(f"tensor {name!r} has non-finite values")
         try:
             if isinstance(value_codec, LowRankCodec):  # needs the matrix shape, not a flat array
                 enc = value_codec.encode_tensor(arr, rng)
@@ -166,7 +170,7 @@ def encode_tensors(
         except CodecError as exc:
             raise FrameError(f"tensor {name!r}: {exc}") from exc
         if not np.isfinite(enc.sent).all():  # the decoder would refuse the frame
-            raise FrameError(f"tensor {name!r} would decode to non-finite values")
+            raise NonFiniteError(f"tensor {name!r} would decode to non-finite values")
         specs.append({"name": name, "shape": list(arr.shape), "params": enc.params})
         parts.append(enc.data)
         sent[name] = enc.sent.reshape(arr.shape)
@@ -247,7 +251,7 @@ def decode_frame(
         except CodecError as exc:
             raise FrameError(f"tensor {spec.name!r}: {exc}") from exc
         if not np.isfinite(flat).all():
-            raise FrameError(f"tensor {spec.name!r} decodes to non-finite values")
+            raise NonFiniteError(f"tensor {spec.name!r} decodes to non-finite values")
         tensors[spec.name] = flat.reshape(spec.shape)
         offset += size
     return Frame(head, tensors, len(payload))

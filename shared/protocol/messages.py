@@ -117,6 +117,9 @@ class AgentStatus(Message, frozen=True, kw_only=True):
     num_samples: NonNeg = 0
     round: int = -1
     device: dict[str, str] = msgspec.field(default_factory=dict)
+    # Why the agent sent no update for ``round`` ("" = it did not skip it): its training
+    # diverged, or its delta could not be encoded. Older aggregators ignore the field.
+    skipped: Annotated[str, msgspec.Meta(max_length=300)] = ""
 
 
 class Receipt(Message, frozen=True, kw_only=True):
@@ -169,11 +172,13 @@ class GlobalMeta(Message, frozen=True, kw_only=True):
 
 
 class RoundDecision(Message, frozen=True, kw_only=True):
-    """What the aggregator decided about a round: applied, extended, retried or failed."""
+    """What the aggregator decided about a round: applied, extended, retried, failed, or
+    discarded (closed, but its result was not a usable model: the global model is unchanged
+    and the federation goes on with the next round)."""
 
     federation: Name
     round: NonNeg
-    decision: Literal["applied", "extended", "retried", "failed"]
+    decision: Literal["applied", "extended", "retried", "failed", "discarded"]
     accepted: NonNeg
     min_clients: Positive
     extensions: NonNeg = 0

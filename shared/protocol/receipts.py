@@ -29,6 +29,8 @@ ReceiptCode = Literal[
     "malformed",  # undecodable or invalid frame, or frame and topic disagree
     "too-large",  # the frame is over the round's max_update_bytes
     "over-norm",  # the delta's L2 norm is over the operator's bound
+    "non-finite",  # the delta's values are not finite, or would make the global model overflow
+    "too-many-samples",  # num_samples is over the device's declared count or the configured maximum
 ]
 RECEIPT_CODES: tuple[ReceiptCode, ...] = get_args(ReceiptCode)
 
@@ -42,6 +44,8 @@ _LEGACY_PREFIXES: tuple[tuple[str, ReceiptCode], ...] = (
     ("not selected", "not-selected"),
     ("no round is open", "no-round"),
     ("update L2 norm", "over-norm"),
+    ("non-finite:", "non-finite"),
+    ("too many samples:", "too-many-samples"),
     ("undecodable: frame of ", "too-large"),  # "frame of N bytes exceeds the limit of M"
 )
 

@@ -11,7 +11,7 @@ Layout (protocol version in the namespace, like Sparkplug's ``spBv1.0``)::
     fl/v1/{fed}/round/{r}/start            retained JSON: round announcement (cleared next round)
     fl/v1/{fed}/round/{r}/update/{cid}     binary frame: an agent's compressed delta (QoS 1)
     fl/v1/{fed}/round/{r}/receipt/{cid}    JSON: accepted | rejected + reason (QoS 1)
-    fl/v1/{fed}/round/{r}/decision         JSON: applied | extended | retried | failed
+    fl/v1/{fed}/round/{r}/decision         JSON: applied | extended | retried | failed | discarded
     <any topic>/chunk/{i}                  one chunk of a payload over the packet limit
     fl/v1/{fed}/agents/{cid}/status        retained JSON: online | busy | offline (will)
     fl/v1/{fed}/metrics                    JSON per applied round (latest retained)

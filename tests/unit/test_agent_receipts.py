@@ -38,6 +38,8 @@ DECISIONS: dict[ReceiptCode, tuple[bool, bool, bool]] = {
     "malformed": (True, False, False),
     "too-large": (True, False, False),
     "over-norm": (True, False, False),
+    "non-finite": (True, False, False),
+    "too-many-samples": (True, False, False),
 }
 
 

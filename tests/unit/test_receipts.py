@@ -29,9 +29,11 @@ SHAPES = {"w": (2, 3), "b": (3,)}
 MAX_BYTES = 4096
 
 
-def _intake(*, max_bytes: int = MAX_BYTES, max_norm: float | None = None) -> UpdateIntake:
+def _intake(
+    *, max_bytes: int = MAX_BYTES, max_norm: float | None = None, **bounds: Any
+) -> UpdateIntake:
     state = RoundState(ROUND, BASE, {"c1", "c2"}, 1, deadline=100.0, started_at=0.0)
-    return UpdateIntake(FED, state, StreamingFedAvg(SHAPES), max_bytes, max_norm)
+    return UpdateIntake(FED, state, StreamingFedAvg(SHAPES), max_bytes, max_norm, **bounds)
 
 
 def _update(client: str = "c1", *, size: int = 3, **header: Any) -> bytes:
@@ -86,6 +88,8 @@ SCENARIOS: dict[str, tuple[Callable[[], Verdict], ReceiptCode]] = {
     "wrong shapes": (lambda: _offer(_update(size=4)), "malformed"),
     "over max bytes": (lambda: _offer(_update(), _intake(max_bytes=64)), "too-large"),
     "over the norm": (lambda: _offer(_update(), _intake(max_norm=0.5)), "over-norm"),
+    "overflowing": (lambda: _offer(_update(), _intake(headroom=0.5)), "non-finite"),
+    "over max samples": (lambda: _offer(_update(), _intake(max_samples=5)), "too-many-samples"),
 }
 # The service's answer while no round is open (last closed round 3).
 NO_OPEN_ROUND: dict[str, tuple[Callable[[], Verdict], ReceiptCode]] = {

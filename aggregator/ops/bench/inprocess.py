@@ -17,6 +17,7 @@ import numpy as np
 
 from aggregator.ops.demo import add_task_arguments, client_indices, load_task_data
 from aggregator.strategy import StreamingFedAvg
+from aggregator.update_bounds import update_l2_norm
 from shared.runtime.data import train_val_split
 
 if TYPE_CHECKING:
@@ -62,24 +63,33 @@ def run_inprocess(args: argparse.Namespace) -> int:
     model = build_model(args.model, train.input_shape, train.num_classes)
     params = get_params(model)
     rows = []
-    print(f"{'round':>5} {'test acc':>9} {'round s':>8}")
+    # The L2 norms of honest updates: what --max-update-norm must stay above.
+    largest: list[float] = []
+    print(f"{'round':>5} {'test acc':>9} {'round s':>8} {'max norm':>9}")
     for r in range(1, args.rounds + 1):
         t0 = time.perf_counter()
         acc = StreamingFedAvg({n: v.shape for n, v in params.items()})
+        norms = []
         for i, shard in enumerate(shards):
             set_params(model, params)
             cfg = client_train_config(args, r, i)
             train_local(model, shard, cfg)
-            acc.add(subtract(get_params(model), params), len(shard))
+            delta = subtract(get_params(model), params)
+            norms.append(update_l2_norm(delta))
+            acc.add(delta, len(shard))
         params = acc.apply(params)
         wall = time.perf_counter() - t0
         set_params(model, params)
         ev = evaluate(model, test)
-        rows.append({"round": r, "test_accuracy": ev.accuracy, "round_time_s": wall})
-        print(f"{r:>5} {100 * ev.accuracy:>8.2f}% {wall:>8.2f}")
+        largest.append(max(norms))
+        rows.append(
+            {"round": r, "test_accuracy": ev.accuracy, "round_time_s": wall, "max_norm": max(norms)}
+        )
+        print(f"{r:>5} {100 * ev.accuracy:>8.2f}% {wall:>8.2f} {max(norms):>9.3f}")
     mean = sum(x["round_time_s"] for x in rows) / len(rows)
     print(
         f"mean round time {mean:.2f}s, final test accuracy {100 * rows[-1]['test_accuracy']:.2f}%"
+        f", largest honest update norm {max(largest):.3f}"
     )
     if args.out:
         args.out.write_text(json.dumps({"rounds": rows, "mean_round_time_s": mean}, indent=1))
