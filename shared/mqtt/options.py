@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 from shared.mqtt.base import TransportError
 from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES
+from shared.mqtt.inbox import InboxLimits
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class ConnectOptions:
     # How long subscribe/unsubscribe wait for the broker's SUBACK/UNSUBACK (loopback and
     # LAN answer in milliseconds; a longer silence means the connection is dying).
     ack_timeout_s: float = 10.0
+    # Bounds on inbound messages waiting for the worker, per sender and in all.
+    inbox: InboxLimits = field(default_factory=InboxLimits)
 
 
 class BrokerSettings(Protocol):

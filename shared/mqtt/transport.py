@@ -22,6 +22,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from shared.mqtt.base import Connector, Inbound, Outbound, Session, TransportError
 from shared.mqtt.chunking import ChunkError, Reassembler, chunk_capacity, split
 from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
+from shared.mqtt.inbox import FairInbox
 from shared.mqtt.options import BrokerAddress, BrokerSettings, ConnectOptions
 from shared.mqtt.reconnect import JitteredClient
 from shared.mqtt.subscriptions import Ack, PendingAcks, Send, with_chunk_subs
@@ -50,7 +51,9 @@ class MqttTransport:
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
         self.options = options or ConnectOptions()
-        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        # Bounded per sender, never blocks the network thread (shared/mqtt/inbox.py).
+        self._fair_inbox = FairInbox(client_id, self.options.inbox)
+        self.inbox: queue.Queue[Inbound] = self._fair_inbox
         self._subs = list(subscriptions)
         self._births = births
         self.connected = threading.Event()
@@ -334,6 +337,7 @@ class MqttTransport:
                 log.warning("could not publish final message to %s: %s", msg.topic, exc)
         self._client.disconnect()
         self._client.loop_stop()
+        self._fair_inbox.close()
 
 
 def _subscribe_call(client: mqtt.Client, subs: list[tuple[str, int]]) -> Send:

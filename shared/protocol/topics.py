@@ -195,6 +195,24 @@ def parse(topic: str) -> ParsedTopic:
     raise TopicError(f"unknown fedmq topic: {topic!r}")
 
 
+def sender_of(topic: str) -> str | None:
+    """The client id a device topic is attributed to, None for the aggregator's topics.
+
+    ``round/{r}/update/{cid}`` and ``agents/{cid}/status``: the only topics the broker's ACL
+    lets a device write, each under its own id (the key of per-sender bounds). Cheap (one
+    split, no validation): it runs on the network thread for every inbound message; an
+    invalid id is still a key, and the message is refused later by :func:`parse`.
+    """
+    parts = topic.split("/", 7)
+    if len(parts) < 6 or f"{parts[0]}/{parts[1]}" != PROTOCOL:
+        return None
+    if len(parts) == 7 and parts[3] == "round" and parts[5] == "update":
+        return parts[6]
+    if len(parts) == 6 and parts[3] == "agents" and parts[5] == "status":
+        return parts[4]
+    return None
+
+
 CHUNK_LEVEL = "chunk"
 
 
