@@ -9,6 +9,7 @@ from pathlib import Path
 from shared.compression.quantize import CodecError
 from shared.compression.registry import KNOWN as KNOWN_CODECS
 from shared.compression.registry import resolve_codec
+from shared.mqtt.options import add_plaintext_argument
 from shared.protocol.global_delta import DOWNLOAD_CODECS
 from shared.settings import load_settings
 
@@ -44,6 +45,8 @@ class AggregatorConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # Plain mqtt:// although TLS files or a remote password are set (shared/mqtt/options.py).
+    allow_plaintext: bool = False
     # Ed25519 private key (PEM) signing every global model; None = unsigned (dev only).
     signing_key: str | None = None
     # Reject updates whose delta has a larger L2 norm (over all tensors); None = off.
@@ -120,6 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", help="CA certificate that signed the broker's (mqtts://)")
     parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
     parser.add_argument("--key-file", help="private key of --cert-file")
+    add_plaintext_argument(parser)
     parser.add_argument("--signing-key", help="Ed25519 private key (PEM) to sign global models")
     parser.add_argument(
         "--max-update-norm", type=float, help="reject deltas with a larger L2 norm (default off)"

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.mqtt.options import add_plaintext_argument
 from shared.settings import load_settings
 
 
@@ -25,6 +26,8 @@ class AgentConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # Plain mqtt:// although TLS files or a remote password are set (shared/mqtt/options.py).
+    allow_plaintext: bool = False
     # Pinned Ed25519 key: only models signed by it are loaded. None = dev mode (unsigned OK).
     model_public_key: str | None = None
     max_frame_bytes: int = 256 * 1024 * 1024
@@ -74,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", help="CA certificate that signed the broker's (mqtts://)")
     parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
     parser.add_argument("--key-file", help="private key of --cert-file")
+    add_plaintext_argument(parser)
     parser.add_argument(
         "--model-public-key",
         help="Ed25519 public key (PEM): load only global models signed by it (no rollback)",

@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_agent.inference import MAX_REQUEST_BYTES, InferenceError, OnnxClassifier
 from shared.mqtt.base import Connector, Inbound, Session
+from shared.mqtt.options import add_plaintext_argument
 from shared.protocol import topics
 from shared.protocol.onnx_frame import OnnxFrameError, decode_onnx_frame
 from shared.protocol.signing import ONNX_CONTEXT, SignatureError, load_public_key, verify_model
@@ -47,6 +48,8 @@ class ServeConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # Plain mqtt:// although TLS files or a remote password are set (shared/mqtt/options.py).
+    allow_plaintext: bool = False
     connect_timeout: float = 60.0
     max_model_bytes: int = 256 * 1024 * 1024
     model_public_key: str | None = None  # pin the aggregator's key: serve signed models only
@@ -73,6 +76,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ca-file", help="CA certificate that signed the broker's (mqtts://)")
     parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
     parser.add_argument("--key-file", help="private key of --cert-file")
+    add_plaintext_argument(parser)
     parser.add_argument("--connect-timeout", type=float)
     parser.add_argument(
         "--model-public-key",

@@ -30,6 +30,9 @@ _COMMON = {
     "connect_timeout": "seconds to wait for the first CONNACK",
     "cert_file": "client certificate (brokers that require one)",
     "key_file": "private key of `cert_file`",
+    "allow_plaintext": "connect over plain `mqtt://` although TLS files (or a password for a "
+    "broker on another machine) are set; refused otherwise, since the password would travel "
+    "in clear text",
 }
 
 DESCRIPTIONS: dict[str, dict[str, str]] = {

@@ -19,7 +19,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from shared.mqtt.base import Inbound
+from shared.mqtt.base import Inbound, TransportError
+from shared.mqtt.options import add_plaintext_argument
 from shared.protocol import messages as msg
 from shared.protocol import topics
 from shared.protocol.onnx_frame import OnnxFrameError, decode_onnx_frame
@@ -224,6 +225,7 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--username")
     parser.add_argument("--password")
     parser.add_argument("--ca-file")
+    add_plaintext_argument(parser)
     parser.add_argument("--duration", type=float, help="exit after this many seconds")
 
 
@@ -242,15 +244,22 @@ def run_monitor(args: argparse.Namespace) -> int:
 
     t = topics.Topics(args.federation)
     state = MonitorState(args.federation)
-    transport = MqttTransport(
-        args.broker,
-        f"monitor-{int(time.time() * 1000) % 10**9}",
-        subscriptions=subscriptions(t),
-        options=ConnectOptions(
-            username=args.username, password=args.password, ca_file=args.ca_file
-        ),
-    )
-    transport.start()
+    try:
+        transport = MqttTransport(
+            args.broker,
+            f"monitor-{int(time.time() * 1000) % 10**9}",
+            subscriptions=subscriptions(t),
+            options=ConnectOptions(
+                username=args.username,
+                password=args.password,
+                ca_file=args.ca_file,
+                allow_plaintext=bool(args.allow_plaintext),
+            ),
+        )
+        transport.start()
+    except TransportError as exc:  # a refused plaintext connection, or no broker
+        print(f"error: {exc}")
+        return 1
     end = None if args.duration is None else time.monotonic() + args.duration
     try:
         with Live(render(state, time.time()), refresh_per_second=2) as live:

@@ -23,7 +23,7 @@ from shared.mqtt.base import Connector, Inbound, Outbound, Session, TransportErr
 from shared.mqtt.chunking import ChunkError, Reassembler, chunk_capacity, split
 from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
 from shared.mqtt.inbox import FairInbox
-from shared.mqtt.options import BrokerAddress, BrokerSettings, ConnectOptions
+from shared.mqtt.options import BrokerAddress, BrokerSettings, ConnectOptions, refuse_plaintext
 from shared.mqtt.reconnect import JitteredClient
 from shared.mqtt.subscriptions import Ack, PendingAcks, Send, with_chunk_subs
 from shared.protocol.topics import chunk_topic, split_chunk_topic
@@ -51,6 +51,8 @@ class MqttTransport:
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
         self.options = options or ConnectOptions()
+        # Before anything is built: a password must not leave in clear text by mistake.
+        refuse_plaintext(self.address, self.options)
         # Bounded per sender, never blocks the network thread (shared/mqtt/inbox.py).
         self._fair_inbox = FairInbox(client_id, self.options.inbox)
         self.inbox: queue.Queue[Inbound] = self._fair_inbox
@@ -353,6 +355,7 @@ def connector_for(settings: BrokerSettings) -> Connector:
         ca_file=settings.ca_file,
         cert_file=settings.cert_file,
         key_file=settings.key_file,
+        allow_plaintext=settings.allow_plaintext,
     )
     return mqtt_connector(settings.broker, options)
 
@@ -360,9 +363,10 @@ def connector_for(settings: BrokerSettings) -> Connector:
 def mqtt_connector(url: str, options: ConnectOptions | None = None) -> Connector:
     """A :data:`~shared.mqtt.base.Connector` opening :class:`MqttTransport` sessions at ``url``.
 
-    The broker URL is checked now, so a bad one fails at start-up, not at the first connect.
+    The broker URL (and that it does not send a password in clear text by mistake) is
+    checked now, so a bad one fails at start-up, not at the first connect.
     """
-    BrokerAddress.parse(url)
+    refuse_plaintext(BrokerAddress.parse(url), options or ConnectOptions())
 
     def connect(session: Session) -> MqttTransport:
         return MqttTransport(
