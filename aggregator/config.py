@@ -52,6 +52,10 @@ class AggregatorConfig:
     # Reject updates whose delta has a larger L2 norm (over all tensors); None = off.
     max_update_norm: float | None = None
     max_update_bytes: int = 64 * 1024 * 1024
+    # Update messages each client may have read per round, then per second (a flood of junk
+    # on a device's own topic is dropped unread beyond it): aggregator/update_budget.py.
+    update_burst: int = 10
+    update_rate: float = 1.0
     wait_clients_timeout: float = 600.0
     threads: int = 1
     onnx: bool = True
@@ -79,6 +83,8 @@ class AggregatorConfig:
             ),
             (self.on_starved in ("extend", "retry"), "on-starved must be extend or retry"),
             (self.max_extensions >= 0, "max-extensions must be ≥ 0"),
+            (self.update_burst >= 1, "update-burst must be ≥ 1"),
+            (self.update_rate >= 0, "update-rate must be ≥ 0"),
             (
                 self.max_update_norm is None or self.max_update_norm > 0,
                 "max-update-norm must be > 0",
@@ -143,6 +149,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "when given, also a checkpoint + journal to resume after a crash",
     )
     add_resilience_arguments(parser)
+    add_budget_arguments(parser)
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for the per-client update budget (see AggregatorConfig.update_burst)."""
+    parser.add_argument(
+        "--update-burst", type=int, help="update messages read per client and round (default 10)"
+    )
+    parser.add_argument(
+        "--update-rate",
+        type=float,
+        help="update messages read per client and second beyond the burst (default 1)",
+    )
 
 
 def add_resilience_arguments(parser: argparse.ArgumentParser) -> None:

@@ -63,6 +63,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "signing_key": "Ed25519 private key (PEM) signing every global model; none: unsigned "
         "(development only)",
         "max_update_norm": "reject deltas with a larger L2 norm over all tensors; none: off",
+        "update_burst": "update messages of one client read per round; beyond it and "
+        "`update_rate` they are dropped unread (one `rate-limited` receipt per interval)",
+        "update_rate": "update messages of one client read per second once its burst is spent",
         "wait_clients_timeout": "seconds to wait for `min_clients` agents before giving up",
         "onnx": "export each new global model to ONNX, verify it and publish it retained on "
         "`global/onnx` (`--no-onnx` to turn off)",

@@ -29,6 +29,7 @@ ReceiptCode = Literal[
     "malformed",  # undecodable or invalid frame, or frame and topic disagree
     "too-large",  # the frame is over the round's max_update_bytes
     "over-norm",  # the delta's L2 norm is over the operator's bound
+    "rate-limited",  # the client sent more update messages than its budget: not read
 ]
 RECEIPT_CODES: tuple[ReceiptCode, ...] = get_args(ReceiptCode)
 
@@ -43,6 +44,7 @@ _LEGACY_PREFIXES: tuple[tuple[str, ReceiptCode], ...] = (
     ("no round is open", "no-round"),
     ("update L2 norm", "over-norm"),
     ("undecodable: frame of ", "too-large"),  # "frame of N bytes exceeds the limit of M"
+    ("rate limited:", "rate-limited"),
 )
 
 

@@ -38,6 +38,7 @@ DECISIONS: dict[ReceiptCode, tuple[bool, bool, bool]] = {
     "malformed": (True, False, False),
     "too-large": (True, False, False),
     "over-norm": (True, False, False),
+    "rate-limited": (False, False, False),
 }
 
 
