@@ -132,7 +132,7 @@ class FairInbox(queue.Queue[Inbound]):
         with self.mutex:
             why = self._admit(key, size)
             if why is not None:
-                self._drop(key, item, why)
+                self._drop(key, item.topic, why)
                 return
             self._put(item)
             self.unfinished_tasks += 1
@@ -145,6 +145,15 @@ class FairInbox(queue.Queue[Inbound]):
             # even after a flood stops.
             self._drops.flush(self._clock())
         return super().get(block, timeout)
+
+    def refuse(self, topic: str, why: str) -> None:
+        """Count and log (aggregated per sender) a message dropped before it got here.
+
+        For the transport's own refusals, e.g. a chunk that does not reassemble: a flood of
+        bad chunks must not become a log line per chunk either.
+        """
+        with self.mutex:
+            self._drop(self._sender(topic), topic, why)
 
     def close(self) -> None:
         """Write the pending summaries of dropped messages (the transport is stopping)."""
@@ -171,7 +180,8 @@ class FairInbox(queue.Queue[Inbound]):
             if not self._queues[victim]:
                 del self._queues[victim], self._bytes_of[victim]
                 self._turns.remove(victim)
-            self._drop(victim, evicted, "evicted: the inbox is full and it has the largest backlog")
+            why = "evicted: the inbox is full and it has the largest backlog"
+            self._drop(victim, evicted.topic, why)
         return None
 
     def _load(self, key: Key, by_bytes: bool) -> int:
@@ -186,7 +196,7 @@ class FairInbox(queue.Queue[Inbound]):
     def _heavier(self, victim: Key, key: Key, by_bytes: bool) -> bool:
         return self._load(victim, by_bytes) > self._load(key, by_bytes)
 
-    def _drop(self, key: Key, item: Inbound, why: str) -> None:
+    def _drop(self, key: Key, topic: str, why: str) -> None:
         sender = key if key is not None else "(aggregator topics)"
         self.dropped[sender] += 1
         self._drops.warn(
@@ -195,6 +205,6 @@ class FairInbox(queue.Queue[Inbound]):
             "%s dropped a message from %s on %s: %s",
             self.owner,
             sender,
-            item.topic,
+            topic,
             why,
         )

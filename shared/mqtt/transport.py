@@ -157,8 +157,8 @@ class MqttTransport:
         base = chunk[0]
         try:
             whole = self.reassembler.offer(base, bytes(msg.payload))
-        except ChunkError as exc:
-            log.warning("dropped chunk on %s: %s", msg.topic, exc)
+        except ChunkError as exc:  # logged once per sender and interval, with a count
+            self._fair_inbox.refuse(base, f"bad chunk {msg.topic}: {exc}")
             return
         if whole is not None:
             self.inbox.put(Inbound(base, whole, bool(msg.retain)))

@@ -206,3 +206,16 @@ def test_the_memory_broker_bounds_each_client_inbox_per_sender() -> None:
     served = _senders(_drain(aggregator.inbox))
     assert served.count("mallory") == 5
     assert served[:2] == ["mallory", "pi-0"]
+
+
+def test_refusals_before_the_inbox_are_counted_and_logged_per_sender(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    inbox = _inbox()
+    caplog.set_level(logging.WARNING, "shared.mqtt.inbox")
+
+    for i in range(500):
+        inbox.refuse(T.update(1, "mallory"), f"bad chunk {i}")
+
+    assert inbox.dropped["mallory"] == 500
+    assert len([r for r in caplog.records if r.name == "shared.mqtt.inbox"]) == 1
