@@ -9,6 +9,7 @@ import ipaddress
 import shutil
 import stat
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,27 @@ def test_cli_runs_broker_init_and_device_add(
 
     out = capsys.readouterr().out
     assert "created" in out and "reserved" in out
+
+
+def test_the_broker_takes_client_ids_from_usernames(tmp_path: Path) -> None:
+    _init(tmp_path)
+
+    conf = (tmp_path / "mosquitto.conf").read_text()
+
+    # After `listener`: with per_listener_settings it belongs to the TLS listener.
+    assert "\nuse_username_as_clientid true\n" in conf.split("\nlistener ", 1)[1]
+
+
+def test_every_provisioned_process_uses_its_username_as_client_id(tmp_path: Path) -> None:
+    # The broker replaces a client id by the username: a TOML whose two differed would
+    # take over another identity's connection, or be taken over.
+    _init(tmp_path)
+    provision.device_add(tmp_path, "pi-7")
+    tomls = [
+        (tmp_path / "identities/aggregator/aggregator.toml", "aggregator"),
+        (tmp_path / "devices/pi-7/agent.toml", "agent"),
+    ]
+
+    for path, section in tomls:
+        settings = tomllib.loads(path.read_text())[section]
+        assert settings["client_id"] == settings["username"], path
