@@ -121,6 +121,7 @@ class AggregatorService:
         return 0
 
     def _finish(self, state: str) -> None:
+        self.guard.close()
         if state == "finished":
             self._publish_model(final=True)
         self.transport.stop(

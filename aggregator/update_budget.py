@@ -75,3 +75,7 @@ class IntakeGuard:
     def flush(self, now: float) -> None:
         """Write the counts of intervals that have ended."""
         self.warnings.flush(now)
+
+    def close(self) -> None:
+        """Write every pending count (the service is stopping)."""
+        self.warnings.close()

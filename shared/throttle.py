@@ -127,7 +127,7 @@ class AggregatedLog:
         if pending.count:
             self.logger.log(
                 self.level,
-                "%s: %d more like this in %.0fs; the last: %s",
+                "%s: %d more like this within %.0fs; the last: %s",
                 key,
                 pending.count,
                 self.interval_s,

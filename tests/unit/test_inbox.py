@@ -188,7 +188,7 @@ def test_drops_are_one_log_line_per_sender_and_interval_with_a_count(
     lines = [r.getMessage() for r in caplog.records if r.name == "shared.mqtt.inbox"]
     assert len(lines) == 2
     assert lines[0].startswith("aggregator dropped a message from mallory on ")
-    assert lines[1].startswith("mallory: 998 more like this in 10s")
+    assert lines[1].startswith("mallory: 998 more like this within 10s")
 
 
 # --- the in-memory broker keeps the same contract -----------------------------------------

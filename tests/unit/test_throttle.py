@@ -99,7 +99,7 @@ def test_repeats_within_the_interval_become_one_line_with_a_count(
     assert written.count(True) == 1
     assert _lines(caplog) == [
         "junk number 0",
-        "pi-0: 999 more like this in 10s; the last: junk number 999",
+        "pi-0: 999 more like this within 10s; the last: junk number 999",
     ]
 
 
@@ -133,7 +133,7 @@ def test_close_writes_pending_counts(caplog: pytest.LogCaptureFixture) -> None:
 
     agg.close()
 
-    assert _lines(caplog)[-1] == "pi-0: 1 more like this in 10s; the last: junk"
+    assert _lines(caplog)[-1] == "pi-0: 1 more like this within 10s; the last: junk"
 
 
 def test_the_number_of_open_keys_is_bounded_and_an_evicted_key_keeps_its_count(
@@ -147,4 +147,4 @@ def test_the_number_of_open_keys_is_bounded_and_an_evicted_key_keeps_its_count(
     agg.warn("c", 0.0, "from c")
 
     assert len(agg._open) == 2
-    assert "a: 1 more like this in 10s; the last: from a again" in _lines(caplog)
+    assert "a: 1 more like this within 10s; the last: from a again" in _lines(caplog)

@@ -75,4 +75,15 @@ def test_a_flood_makes_one_log_line_per_interval_with_a_count(
     lines = [r.getMessage() for r in caplog.records if r.name == LOG.name]
     assert len(lines) == 2
     assert lines[0].startswith("update from mallory dropped: rate limited: over 1 update")
-    assert lines[1].startswith("mallory over budget: 1998 more like this in 10s")
+    assert lines[1].startswith("mallory over budget: 1998 more like this within 10s")
+
+
+def test_close_writes_the_counts_of_open_intervals(caplog: pytest.LogCaptureFixture) -> None:
+    guard = _guard(burst=1, rate=0.0)
+    for _ in range(5):
+        guard.admit("mallory", now=0.0)
+
+    guard.close()
+
+    lines = [r.getMessage() for r in caplog.records if r.name == LOG.name]
+    assert lines[-1].startswith("mallory over budget: 3 more like this within 10s")
