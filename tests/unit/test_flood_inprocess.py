@@ -48,6 +48,9 @@ def test_a_junk_flood_is_answered_at_a_bounded_rate_and_the_round_completes(
 
     for _ in range(FLOOD):
         mallory.publish(T.update(1, "mallory"), b"junk", qos=0)
+    # Served in turn with the flood, pi-s's update would close the round before the
+    # aggregator got to mallory's messages: it reports once the flood has been answered.
+    wait_for(lambda: "rate-limited" in _receipt_codes(fed, "mallory"), "the flood answered")
     device.transport.publish(T.update(1, "pi-s"), update_frame(service, 1, "pi-s"))
     codes = fed.finish()
 
