@@ -177,6 +177,7 @@ class FairInbox(queue.Queue[Inbound]):
                 return "the inbox is full and this sender has the largest backlog"
             evicted = self._queues[victim].pop()
             self._forget(victim, evicted)
+            self.unfinished_tasks -= 1  # it will never be got: join() must not wait for it
             if not self._queues[victim]:
                 del self._queues[victim], self._bytes_of[victim]
                 self._turns.remove(victim)
