@@ -11,7 +11,11 @@ from shared.compression.quantize import CodecError
 from shared.compression.registry import KNOWN as KNOWN_CODECS
 from shared.compression.registry import resolve_codec
 from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES
-from shared.mqtt.options import add_protocol_arguments, check_protocol_settings
+from shared.mqtt.options import (
+    add_plaintext_argument,
+    add_protocol_arguments,
+    check_protocol_settings,
+)
 from shared.mqtt.versions import AUTO
 from shared.protocol import messages as msg
 from shared.protocol.global_delta import DOWNLOAD_CODECS
@@ -53,6 +57,8 @@ class AggregatorConfig:
     mqtt_version: str = AUTO
     # Payloads over this many bytes travel as chunks (an MQTT 5 broker may lower it).
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    # Plain mqtt:// although TLS files or a remote password are set (shared/mqtt/options.py).
+    allow_plaintext: bool = False
     # Ed25519 private key (PEM) signing every global model; None = unsigned (dev only).
     signing_key: str | None = None
     # Reject updates whose delta has a larger L2 norm (over all tensors); inf or None = off.
@@ -63,6 +69,10 @@ class AggregatorConfig:
     # No device's weight may exceed this share of a round's total weight (1.0 = no cap).
     max_weight_share: float = 0.5
     max_update_bytes: int = 64 * 1024 * 1024
+    # Update messages each client may have read per round, then per second (a flood of junk
+    # on a device's own topic is dropped unread beyond it): aggregator/update_budget.py.
+    update_burst: int = 10
+    update_rate: float = 1.0
     wait_clients_timeout: float = 600.0
     threads: int = 1
     onnx: bool = True
@@ -92,6 +102,8 @@ class AggregatorConfig:
             ),
             (self.on_starved in ("extend", "retry"), "on-starved must be extend or retry"),
             (self.max_extensions >= 0, "max-extensions must be ≥ 0"),
+            (self.update_burst >= 1, "update-burst must be ≥ 1"),
+            (self.update_rate >= 0, "update-rate must be ≥ 0"),
             (
                 self.max_update_norm is None or self.max_update_norm > 0,
                 "max-update-norm must be > 0",
@@ -167,6 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
     parser.add_argument("--key-file", help="private key of --cert-file")
     add_protocol_arguments(parser)
+    add_plaintext_argument(parser)
     parser.add_argument("--signing-key", help="Ed25519 private key (PEM) to sign global models")
     parser.add_argument(
         "--max-update-norm",
@@ -195,6 +208,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "in ms); agents follow the largest run",
     )
     add_weight_arguments(parser)
+    add_budget_arguments(parser)
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for the per-client update budget (see AggregatorConfig.update_burst)."""
+    parser.add_argument(
+        "--update-burst", type=int, help="update messages read per client and round (default 10)"
+    )
+    parser.add_argument(
+        "--update-rate",
+        type=float,
+        help="update messages read per client and second beyond the burst (default 1)",
+    )
 
 
 def add_resilience_arguments(parser: argparse.ArgumentParser) -> None:

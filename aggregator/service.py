@@ -36,6 +36,7 @@ from aggregator.round_records import ClosedRound, OpenRound
 from aggregator.rounds import RoundPhase, RoundState, Verdict, select_clients, without_open_round
 from aggregator.strategy import StreamingFedAvg
 from aggregator.update_bounds import model_headroom
+from aggregator.update_budget import IntakeGuard
 from shared.clock import Clock, SystemClock
 from shared.mqtt.base import Connector, Inbound, Outbound, Session
 from shared.protocol import messages as msg
@@ -47,6 +48,8 @@ from shared.protocol.signing import load_private_key
 log = logging.getLogger("fedmq.aggregator")
 
 Tensors = dict[str, np.ndarray]
+# One warning line per sender per interval (with a count): a flood is not a log flood.
+WARN_INTERVAL_S = 10.0
 
 
 class AggregatorService:
@@ -93,6 +96,7 @@ class AggregatorService:
             run=self.run_epoch,
         )
         self.agents: dict[str, msg.AgentStatus] = {}
+        self.guard = IntakeGuard(log, WARN_INTERVAL_S, cfg.update_burst, cfg.update_rate)
         self.rng = np.random.default_rng(cfg.seed)
         self.metrics = MetricsLog(cfg.metrics_file)
         self.round_id = 0
@@ -138,6 +142,7 @@ class AggregatorService:
         return 0
 
     def _finish(self, state: str) -> None:
+        self.guard.close()
         if state == "finished":
             self._publish_model(final=True)
         self.transport.stop(
@@ -176,6 +181,7 @@ class AggregatorService:
 
     def _intake(self, state: RoundState) -> UpdateIntake:
         cfg = self.cfg
+        self.guard.new_round()
         return UpdateIntake(
             cfg.federation,
             state,
@@ -393,19 +399,28 @@ class AggregatorService:
 
     # --- inbound -----------------------------------------------------------------------
     def _next(self, timeout: float) -> Inbound | None:
+        self.guard.flush(self.clock.monotonic())
         return self.clock.wait(self.transport.inbox, timeout)
+
+    def _warn(self, sender: str | None, fmt: str, *args: object) -> None:
+        self.guard.warn(sender, self.clock.monotonic(), fmt, *args)
 
     def _handle(self, item: Inbound, intake: UpdateIntake | None) -> bool:
         """Dispatch one message; True when it was an accepted update."""
         try:
             parsed = topics.parse(item.topic)
         except topics.TopicError as exc:
-            log.warning("ignoring message on %s: %s", item.topic, exc)
+            self._warn(topics.sender_of(item.topic), "ignoring message on %s: %s", item.topic, exc)
             return False
         if parsed.kind == "agent_status":
             self._on_status(item)
             return False
         if parsed.kind != "update" or parsed.round_id is None or parsed.client_id is None:
+            return False
+        read, answer = self.guard.admit(parsed.client_id, self.clock.monotonic())
+        if not read:  # over its budget: dropped unread, answered once per interval
+            if answer is not None:
+                self._receipt(parsed.round_id, parsed.client_id, answer)
             return False
         if intake is None:
             verdict = without_open_round(parsed.round_id, self.round_id)
@@ -419,7 +434,8 @@ class AggregatorService:
             )
         self._receipt(parsed.round_id, parsed.client_id, offer.verdict)
         if not offer.verdict.accepted:
-            log.warning(
+            self._warn(
+                parsed.client_id,
                 "rejected update from %s for round %d (%s): %s",
                 parsed.client_id,
                 parsed.round_id,
@@ -434,11 +450,12 @@ class AggregatorService:
         try:
             status = msg.decode(item.payload, msg.AgentStatus)
         except msg.MessageError as exc:
-            log.warning("bad agent status on %s: %s", item.topic, exc)
+            self._warn(topics.sender_of(item.topic), "bad agent status on %s: %s", item.topic, exc)
             return
         if topics.parse(item.topic).client_id != status.client_id:
             # The ACL lets a device write only its own status topic: the payload must agree.
-            log.warning("ignoring status for %r on %s", status.client_id, item.topic)
+            sender = topics.sender_of(item.topic)
+            self._warn(sender, "ignoring status for %r on %s", status.client_id, item.topic)
             return
         before = self.agents.get(status.client_id)
         if status.skipped and (before is None or before.round != status.round):

@@ -110,7 +110,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     try:
         cfg = serve_config(args)
         server = InferenceServer(cfg, _mqtt(cfg))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, TransportError) as exc:
         log.error("%s", exc)
         return 1
     return _run_until_signalled(server)

@@ -8,7 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES
-from shared.mqtt.options import add_protocol_arguments, check_protocol_settings
+from shared.mqtt.options import (
+    add_plaintext_argument,
+    add_protocol_arguments,
+    check_protocol_settings,
+)
 from shared.mqtt.versions import AUTO
 from shared.settings import load_settings
 
@@ -32,6 +36,8 @@ class AgentConfig:
     mqtt_version: str = AUTO
     # Payloads over this many bytes travel as chunks (an MQTT 5 broker may lower it).
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    # Plain mqtt:// although TLS files or a remote password are set (shared/mqtt/options.py).
+    allow_plaintext: bool = False
     # Pinned Ed25519 key: only models signed by it are loaded. None = dev mode (unsigned OK).
     model_public_key: str | None = None
     max_frame_bytes: int = 256 * 1024 * 1024
@@ -89,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
     parser.add_argument("--key-file", help="private key of --cert-file")
     add_protocol_arguments(parser)
+    add_plaintext_argument(parser)
     parser.add_argument(
         "--model-public-key",
         help="Ed25519 public key (PEM): load only global models signed by it (no rollback)",

@@ -27,8 +27,9 @@ log = logging.getLogger("fedmq.agent.outbox")
 
 _NAME = re.compile(r"update-(\d{1,9})\.fmq")
 # Refusals that say "not now" rather than "never": the update must stay and be re-sent
-# (an aggregator restarting has no round open yet; a re-announced round comes later).
-RETRYABLE_CODES: frozenset[ReceiptCode] = frozenset({"no-round", "wrong-round"})
+# (an aggregator restarting has no round open yet; a re-announced round comes later; a
+# rate-limited update was not read, and the re-send timer paces the next try).
+RETRYABLE_CODES: frozenset[ReceiptCode] = frozenset({"no-round", "wrong-round", "rate-limited"})
 # The aggregator summed the update ("duplicate": it summed an earlier copy of it).
 COUNTED_CODES: frozenset[ReceiptCode] = frozenset({"accepted", "duplicate"})
 # Final refusals that say the update came too late, not that it was wrong: its mass is still

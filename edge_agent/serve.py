@@ -34,7 +34,11 @@ from edge_agent.requester_budget import BudgetLimits, Outcome, RequesterBudgets,
 from shared.clock import Clock, SystemClock
 from shared.mqtt.base import Connector, Inbound, Session, TransportError
 from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES
-from shared.mqtt.options import add_protocol_arguments, check_protocol_settings
+from shared.mqtt.options import (
+    add_plaintext_argument,
+    add_protocol_arguments,
+    check_protocol_settings,
+)
 from shared.mqtt.versions import AUTO
 from shared.protocol import topics
 from shared.protocol.claims import verify_onnx_frame
@@ -64,6 +68,8 @@ class ServeConfig:
     key_file: str | None = None
     mqtt_version: str = AUTO  # "5", "3.1.1" or "auto" (5, else 3.1.1): docs/brokers.md
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    # Plain mqtt:// although TLS files or a remote password are set (shared/mqtt/options.py).
+    allow_plaintext: bool = False
     connect_timeout: float = 60.0
     max_model_bytes: int = 256 * 1024 * 1024
     model_public_key: str | None = None  # pin the aggregator's key: serve signed models only
@@ -118,6 +124,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert-file", help="client certificate (brokers requiring one)")
     parser.add_argument("--key-file", help="private key of --cert-file")
     add_protocol_arguments(parser)
+    add_plaintext_argument(parser)
     parser.add_argument("--connect-timeout", type=float)
     parser.add_argument(
         "--model-public-key",

@@ -39,6 +39,12 @@ require_certificate {require_certificate}
 # No anonymous clients: every connection needs a username from the password file.
 allow_anonymous false
 
+# The client id is the username: a client cannot take over another's id (MQTT lets a
+# second connection with an id close the first, so a device connecting as "aggregator"
+# would disconnect the aggregator). Provisioned identities already use their name as
+# both; one identity therefore has one connection at a time.
+use_username_as_clientid true
+
 # PBKDF2-SHA512 ($7$) hashes, one line per identity, kept in sync by
 # `fedmq broker init` / `fedmq device add`. Reload after changes: kill -HUP.
 password_file {dir}/passwd

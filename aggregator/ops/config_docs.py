@@ -38,6 +38,9 @@ _COMMON = {
     "max_chunk_bytes": "payloads over this many bytes travel as chunks on `<topic>/chunk/<i>`; "
     "an MQTT 5 broker's Maximum Packet Size may lower it, a 3.1.1 broker cannot (set it "
     "below the broker's limit)",
+    "allow_plaintext": "connect over plain `mqtt://` although TLS files (or a password for a "
+    "broker on another machine) are set; refused otherwise, since the password would travel "
+    "in clear text",
 }
 
 DESCRIPTIONS: dict[str, dict[str, str]] = {
@@ -74,6 +77,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "claim no more than its device declared in its status",
         "max_weight_share": "cap any one device's weight at this share of a round's total "
         "(the heaviest are lowered, FedAvg otherwise unchanged); 1: no cap",
+        "update_burst": "update messages of one client read per round; beyond it and "
+        "`update_rate` they are dropped unread (one `rate-limited` receipt per interval)",
+        "update_rate": "update messages of one client read per second once its burst is spent",
         "wait_clients_timeout": "seconds to wait for `min_clients` agents before giving up",
         "onnx": "export each new global model to ONNX, verify it and publish it retained on "
         "`global/onnx` (`--no-onnx` to turn off)",

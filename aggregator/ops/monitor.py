@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared.mqtt.options import ConnectOptions
@@ -76,15 +77,17 @@ class RoundTable:
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         if not payload:
             return
-        kind = topics.parse(topic).kind
         try:
+            # Inside the try: anyone can publish a status under a malformed client id on an
+            # open broker (`agents/bad id!/status`), and one such topic must not end the demo.
+            kind = topics.parse(topic).kind
             if kind == "metrics" and not retain:
                 self._print_row(msg.decode(payload, msg.RoundMetrics))
             elif kind == "agent_status":
                 status = msg.decode(payload, msg.AgentStatus)
                 self.online[status.client_id] = status.state
-        except msg.MessageError as exc:
-            self.console.print(f"[red]bad message on {topic}: {exc}")
+        except (topics.TopicError, msg.MessageError) as exc:
+            self.console.print(f"bad message on {escape(topic)}: {escape(str(exc))}", style="red")
 
     def _print_header(self) -> None:
         self.console.print(" ".join(f"{c:>{w}}" for c, w in COLUMNS), style="bold")

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from shared.mqtt.base import Inbound, TransportError
-from shared.mqtt.options import ConnectOptions
+from shared.mqtt.options import ConnectOptions, add_plaintext_argument
 from shared.mqtt.versions import AUTO, MQTT_VERSIONS, check_mqtt_version
 from shared.protocol import messages as msg
 from shared.protocol import topics
@@ -239,6 +239,8 @@ class MonitorConfig:
     key_file: str | None = None
     connect_timeout: float = 30.0
     mqtt_version: str = AUTO
+    # Plain mqtt:// although TLS files or a remote password are set (shared/mqtt/options.py).
+    allow_plaintext: bool = False
 
     def __post_init__(self) -> None:
         topics.validate_name("federation", self.federation)
@@ -259,6 +261,7 @@ class MonitorConfig:
             cert_file=self.cert_file,
             key_file=self.key_file,
             mqtt_version=self.mqtt_version,
+            allow_plaintext=self.allow_plaintext,
         )
 
 
@@ -281,6 +284,7 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
         choices=MQTT_VERSIONS,
         help="MQTT protocol version: 5, 3.1.1, or auto (5, else 3.1.1; default auto)",
     )
+    add_plaintext_argument(parser)
     parser.add_argument("--duration", type=float, help="exit after this many seconds")
 
 

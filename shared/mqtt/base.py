@@ -55,7 +55,12 @@ class Session:
 
 
 class Transport(Protocol):
-    """A reconnecting MQTT client whose inbound messages land in ``inbox``."""
+    """A reconnecting MQTT client whose inbound messages land in ``inbox``.
+
+    The inbox is bounded per sender and in all, served one sender at a time, and never
+    blocks the thread that fills it (:class:`shared.mqtt.inbox.FairInbox`): a device that
+    floods its topics delays and grows nothing but its own share.
+    """
 
     inbox: queue.Queue[Inbound]
     # Incremented on every successful (re)connect: workers compare it to notice a reconnect

@@ -9,7 +9,9 @@ sockets and no sleeps. It keeps what fedmq relies on from a real broker:
 - QoS 1 redelivery on reconnect: a QoS ≥ 1 publish made while disconnected waits in the
   client (like paho's queue) and is sent when the client reconnects;
 - sessions end at disconnect (MQTT v5 with session expiry 0, what the agents use): messages
-  published while a client is away are not queued for it, retained ones excepted.
+  published while a client is away are not queued for it, retained ones excepted;
+- each client's ``inbox`` is the same bounded, per-sender fair queue as paho's
+  (:class:`~shared.mqtt.inbox.FairInbox`, bounds from ``inbox_limits``).
 
 Faults are injected by the test: :meth:`MemoryBroker.disconnect` (a network drop; the will
 fires), :meth:`MemoryBroker.reconnect`, :meth:`MemoryBroker.restart` (retained messages are
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 from shared.clock import Clock, SystemClock
 from shared.mqtt.base import Inbound, Outbound, Session, TransportError
+from shared.mqtt.inbox import FairInbox, InboxLimits
 
 # A client queues at most this many QoS ≥ 1 publishes while disconnected (paho's queue is
 # bounded by memory only; a test that needs more is itself a bug).
@@ -92,9 +95,16 @@ class _Client:
 class MemoryBroker:
     """Routes messages between :class:`MemoryTransport` clients in one process."""
 
-    def __init__(self, clock: Clock | None = None, *, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        clock: Clock | None = None,
+        *,
+        persistent: bool = False,
+        inbox_limits: InboxLimits | None = None,
+    ) -> None:
         self.clock: Clock = clock or SystemClock()
         self.persistent = persistent
+        self.inbox_limits = inbox_limits or InboxLimits()
         self._lock = threading.RLock()
         self._retained: dict[str, bytes] = {}
         self._clients: dict[str, _Client] = {}
@@ -251,7 +261,10 @@ class MemoryTransport:
         self.broker = broker
         self.session = session
         self.client_id = session.client_id
-        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        self._fair_inbox = FairInbox(
+            session.client_id, broker.inbox_limits, clock=broker.clock.monotonic
+        )
+        self.inbox: queue.Queue[Inbound] = self._fair_inbox
         self.connect_count = 0
         self.closed = False
         self._subs: dict[str, int] = dict(session.subscriptions)
@@ -353,6 +366,7 @@ class MemoryTransport:
             if self.connected:
                 self.broker._route(self.client_id, msg.topic, msg.payload, msg.qos, msg.retain)
         self.broker._detach(self)
+        self._fair_inbox.close()
         with self._reconnected:
             self.closed = True
             self._reconnected.notify_all()

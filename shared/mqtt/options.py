@@ -6,12 +6,14 @@ No paho here: configs, tests and the transport share these value objects.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlparse
 
 from shared.mqtt.base import TransportError
 from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from shared.mqtt.inbox import InboxLimits
 from shared.mqtt.reassembly import ReassemblyLimits
 from shared.mqtt.versions import AUTO, MQTT_VERSIONS, check_mqtt_version
 
@@ -72,6 +74,64 @@ class ConnectOptions:
     # auto: how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried (a broker
     # answers in milliseconds on a LAN; amqtt never answers some MQTT 5 CONNECTs).
     version_probe_s: float = 3.0
+    # Bounds on inbound messages waiting for the worker, per sender and in all.
+    inbox: InboxLimits = field(default_factory=InboxLimits)
+    # Connect in clear text although TLS files are configured, or a password is set for a
+    # broker off this machine (see plaintext_refusal). Never the default.
+    allow_plaintext: bool = False
+
+
+def plaintext_refusal(address: BrokerAddress, options: ConnectOptions) -> str | None:
+    """Why a plain MQTT connection to ``address`` would leak what ``options`` protect (or None).
+
+    TLS files (``ca_file``, ``cert_file``, ``key_file``) say the broker is meant to be reached
+    over TLS: an ``mqtt://`` URL beside them is a mistake (a stray environment variable, an
+    edited URL) that would send the password in clear text. A password for a broker off this
+    machine over plain MQTT leaks the same way. ``allow_plaintext`` is the explicit way out.
+    """
+    if address.tls or options.allow_plaintext:
+        return None
+    files = [n for n in ("ca_file", "cert_file", "key_file") if getattr(options, n)]
+    if files:
+        why = f"{', '.join(files)} configured for TLS"
+    elif options.password is not None and not is_loopback(address.host):
+        why = "a password set for a broker on another machine"
+    else:
+        return None
+    return (
+        f"refusing to connect to {address} in clear text with {why}: the password and "
+        "every message would cross the network unencrypted; use mqtts://, or set "
+        "allow_plaintext (--allow-plaintext) to connect anyway"
+    )
+
+
+def add_plaintext_argument(parser: argparse.ArgumentParser) -> None:
+    """``--allow-plaintext``: the explicit way to send credentials over plain MQTT."""
+    parser.add_argument(
+        "--allow-plaintext",
+        dest="allow_plaintext",
+        action="store_const",
+        const=True,
+        help="connect over plain mqtt:// even with TLS files, or a password for a remote "
+        "broker, configured (refused by default: the password would travel in clear text)",
+    )
+
+
+def refuse_plaintext(address: BrokerAddress, options: ConnectOptions) -> None:
+    """Raise TransportError when :func:`plaintext_refusal` has a reason."""
+    why = plaintext_refusal(address, options)
+    if why is not None:
+        raise TransportError(why)
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (traffic that never leaves the machine)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class BrokerSettings(Protocol):
@@ -93,6 +153,8 @@ class BrokerSettings(Protocol):
     def mqtt_version(self) -> str: ...
     @property
     def max_chunk_bytes(self) -> int: ...
+    @property
+    def allow_plaintext(self) -> bool: ...
 
 
 def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,12 +23,13 @@ from shared.mqtt.base import Connector, Inbound, Outbound, Session, TransportErr
 from shared.mqtt.chunk_receiver import ChunkReceiver
 from shared.mqtt.chunking import chunk_capacity, split
 from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
-from shared.mqtt.options import BrokerAddress, BrokerSettings, ConnectOptions
+from shared.mqtt.inbox import FairInbox
+from shared.mqtt.options import BrokerAddress, BrokerSettings, ConnectOptions, refuse_plaintext
 from shared.mqtt.reassembly import ReassemblyLimits
 from shared.mqtt.reconnect import JitteredClient
 from shared.mqtt.subscriptions import Ack, PendingAcks, Send, with_chunk_subs
 from shared.mqtt.versions import V5, ConnectAttempt, Outcome, VersionNegotiation, connack_outcome
-from shared.protocol.topics import chunk_topic, sender_of
+from shared.protocol.topics import chunk_topic, quota_key
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,11 @@ class MqttTransport:
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
         self.options = options or ConnectOptions()
-        self.inbox: queue.Queue[Inbound] = queue.Queue()
+        # Before anything is built: a password must not leave in clear text by mistake.
+        refuse_plaintext(self.address, self.options)
+        # Bounded per sender, never blocks the network thread (shared/mqtt/inbox.py).
+        self._fair_inbox = FairInbox(client_id, self.options.inbox)
+        self.inbox: queue.Queue[Inbound] = self._fair_inbox
         self._subs = list(subscriptions)
         self._births = births
         self.connected = threading.Event()
@@ -66,7 +71,7 @@ class MqttTransport:
         opts = self.options
         self.chunks = ChunkReceiver(
             opts.reassembly,
-            sender_of=sender_of,
+            sender_of=quota_key,
             never_retained=self._never_retained,
             clear=self._clear_retained,
         )
@@ -378,6 +383,7 @@ class MqttTransport:
         self._client.disconnect()
         self._client.loop_stop()
         self.chunks.stop()
+        self._fair_inbox.close()
 
 
 def _subscribe_call(
@@ -419,6 +425,7 @@ def connector_for(
         max_chunk_bytes=settings.max_chunk_bytes,
         reassembly=reassembly or ReassemblyLimits(),
         unretained=unretained,
+        allow_plaintext=settings.allow_plaintext,
     )
     return mqtt_connector(settings.broker, options)
 
@@ -426,9 +433,10 @@ def connector_for(
 def mqtt_connector(url: str, options: ConnectOptions | None = None) -> Connector:
     """A :data:`~shared.mqtt.base.Connector` opening :class:`MqttTransport` sessions at ``url``.
 
-    The broker URL is checked now, so a bad one fails at start-up, not at the first connect.
+    The broker URL (and that it does not send a password in clear text by mistake) is
+    checked now, so a bad one fails at start-up, not at the first connect.
     """
-    BrokerAddress.parse(url)
+    refuse_plaintext(BrokerAddress.parse(url), options or ConnectOptions())
 
     def connect(session: Session) -> MqttTransport:
         return MqttTransport(

@@ -31,6 +31,7 @@ ReceiptCode = Literal[
     "over-norm",  # the delta's L2 norm is over the operator's bound
     "non-finite",  # the delta's values are not finite, or would make the global model overflow
     "too-many-samples",  # num_samples is over the device's declared count or the configured maximum
+    "rate-limited",  # the client sent more update messages than its budget: not read
 ]
 RECEIPT_CODES: tuple[ReceiptCode, ...] = get_args(ReceiptCode)
 
@@ -47,6 +48,7 @@ _LEGACY_PREFIXES: tuple[tuple[str, ReceiptCode], ...] = (
     ("non-finite:", "non-finite"),
     ("too many samples:", "too-many-samples"),
     ("undecodable: frame of ", "too-large"),  # "frame of N bytes exceeds the limit of M"
+    ("rate limited:", "rate-limited"),
 )
 
 

@@ -211,6 +211,24 @@ def parse(topic: str) -> ParsedTopic:
     raise TopicError(f"unknown fedmq topic: {topic!r}")
 
 
+def sender_of(topic: str) -> str | None:
+    """The client id a device topic is attributed to, None for the aggregator's topics.
+
+    ``round/{r}/update/{cid}`` and ``agents/{cid}/status``: the only topics the broker's ACL
+    lets a device write, each under its own id (the key of per-sender bounds). Cheap (one
+    split, no validation): it runs on the network thread for every inbound message; an
+    invalid id is still a key, and the message is refused later by :func:`parse`.
+    """
+    parts = topic.split("/", 7)
+    if len(parts) < 6 or f"{parts[0]}/{parts[1]}" != PROTOCOL:
+        return None
+    if len(parts) == 7 and parts[3] == "round" and parts[5] == "update":
+        return parts[6]
+    if len(parts) == 6 and parts[3] == "agents" and parts[5] == "status":
+        return parts[4]
+    return None
+
+
 CHUNK_LEVEL = "chunk"
 
 
@@ -232,17 +250,13 @@ def split_chunk_topic(topic: str) -> tuple[str, int] | None:
     return base, int(index)
 
 
-def sender_of(topic: str) -> str:
-    """Whose quota a payload on ``topic`` counts against (chunk reassembly, per sender).
+def quota_key(topic: str) -> str:
+    """Whose per-sender quota a payload on ``topic`` counts against (chunk reassembly).
 
-    The client id an update, receipt or status topic names: the broker's ACL lets a device
-    publish only under its own id. Any other topic is a sender of its own.
+    The device, for the topics only it may write (:func:`sender_of`); any other topic is a
+    sender of its own.
     """
-    try:
-        client_id = parse(topic).client_id
-    except TopicError:
-        return topic
-    return client_id or topic
+    return sender_of(topic) or topic
 
 
 def _round(round_id: int) -> int:

@@ -34,6 +34,10 @@ pytestmark = pytest.mark.integration
 
 T = Topics(fed.FEDERATION)
 DEVICES = ("pi-0", "pi-1", "pi-2")
+# Logins with the aggregator's topic rights (stolen broker credentials that can write
+# global/#) but their own client ids: the broker uses the username as client id, so an
+# attacker logged in as "aggregator" would only take over the aggregator's connection.
+INTRUDERS = ("intruder", "replayer")
 
 
 @dataclass
@@ -58,8 +62,10 @@ def secure(tmp_path: Path) -> Iterator[SecureBroker]:
     root = tmp_path / "pki"
     port = free_port()
     provision.broker_init(root, port=port, bind="127.0.0.1", federation=fed.FEDERATION)
-    for name in DEVICES:
+    for name in (*DEVICES, *INTRUDERS):
         provision.device_add(root, name)
+    with (root / "acl.conf").open("a") as acl:
+        acl.writelines(f"\nuser {name}\ntopic readwrite fl/v1/#\n" for name in INTRUDERS)
     broker = LocalBroker(tmp_path / "run", port=port, template=root / "mosquitto.conf")
     broker.start()
     try:
@@ -265,11 +271,11 @@ def _start_signed_federation(
 def test_signed_federation_rejects_forged_and_rolled_back_models_and_replays(
     secure: SecureBroker, tmp_path: Path
 ) -> None:
-    # The attacker holds a broker login with write access to global/# (a stolen
-    # aggregator password) but not the model-signing key.
-    attacker = _client(secure, "aggregator", "attacker")
+    # The attacker holds a broker login with write access to global/# (INTRUDERS: stolen
+    # credentials, a compromised broker) but not the model-signing key.
+    attacker = _client(secure, "intruder")
     inbox = fed.collect(attacker, T.global_model, T.global_meta, T.round_start_any, T.update_any)
-    replayer = _client(secure, "pi-0", "pi-0-replayer")
+    replayer = _client(secure, "replayer")
     receipts = fed.collect(replayer, T.receipt_any_round("pi-0"))
     # Full models only (no global deltas): agents follow global/model every round, so the
     # forged full models reach them. The delta path is attacked in the next test.
@@ -335,11 +341,11 @@ def _forged_deltas(genuine0: bytes) -> tuple[bytes, bytes]:
 def test_signed_federation_with_global_deltas_rejects_forged_and_replayed_deltas(
     secure: SecureBroker, tmp_path: Path
 ) -> None:
-    # The attacker again holds the aggregator's broker login, not the signing key. Agents
+    # The attacker again holds a login that can write global/#, not the signing key. Agents
     # always follow global/delta; the forged deltas are published while the aggregator is
     # paused in round 1, so they reach every agent before round 1's genuine delta, and each
     # agent checks them against the model it holds (round 0).
-    attacker = _client(secure, "aggregator", "attacker")
+    attacker = _client(secure, "intruder")
     inbox = fed.collect(attacker, T.global_model, T.global_delta, T.round_start_any)
     agg, agents = _start_signed_federation(secure, tmp_path)  # default: int8 deltas
     try:

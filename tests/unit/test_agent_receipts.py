@@ -40,6 +40,7 @@ DECISIONS: dict[ReceiptCode, tuple[bool, bool, bool]] = {
     "over-norm": (True, False, False),
     "non-finite": (True, False, False),
     "too-many-samples": (True, False, False),
+    "rate-limited": (False, False, False),
 }
 
 

@@ -20,7 +20,7 @@ from shared.mqtt.chunking import MIN_CHUNK_BYTES, split
 from shared.mqtt.options import ConnectOptions
 from shared.mqtt.reassembly import ReassemblyLimits
 from shared.mqtt.transport import MqttTransport
-from shared.protocol.topics import Topics, chunk_topic, sender_of
+from shared.protocol.topics import Topics, chunk_topic, quota_key
 from tests.unit.inprocess import wait_for
 from tests.unit.test_chunking import MIB, forged_chunk
 
@@ -42,7 +42,7 @@ def receiver(clock: FakeClock, cleared: list[str] | None = None) -> ChunkReceive
     limits = ReassemblyLimits(max_payload=64 * CAP, sender_transfers=1, timeout_s=10)
     return ChunkReceiver(
         limits,
-        sender_of=sender_of,
+        sender_of=quota_key,
         never_retained=lambda topic: "/update/" in topic,
         clear=(cleared if cleared is not None else []).append,
         clock=clock,

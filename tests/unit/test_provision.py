@@ -10,6 +10,7 @@ import json
 import shutil
 import stat
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,27 @@ def test_acl_confines_inference_topics_to_the_devices_own_login() -> None:
     assert "pattern read fl/v1/+/infer/%u/response/%u" in device_lines
     assert "topic deny fl/v1/+/infer/#" in device_lines  # the monitor's
     assert not [line for line in device_lines if "/infer/+/" in line]  # never another's
+
+
+def test_the_broker_takes_client_ids_from_usernames(tmp_path: Path) -> None:
+    _init(tmp_path)
+
+    conf = (tmp_path / "mosquitto.conf").read_text()
+
+    # After `listener`: with per_listener_settings it belongs to the TLS listener.
+    assert "\nuse_username_as_clientid true\n" in conf.split("\nlistener ", 1)[1]
+
+
+def test_every_provisioned_process_uses_its_username_as_client_id(tmp_path: Path) -> None:
+    # The broker replaces a client id by the username: a TOML whose two differed would
+    # take over another identity's connection, or be taken over.
+    _init(tmp_path)
+    provision.device_add(tmp_path, "pi-7")
+    tomls = [
+        (tmp_path / "identities/aggregator/aggregator.toml", "aggregator"),
+        (tmp_path / "devices/pi-7/agent.toml", "agent"),
+    ]
+
+    for path, section in tomls:
+        settings = tomllib.loads(path.read_text())[section]
+        assert settings["client_id"] == settings["username"], path

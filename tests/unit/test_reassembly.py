@@ -10,7 +10,7 @@ import pytest
 
 from shared.mqtt.chunking import MIN_CHUNK_BYTES, ChunkError, split
 from shared.mqtt.reassembly import Reassembler, ReassemblyLimits, RefusalTally
-from shared.protocol.topics import Topics, sender_of
+from shared.protocol.topics import Topics, quota_key
 from tests.unit.test_chunking import MIB, forged_chunk
 
 CAP = MIN_CHUNK_BYTES
@@ -33,7 +33,7 @@ def chunks_of(size: int, tid: str | None = None) -> list[bytes]:
 def intake(max_update_bytes: int = 64 * CAP, **changes: int) -> Reassembler:
     """An aggregator's reassembler: fedmq's sender key, one update per sender."""
     limits = replace(ReassemblyLimits.one_update_per_sender(max_update_bytes), **changes)
-    return Reassembler(limits, sender_of=sender_of)
+    return Reassembler(limits, sender_of=quota_key)
 
 
 # --- reassembly --------------------------------------------------------------------------
@@ -245,11 +245,11 @@ def test_tally_counts_senders_beyond_its_bound_together() -> None:
     assert [rep.sender for rep in tally.drain()] == ["a", "b", RefusalTally.OTHERS]
 
 
-def test_sender_of_update_topics_is_their_client_id() -> None:
-    assert sender_of(T.update(3, "pi-7")) == "pi-7"
-    assert sender_of(T.agent_status("pi-7")) == "pi-7"
-    assert sender_of(T.global_model) == T.global_model
-    assert sender_of("not/a/fedmq/topic") == "not/a/fedmq/topic"
+def test_the_quota_key_of_update_topics_is_their_client_id() -> None:
+    assert quota_key(T.update(3, "pi-7")) == "pi-7"
+    assert quota_key(T.agent_status("pi-7")) == "pi-7"
+    assert quota_key(T.global_model) == T.global_model
+    assert quota_key("not/a/fedmq/topic") == "not/a/fedmq/topic"
 
 
 def test_one_update_per_sender_leaves_room_for_an_update_over_the_global_default() -> None:

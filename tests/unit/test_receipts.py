@@ -7,6 +7,7 @@ so the legacy reason→code mapping is checked against what the aggregator actua
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ import pytest
 from aggregator.intake import UpdateIntake, receipt_for
 from aggregator.rounds import NO_ROUND, RoundState, Verdict, late, without_open_round
 from aggregator.strategy import StreamingFedAvg
+from aggregator.update_budget import IntakeGuard
 from shared.protocol.frames import FrameHeader, encode_frame
 from shared.protocol.messages import MessageError, Receipt, decode
 from shared.protocol.receipts import RECEIPT_CODES, ReceiptCode, code_from_legacy_reason
@@ -96,7 +98,21 @@ NO_OPEN_ROUND: dict[str, tuple[Callable[[], Verdict], ReceiptCode]] = {
     "applied round": (lambda: without_open_round(3, last_closed=3), "late"),
     "round to come": (lambda: without_open_round(4, last_closed=3), "no-round"),
 }
-ALL = {**SCENARIOS, **NO_OPEN_ROUND}
+
+
+def _over_budget() -> Verdict:
+    guard = IntakeGuard(logging.getLogger("test"), 10.0, burst=1, rate=0.0)
+    guard.admit("c1", 0.0)
+    verdict = guard.admit("c1", 0.0)[1]
+    assert verdict is not None
+    return verdict
+
+
+# The service's answer to a client over its update budget (before the intake reads it).
+OVER_BUDGET: dict[str, tuple[Callable[[], Verdict], ReceiptCode]] = {
+    "over the budget": (_over_budget, "rate-limited"),
+}
+ALL = {**SCENARIOS, **NO_OPEN_ROUND, **OVER_BUDGET}
 
 
 # --- the aggregator's verdicts ------------------------------------------------------------
@@ -205,9 +221,9 @@ def test_old_decoder_reads_a_receipt_with_code() -> None:
 
 
 def test_a_code_from_a_newer_aggregator_reads_as_a_final_refusal() -> None:
-    receipt = decode(_wire(status="rejected", code="rate-limited"), Receipt)
+    receipt = decode(_wire(status="rejected", code="quota-exceeded"), Receipt)
 
-    assert receipt.code == "rate-limited"
+    assert receipt.code == "quota-exceeded"
     assert receipt.effective_code() == "malformed"
 
 
