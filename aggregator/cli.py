@@ -47,7 +47,7 @@ def _mqtt(cfg: AggregatorConfig) -> Connector:
     Chunked updates are reassembled within one update's bytes per device (a device cannot
     starve the others or exhaust memory), and retained updates are cleared from the broker.
     """
-    from shared.mqtt.transport import connector_for
+    from shared.mqtt.connector import connector_for
 
     return connector_for(
         cfg,

@@ -9,12 +9,40 @@ import numpy as np
 
 from aggregator.intake import UpdateIntake
 from aggregator.rounds import RoundState
+from shared.protocol import messages as msg
 from shared.protocol.messages import RoundMetrics
 
 if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
     from shared.runtime.training import EvalResult
 
 Tensors = dict[str, np.ndarray]
+
+
+def round_start(
+    cfg: AggregatorConfig, state: RoundState, spec: msg.ModelSpec, run: int
+) -> msg.RoundStart:
+    """The announcement of ``state``: who trains which model, how, until when (unsigned)."""
+    return msg.RoundStart(
+        federation=cfg.federation,
+        round=state.round_id,
+        base_hash=state.base_hash,
+        deadline=state.deadline,
+        selected=sorted(state.selected),
+        model=spec,
+        train=msg.TrainParams(
+            local_epochs=cfg.local_epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed * 100_003 + state.round_id,
+        ),
+        codec=cfg.codec,
+        max_update_bytes=cfg.max_update_bytes,
+        download_codec=cfg.download_codec,
+        run=run,
+    )
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from aggregator.resume import (
     set_rng_state,
     starved_action,
 )
-from aggregator.round_records import ClosedRound, OpenRound
+from aggregator.roster import AgentRoster
+from aggregator.round_records import ClosedRound, OpenRound, round_start
 from aggregator.rounds import RoundPhase, RoundState, Verdict, select_clients, without_open_round
 from aggregator.strategy import StreamingFedAvg
 from aggregator.update_bounds import model_headroom
@@ -95,7 +96,7 @@ class AggregatorService:
             self.signing_key,
             run=self.run_epoch,
         )
-        self.agents: dict[str, msg.AgentStatus] = {}
+        self.agents = AgentRoster(self._warn)
         self.guard = IntakeGuard(log, WARN_INTERVAL_S, cfg.update_burst, cfg.update_rate)
         self.rng = np.random.default_rng(cfg.seed)
         self.metrics = MetricsLog(cfg.metrics_file)
@@ -161,7 +162,7 @@ class AggregatorService:
             )
             return None
         started = self.clock.time()
-        selected = select_clients(self._online(), cfg.fraction, cfg.min_clients, self.rng)
+        selected = select_clients(self.agents.online(), cfg.fraction, cfg.min_clients, self.rng)
         state = RoundState(
             r, self.model_hash, set(selected), cfg.min_clients, started + cfg.round_timeout, started
         )
@@ -189,7 +190,7 @@ class AggregatorService:
             cfg.max_update_bytes,
             cfg.max_update_norm,
             max_samples=cfg.max_samples,
-            declared=lambda c: self.agents[c].num_samples if c in self.agents else None,
+            declared=self.agents.declared_samples,
             headroom=model_headroom(self.params),
         )
 
@@ -280,7 +281,7 @@ class AggregatorService:
             latency_ms,
             dict(self.params),
             self.model_hash,
-            bytes_down(intake.download_reports(), len(dl.model_frame), len(self._online())),
+            bytes_down(intake.download_reports(), len(dl.model_frame), len(self.agents.online())),
             dl.model_frame,
             dl.delta_bytes(state.round_id),
         )
@@ -289,26 +290,7 @@ class AggregatorService:
         cfg = self.cfg
         if self.durable is not None:  # journaled first: a restart re-announces the same
             self.durable.announced(state, self.rng)
-        announcement = msg.RoundStart(
-            federation=cfg.federation,
-            round=state.round_id,
-            base_hash=state.base_hash,
-            deadline=state.deadline,
-            selected=sorted(state.selected),
-            model=self.spec,
-            train=msg.TrainParams(
-                local_epochs=cfg.local_epochs,
-                batch_size=cfg.batch_size,
-                lr=cfg.lr,
-                momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay,
-                seed=cfg.seed * 100_003 + state.round_id,
-            ),
-            codec=cfg.codec,
-            max_update_bytes=cfg.max_update_bytes,
-            download_codec=cfg.download_codec,
-            run=self.run_epoch,
-        )
+        announcement = round_start(cfg, state, self.spec, self.run_epoch)
         if self.signing_key is not None:  # pinned agents follow only signed announcements
             announcement = sign_round_start(self.signing_key, announcement)
         # Retained, so an agent that (re)connects mid-round learns the round at once.
@@ -330,7 +312,7 @@ class AggregatorService:
             self._decide(state, "failed", why + f"{state.extensions} extensions")
             return False
         if action == "retry":
-            online = [c for c in self._online() if c not in state.accepted]
+            online = [c for c in self.agents.online() if c not in state.accepted]
             fresh = select_clients(online, cfg.fraction, 1, self.rng) if online else []
             state.selected = set(state.accepted) | set(fresh) or state.selected
         self._extend(state)
@@ -361,7 +343,7 @@ class AggregatorService:
             self._publish(topic, payload, retain=True, wait=False)
 
     def _extend(self, state: RoundState) -> None:
-        extra = [c for c in self._online() if c not in state.selected]
+        extra = [c for c in self.agents.online() if c not in state.selected]
         state.extend(self.clock.time() + self.cfg.round_timeout, extra)
         log.warning(
             "round %d below quorum at its deadline (%d/%d accepted): extended by %.0fs, "
@@ -413,7 +395,7 @@ class AggregatorService:
             self._warn(topics.sender_of(item.topic), "ignoring message on %s: %s", item.topic, exc)
             return False
         if parsed.kind == "agent_status":
-            self._on_status(item)
+            self.agents.on_status(item.topic, item.payload)
             return False
         if parsed.kind != "update" or parsed.round_id is None or parsed.client_id is None:
             return False
@@ -444,30 +426,9 @@ class AggregatorService:
             )
         return offer.verdict.accepted
 
-    def _on_status(self, item: Inbound) -> None:
-        if not item.payload:
-            return
-        try:
-            status = msg.decode(item.payload, msg.AgentStatus)
-        except msg.MessageError as exc:
-            self._warn(topics.sender_of(item.topic), "bad agent status on %s: %s", item.topic, exc)
-            return
-        if topics.parse(item.topic).client_id != status.client_id:
-            # The ACL lets a device write only its own status topic: the payload must agree.
-            sender = topics.sender_of(item.topic)
-            self._warn(sender, "ignoring status for %r on %s", status.client_id, item.topic)
-            return
-        before = self.agents.get(status.client_id)
-        if status.skipped and (before is None or before.round != status.round):
-            log.warning("%s skipped round %d: %s", status.client_id, status.round, status.skipped)
-        self.agents[status.client_id] = status
-
-    def _online(self) -> list[str]:
-        return sorted(c for c, s in self.agents.items() if s.state != "offline")
-
     def _wait_for_agents(self, count: int, timeout: float) -> bool:
         deadline = self.clock.monotonic() + timeout
-        while len(self._online()) < count:
+        while len(self.agents.online()) < count:
             self._after_reconnect()
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mqtt(cfg: AgentConfig | ServeConfig) -> Connector:
     """The real transport: paho-mqtt to ``cfg.broker`` (imported here, not at start-up)."""
-    from shared.mqtt.transport import connector_for
+    from shared.mqtt.connector import connector_for
 
     return connector_for(cfg)
 

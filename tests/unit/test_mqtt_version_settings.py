@@ -13,7 +13,8 @@ from aggregator.ops.monitor_view import add_monitor_arguments
 from edge_agent import config as agent_config
 from edge_agent.serve import ServeConfig, add_serve_arguments, serve_config
 from shared.mqtt.base import Session
-from shared.mqtt.transport import MqttTransport, connector_for
+from shared.mqtt.connector import connector_for
+from shared.mqtt.transport import MqttTransport
 from tests.unit.settings_args import aggregator_args, clear_fedmq_env, write_toml
 
 AGENT = ("--client-id", "pi-0", "--data", "pi-0.npz")

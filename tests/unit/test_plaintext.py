@@ -16,8 +16,9 @@ from aggregator import cli as aggregator_cli
 from edge_agent import cli as agent_cli
 from edge_agent.config import add_arguments, from_args
 from shared.mqtt.base import TransportError
+from shared.mqtt.connector import mqtt_connector
 from shared.mqtt.options import BrokerAddress, ConnectOptions, plaintext_refusal
-from shared.mqtt.transport import MqttTransport, mqtt_connector
+from shared.mqtt.transport import MqttTransport
 
 
 def _refusal(url: str, **options: object) -> str | None:
