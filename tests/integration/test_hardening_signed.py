@@ -1,9 +1,10 @@
 """Signed control data and runs, attacked over a real Mosquitto with real processes.
 
 - A forged retained round announcement (``lr`` 1e30; and a signed one relabelled to another
-  round) and a forged live ``finished``, published with the aggregator's stolen broker login:
-  pinned agents refuse all three and keep training the genuine rounds (before: every agent
-  crashed on the first).
+  round) and a forged live ``finished``, published by someone the broker lets write the
+  aggregator's topics (stolen aggregator credentials, a compromised broker): pinned agents
+  refuse all three and keep training the genuine rounds (before: every agent crashed on the
+  first).
 - A signed ONNX model relabelled with another input shape, and the same model in the old
   frame version whose header was unsigned: a pinned ``serve`` refuses both and keeps
   answering with the genuine model (before: it swapped to the relabelled one).
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from aggregator.ops.local_broker import LocalBroker
 from shared.protocol.onnx_frame import decode_onnx_frame, encode_onnx_frame
@@ -50,7 +52,14 @@ def test_pinned_agents_refuse_forged_announcements_and_keep_training(
     secure: SecureBroker,  # noqa: F811 - the fixture
     tmp_path: Path,
 ) -> None:
-    attacker = _client(secure, "aggregator", "attacker")
+    """The attacker may publish on the aggregator's topics but lacks the signing key.
+
+    It logs in as ``intruder``, an identity the ACL grants ``fl/v1/#`` like the aggregator:
+    a broker that lets someone else publish there. Not as ``aggregator`` itself: the broker
+    uses the username as client id, so that login would only take over the real aggregator's
+    connection (and the two would keep closing each other's), which is another attack.
+    """
+    attacker = _client(secure, "intruder")
     inbox = fed.collect(attacker, T.round_start_any, T.update_any)
     agg, agents = _start_signed_federation(secure, tmp_path)
     try:
@@ -100,7 +109,7 @@ def _serve(url: str, workdir: Path, public_key: Path) -> subprocess.Popen[bytes]
     )
 
 
-def _signed_onnx_frame(key: object) -> bytes:
+def _signed_onnx_frame(key: Ed25519PrivateKey) -> bytes:
     """What a signing aggregator publishes on global/onnx after round 1."""
     import torch
 
@@ -128,8 +137,10 @@ def test_pinned_serve_refuses_a_relabelled_onnx_header_and_the_unsigned_header_f
     frame = decode_onnx_frame(genuine)
     relabelled = encode_onnx_frame(replace(frame.header, input_shape=(1, 4, 16)), frame.onnx)
     old_form = b"FMX\x01" + genuine[4:]  # the frame version whose header was not signed
+    # The dev broker has no ACL: the requester level is the name the client writes there.
     attacker = mqtt_client(broker.url)
-    responses = fed.collect(attacker, T.infer_response("pi-0"))
+    app = mqtt_client(broker.url, client_id="app")
+    responses = fed.collect(app, T.infer_response("pi-0", "app"))
     serve = _serve(broker.url, tmp_path, tmp_path / "model.pub")
     log = tmp_path / "serve.log"
     try:
@@ -140,8 +151,8 @@ def test_pinned_serve_refuses_a_relabelled_onnx_header_and_the_unsigned_header_f
         _publish(attacker, T.global_onnx, old_form, retain=True)
         sample = fed.make_dataset(4, seed=5)
         request = {"id": "after", "x": (sample.x.astype(float) / 255).tolist()}
-        _publish(attacker, T.infer_request("pi-0"), json.dumps(request).encode())
-        response = json.loads(fed.next_on(responses, T.infer_response("pi-0"), 30).payload)
+        _publish(app, T.infer_request("pi-0", "app"), json.dumps(request).encode())
+        response = json.loads(fed.next_on(responses, T.infer_response("pi-0", "app"), 30).payload)
     finally:
         fed.stop([serve])
 
