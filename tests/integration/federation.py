@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -98,9 +99,9 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:
         proc.kill()
         proc.wait()
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-        raise AssertionError(
-            f"{proc.args[2]} did not exit in {timeout}s; log tail:\n{tail}"
-        ) from None
+        args = proc.args  # [python, "-m", module, ...] as started here
+        what = str(args[2]) if isinstance(args, list) and len(args) > 2 else str(args)
+        raise AssertionError(f"{what} did not exit in {timeout}s; log tail:\n{tail}") from None
 
 
 def wait_agents(
@@ -115,8 +116,8 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     stop_processes(procs)
 
 
-def metrics(workdir: Path) -> list[dict[str, object]]:
-    """The per-round entries the aggregator wrote."""
+def metrics(workdir: Path) -> list[dict[str, Any]]:
+    """The per-round entries the aggregator wrote (JSON: numbers, strings, lists)."""
     return list(json.loads((workdir / "metrics.json").read_text())["rounds"])
 
 

@@ -33,15 +33,29 @@ from shared.protocol.topics import Topics, chunk_subscription, chunk_topic
 from shared.runtime.data import ArrayDataset, save_npz
 from tests.conftest import require_mosquitto
 from tests.integration import federation as fed
-from tests.integration.test_security import DEVICES, SecureBroker
+from tests.integration.test_security import DEVICES, SecureBroker, add_identity
 
 pytestmark = pytest.mark.integration
 
 T = Topics(fed.FEDERATION)
 EVIL = "pi-evil"
+# The tests' own reader of update topics (and, as any device, of global/meta). Not the
+# aggregator's login: the broker uses the username as client id, so a second "aggregator"
+# connection would take over the running aggregator's session (and it would take it back),
+# every second.
+WATCHER = "watcher"
+CHECK = f"{T.root}/check"  # the watcher's marker topic: it is routed after what came before
+WATCHER_RULES = (
+    "topic read fl/v1/+/round/+/update/+",
+    "topic read fl/v1/+/round/+/update/+/chunk/+",
+    "topic readwrite fl/v1/+/check",
+)
 MIB = 1024 * 1024
 FLOOD_CHUNKS = 600  # finding 1: 600 MiB of fake chunks
 RETAINED_CHUNKS = 100  # under the broker's 128 MiB queue cap: all delivered at subscription
+# Finding 4: before the fix, 32 open transfers (of all senders together) filled the aggregator
+# and every further chunk was refused, "32 transfers already open".
+OLD_SLOTS = 32
 # What the aggregator's peak RSS may grow by while it reads the flood (the fix holds none of
 # it; before the fix it grew by the whole flood).
 RSS_ALLOWANCE_MIB = 150
@@ -51,13 +65,14 @@ CNN = ("--model", "cnn", "--input-shape", "1,28,28", "--codec", "fp32", "--no-on
 
 @pytest.fixture
 def hardened(tmp_path: Path) -> Iterator[SecureBroker]:
-    """The provisioned TLS broker of test_security, plus the attacker's device identity."""
+    """The provisioned TLS broker of test_security, the attacker's device and the watcher."""
     require_mosquitto()
     root = tmp_path / "pki"
     port = free_port()
     provision.broker_init(root, port=port, bind="127.0.0.1", federation=fed.FEDERATION)
     for name in (*DEVICES, EVIL):
         provision.device_add(root, name)
+    add_identity(root, WATCHER, *WATCHER_RULES)
     broker = LocalBroker(tmp_path / "run", port=port, template=root / "mosquitto.conf")
     broker.start()
     try:
@@ -161,10 +176,17 @@ def _evil_counts(workdir: Path, kind: str) -> list[int]:
     return [int(n) for n in re.findall(rf"{EVIL}: (?:\d+ [a-z-]+, )*(\d+) {kind}", log)]
 
 
+def _evil_reported(workdir: Path) -> int:
+    """Everything the aggregator reported about pi-evil's chunks, whatever their fate."""
+    log = (workdir / "aggregator.log").read_text(errors="replace")
+    counts = re.findall(rf"{EVIL}: ([^(]*)\(last:", log)
+    return sum(int(n) for line in counts for n in re.findall(r"(\d+) [a-z-]+", line))
+
+
 def test_fake_chunk_flood_leaves_aggregator_memory_bounded_and_rounds_complete(
     hardened: SecureBroker, tmp_path: Path
 ) -> None:
-    watch = _login(hardened, "aggregator", "agg-watch")
+    watch = _login(hardened, WATCHER, WATCHER)
     ready = fed.collect(watch, T.global_meta)
     evil = _login(hardened, EVIL, EVIL)
     receipts = fed.collect(evil, T.receipt_any_round(EVIL))
@@ -195,16 +217,16 @@ def test_fake_chunk_flood_leaves_aggregator_memory_bounded_and_rounds_complete(
     assert 0 < sum(refused) <= FLOOD_CHUNKS and len(refused) <= 10
 
 
-def _retained_updates(sb: SecureBroker) -> list[str]:
-    """Update topics (and their chunks) on which the broker holds a retained message."""
-    checker = _login(sb, "aggregator", "retained-check")
-    marker = f"{T.root}/check"
-    inbox = fed.collect(checker, T.update_any, str(chunk_subscription(T.update_any)), marker)
-    checker.publish(marker, b"end", qos=1).wait_for_publish(10)
-    got = fed.until(inbox, fed.on(marker), fed.BROKER_WAIT, "the marker")
-    checker.loop_stop()
-    checker.disconnect()
-    return [m.topic for m in got if m.retain and m.topic != marker]
+def _retained_updates(watch: mqtt.Client) -> list[str]:
+    """Update topics (and their chunks) on which the broker holds a retained message.
+
+    ``watch`` is the watcher's one connection: each subscription is handed the retained
+    messages again, ahead of the marker published after it.
+    """
+    inbox = fed.collect(watch, T.update_any, str(chunk_subscription(T.update_any)), CHECK)
+    watch.publish(CHECK, b"end", qos=1).wait_for_publish(10)
+    got = fed.until(inbox, fed.on(CHECK), fed.BROKER_WAIT, "the marker")
+    return [m.topic for m in got if m.retain and m.topic != CHECK]
 
 
 def test_retained_update_chunks_are_cleared_from_the_broker(
@@ -213,8 +235,8 @@ def test_retained_update_chunks_are_cleared_from_the_broker(
     evil = _login(hardened, EVIL, EVIL)
     receipts = fed.collect(evil, T.receipt_any_round(EVIL))
     _flood(evil, T.update(1, EVIL), RETAINED_CHUNKS, retain=True)  # parked before any aggregator
-    parked = len(_retained_updates(hardened))
-    watch = _login(hardened, "aggregator", "agg-watch")
+    watch = _login(hardened, WATCHER, WATCHER)
+    parked = len(_retained_updates(watch))
     ready = fed.collect(watch, T.global_meta)
     data = fed.write_client_data(tmp_path / "data", 3)
     agg, agents = _start_aggregator(hardened, tmp_path, rounds=2, clients=3), []
@@ -222,7 +244,7 @@ def test_retained_update_chunks_are_cleared_from_the_broker(
         fed.next_on(ready, T.global_meta, 120)
         _flood(evil, T.update(2, EVIL), RETAINED_CHUNKS, retain=True)  # and while it runs
         _answered(evil, receipts)
-        left = _retained_updates(hardened)
+        left = _retained_updates(watch)
         agents = _start_agents(hardened, tmp_path, data)
         codes = _finish(agg, agents, tmp_path, 3)
     finally:
@@ -249,46 +271,74 @@ def _cnn_data(directory: Path, clients: int) -> list[Path]:
     return paths[:clients]
 
 
-def _open_transfers(client: mqtt.Client, stop: threading.Event, opened: list[int]) -> None:
-    """Finding 4's attacker: every 0.5 s, 32 new transfers that never finish."""
+def _open_transfers(
+    client: mqtt.Client, stop: threading.Event, opened: list[int], first: threading.Event
+) -> None:
+    """Finding 4's attacker: 32 new transfers that never finish, again every 0.5 s."""
     topic = chunk_topic(T.update(1, EVIL), 0)
-    while not stop.wait(0.5):
-        for _ in range(32):
+    while True:
+        for _ in range(OLD_SLOTS):
             client.publish(topic, split(os.urandom(4096), 2048)[0], qos=1)
             opened[0] += 1
+        first.set()
+        if stop.wait(0.5):
+            return
 
 
 def test_device_opening_transfers_does_not_starve_chunked_cnn_updates(
     hardened: SecureBroker, tmp_path: Path
 ) -> None:
+    watch = _login(hardened, WATCHER, WATCHER)
+    ready = fed.collect(watch, T.global_meta)
     evil = _login(hardened, EVIL, EVIL)
-    stop, opened = threading.Event(), [0]
-    attacker = threading.Thread(target=_open_transfers, args=(evil, stop, opened), daemon=True)
-    attacker.start()
+    receipts = fed.collect(evil, T.receipt_any_round(EVIL))
+    stop, first, opened = threading.Event(), threading.Event(), [0]
+    attack = threading.Thread(target=_open_transfers, args=(evil, stop, opened, first), daemon=True)
     data = _cnn_data(tmp_path / "data", 2)
     short = ("--round-timeout", "40", "--max-extensions", "1")
     agg = _start_aggregator(hardened, tmp_path, *CNN, *short, rounds=2, clients=2)
-    agents = _start_agents(hardened, tmp_path, data)
+    agents: list[Popen[bytes]] = []
     try:
+        fed.next_on(ready, T.global_meta, 120)  # subscribed: every transfer from now on reaches it
+        attack.start()
+        assert first.wait(fed.BROKER_WAIT), "the attacker's first transfers were not sent"
+        _answered(evil, receipts)  # the aggregator has read them, before any honest chunk
+        early = opened[0]  # at most this many reached it before the agents started
+        agents = _start_agents(hardened, tmp_path, data)
         codes = _finish(agg, agents, tmp_path, 2)
     finally:
         stop.set()
-        attacker.join(10)
+        if attack.ident is not None:
+            attack.join(10)
         fed.stop([agg, *agents])
 
     rounds = fed.metrics(tmp_path) if (tmp_path / "metrics.json").exists() else []
     times = [round(r["round_time_s"], 1) for r in rounds]
-    print(f"{opened[0]} transfers opened by {EVIL}; exit codes {codes}; round times {times} s")
+    # Each of the attacker's transfers is one chunk, which the aggregator reports as refused
+    # or dropped (all but its last, still open when it stops): a lower bound of what reached it.
+    reached = _evil_reported(tmp_path)
+    during = reached - early  # at least this many reached it while the agents ran
+    superseded = sum(_evil_counts(tmp_path, "superseded"))
+    logs = {n: (tmp_path / f"{n}.log").read_text(errors="replace") for n in DEVICES[:2]}
+    resent = [n for n, text in logs.items() if "re-sending the unacknowledged" in text]
+    print(f"{EVIL} opened {opened[0]} transfers; {OLD_SLOTS} to {early} reached the aggregator")
+    print(f"before the agents started, at least {during} while they ran; {superseded} superseded")
+    print(f"exit codes {codes}; round times {times} s; updates re-sent by {resent}")
+    # The attack was in place before the first honest chunk (before the fix, these alone held
+    # every transfer slot for 120 s) and went on throughout both rounds ...
+    assert during >= OLD_SLOTS
+    # ... and each round still took both agents' chunked updates, each at its first send.
     assert codes == [0, 0, 0]
     assert [r["participants"] for r in rounds] == [list(DEVICES[:2])] * 2
     assert all(r["bytes_up"] > 2 * 1_000_000 for r in rounds)  # both updates were chunked
-    assert opened[0] >= 32 * 10 and sum(_evil_counts(tmp_path, "superseded")) > 0
+    assert resent == []
+    assert superseded == reached  # it only ever competed with itself: nothing refused as busy
 
 
 def test_broker_disconnects_a_device_sending_a_packet_over_the_limit(
     hardened: SecureBroker,
 ) -> None:
-    watch = _login(hardened, "aggregator", "agg-watch")
+    watch = _login(hardened, WATCHER, WATCHER)
     seen = fed.collect(watch, T.update_any)
     evil = _login(hardened, EVIL, EVIL)
     dropped = threading.Event()

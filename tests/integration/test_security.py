@@ -56,16 +56,29 @@ class SecureBroker:
         return (self.root / sub / user / "password").read_text().strip()
 
 
+def add_identity(root: Path, name: str, *acl_rules: str) -> None:
+    """Provision ``name`` as a device login and grant it ``acl_rules`` (``topic read …``) too.
+
+    For test clients that need rights of their own (an intruder with stolen write rights, a
+    watcher reading updates): the broker uses the username as client id, so a client logged in
+    as an identity a process already uses (the aggregator's, say) takes over that process's
+    session. Call it before the broker starts (Mosquitto reads the ACL at start).
+    """
+    provision.device_add(root, name)
+    with (root / "acl.conf").open("a") as acl:
+        acl.write(f"\nuser {name}\n" + "".join(f"{rule}\n" for rule in acl_rules))
+
+
 @pytest.fixture
 def secure(tmp_path: Path) -> Iterator[SecureBroker]:
     require_mosquitto()
     root = tmp_path / "pki"
     port = free_port()
     provision.broker_init(root, port=port, bind="127.0.0.1", federation=fed.FEDERATION)
-    for name in (*DEVICES, *INTRUDERS):
+    for name in DEVICES:
         provision.device_add(root, name)
-    with (root / "acl.conf").open("a") as acl:
-        acl.writelines(f"\nuser {name}\ntopic readwrite fl/v1/#\n" for name in INTRUDERS)
+    for name in INTRUDERS:
+        add_identity(root, name, "topic readwrite fl/v1/#")
     broker = LocalBroker(tmp_path / "run", port=port, template=root / "mosquitto.conf")
     broker.start()
     try:
