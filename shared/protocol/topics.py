@@ -257,17 +257,22 @@ def parse(topic: str) -> ParsedTopic:
 
 
 def sender_of(topic: str) -> str | None:
-    """The client id a device topic is attributed to, None for the aggregator's topics.
+    """The login a client's topic is attributed to, None for the aggregator's topics.
 
     ``round/{r}/update/{cid}`` and ``agents/{cid}/status``: the only topics the broker's ACL
-    lets a device write, each under its own id (the key of per-sender bounds). Cheap (one
-    split, no validation): it runs on the network thread for every inbound message; an
-    invalid id is still a key, and the message is refused later by :func:`parse`.
+    lets a device write, each under its own id; ``infer/{server}/request/{req}``: the
+    requester, whose login the ACL binds to that level. The key of per-sender bounds (a
+    transport's inbox, chunk reassembly), so an inference server bounds and serves each
+    requester in turn. Cheap (one split, no validation): it runs on the network thread for
+    every inbound message; an invalid id is still a key, and the message is refused later by
+    :func:`parse`.
     """
     parts = topic.split("/", 7)
     if len(parts) < 6 or f"{parts[0]}/{parts[1]}" != PROTOCOL:
         return None
     if len(parts) == 7 and parts[3] == "round" and parts[5] == "update":
+        return parts[6]
+    if len(parts) == 7 and parts[3] == "infer" and parts[5] == "request":
         return parts[6]
     if len(parts) == 6 and parts[3] == "agents" and parts[5] == "status":
         return parts[4]
@@ -298,8 +303,8 @@ def split_chunk_topic(topic: str) -> tuple[str, int] | None:
 def quota_key(topic: str) -> str:
     """Whose per-sender quota a payload on ``topic`` counts against (chunk reassembly).
 
-    The device, for the topics only it may write (:func:`sender_of`); any other topic is a
-    sender of its own.
+    The device, for the topics only it may write, and the requester of an inference request
+    (:func:`sender_of`); any other topic is a sender of its own.
     """
     return sender_of(topic) or topic
 
