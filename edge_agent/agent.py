@@ -48,7 +48,7 @@ class EdgeAgent:
         self.cfg = cfg
         self.clock: Clock = clock or SystemClock()
         self.topics = topics.Topics(cfg.federation)
-        topics.validate_name("client id", cfg.client_id)
+        topics.validate_agent_id(cfg.client_id)  # not an inference server's id
         self.data, self.val = self._load_data()
         self.trainer = LocalTrainer(cfg.client_id, cfg.threads)
         self.feedback = DeviceFeedback(cfg.resolved_state_dir(), cfg.federation)

@@ -3,9 +3,13 @@
 Subscribes to the retained ``global/onnx`` topic and hot-swaps to every new model whose frame
 verifies (SHA-256 of the ONNX bytes, federation, newer run and round; with a pinned key, a
 signed header); answers each requester's requests, published on
-``fl/v1/{fed}/infer/{cid}/request/{requester}`` (JSON ``{"id": .., "x": [[...]]}`` or ``.npz``
-bytes with an ``x`` array), with JSON on ``.../infer/{cid}/response/{requester}``. No torch:
-see :mod:`edge_agent.inference`.
+``fl/v1/{fed}/infer/{cid}-infer/request/{requester}`` (JSON ``{"id": .., "x": [[...]]}`` or
+``.npz`` bytes with an ``x`` array), with JSON on ``.../infer/{cid}-infer/response/{requester}``.
+No torch: see :mod:`edge_agent.inference`.
+
+The server is a client of its own, ``{cid}-infer`` (:func:`shared.protocol.topics.
+inference_server_id`), never its device's training agent: on a provisioned broker (one
+connection per login) it logs in with the inference identity `fedmq device add` provisions.
 
 Every request gets an answer or an error reply (with its id when readable), never a crash:
 parsing is bounded (:mod:`edge_agent.infer_request`), and each requester has a budget
@@ -55,8 +59,8 @@ class ServeConfig:
 
     broker: str = "mqtt://127.0.0.1:1883"
     federation: str = "default"
-    client_id: str = ""
-    # Both or neither; empty: each requester on its own topics, infer/{cid}/request/{requester}
+    client_id: str = ""  # the device's; the server connects as {client_id}-infer
+    # Both or neither; empty: each requester on its own topics, infer/{cid}-infer/request/{req}
     input_topic: str = ""  # one request topic (may hold wildcards): one shared budget
     output_topic: str = ""  # where requests on input_topic are answered
     model: str = ""  # optional ONNX file/frame to serve until the broker's model arrives
@@ -84,7 +88,15 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not self.client_id:
             raise ValueError("client-id is required")
-        topics.validate_name("client id", self.client_id)
+        server_id = self.server_id  # refuses a client id that leaves no room for the suffix
+        if self.username == self.client_id:
+            # With use_username_as_clientid the broker would name this connection after the
+            # device and close its training agent's (and the ACL grants it no infer/ topic).
+            raise ValueError(
+                f"username {self.username!r} is the device's own login, which its training "
+                f"agent uses: serve logs in as {server_id!r}, the inference identity "
+                "`fedmq device add` provisions (re-run it to get one)"
+            )
         topics.validate_name("federation", self.federation)
         check_protocol_settings(self.mqtt_version, self.max_chunk_bytes)
         if bool(self.input_topic) != bool(self.output_topic):
@@ -94,6 +106,11 @@ class ServeConfig:
         if not 1 <= self.max_batch <= MAX_BATCH:
             raise ValueError(f"max-batch must be in 1..{MAX_BATCH}")
         self.budget()  # range checks of the budget settings
+
+    @property
+    def server_id(self) -> str:
+        """The server's client id (and provisioned login): ``{client_id}-infer``."""
+        return topics.inference_server_id(self.client_id)
 
     def budget(self) -> BudgetLimits:
         """Each requester's allowance."""
@@ -111,9 +128,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="TOML file ([inference] table)")
     parser.add_argument("--broker")
     parser.add_argument("--federation")
-    parser.add_argument("--client-id")
+    parser.add_argument("--client-id", help="the device's id; serve connects as <id>-infer")
     parser.add_argument(
-        "--input-topic", help="one request topic instead of .../infer/{cid}/request/{requester}"
+        "--input-topic",
+        help="one request topic instead of .../infer/{cid}-infer/request/{requester}",
     )
     parser.add_argument("--output-topic", help="where requests on --input-topic are answered")
     parser.add_argument("--model", help="ONNX file to serve until the federation's model arrives")
@@ -168,7 +186,7 @@ class InferenceServer:
                 self.model = OnnxClassifier.from_bytes(fh.read(), cfg.threads)
         self.transport = connect(
             Session(
-                f"{cfg.client_id}-infer",
+                cfg.server_id,
                 subscriptions=((self.topics.global_onnx, 1), (self.request_subscription, 1)),
             )
         )

@@ -142,18 +142,27 @@ pattern read fl/v1/+/global/delta/chunk/+
 pattern read fl/v1/+/aggregator/status
 pattern read fl/v1/+/round/+/receipt/%u
 
-# On-device inference (`fedmq-agent serve` logs in as its device). The last topic level
-# names the requester and is bound to the requester's login, so a requester can neither
-# pose as another nor read another's answers, and the server budgets each requester.
-# A device's server reads the ONNX model and the requests addressed to it, and answers
-# them; a device asks only its own server (applications on the device use its identity).
-# No device reads another's requests or answers. The aggregator (fl/v1/#) may ask any.
+# On-device inference. A device's inference server (`fedmq-agent serve`) is a second
+# identity, NAME-infer, provisioned by `fedmq device add NAME`: each process has its own
+# login, so neither takes over the other's connection (use_username_as_clientid). Its
+# topics are keyed by its login: fl/v1/FED/infer/NAME-infer/request/REQUESTER, answered
+# on .../infer/NAME-infer/response/REQUESTER. The last level is bound to the requester's
+# login, so a requester can neither pose as another nor read another's answers, and
+# the server budgets each requester. %u may sit inside a level: for the device NAME,
+# "%u-infer" is its own server. No device reads another's requests or answers; the
+# monitor reads none; the aggregator (fl/v1/#) may ask any server.
+# The server (login NAME-infer) reads the ONNX model and the requests addressed to it,
+# and answers them. (For a device's own login these name topics no server uses: a
+# server's login ends in "-infer", and `fedmq device add` refuses such device names.)
 pattern read fl/v1/+/global/onnx
 pattern read fl/v1/+/global/onnx/chunk/+
 pattern read fl/v1/+/infer/%u/request/+
 pattern read fl/v1/+/infer/%u/request/+/chunk/+
 pattern write fl/v1/+/infer/%u/response/+
-pattern write fl/v1/+/infer/%u/request/%u
-pattern write fl/v1/+/infer/%u/request/%u/chunk/+
-pattern read fl/v1/+/infer/%u/response/%u
+# The device (login NAME) asks its own server, and only as itself.
+pattern write fl/v1/+/infer/%u-infer/request/%u
+pattern write fl/v1/+/infer/%u-infer/request/%u/chunk/+
+pattern read fl/v1/+/infer/%u-infer/response/%u
+# The device patterns above also apply to NAME-infer; fedmq refuses client ids ending in
+# "-infer" on the training topics (shared/protocol/topics.py), so a server never trains.
 """

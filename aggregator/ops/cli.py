@@ -24,12 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     p_report.add_argument("run_dir", type=Path)
     _add_bench_commands(sub)
     _add_model_commands(sub)
-    from aggregator.ops import provision  # broker init, device add
+    from aggregator.ops import provision_cli  # broker init, device add
 
-    provision.add_subcommands(sub)
+    provision_cli.add_subcommands(sub)
     args = parser.parse_args(argv)
     if args.command in ("broker", "device"):
-        return provision.run(args)
+        return provision_cli.run(args)
     if args.command == "export":
         from aggregator.ops.export import run_export
 

@@ -117,12 +117,17 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
     },
     "inference": {
         **_COMMON,
-        "client_id": "this device's id (required); names the request/response topics",
+        "client_id": "the device's id (required), e.g. `pi-07`: the server connects as "
+        "`{client_id}-infer` (on a provisioned broker: its own login, `username`) and names "
+        "the request/response topics after it",
+        "username": "MQTT user name; on a provisioned broker `{client_id}-infer`, never the "
+        "device's own login (its training agent's connection)",
         "input_topic": "one request topic (may hold wildcards; all its requests share one "
-        "budget) instead of each requester's `fl/v1/{fed}/infer/{client_id}/request/{requester}`"
-        " (the requester is its broker login, bound by the provisioned ACL)",
+        "budget) instead of each requester's "
+        "`fl/v1/{fed}/infer/{client_id}-infer/request/{requester}` (the requester is its "
+        "broker login, bound by the provisioned ACL)",
         "output_topic": "where requests on `input_topic` are answered (set both or neither; "
-        "default: `fl/v1/{fed}/infer/{client_id}/response/{requester}`)",
+        "default: `fl/v1/{fed}/infer/{client_id}-infer/response/{requester}`)",
         "model": "ONNX file (or fedmq ONNX frame) served until the federation's model arrives",
         "max_model_bytes": "ONNX frames larger than this are refused",
         "model_public_key": "aggregator's model-signing public key (PEM): only ONNX models it "

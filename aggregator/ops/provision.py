@@ -13,7 +13,11 @@ Layout of DIR (secrets 0600)::
                               (read-only identity; the last two: `fedmq monitor --config`
                               and mosquitto_sub defaults, so no password on a command line)
     devices/NAME/             password, client.crt/.key, ca.crt, model-signing.pub, agent.toml
-                              ([agent] and [inference]: `fedmq-agent serve --config` too)
+                              ([agent]: the training agent, logs in as NAME; [inference]:
+                              `fedmq-agent serve --config`, logs in as NAME-infer)
+    devices/NAME/infer/       password, client.crt/.key of NAME-infer, the device's inference
+                              server: one login per process that connects, since the broker
+                              gives each login one connection (use_username_as_clientid)
 
 Re-running is safe: an existing file is kept and reported; ``--force`` rotates (rewrites)
 what the command creates. ``passwd`` is derived from the identities' password files and is
@@ -22,7 +26,6 @@ rewritten only when an entry is missing or no longer matches.
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import os
@@ -32,12 +35,13 @@ from pathlib import Path
 
 from aggregator.ops import pki
 from aggregator.ops.broker_templates import ACL, PROD_CONF_TEMPLATE
-from aggregator.ops.client_files import mosquitto_sub_defaults
+from aggregator.ops.client_files import mosquitto_sub_defaults, toml_file, toml_table
 from shared.protocol import signing
-from shared.protocol.topics import TopicError, validate_name
+from shared.protocol.topics import inference_server_id, validate_name
 
 STATE_FILE = "provision.json"
 RESERVED = ("aggregator", "monitor")
+INFER_DIR = "infer"  # devices/NAME/infer/: the identity of NAME's inference server
 
 
 @dataclass
@@ -158,6 +162,7 @@ def device_add(
     """Provision one device: credentials, client cert, trust anchors and ``agent.toml``."""
     root = root.resolve()
     validate_name("device name", name)
+    server = inference_server_id(name)  # also refuses "-infer" names and ones too long for it
     if name in RESERVED:
         raise ValueError(f"{name!r} is a reserved identity; choose another device name")
     state = load_state(root)
@@ -165,32 +170,46 @@ def device_add(
     report = Report()
     w = _Writer(force, report)
     ddir = root / "devices" / name
-    _identity(w, ddir, name, _load_ca(root), False)
+    ca = _load_ca(root)
+    _identity(w, ddir, name, ca, False)
+    _identity(w, ddir / INFER_DIR, server, ca, False)
     w.write(ddir / "ca.crt", (root / "ca.crt").read_bytes(), secret=False)
     w.write(ddir / "model-signing.pub", (root / "model-signing.pub").read_bytes(), secret=False)
     where = Path(install_dir) if install_dir else ddir
-    settings = {
-        "broker": f"mqtts://{state['host']}:{state['port']}",
-        "federation": fed,
-        "client_id": name,
-        "username": name,
-        "password": (ddir / "password").read_text().strip(),
-        "ca_file": str(where / "ca.crt"),
-        "cert_file": str(where / "client.crt"),
-        "key_file": str(where / "client.key"),
-        "model_public_key": str(where / "model-signing.pub"),
-    }
-    toml = _toml("agent", settings, '# data = "/var/lib/fedmq/data.npz"   # or pass --data\n')
-    # `fedmq-agent serve --config agent.toml` reads this table: the same identity, pinned key
-    # and certificates (the ACL lets a device serve its own infer/ topics).
-    toml += "\n" + _table("inference", settings)
-    w.write(ddir / "agent.toml", toml.encode(), secret=True)
+    toml = _device_toml(state, fed, name, ddir, where)
+    # Rewritten when a password in it is new (an upgrade adds the inference identity).
+    fresh = any(
+        report.of(d / "password") in ("created", "rotated") for d in (ddir, ddir / INFER_DIR)
+    )
+    w.write(ddir / "agent.toml", toml.encode(), secret=True, rotate=fresh)
     sync_password_file(root, report)
     report.notes.append(
         f"copy {ddir} to the device ({where}); run: fedmq-agent --config {where / 'agent.toml'} "
-        "--data YOUR_DATA; reload a running broker: kill -HUP $(pidof mosquitto)"
+        f"--data YOUR_DATA (and for inference: fedmq-agent serve --config {where / 'agent.toml'}, "
+        f"as {server}); reload a running broker: kill -HUP $(pidof mosquitto)"
     )
     return report
+
+
+def _device_toml(
+    state: Mapping[str, object], federation: str, name: str, ddir: Path, where: Path
+) -> str:
+    """``agent.toml``: ``[agent]`` logs in as the device, ``[inference]`` as its server."""
+    common = {
+        "broker": f"mqtts://{state['host']}:{state['port']}",
+        "federation": federation,
+        "client_id": name,
+    }
+    trust = {"ca_file": str(where / "ca.crt"), "model_public_key": str(where / "model-signing.pub")}
+    toml = toml_file(
+        "agent",
+        {**common, **_login(ddir, where, name), **trust},
+        '# data = "/var/lib/fedmq/data.npz"   # or pass --data\n',
+    )
+    # `fedmq-agent serve --config agent.toml` reads this table: the device's client id (its
+    # server's topics are infer/NAME-infer/...), the server's own login and certificate.
+    server = _login(ddir / INFER_DIR, where / INFER_DIR, inference_server_id(name))
+    return toml + "\n" + toml_table("inference", {**common, **server, **trust})
 
 
 def render_conf(root: Path, port: int, bind: str, run_as: str | None, require_cert: bool) -> str:
@@ -246,8 +265,22 @@ def load_state(root: Path) -> dict[str, object]:
 
 def _identities(root: Path) -> list[tuple[str, Path]]:
     found = [(n, root / "identities" / n / "password") for n in RESERVED]
-    found += [(p.parent.name, p) for p in sorted((root / "devices").glob("*/password"))]
+    for p in sorted((root / "devices").glob("*/password")):
+        found.append((p.parent.name, p))
+        server = p.parent / INFER_DIR / "password"
+        if server.exists():  # device_add writes it only for a name that has a server id
+            found.append((inference_server_id(p.parent.name), server))
     return [(user, p) for user, p in found if p.exists()]
+
+
+def _login(directory: Path, installed: Path, username: str) -> dict[str, str]:
+    """The connection keys of one identity: its login and its certificate where installed."""
+    return {
+        "username": username,
+        "password": (directory / "password").read_text().strip(),
+        "cert_file": str(installed / "client.crt"),
+        "key_file": str(installed / "client.key"),
+    }
 
 
 def _identity(w: _Writer, directory: Path, username: str, ca: pki.Issued, new_ca: bool) -> None:
@@ -291,7 +324,7 @@ def _aggregator_toml(w: _Writer, root: Path) -> None:
     rotate = w.report.of(ident / "password") in ("created", "rotated")
     w.write(
         ident / "aggregator.toml",
-        _toml("aggregator", settings).encode(),
+        toml_file("aggregator", settings).encode(),
         secret=True,
         rotate=rotate,
     )
@@ -313,22 +346,13 @@ def _monitor_files(w: _Writer, root: Path) -> None:
         "key_file": str(ident / "client.key"),
     }
     rotate = w.report.of(ident / "password") in ("created", "rotated")
-    w.write(ident / "monitor.toml", _toml("monitor", settings).encode(), secret=True, rotate=rotate)
+    w.write(
+        ident / "monitor.toml", toml_file("monitor", settings).encode(), secret=True, rotate=rotate
+    )
     text = mosquitto_sub_defaults(
         str(state["host"]), int(str(state["port"])), root / "ca.crt", ident, "monitor", password
     )
     w.write(ident / "mosquitto_sub", text.encode(), secret=True, rotate=rotate)
-
-
-def _toml(section: str, settings: Mapping[str, object], extra: str = "") -> str:
-    head = "# generated by `fedmq` provisioning: contains a password (mode 0600)\n"
-    return head + _table(section, settings) + extra
-
-
-def _table(section: str, settings: Mapping[str, object]) -> str:
-    # JSON string escapes are valid TOML basic-string escapes.
-    body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
-    return f"[{section}]\n{body}"
 
 
 def _load_ca(root: Path) -> pki.Issued:
@@ -343,56 +367,3 @@ def _current_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "mosquitto"
-
-
-# --- command line ---------------------------------------------------------------------
-def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``broker init`` and ``device add`` on the ``fedmq`` parser."""
-    p_broker = sub.add_parser("broker", help="provision a TLS broker with credentials and ACL")
-    b_sub = p_broker.add_subparsers(dest="broker_command", required=True)
-    p_init = b_sub.add_parser("init", help="create CA, broker cert, identities, passwd, ACL, conf")
-    p_init.add_argument("dir", type=Path)
-    p_init.add_argument("--host", help="name or IP devices use to reach the broker (in the SAN)")
-    p_init.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
-    p_init.add_argument("--bind", default="", help="listen on this address only (default: all)")
-    p_init.add_argument("--federation", default="default", help="federation of agent.toml files")
-    p_init.add_argument("--broker-user", help="account mosquitto runs as (default: you)")
-    p_init.add_argument("--require-certificate", action="store_true", help="mutual TLS")
-    p_init.add_argument("--force", action="store_true", help="rotate existing keys and secrets")
-    p_device = sub.add_parser("device", help="provision devices")
-    d_sub = p_device.add_subparsers(dest="device_command", required=True)
-    p_add = d_sub.add_parser("add", help="credentials, client cert and agent.toml for a device")
-    p_add.add_argument("name", help="device name: its username and fedmq client id")
-    p_add.add_argument("--dir", type=Path, required=True, help="the `broker init` directory")
-    p_add.add_argument("--federation", help="federation (default: the one given to broker init)")
-    p_add.add_argument("--install-dir", help="where the bundle will live on the device")
-    p_add.add_argument("--force", action="store_true", help="rotate this device's secrets")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run ``broker init`` or ``device add``; print the report; exit code."""
-    try:
-        if args.command == "broker":
-            report = broker_init(
-                args.dir,
-                host=args.host,
-                port=args.port,
-                bind=args.bind,
-                federation=args.federation,
-                run_as=args.broker_user,
-                require_certificate=args.require_certificate,
-                force=args.force,
-            )
-        else:
-            report = device_add(
-                args.dir,
-                args.name,
-                federation=args.federation,
-                install_dir=args.install_dir,
-                force=args.force,
-            )
-    except (ValueError, TopicError, OSError) as exc:
-        print(f"error: {exc}")
-        return 1
-    print("\n".join(report.lines()))
-    return 0

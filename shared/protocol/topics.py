@@ -15,10 +15,17 @@ Layout (protocol version in the namespace, like Sparkplug's ``spBv1.0``)::
     <any topic>/chunk/{i}                  one chunk of a payload over the packet limit
     fl/v1/{fed}/agents/{cid}/status        retained JSON: online | busy | offline (will)
     fl/v1/{fed}/metrics                    JSON per applied round (latest retained)
-    fl/v1/{fed}/infer/{cid}/request/{req}  JSON/npz inference request from requester {req}
-    fl/v1/{fed}/infer/{cid}/response/{req} JSON answer of {cid}'s inference server to {req}
-                                           ({req} is the requester's broker login: the ACL
-                                           binds it, so it cannot be forged)
+    fl/v1/{fed}/infer/{cid}-infer/request/{req}
+                                           JSON/npz inference request from requester {req} to
+                                           device {cid}'s inference server
+    fl/v1/{fed}/infer/{cid}-infer/response/{req}
+                                           JSON answer of {cid}'s inference server to {req}
+
+``{cid}-infer`` is the inference server's own identity (:func:`inference_server_id`): its
+client id and, on a provisioned broker, its login, so the server never shares a connection
+with its device's training agent. ``{req}`` is the requester's broker login; the ACL binds
+both levels to the logins, so neither can be forged. Client ids ending in ``-infer`` name
+inference servers and never train: the training topics refuse them.
 
 No other module writes a topic literal.
 """
@@ -35,6 +42,9 @@ PROTOCOL = "fl/v1"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _ROUND_RE = re.compile(r"0|[1-9][0-9]{0,8}")
 MAX_ROUND = 999_999_999
+# A device's inference server is a client of its own: ``{cid}{INFERENCE_SUFFIX}``.
+INFERENCE_SUFFIX = "-infer"
+MAX_NAME_CHARS = 64
 
 
 class TopicError(ValueError):
@@ -49,6 +59,43 @@ def validate_name(kind: str, value: str) -> str:
             "starting with a letter or digit"
         )
     return value
+
+
+def validate_agent_id(client_id: str) -> str:
+    """A legal client id of a training agent (a device): not an inference server's id.
+
+    Ids ending in :data:`INFERENCE_SUFFIX` belong to inference servers, each provisioned
+    with a login of its own; refusing them on the training topics keeps that second
+    identity of a device from training (one device, one update per round).
+    """
+    validate_name("client id", client_id)
+    if client_id.endswith(INFERENCE_SUFFIX):
+        raise TopicError(
+            f"invalid client id {client_id!r}: ids ending in {INFERENCE_SUFFIX!r} name "
+            "inference servers, which never train"
+        )
+    return client_id
+
+
+def inference_server_id(client_id: str) -> str:
+    """Client id (and provisioned login) of device ``client_id``'s inference server."""
+    validate_agent_id(client_id)
+    if len(client_id) + len(INFERENCE_SUFFIX) > MAX_NAME_CHARS:
+        longest = MAX_NAME_CHARS - len(INFERENCE_SUFFIX)
+        raise TopicError(
+            f"invalid client id {client_id!r}: at most {longest} characters leave room for "
+            f"its inference server's id ({client_id}{INFERENCE_SUFFIX})"
+        )
+    return client_id + INFERENCE_SUFFIX
+
+
+def device_of_server(server_id: str) -> str:
+    """The device whose inference server is ``server_id``; TopicError for any other id."""
+    validate_name("inference server id", server_id)
+    device = server_id.removesuffix(INFERENCE_SUFFIX)
+    if device == server_id:
+        raise TopicError(f"{server_id!r} is not an inference server id (*{INFERENCE_SUFFIX})")
+    return validate_agent_id(device)
 
 
 @dataclass(frozen=True)
@@ -96,19 +143,19 @@ class Topics:
         return f"{self.root}/global/onnx"
 
     def infer_request(self, client_id: str, requester: str) -> str:
-        """Where ``requester`` asks ``client_id``'s inference server for predictions."""
+        """Where ``requester`` asks device ``client_id``'s inference server for predictions."""
         return f"{self._infer(client_id)}/request/{validate_name('requester', requester)}"
 
     def infer_request_any(self, client_id: str) -> str:
-        """Subscription to every requester's requests to ``client_id`` (its server's)."""
+        """Subscription to every requester's requests to device ``client_id``'s server."""
         return f"{self._infer(client_id)}/request/+"
 
     def infer_response(self, client_id: str, requester: str) -> str:
-        """Where ``client_id``'s inference server answers ``requester``."""
+        """Where device ``client_id``'s inference server answers ``requester``."""
         return f"{self._infer(client_id)}/response/{validate_name('requester', requester)}"
 
     def _infer(self, client_id: str) -> str:
-        return f"{self.root}/infer/{validate_name('client id', client_id)}"
+        return f"{self.root}/infer/{inference_server_id(client_id)}"
 
     @property
     def metrics(self) -> str:
@@ -126,9 +173,7 @@ class Topics:
 
     def update(self, round_id: int, client_id: str) -> str:
         """Where ``client_id`` publishes its delta for ``round_id``."""
-        return (
-            f"{self.root}/round/{_round(round_id)}/update/{validate_name('client id', client_id)}"
-        )
+        return f"{self.root}/round/{_round(round_id)}/update/{validate_agent_id(client_id)}"
 
     @property
     def update_any(self) -> str:
@@ -137,7 +182,7 @@ class Topics:
 
     def receipt(self, round_id: int, client_id: str) -> str:
         """Where the aggregator acknowledges ``client_id``'s update for ``round_id``."""
-        cid = validate_name("client id", client_id)
+        cid = validate_agent_id(client_id)
         return f"{self.root}/round/{_round(round_id)}/receipt/{cid}"
 
     @property
@@ -147,7 +192,7 @@ class Topics:
 
     def receipt_any_round(self, client_id: str) -> str:
         """Subscription to one client's receipts, all rounds."""
-        return f"{self.root}/round/+/receipt/{validate_name('client id', client_id)}"
+        return f"{self.root}/round/+/receipt/{validate_agent_id(client_id)}"
 
     def round_decision(self, round_id: int) -> str:
         """What the aggregator decided about ``round_id`` at its deadline (or on closing)."""
@@ -155,7 +200,7 @@ class Topics:
 
     def agent_status(self, client_id: str) -> str:
         """Retained presence/status of one agent."""
-        return f"{self.root}/agents/{validate_name('client id', client_id)}/status"
+        return f"{self.root}/agents/{validate_agent_id(client_id)}/status"
 
     @property
     def agent_status_any(self) -> str:
@@ -172,7 +217,7 @@ class ParsedTopic:
     # metrics | round_start | update | receipt | decision | agent_status | infer_request |
     # infer_response
     round_id: int | None = None
-    client_id: str | None = None
+    client_id: str | None = None  # infer_*: the device whose inference server it is
     requester: str | None = None  # infer_request | infer_response: who asked
 
 
@@ -194,9 +239,9 @@ def parse(topic: str) -> ParsedTopic:
     if tuple(rest) in simple:
         return ParsedTopic(fed, simple[tuple(rest)])
     if len(rest) == 3 and rest[0] == "agents" and rest[2] == "status":
-        return ParsedTopic(fed, "agent_status", client_id=validate_name("client id", rest[1]))
+        return ParsedTopic(fed, "agent_status", client_id=validate_agent_id(rest[1]))
     if len(rest) == 4 and rest[0] == "infer" and rest[2] in ("request", "response"):
-        cid = validate_name("client id", rest[1])
+        cid = device_of_server(rest[1])
         who = validate_name("requester", rest[3])
         return ParsedTopic(fed, f"infer_{rest[2]}", client_id=cid, requester=who)
     if len(rest) >= 3 and rest[0] == "round":
@@ -206,23 +251,28 @@ def parse(topic: str) -> ParsedTopic:
         if len(rest) == 3 and rest[2] == "decision":
             return ParsedTopic(fed, "decision", round_id=round_id)
         if len(rest) == 4 and rest[2] in ("update", "receipt"):
-            cid = validate_name("client id", rest[3])
+            cid = validate_agent_id(rest[3])
             return ParsedTopic(fed, rest[2], round_id=round_id, client_id=cid)
     raise TopicError(f"unknown fedmq topic: {topic!r}")
 
 
 def sender_of(topic: str) -> str | None:
-    """The client id a device topic is attributed to, None for the aggregator's topics.
+    """The login a client's topic is attributed to, None for the aggregator's topics.
 
     ``round/{r}/update/{cid}`` and ``agents/{cid}/status``: the only topics the broker's ACL
-    lets a device write, each under its own id (the key of per-sender bounds). Cheap (one
-    split, no validation): it runs on the network thread for every inbound message; an
-    invalid id is still a key, and the message is refused later by :func:`parse`.
+    lets a device write, each under its own id; ``infer/{server}/request/{req}``: the
+    requester, whose login the ACL binds to that level. The key of per-sender bounds (a
+    transport's inbox, chunk reassembly), so an inference server bounds and serves each
+    requester in turn. Cheap (one split, no validation): it runs on the network thread for
+    every inbound message; an invalid id is still a key, and the message is refused later by
+    :func:`parse`.
     """
     parts = topic.split("/", 7)
     if len(parts) < 6 or f"{parts[0]}/{parts[1]}" != PROTOCOL:
         return None
     if len(parts) == 7 and parts[3] == "round" and parts[5] == "update":
+        return parts[6]
+    if len(parts) == 7 and parts[3] == "infer" and parts[5] == "request":
         return parts[6]
     if len(parts) == 6 and parts[3] == "agents" and parts[5] == "status":
         return parts[4]
@@ -253,8 +303,8 @@ def split_chunk_topic(topic: str) -> tuple[str, int] | None:
 def quota_key(topic: str) -> str:
     """Whose per-sender quota a payload on ``topic`` counts against (chunk reassembly).
 
-    The device, for the topics only it may write (:func:`sender_of`); any other topic is a
-    sender of its own.
+    The device, for the topics only it may write, and the requester of an inference request
+    (:func:`sender_of`); any other topic is a sender of its own.
     """
     return sender_of(topic) or topic
 

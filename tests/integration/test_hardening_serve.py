@@ -4,6 +4,12 @@ Each malformed request gets an error reply naming the problem (and the request's
 is readable), and the process answers the next good request. A 4 MB npz that would inflate
 to 4.2 GB is refused from its ``.npy`` header, before its data is read: the process's peak
 RSS (``VmHWM`` in ``/proc/<pid>/status``) barely moves. Figures print with ``-s``.
+
+The broker refuses packets over 2,000,000 bytes (``max_packet_size``), so the 4 MB bomb
+travels as a fedmq client sends any payload over its chunk size: as chunks on
+``<request topic>/chunk/<i>`` (``shared/mqtt/chunking.py``), which serve's transport
+reassembles (within its per-sender bounds: the request topic names the requester) before
+the request is parsed.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from aggregator.ops.local_broker import LocalBroker
-from shared.protocol.topics import Topics
+from shared.mqtt.chunking import DEFAULT_MAX_CHUNK_BYTES, split
+from shared.protocol.topics import Topics, chunk_topic
 from tests.conftest import MqttClientFactory
 from tests.integration import federation as fed
 from tests.synthetic import INPUT_SHAPE, NUM_CLASSES
@@ -108,8 +115,16 @@ class Served:
     inbox: fed.Inbox
 
     def ask(self, payload: bytes, timeout: float = 30.0) -> dict[str, Any]:
-        """Publish a request and return the reply (fails after ``timeout``)."""
-        self.client.publish(_request_topic(), payload, qos=1).wait_for_publish(5)
+        """Publish a request and return the reply (fails after ``timeout``).
+
+        A payload over the chunk size goes as chunks, as ``MqttTransport.publish`` sends it.
+        """
+        parts = [(_request_topic(), payload)]
+        if len(payload) > DEFAULT_MAX_CHUNK_BYTES:
+            chunks = split(payload, DEFAULT_MAX_CHUNK_BYTES)
+            parts = [(chunk_topic(_request_topic(), i), c) for i, c in enumerate(chunks)]
+        for topic, part in parts:
+            self.client.publish(topic, part, qos=1).wait_for_publish(5)
         reply = fed.next_on(self.inbox, _response_topic(), timeout)
         return dict(json.loads(reply.payload))
 

@@ -7,6 +7,11 @@ tables: the pinned model key and the client certificate), ``fedmq monitor`` from
 ``monitor.toml`` and ``mosquitto_sub`` from the monitor's defaults file (no password on a
 command line). The module runs twice: password authentication over TLS, and mutual TLS
 (``--require-certificate``), where every process also presents its provisioned certificate.
+
+The broker gives each login one connection (``use_username_as_clientid``): the device's
+agent logs in as ``pi-0``, its inference server as ``pi-0-infer``, and each test client as
+an identity of its own, once; the tests check that the broker never closed a connection
+for another with the same login.
 """
 
 from __future__ import annotations
@@ -57,8 +62,12 @@ class Secured:
         return f"mqtts://localhost:{self.broker.port}"
 
     def identity(self, user: str) -> Path:
-        sub = "identities" if user in provision.RESERVED else "devices"
-        return self.root / sub / user
+        """The directory of ``user``'s password and certificate."""
+        if user in provision.RESERVED:
+            return self.root / "identities" / user
+        device = user.removesuffix("-infer")  # an inference server: the device's infer/
+        directory = self.root / "devices" / device
+        return directory if device == user else directory / provision.INFER_DIR
 
     def password(self, user: str) -> str:
         return (self.identity(user) / "password").read_text().strip()
@@ -108,34 +117,46 @@ def secured(
         assert fed.wait_exit(agg, 180, work / "aggregator.log") == 0
         assert fed.wait_agents(agents, list(DEVICES), work) == [0, 0]
         fed.wait_for(fed.logged(sb.serve_log, f"now serving round {ROUNDS}"), 60, "serve swap")
+        assert _takeovers(sb) == []  # serve beside pi-0's agent: two logins
         yield sb
     finally:
         fed.stop([agg, *agents, serve])
         broker.stop()
 
 
-Connect = Callable[[str, str], mqtt.Client]
+Connect = Callable[[str], mqtt.Client]
 
 
 @pytest.fixture
 def connect(secured: Secured) -> Iterator[Connect]:
-    """``connect(user, client_id)``: clients disconnected when the test ends."""
-    made: list[mqtt.Client] = []
+    """``connect(user)``: ``user``'s one connection (made once), disconnected at the end.
 
-    def make(user: str, client_id: str) -> mqtt.Client:
-        made.append(_client(secured, user, client_id))
-        return made[-1]
+    The broker names a connection after its login and closes the older of two with the
+    same login, so a test never opens a second one: it reuses the first.
+    """
+    made: dict[str, mqtt.Client] = {}
+
+    def make(user: str) -> mqtt.Client:
+        if user not in made:
+            made[user] = _client(secured, user)
+        return made[user]
 
     yield make
-    for client in made:
+    for client in made.values():
         client.disconnect()
         client.loop_stop()
 
 
-def _client(sb: Secured, user: str, client_id: str) -> mqtt.Client:
+def _takeovers(sb: Secured) -> list[str]:
+    """Broker log lines where a login's new connection closed its older one."""
+    log = sb.broker.out_path.read_text(errors="replace")
+    return [line for line in log.splitlines() if "already connected" in line]
+
+
+def _client(sb: Secured, user: str) -> mqtt.Client:
     """A TLS client with ``user``'s password and provisioned certificate (loop running)."""
     ident = sb.identity(user)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
     client.tls_set(
         ca_certs=str(sb.root / "ca.crt"),
         certfile=str(ident / "client.crt"),
@@ -165,7 +186,7 @@ def _ask_as_pi0(inbox: fed.Inbox, client: mqtt.Client, rid: str) -> dict[str, An
 
 def _marker_from_aggregator(connect: Connect) -> None:
     """Publish a non-retained marker on global/meta (every identity may read it)."""
-    agg = connect("aggregator", "agg-marker")
+    agg = connect("aggregator")  # the test's aggregator connection, if it has one already
     agg.publish(T.global_meta, MARKER, qos=1).wait_for_publish(5)
 
 
@@ -176,7 +197,7 @@ def _is_marker(m: mqtt.MQTTMessage) -> bool:
 def test_pinned_serve_answers_its_device_with_the_signed_model(
     secured: Secured, connect: Connect
 ) -> None:
-    app = connect("pi-0", "pi-0-app")
+    app = connect("pi-0")  # the device's own login: its agent has finished
     inbox = fed.collect(app, T.infer_response("pi-0", "pi-0"), T.global_onnx)
     onnx = decode_onnx_frame(bytes(fed.next_on(inbox, T.global_onnx, 10).payload))
     payload, labels = _request("req-1")
@@ -190,23 +211,30 @@ def test_pinned_serve_answers_its_device_with_the_signed_model(
     assert reply["id"] == "req-1" and reply["round"] == ROUNDS
     assert reply["onnx_sha256"] == onnx.header.onnx_sha256
     assert np.mean(np.array(reply["predictions"]) == labels) > 0.5  # chance is 0.25
+    assert _takeovers(secured) == []
 
 
-def test_device_cannot_read_or_forge_another_devices_inference(connect: Connect) -> None:
-    watcher = connect("aggregator", "agg-watch")
+def test_device_cannot_read_or_forge_another_devices_inference(
+    secured: Secured, connect: Connect
+) -> None:
+    watcher = connect("aggregator")
     all_infer = fed.collect(watcher, "fl/v1/+/infer/#")
-    snoop = connect("pi-1", "pi-1-snoop")
+    snoop = connect("pi-1")
     snooped = fed.collect(snoop, "fl/v1/+/infer/#", T.infer_request_any("pi-0"), T.global_meta)
-    app = connect("pi-0", "pi-0-app")
+    other_server = connect("pi-1-infer")  # pi-1's inference server identity
+    server_snooped = fed.collect(other_server, "fl/v1/+/infer/#", T.global_meta)
+    app = connect("pi-0")
     answers = fed.collect(app, T.infer_response("pi-0", "pi-0"))
     forged, _ = _request("forged")
 
-    for topic in (
-        T.infer_request("pi-0", "pi-1"),  # pi-1 asking pi-0's server
-        T.infer_request("pi-0", "pi-0"),  # pi-1 posing as pi-0
-        T.infer_response("pi-0", "pi-0"),  # pi-1 forging pi-0's server's answer
-    ):
-        snoop.publish(topic, forged, qos=1).wait_for_publish(5)
+    for client in (snoop, other_server):
+        for topic in (
+            T.infer_request("pi-0", "pi-1"),  # asking pi-0's server
+            T.infer_request("pi-0", "pi-0"),  # posing as pi-0
+            T.infer_request("pi-0", "pi-1-infer"),  # asking as pi-1's server
+            T.infer_response("pi-0", "pi-0"),  # forging pi-0's server's answer
+        ):
+            client.publish(topic, forged, qos=1).wait_for_publish(5)
     reply = _ask_as_pi0(answers, app, "genuine")
     _marker_from_aggregator(connect)
 
@@ -216,14 +244,16 @@ def test_device_cannot_read_or_forge_another_devices_inference(connect: Connect)
         (T.infer_response("pi-0", "pi-0"), "genuine"),
     ]
     assert reply["id"] == "genuine" and answers.empty()
-    got = fed.until(snooped, _is_marker, fed.BROKER_WAIT, "the marker")
-    assert [m.topic for m in got if "/infer/" in m.topic] == []
+    for inbox in (snooped, server_snooped):
+        got = fed.until(inbox, _is_marker, fed.BROKER_WAIT, "the marker")
+        assert [m.topic for m in got if "/infer/" in m.topic] == []
+    assert _takeovers(secured) == []
 
 
-def test_monitor_never_sees_inference_traffic(connect: Connect) -> None:
-    monitor = connect("monitor", "mon")
+def test_monitor_never_sees_inference_traffic(secured: Secured, connect: Connect) -> None:
+    monitor = connect("monitor")
     seen = fed.collect(monitor, "fl/#")
-    app = connect("pi-0", "pi-0-app")
+    app = connect("pi-0")
     answers = fed.collect(app, T.infer_response("pi-0", "pi-0"))
 
     reply = _ask_as_pi0(answers, app, "private")
@@ -233,6 +263,7 @@ def test_monitor_never_sees_inference_traffic(connect: Connect) -> None:
     assert reply["id"] == "private"
     assert [m.topic for m in got if "/infer/" in m.topic] == []
     assert any(m.topic == T.global_onnx for m in got)  # it does read everything else
+    assert _takeovers(secured) == []
 
 
 def test_fedmq_monitor_runs_from_its_provisioned_config(secured: Secured) -> None:

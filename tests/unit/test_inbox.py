@@ -47,6 +47,8 @@ def _senders(items: list[Inbound]) -> list[str | None]:
         (T.update(3, "pi-7"), "pi-7"),
         (T.agent_status("pi-7"), "pi-7"),
         ("fl/v1/lab/agents/bad id!/status", "bad id!"),
+        (T.infer_request("pi-7", "app"), "app"),  # the requester's login (ACL-bound)
+        (T.infer_response("pi-7", "app"), None),
         (T.receipt(3, "pi-7"), None),  # the aggregator writes receipts
         (T.global_model, None),
         (T.round_start(3), None),

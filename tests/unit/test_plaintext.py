@@ -71,10 +71,11 @@ def test_a_connector_refuses_when_it_is_built() -> None:
 def _provisioned_toml(tmp_path: Path, section: str) -> Path:
     """What `fedmq device add` writes: an mqtts:// URL, a password and the CA."""
     path = tmp_path / f"{section}.toml"
+    username = "pi-07-infer" if section == "inference" else "pi-07"  # serve's own login
     path.write_text(
         f"[{section}]\n"
         'broker = "mqtts://broker.lan:8883"\n'
-        'username = "pi-07"\n'
+        f'username = "{username}"\n'
         'password = "secret"\n'
         f'ca_file = "{tmp_path / "ca.crt"}"\n'
     )

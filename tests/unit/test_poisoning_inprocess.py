@@ -163,3 +163,31 @@ def test_a_device_within_the_bounds_gets_no_more_than_its_share_of_the_weight(
     assert "round 1: weight of pi-x capped from 10000 to 240 samples (max share 0.5)" in (
         caplog.messages
     )
+
+
+def test_a_devices_inference_server_identity_gets_no_vote(
+    fed: Federation, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `fedmq device add pi-0` also provisions pi-0-infer (its inference server's login),
+    # which the ACL's device patterns let publish on its own update and status topics.
+    caplog.set_level(logging.WARNING)
+    server = fed.broker.connector(Session("pi-0-infer")).start()
+    status = msg.AgentStatus(client_id="pi-0-infer", state="online", num_samples=50).to_json()
+    server.publish(f"{T.root}/agents/pi-0-infer/status", status, retain=True)
+    fed.start_agent("pi-0", seed=1)
+    fed.start_agent("pi-1", seed=2)
+    fed.wait_online("pi-0", "pi-1")
+    service = fed.start_aggregator(rounds=1, min_clients=2)
+    wait_for(lambda: fed.open_round() == 1, "round 1 announced")
+
+    server.publish(f"{T.root}/round/1/update/pi-0-infer", update_frame(service, 1, "pi-0-infer"))
+    wait_for(lambda: "round/1/update/pi-0-infer" in caplog.text, "the update ignored")
+    codes = fed.finish()
+
+    assert codes == {"aggregator": 0, "pi-0": 0, "pi-1": 0}
+    (announcement,) = [m for m in fed.broker.messages(T.round_start(1)) if m.payload]
+    assert msg.decode(announcement.payload, msg.RoundStart).selected == ["pi-0", "pi-1"]
+    (applied,) = fed.rounds()
+    assert applied["participants"] == ["pi-0", "pi-1"]
+    assert fed.broker.messages(f"{T.root}/round/+/receipt/pi-0-infer") == []
+    assert "inference servers, which never train" in caplog.text

@@ -117,10 +117,13 @@ def test_password_file_has_one_valid_entry_per_identity(tmp_path: Path) -> None:
     provision.device_add(tmp_path, "pi-2")
 
     entries = dict(line.split(":", 1) for line in (tmp_path / "passwd").read_text().splitlines())
-    assert sorted(entries) == ["aggregator", "monitor", "pi-1", "pi-2"]
+    assert sorted(entries) == ["aggregator", "monitor", "pi-1", "pi-1-infer", "pi-2", "pi-2-infer"]
     pw = (tmp_path / "devices/pi-2/password").read_text().strip()
+    server_pw = (tmp_path / "devices/pi-2/infer/password").read_text().strip()
     assert pki.mosquitto_verify(pw, entries["pi-2"])
+    assert pki.mosquitto_verify(server_pw, entries["pi-2-infer"])
     assert not pki.mosquitto_verify(pw, entries["pi-1"])
+    assert not pki.mosquitto_verify(pw, entries["pi-2-infer"])
 
 
 def test_device_add_twice_keeps_the_password_and_force_rotates_it(tmp_path: Path) -> None:
@@ -136,7 +139,19 @@ def test_device_add_twice_keeps_the_password_and_force_rotates_it(tmp_path: Path
     assert (tmp_path / "devices/pi-1/password").read_text() != first
 
 
-@pytest.mark.parametrize("name", ["aggregator", "monitor", "a/b", "+", "#", ""])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "aggregator",
+        "monitor",
+        "a/b",
+        "+",
+        "#",
+        "",
+        pytest.param("pi-7-infer", id="an-inference-server-name"),
+        pytest.param("p" * 59, id="no-room-for-its-server-name"),
+    ],
+)
 def test_reserved_or_unsafe_device_names_are_refused(tmp_path: Path, name: str) -> None:
     _init(tmp_path)
 
@@ -194,10 +209,34 @@ def test_device_add_writes_an_inference_table_serve_can_load(tmp_path: Path) -> 
 
     ddir = tmp_path / "devices/pi-7"
     cfg = ServeConfig(**load_toml(ServeConfig, ddir / "agent.toml", "inference"))
-    assert (cfg.client_id, cfg.username, cfg.federation) == ("pi-7", "pi-7", "lab")
-    assert cfg.password == (ddir / "password").read_text().strip()
+    assert (cfg.client_id, cfg.username, cfg.federation) == ("pi-7", "pi-7-infer", "lab")
+    assert cfg.password == (ddir / "infer/password").read_text().strip()
     assert cfg.model_public_key == str(ddir / "model-signing.pub")
-    assert (cfg.cert_file, cfg.key_file) == (str(ddir / "client.crt"), str(ddir / "client.key"))
+    server = (str(ddir / "infer/client.crt"), str(ddir / "infer/client.key"))
+    assert (cfg.cert_file, cfg.key_file) == server
+    cert = x509.load_pem_x509_certificate((ddir / "infer/client.crt").read_bytes())
+    names = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    assert [n.value for n in names] == ["pi-7-infer"]
+
+
+def test_device_add_rerun_adds_a_missing_inference_identity_and_keeps_the_device_password(
+    tmp_path: Path,
+) -> None:
+    # A device provisioned before inference had an identity of its own: no infer/ directory.
+    _init(tmp_path)
+    provision.device_add(tmp_path, "pi-7")
+    ddir = tmp_path / "devices/pi-7"
+    password = (ddir / "password").read_text()
+    shutil.rmtree(ddir / "infer")
+
+    report = provision.device_add(tmp_path, "pi-7")
+
+    assert (ddir / "password").read_text() == password
+    assert report.of(ddir / "infer/password") == "created"
+    assert report.of(ddir / "agent.toml") == "rotated"
+    inference = tomllib.loads((ddir / "agent.toml").read_text())["inference"]
+    assert inference["password"] == (ddir / "infer/password").read_text().strip()
+    assert "pi-7-infer:" in (tmp_path / "passwd").read_text()
 
 
 def test_broker_init_writes_a_private_monitor_config_and_mosquitto_sub_defaults(
@@ -228,13 +267,21 @@ def test_forced_init_rewrites_the_monitor_files_with_the_new_password(tmp_path: 
     assert json.dumps(password) in (ident / "monitor.toml").read_text()
 
 
-def test_acl_confines_inference_topics_to_the_devices_own_login() -> None:
-    device_lines = [line for line in ACL.splitlines() if "/infer/" in line]
+def test_acl_confines_inference_topics_to_the_logins_of_a_device_and_its_server() -> None:
+    rules = [line for line in ACL.splitlines() if not line.startswith("#")]
+    infer_lines = {line for line in rules if "/infer/" in line}
 
-    assert "pattern write fl/v1/+/infer/%u/request/%u" in device_lines
-    assert "pattern read fl/v1/+/infer/%u/response/%u" in device_lines
-    assert "topic deny fl/v1/+/infer/#" in device_lines  # the monitor's
-    assert not [line for line in device_lines if "/infer/+/" in line]  # never another's
+    assert infer_lines == {
+        # the server (login NAME-infer): the requests addressed to it, its answers
+        "pattern read fl/v1/+/infer/%u/request/+",
+        "pattern read fl/v1/+/infer/%u/request/+/chunk/+",
+        "pattern write fl/v1/+/infer/%u/response/+",
+        # the device (login NAME): its own server, as itself
+        "pattern write fl/v1/+/infer/%u-infer/request/%u",
+        "pattern write fl/v1/+/infer/%u-infer/request/%u/chunk/+",
+        "pattern read fl/v1/+/infer/%u-infer/response/%u",
+        "topic deny fl/v1/+/infer/#",  # the monitor's
+    }
 
 
 def test_the_broker_takes_client_ids_from_usernames(tmp_path: Path) -> None:
@@ -247,15 +294,22 @@ def test_the_broker_takes_client_ids_from_usernames(tmp_path: Path) -> None:
 
 
 def test_every_provisioned_process_uses_its_username_as_client_id(tmp_path: Path) -> None:
-    # The broker replaces a client id by the username: a TOML whose two differed would
+    # The broker replaces a client id by the username: a process whose two differed would
     # take over another identity's connection, or be taken over.
+    from edge_agent.serve import ServeConfig
+
     _init(tmp_path)
     provision.device_add(tmp_path, "pi-7")
-    tomls = [
-        (tmp_path / "identities/aggregator/aggregator.toml", "aggregator"),
-        (tmp_path / "devices/pi-7/agent.toml", "agent"),
+    aggregator = tomllib.loads((tmp_path / "identities/aggregator/aggregator.toml").read_text())
+    agent_toml = tmp_path / "devices/pi-7/agent.toml"
+    agent = AgentConfig(**load_toml(AgentConfig, agent_toml, "agent"), data="x.npz")
+    serve = ServeConfig(**load_toml(ServeConfig, agent_toml, "inference"))
+
+    connections = [
+        (aggregator["aggregator"]["client_id"], aggregator["aggregator"]["username"]),
+        (agent.client_id, agent.username),
+        (serve.server_id, serve.username),  # what InferenceServer connects as
     ]
 
-    for path, section in tomls:
-        settings = tomllib.loads(path.read_text())[section]
-        assert settings["client_id"] == settings["username"], path
+    assert all(client_id == username for client_id, username in connections), connections
+    assert len({username for _, username in connections}) == 3  # one login per process

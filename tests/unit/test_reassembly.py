@@ -248,6 +248,7 @@ def test_tally_counts_senders_beyond_its_bound_together() -> None:
 def test_the_quota_key_of_update_topics_is_their_client_id() -> None:
     assert quota_key(T.update(3, "pi-7")) == "pi-7"
     assert quota_key(T.agent_status("pi-7")) == "pi-7"
+    assert quota_key(T.infer_request("pi-7", "app")) == "app"  # the requester
     assert quota_key(T.global_model) == T.global_model
     assert quota_key("not/a/fedmq/topic") == "not/a/fedmq/topic"
 

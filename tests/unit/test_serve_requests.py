@@ -226,12 +226,46 @@ def test_input_topic_without_output_topic_is_a_config_error() -> None:
         ServeConfig(client_id=DEVICE, input_topic="plant/cam/+/frame")
 
 
+def test_a_flooding_requester_keeps_its_inbox_share_and_others_are_served_in_turn(
+    onnx_frame: bytes,
+) -> None:
+    bench = _bench(onnx_frame)
+    flood = bench._requester("flood")
+    for i in range(150):  # the server is busy: nothing is handled meanwhile
+        flood.publish(T.infer_request(DEVICE, "flood"), _good(i))
+    bench._requester("app").publish(T.infer_request(DEVICE, "app"), _good("app"))
+
+    inbox = bench.server.transport.inbox
+    waiting = inbox.qsize()
+    served = [inbox.get_nowait().topic for _ in range(2)]
+
+    assert waiting == 100 + 1  # the flooder's share (InboxLimits.per_sender_messages) + app
+    assert served == [T.infer_request(DEVICE, "flood"), T.infer_request(DEVICE, "app")]
+
+
+def test_the_server_connects_as_its_own_identity_not_its_devices(bench: Bench) -> None:
+    # Beside the training agent (client id DEVICE): on a provisioned broker, one login has
+    # one connection, so the two must never share an id.
+    assert bench.broker.connected() == [f"{DEVICE}-infer"]
+    assert bench.server.request_subscription == f"{T.root}/infer/{DEVICE}-infer/request/+"
+
+
+def test_serve_refuses_to_log_in_as_its_device() -> None:
+    with pytest.raises(ValueError, match="the device's own login"):
+        ServeConfig(client_id=DEVICE, username=DEVICE)
+
+
+def test_serve_refuses_a_server_id_as_the_device_id() -> None:
+    with pytest.raises(ValueError, match="inference servers"):
+        ServeConfig(client_id=f"{DEVICE}-infer")
+
+
 def test_requests_naming_no_valid_requester_are_counted_in_the_periodic_report(
     bench: Bench,
 ) -> None:
     client = bench.broker.connector(Session("odd")).start()
     for _ in range(3):
-        client.publish(f"{T.root}/infer/{DEVICE}/request/bad name", _good())
+        client.publish(f"{T.root}/infer/{DEVICE}-infer/request/bad name", _good())
     bench.drain()
 
     bench.clock.advance(10.0)

@@ -6,11 +6,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.protocol.topics import PROTOCOL, ParsedTopic, TopicError, Topics, parse, validate_name
+from shared.protocol.topics import (
+    PROTOCOL,
+    ParsedTopic,
+    TopicError,
+    Topics,
+    inference_server_id,
+    parse,
+    validate_agent_id,
+    validate_name,
+)
 
 FED = "lab-1"
 
 names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}", fullmatch=True)
+# Training client ids: any name but an inference server's ("...-infer").
+agent_ids = names.filter(lambda n: not n.endswith("-infer"))
+# Devices whose inference server's id ("<id>-infer") still fits in 64 characters.
+device_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,57}", fullmatch=True).filter(
+    lambda n: not n.endswith("-infer")
+)
 round_ids = st.integers(min_value=0, max_value=999_999_999)
 
 INVALID_NAMES = [
@@ -178,7 +193,7 @@ def test_parse_round_trips_round_start(fed: str, round_id: int) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(fed=names, round_id=round_ids, cid=names)
+@given(fed=names, round_id=round_ids, cid=agent_ids)
 def test_parse_round_trips_update(fed: str, round_id: int, cid: str) -> None:
     topic = Topics(fed).update(round_id, cid)
 
@@ -186,7 +201,7 @@ def test_parse_round_trips_update(fed: str, round_id: int, cid: str) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(fed=names, round_id=round_ids, cid=names)
+@given(fed=names, round_id=round_ids, cid=agent_ids)
 def test_parse_round_trips_receipt(fed: str, round_id: int, cid: str) -> None:
     topic = Topics(fed).receipt(round_id, cid)
 
@@ -194,7 +209,7 @@ def test_parse_round_trips_receipt(fed: str, round_id: int, cid: str) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(fed=names, cid=names)
+@given(fed=names, cid=agent_ids)
 def test_parse_round_trips_agent_status(fed: str, cid: str) -> None:
     topic = Topics(fed).agent_status(cid)
 
@@ -202,7 +217,7 @@ def test_parse_round_trips_agent_status(fed: str, cid: str) -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(fed=names, cid=names, requester=names)
+@given(fed=names, cid=device_ids, requester=names)
 def test_parse_round_trips_inference_requests_and_responses(
     fed: str, cid: str, requester: str
 ) -> None:
@@ -217,7 +232,66 @@ def test_parse_round_trips_inference_requests_and_responses(
 
 
 def test_inference_subscription_covers_every_requester_of_one_device() -> None:
-    assert Topics("lab").infer_request_any("pi-7") == "fl/v1/lab/infer/pi-7/request/+"
+    assert Topics("lab").infer_request_any("pi-7") == "fl/v1/lab/infer/pi-7-infer/request/+"
+
+
+def test_inference_topics_are_keyed_by_the_servers_own_id() -> None:
+    topics = Topics("lab")
+
+    assert topics.infer_request("pi-7", "pi-7") == "fl/v1/lab/infer/pi-7-infer/request/pi-7"
+    assert topics.infer_response("pi-7", "app") == "fl/v1/lab/infer/pi-7-infer/response/app"
+    assert inference_server_id("pi-7") == "pi-7-infer"
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("pi-7-infer", id="already-a-server-id"),
+        pytest.param("p" * 59, id="no-room-for-the-suffix"),
+        pytest.param("a/b", id="invalid-name"),
+    ],
+)
+def test_a_device_id_that_cannot_name_a_server_is_refused(device: str) -> None:
+    with pytest.raises(TopicError):
+        inference_server_id(device)
+
+
+def test_the_longest_device_id_still_names_a_server() -> None:
+    assert len(inference_server_id("p" * 58)) == 64
+
+
+def test_training_topics_refuse_an_inference_servers_id() -> None:
+    # A device's second login (its server's) must not give it a second vote.
+    topics = Topics(FED)
+    builders = [
+        lambda: topics.update(1, "pi-7-infer"),
+        lambda: topics.receipt(1, "pi-7-infer"),
+        lambda: topics.receipt_any_round("pi-7-infer"),
+        lambda: topics.agent_status("pi-7-infer"),
+        lambda: validate_agent_id("pi-7-infer"),
+    ]
+
+    for build in builders:
+        with pytest.raises(TopicError, match="inference servers, which never train"):
+            build()
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        pytest.param("fl/v1/lab-1/round/1/update/pi-7-infer", id="update"),
+        pytest.param("fl/v1/lab-1/round/1/receipt/pi-7-infer", id="receipt"),
+        pytest.param("fl/v1/lab-1/agents/pi-7-infer/status", id="status"),
+        pytest.param("fl/v1/lab-1/infer/pi-7/request/me", id="request-to-a-device-login"),
+        pytest.param("fl/v1/lab-1/infer/pi-7/response/me", id="response-from-a-device-login"),
+        pytest.param("fl/v1/lab-1/infer/-infer/request/me", id="suffix-only"),
+    ],
+)
+def test_parse_refuses_servers_on_training_topics_and_devices_on_inference_topics(
+    topic: str,
+) -> None:
+    with pytest.raises(TopicError):
+        parse(topic)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,65 @@
+"""The command line of provisioning: ``fedmq broker init`` and ``fedmq device add``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from aggregator.ops.provision import broker_init, device_add
+from shared.protocol.topics import TopicError
+
+
+def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``broker init`` and ``device add`` on the ``fedmq`` parser."""
+    p_broker = sub.add_parser("broker", help="provision a TLS broker with credentials and ACL")
+    b_sub = p_broker.add_subparsers(dest="broker_command", required=True)
+    p_init = b_sub.add_parser("init", help="create CA, broker cert, identities, passwd, ACL, conf")
+    p_init.add_argument("dir", type=Path)
+    p_init.add_argument("--host", help="name or IP devices use to reach the broker (in the SAN)")
+    p_init.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
+    p_init.add_argument("--bind", default="", help="listen on this address only (default: all)")
+    p_init.add_argument("--federation", default="default", help="federation of agent.toml files")
+    p_init.add_argument("--broker-user", help="account mosquitto runs as (default: you)")
+    p_init.add_argument("--require-certificate", action="store_true", help="mutual TLS")
+    p_init.add_argument("--force", action="store_true", help="rotate existing keys and secrets")
+    p_device = sub.add_parser("device", help="provision devices")
+    d_sub = p_device.add_subparsers(dest="device_command", required=True)
+    p_add = d_sub.add_parser(
+        "add", help="credentials, client certs and agent.toml for a device and its inference server"
+    )
+    p_add.add_argument(
+        "name", help="device name: its username and client id (its inference server's: NAME-infer)"
+    )
+    p_add.add_argument("--dir", type=Path, required=True, help="the `broker init` directory")
+    p_add.add_argument("--federation", help="federation (default: the one given to broker init)")
+    p_add.add_argument("--install-dir", help="where the bundle will live on the device")
+    p_add.add_argument("--force", action="store_true", help="rotate this device's secrets")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``broker init`` or ``device add``; print the report; exit code."""
+    try:
+        if args.command == "broker":
+            report = broker_init(
+                args.dir,
+                host=args.host,
+                port=args.port,
+                bind=args.bind,
+                federation=args.federation,
+                run_as=args.broker_user,
+                require_certificate=args.require_certificate,
+                force=args.force,
+            )
+        else:
+            report = device_add(
+                args.dir,
+                args.name,
+                federation=args.federation,
+                install_dir=args.install_dir,
+                force=args.force,
+            )
+    except (ValueError, TopicError, OSError) as exc:
+        print(f"error: {exc}")
+        return 1
+    print("\n".join(report.lines()))
+    return 0
