@@ -148,7 +148,11 @@ def test_pinned_serve_refuses_a_relabelled_onnx_header_and_the_unsigned_header_f
         _publish(attacker, T.global_onnx, genuine, retain=True)
         fed.wait_for(fed.logged(log, "now serving round 1"), 30, "the genuine model served")
         _publish(attacker, T.global_onnx, relabelled, retain=True)
+        fed.wait_for(fed.logged(log, "bad signature for the ONNX header"), 30, "relabel refused")
         _publish(attacker, T.global_onnx, old_form, retain=True)
+        fed.wait_for(fed.logged(log, "has an unsigned header"), 30, "version 1 refused")
+        # Only now ask: serve reads each sender's messages in turn (a fair inbox), so a request
+        # sent at once could be answered before the forged frames were even read.
         sample = fed.make_dataset(4, seed=5)
         request = {"id": "after", "x": (sample.x.astype(float) / 255).tolist()}
         _publish(app, T.infer_request("pi-0", "app"), json.dumps(request).encode())
