@@ -216,7 +216,7 @@ def _start_aggregator(args: argparse.Namespace, url: str, out: Path) -> subproce
     )
     if args.profile:  # python -m cProfile -o FILE -m aggregator.cli ...
         cmd = [cmd[0], "-m", "cProfile", "-o", str(out / "aggregator.prof"), *cmd[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # BLAS threads: as the caller has them
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE_ROOT), env.get("PYTHONPATH")]))
     with open(out / "aggregator.log", "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
