@@ -127,7 +127,8 @@ class RoundState:
         """Decide whether the round should be applied now."""
         if self.closed:
             return RoundPhase.CLOSED
-        if self.selected <= set(self.accepted):
+        # Sizes first: called for every message, it must not copy the accepted set each time.
+        if len(self.accepted) >= len(self.selected) and self.selected <= self.accepted.keys():
             return RoundPhase.COMPLETE
         if now < self.deadline:
             return RoundPhase.OPEN

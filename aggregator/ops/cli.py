@@ -53,7 +53,7 @@ def _add_bench_commands(sub: Any) -> None:
             "inprocess", help="the demo's federation in one process (the round-time yardstick)"
         )
     )
-    from aggregator.ops.bench import codecs, compression
+    from aggregator.ops.bench import codecs, compression, ingest
 
     compression.add_arguments(
         bench_sub.add_parser(
@@ -65,13 +65,20 @@ def _add_bench_commands(sub: Any) -> None:
             "codecs-inprocess", help="update codecs in one process: bytes vs accuracy (research)"
         )
     )
+    ingest.add_arguments(
+        bench_sub.add_parser(
+            "ingest", help="updates per second the real aggregator validates and sums"
+        )
+    )
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from aggregator.ops.bench import codecs, compression
+    from aggregator.ops.bench import codecs, compression, ingest
 
     if args.bench == "compression":
         return compression.run_compression(args)
+    if args.bench == "ingest":
+        return ingest.run_ingest(args)
     if args.bench == "codecs-inprocess":
         return codecs.run(args)
     return bench_inprocess.run_inprocess(args)

@@ -227,9 +227,11 @@ def decode_frame(
     ``expect_shapes`` (name → shape) rejects frames whose tensors do not match the model;
     ``max_raw_bytes`` bounds the decompressed size (a small frame may expand enormously).
     """
-    head = read_header(payload, max_bytes=max_bytes)
+    # The header is parsed once (a compact one is also inflated once) for both uses.
+    head_json, body_start = _split_header(payload, max_bytes)
+    head = _frame_header(head_json)
     codec = _codec(head.codec, FrameError)
-    specs, raw_len, body_start = _tensor_specs(payload)
+    specs, raw_len = _tensor_specs(head_json)
     if expect_shapes is not None:
         got = {s.name: s.shape for s in specs}
         if got != dict(expect_shapes):
@@ -291,7 +293,11 @@ class _Spec:
 
 def read_header(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FrameHeader:
     """Parse only the header: cheap enough to reject a frame before decompressing it."""
-    head = _header_json(payload, max_bytes)
+    return _frame_header(_split_header(payload, max_bytes)[0])
+
+
+def _frame_header(head: dict[str, Any]) -> FrameHeader:
+    """The validated :class:`FrameHeader` of a parsed header object."""
     try:
         kind, fed, rnd = head["kind"], head["federation"], head["round"]
         hdr = FrameHeader(
@@ -316,10 +322,6 @@ def read_header(payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> 
     _check(_is_int(ns) and 0 <= ns < 1 << 40, f"bad num_samples {ns!r}")
     _check(isinstance(hdr.meta, dict), "meta must be an object")
     return hdr
-
-
-def _header_json(payload: bytes, max_bytes: int) -> dict[str, Any]:
-    return _split_header(payload, max_bytes)[0]
 
 
 def _split_header(payload: bytes, max_bytes: int) -> tuple[dict[str, Any], int]:
@@ -368,8 +370,7 @@ def _inflate_header(data: bytes) -> bytes:
     return raw
 
 
-def _tensor_specs(payload: bytes) -> tuple[list[_Spec], int, int]:
-    head, body_start = _split_header(payload, len(payload))
+def _tensor_specs(head: dict[str, Any]) -> tuple[list[_Spec], int]:
     raw = head.get("tensors")
     raw_len = head.get("raw_len")
     if not isinstance(raw, list) or not 0 < len(raw) <= MAX_TENSORS:
@@ -399,7 +400,7 @@ def _tensor_specs(payload: bytes) -> tuple[list[_Spec], int, int]:
         _check(total <= MAX_ELEMENTS, "too many elements")
         seen.add(name)
         specs.append(_Spec(name, tuple(shape), numel, params))
-    return specs, raw_len, body_start
+    return specs, raw_len
 
 
 def _spec_size(codec: TensorCodec, spec: _Spec) -> int:

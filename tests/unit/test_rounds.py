@@ -320,3 +320,15 @@ def test_num_samples_sums_accepted_updates() -> None:
     state.accept("c2", 30)
 
     assert state.num_samples == 40
+
+
+def test_a_round_whose_selection_grew_is_complete_only_when_the_newcomers_report() -> None:
+    state = _state()
+    for cid in ("c1", "c2", "c3"):
+        state.accept(cid, 10)
+    state.extend(DEADLINE + 60, ["c4"])
+
+    open_before = state.phase(T0 + 1)
+    state.accept("c4", 10)
+
+    assert (open_before, state.phase(T0 + 1)) == (RoundPhase.OPEN, RoundPhase.COMPLETE)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -108,3 +109,17 @@ def test_mutated_valid_frames_never_crash_the_intake(
     assert offer.verdict.accepted or offer.verdict.reason
     for acc in intake.acc._sum.values():
         assert np.isfinite(acc).all()
+
+
+def test_the_norm_of_fp32_values_near_their_maximum_does_not_overflow() -> None:
+    big = np.full(4, 3e38, dtype=np.float32)
+
+    assert update_l2_norm({"w": big}) == pytest.approx(6e38, rel=1e-6)
+
+
+def test_the_norm_leaves_the_delta_unchanged() -> None:
+    delta = {"a": np.array([3.0, -4.0]), "b": np.array([[1.0]], dtype=np.float32)}
+
+    update_l2_norm(delta)
+
+    assert delta["a"].tolist() == [3.0, -4.0] and delta["b"].tolist() == [[1.0]]

@@ -1,0 +1,37 @@
+"""``fedmq bench ingest`` end to end: real Mosquitto, the real aggregator, real update frames."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from aggregator.ops.bench.ingest import add_arguments, run_ingest
+from aggregator.ops.datasets import load_named_dataset
+from shared.runtime.data import DataFormatError
+
+pytestmark = pytest.mark.integration
+
+
+def _fashion_mnist_installed() -> bool:
+    try:
+        load_named_dataset("fashion-mnist", train=False)
+    except DataFormatError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _fashion_mnist_installed(), reason="needs dataset-fashion-mnist")
+def test_every_update_is_counted_exactly_once(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--updates", "20", "--timeout", "120", "--out", str(tmp_path)])
+
+    code = run_ingest(args)
+
+    run = json.loads((tmp_path / "ingest.json").read_text())["runs"][0]
+    assert code == 0
+    assert (run["accepted"], run["metrics_accepted"], run["counted_once"]) == (20, 20, True)
+    assert (run["accepted_twice"], run["refused"], run["unanswered"]) == ([], {}, 0)
