@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("predict", "serve"):
         return _inference_main(argv)
-    parser = argparse.ArgumentParser(prog="fedmq-agent", description="fedmq edge agent")
+    parser = argparse.ArgumentParser(
+        prog="fedmq-agent",
+        description="fedmq edge agent: trains in every round it is selected for",
+        epilog="on-device inference: fedmq-agent predict --help, fedmq-agent serve --help",
+    )
     add_arguments(parser)
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)

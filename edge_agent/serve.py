@@ -155,6 +155,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-bytes-per-s", type=float, help="each requester's byte rate")
     parser.add_argument("--burst-request-bytes", type=int, help="each requester's byte burst")
     parser.add_argument("--max-requesters", type=int, help="requesters tracked at once")
+    parser.add_argument("--max-model-bytes", type=int, help="largest ONNX frame accepted")
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:

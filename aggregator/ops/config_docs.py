@@ -2,22 +2,26 @@
 
 ``python -m aggregator.ops.config_docs`` rewrites the file; ``tests/unit/test_deploy.py`` fails when
 a field is added to :class:`AggregatorConfig`, :class:`AgentConfig`, :class:`ServeConfig` or
-:class:`MonitorConfig` without a description here, or when the committed file is not what this
-module renders.
+:class:`MonitorConfig` without a description here, when a documented flag is not on its
+command line, or when the committed file is not what this module renders.
 Imports no torch (the config modules are plain dataclasses).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
+from aggregator import config as aggregator_config
 from aggregator.config import AggregatorConfig
-from aggregator.ops.monitor_view import MonitorConfig
+from aggregator.ops.monitor_view import MonitorConfig, add_monitor_arguments
+from edge_agent import config as agent_config
 from edge_agent.config import AgentConfig
-from edge_agent.serve import ServeConfig
+from edge_agent.serve import ServeConfig, add_serve_arguments
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -60,7 +64,8 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "momentum": "local SGD momentum (restarts every round)",
         "weight_decay": "local SGD weight decay",
         "seed": "seed of the initial model, selection and training",
-        "codec": "update codec: `fp32`, `fp16`, `int8`",
+        "codec": "update codec: `fp32`, `fp16`, `int8`, `topk<bits>:<fraction>`, "
+        "`lowrank:<rank>[+int8|+int4]` (see docs/compression.md)",
         "download_codec": "how agents that hold the previous global model download the new "
         "one: a quantized delta on `global/delta` (`int8`, `fp16`, `fp32`; with server-side "
         "error feedback), the full model stays retained on `global/model`; `none`: full "
@@ -161,6 +166,36 @@ SECTIONS: list[tuple[str, type[Any], str, str]] = [
 ]
 
 
+# The command line of each section, to check that every flag documented here exists.
+ADD_ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "aggregator": aggregator_config.add_arguments,
+    "agent": agent_config.add_arguments,
+    "inference": add_serve_arguments,
+    "monitor": add_monitor_arguments,
+}
+
+
+def flag_of(name: str) -> str:
+    """The flag column of setting ``name`` (several flags are joined by a backquoted slash)."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def missing_flags() -> list[str]:
+    """``section.field --flag`` of every documented flag its command does not accept."""
+    gaps = []
+    for section, cls, _, _ in SECTIONS:
+        parser = argparse.ArgumentParser(add_help=False)
+        ADD_ARGUMENTS[section](parser)
+        accepted = {option for action in parser._actions for option in action.option_strings}
+        for f in fields(cls):
+            gaps += [
+                f"{section}.{f.name} {flag}"
+                for flag in flag_of(f.name).split("`/`")
+                if flag not in accepted
+            ]
+    return gaps
+
+
 def missing_descriptions() -> list[str]:
     """``section.field`` of every setting without a description."""
     return [
@@ -196,7 +231,7 @@ def render_markdown() -> str:
         out += ["| key | flag | environment | default | meaning |", "|---|---|---|---|---|"]
         for f in fields(cls):
             default = "required" if f.default is MISSING else _show(f.default)
-            flag = FLAGS.get(f.name, "--" + f.name.replace("_", "-"))
+            flag = flag_of(f.name)
             desc = DESCRIPTIONS[section].get(f.name, "")
             out.append(f"| `{f.name}` | `{flag}` | `{env}{f.name.upper()}` | {default} | {desc} |")
         out.append("")

@@ -8,12 +8,12 @@ Layout (protocol version in the namespace, like Sparkplug's ``spBv1.0``)::
     fl/v1/{fed}/global/delta               retained binary frame: quantized step from the
                                            previous global model to the current one
     fl/v1/{fed}/global/onnx                retained ONNX frame of the global model (inference)
-    fl/v1/{fed}/round/{r}/start            retained JSON: round announcement (cleared next round)
+    fl/v1/{fed}/round/{r}/start            retained JSON: round announcement (cleared at its close)
     fl/v1/{fed}/round/{r}/update/{cid}     binary frame: an agent's compressed delta (QoS 1)
     fl/v1/{fed}/round/{r}/receipt/{cid}    JSON: accepted | rejected + reason (QoS 1)
     fl/v1/{fed}/round/{r}/decision         JSON: applied | extended | retried | failed | discarded
     <any topic>/chunk/{i}                  one chunk of a payload over the packet limit
-    fl/v1/{fed}/agents/{cid}/status        retained JSON: online | busy | offline (will)
+    fl/v1/{fed}/agents/{cid}/status        retained JSON: online | training | offline (will)
     fl/v1/{fed}/metrics                    JSON per applied round (latest retained)
     fl/v1/{fed}/infer/{cid}-infer/request/{req}
                                            JSON/npz inference request from requester {req} to

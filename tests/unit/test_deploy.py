@@ -23,6 +23,7 @@ UNITS = sorted(DEPLOY.glob("*.service"))
 
 def test_configuration_docs_list_every_setting() -> None:
     assert config_docs.missing_descriptions() == []
+    assert config_docs.missing_flags() == []
     assert (REPO / "docs" / "configuration.md").read_text() == config_docs.render_markdown(), (
         "docs/configuration.md is stale: run python -m aggregator.ops.config_docs"
     )
