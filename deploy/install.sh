@@ -153,7 +153,7 @@ install_unit() {
     local unit
     unit="$(unit_name)"
     mkdir -p "$UNIT_DIR"
-    install -m 0644 "$SOURCE/README.md" "$PREFIX/README.md"   # the units' Documentation=
+    install -m 0644 "$SOURCE/README.md" "$ROOT$PREFIX/README.md"   # the units' Documentation=
     sed "s|/opt/fedmq|$PREFIX|g" "$SOURCE/deploy/$unit" > "$UNIT_DIR/$unit"
     log "installed $UNIT_DIR/$unit"
     if [ "$ENABLE" = 0 ]; then

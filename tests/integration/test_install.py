@@ -34,6 +34,8 @@ def test_install_sh_builds_an_inference_only_device_in_a_temp_root(tmp_path: Pat
     toml = (root / "etc" / "fedmq" / "agent.toml").read_text()
     assert 'client_id = "pi-9"' in toml and "[inference]" in toml
     assert "ExecStart=/opt/fedmq/venv/bin/fedmq-agent serve" in unit.read_text()
+    assert "Documentation=file:///opt/fedmq/README.md" in unit.read_text()
+    assert (root / "opt" / "fedmq" / "README.md").is_file()  # what Documentation= names
     assert "not enabling" in out.stderr
     check = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import torch"], capture_output=True, timeout=60
