@@ -18,6 +18,7 @@ from tests.unit.scripted_broker import Reaction, ScriptedBroker
 
 MQTT5, MQTT311 = 5, 4  # protocol levels in CONNECT
 PROBE_S = 0.3
+CONNECT_TIMEOUT_S = 30.0
 
 
 def _transport(url: str, version: str, max_chunk_bytes: int = 1_000_000) -> MqttTransport:
@@ -47,11 +48,14 @@ def test_auto_falls_back_within_the_probe_time_not_the_connect_timeout() -> None
         t = _transport(broker.url, "auto")
         began = time.monotonic()
 
-        t.start(timeout=30)
+        t.start(timeout=CONNECT_TIMEOUT_S)
         elapsed = time.monotonic() - began
         t.stop()
 
-    assert elapsed < 5 * PROBE_S
+    # Not a speed figure: a fallback that waited for the connect timeout would take all of it;
+    # one driven by the probe (PROBE_S) ends long before, however loaded the machine is.
+    assert t.negotiation.version == "3.1.1"
+    assert elapsed < CONNECT_TIMEOUT_S / 2
 
 
 def test_auto_keeps_5_when_the_broker_accepts_it() -> None:
