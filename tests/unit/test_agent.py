@@ -7,7 +7,6 @@ status) and watches what the agent publishes; a manual clock drives its timers.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +93,6 @@ class ScriptedAggregator:
         if self.key is not None and sign:
             body = sign_status(self.key, body)
         self.link.publish(T.aggregator_status, body.to_json(), retain=retain)
-
-
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[Federation]:
-    federation = Federation(tmp_path)
-    yield federation
-    federation.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ so once the genuine round's update is out, the refused one was handled (and logg
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,6 @@ from shared.protocol import messages as msg
 from shared.protocol.frames import read_header
 from tests.unit.inprocess import Federation, wait_for
 from tests.unit.test_agent import ScriptedAggregator, _pinned
-
-
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[Federation]:
-    federation = Federation(tmp_path)
-    yield federation
-    federation.stop()
 
 
 def _trained(fed: Federation, round_id: int, n: int = 1) -> None:

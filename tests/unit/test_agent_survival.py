@@ -9,8 +9,6 @@ its own random stream.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,13 +18,6 @@ from shared.protocol import messages as msg
 from shared.protocol.frames import tensors_hash
 from tests.unit.inprocess import FED, Federation, T, wait_for
 from tests.unit.test_agent import SPEC, ScriptedAggregator
-
-
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[Federation]:
-    federation = Federation(tmp_path)
-    yield federation
-    federation.stop()
 
 
 @pytest.fixture

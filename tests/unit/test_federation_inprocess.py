@@ -7,21 +7,10 @@ protocol over a real broker and real processes.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 from aggregator.resume import EXIT_STARVED
 from shared.mqtt.base import Session
 from shared.protocol import messages as msg
 from tests.unit.inprocess import Federation, T, update_frame, wait_for
-
-
-@pytest.fixture
-def fed(tmp_path: Path) -> Federation:
-    federation = Federation(tmp_path)
-    yield federation
-    federation.stop()
 
 
 def test_an_aggregator_and_three_agents_run_every_round_and_end_on_one_model(

@@ -9,7 +9,6 @@ the same over Mosquitto with real processes and measures it.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -18,13 +17,6 @@ from shared.protocol import messages as msg
 from tests.unit.inprocess import Federation, T, update_frame, wait_for
 
 FLOOD = 5_000
-
-
-@pytest.fixture
-def fed(tmp_path: Path) -> Federation:
-    federation = Federation(tmp_path)
-    yield federation
-    federation.stop()
 
 
 def _receipt_codes(fed: Federation, client_id: str) -> list[str]:

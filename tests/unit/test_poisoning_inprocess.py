@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,13 +16,6 @@ from shared.mqtt.base import Outbound, Session
 from shared.protocol import messages as msg
 from shared.protocol.frames import FrameHeader, encode_frame
 from tests.unit.inprocess import FED, Federation, T, update_frame, wait_for
-
-
-@pytest.fixture
-def fed(tmp_path: Path) -> Iterator[Federation]:
-    federation = Federation(tmp_path)
-    yield federation
-    federation.stop()
 
 
 def _counted(fed: Federation, round_id: int) -> int:

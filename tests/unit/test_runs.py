@@ -102,13 +102,6 @@ def test_the_aggregator_refuses_settings_its_agents_would_refuse(
 
 
 # --- the service ---------------------------------------------------------------------------
-@pytest.fixture
-def fed(tmp_path: Path) -> Federation:
-    federation = Federation(tmp_path)
-    yield federation  # type: ignore[misc]
-    federation.stop()
-
-
 def _keys(tmp_path: Path) -> tuple[str, str]:
     key = generate_keypair()
     (tmp_path / "model.key").write_bytes(private_pem(key))
