@@ -19,12 +19,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from subprocess import Popen
-from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.ops import provision
 from aggregator.ops.local_broker import LocalBroker, free_port
@@ -33,7 +31,7 @@ from shared.protocol.topics import Topics, chunk_subscription, chunk_topic
 from shared.runtime.data import ArrayDataset, save_npz
 from tests.conftest import require_mosquitto
 from tests.integration import federation as fed
-from tests.integration.test_security import DEVICES, SecureBroker, add_identity
+from tests.integration.test_security import DEVICES, SecureBroker, _client, add_identity
 
 pytestmark = pytest.mark.integration
 
@@ -79,25 +77,6 @@ def hardened(tmp_path: Path) -> Iterator[SecureBroker]:
         yield SecureBroker(root, broker)
     finally:
         broker.stop()
-
-
-def _login(sb: SecureBroker, user: str, client_id: str) -> mqtt.Client:
-    """A TLS client logged in as ``user``, its network loop running."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-    client.tls_set(ca_certs=str(sb.root / "ca.crt"))
-    client.username_pw_set(user, sb.password(user))
-    codes: list[Any] = []
-    connected = threading.Event()
-
-    def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        codes.append(rc)
-        connected.set()
-
-    client.on_connect = on_connect
-    client.connect("localhost", sb.broker.port)
-    client.loop_start()
-    assert connected.wait(fed.BROKER_WAIT) and not codes[0].is_failure, codes
-    return client
 
 
 def _fake_chunk(index: int, body: bytes, body_sha: str) -> bytes:
@@ -186,9 +165,9 @@ def _evil_reported(workdir: Path) -> int:
 def test_fake_chunk_flood_leaves_aggregator_memory_bounded_and_rounds_complete(
     hardened: SecureBroker, tmp_path: Path
 ) -> None:
-    watch = _login(hardened, WATCHER, WATCHER)
+    watch = _client(hardened, WATCHER, WATCHER)
     ready = fed.collect(watch, T.global_meta)
-    evil = _login(hardened, EVIL, EVIL)
+    evil = _client(hardened, EVIL, EVIL)
     receipts = fed.collect(evil, T.receipt_any_round(EVIL))
     data = fed.write_client_data(tmp_path / "data", 3)
     agg, agents = _start_aggregator(hardened, tmp_path, rounds=3, clients=3), []
@@ -232,10 +211,10 @@ def _retained_updates(watch: mqtt.Client) -> list[str]:
 def test_retained_update_chunks_are_cleared_from_the_broker(
     hardened: SecureBroker, tmp_path: Path
 ) -> None:
-    evil = _login(hardened, EVIL, EVIL)
+    evil = _client(hardened, EVIL, EVIL)
     receipts = fed.collect(evil, T.receipt_any_round(EVIL))
     _flood(evil, T.update(1, EVIL), RETAINED_CHUNKS, retain=True)  # parked before any aggregator
-    watch = _login(hardened, WATCHER, WATCHER)
+    watch = _client(hardened, WATCHER, WATCHER)
     parked = len(_retained_updates(watch))
     ready = fed.collect(watch, T.global_meta)
     data = fed.write_client_data(tmp_path / "data", 3)
@@ -288,9 +267,9 @@ def _open_transfers(
 def test_device_opening_transfers_does_not_starve_chunked_cnn_updates(
     hardened: SecureBroker, tmp_path: Path
 ) -> None:
-    watch = _login(hardened, WATCHER, WATCHER)
+    watch = _client(hardened, WATCHER, WATCHER)
     ready = fed.collect(watch, T.global_meta)
-    evil = _login(hardened, EVIL, EVIL)
+    evil = _client(hardened, EVIL, EVIL)
     receipts = fed.collect(evil, T.receipt_any_round(EVIL))
     stop, first, opened = threading.Event(), threading.Event(), [0]
     attack = threading.Thread(target=_open_transfers, args=(evil, stop, opened, first), daemon=True)
@@ -338,16 +317,16 @@ def test_device_opening_transfers_does_not_starve_chunked_cnn_updates(
 def test_broker_disconnects_a_device_sending_a_packet_over_the_limit(
     hardened: SecureBroker,
 ) -> None:
-    watch = _login(hardened, WATCHER, WATCHER)
+    watch = _client(hardened, WATCHER, WATCHER)
     seen = fed.collect(watch, T.update_any)
-    evil = _login(hardened, EVIL, EVIL)
+    evil = _client(hardened, EVIL, EVIL)
     dropped = threading.Event()
     evil.on_disconnect = lambda *_a: dropped.set()
 
     evil.publish(T.update(1, EVIL), bytes(3_000_000), qos=1)  # 3 MB: over the 2 MB limit
 
     assert dropped.wait(fed.BROKER_WAIT), "the broker kept the connection"
-    honest = _login(hardened, "pi-0", "pi-0")
+    honest = _client(hardened, "pi-0", "pi-0")
     honest.publish(T.update(1, "pi-0"), b"marker", qos=1).wait_for_publish(10)
     got = fed.until(seen, fed.on(T.update(1, "pi-0")), fed.BROKER_WAIT, "pi-0's marker")
     assert [m.topic for m in got] == [T.update(1, "pi-0")]

@@ -105,7 +105,7 @@ def _connect(
     client.on_connect = on_connect
     client.connect("localhost", sb.broker.port)
     client.loop_start()
-    assert done.wait(10), "no CONNACK"
+    assert done.wait(fed.BROKER_WAIT), "no CONNACK"
     return client, result[0]
 
 
