@@ -44,13 +44,21 @@ RESEND_GAP_S = 1.0
 class EdgeAgent:
     """One device's participation in a federation."""
 
-    def __init__(self, cfg: AgentConfig, connect: Connector, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        connect: Connector,
+        clock: Clock | None = None,
+        trainer: LocalTrainer | None = None,
+    ) -> None:
+        """``trainer``: given when several agents share a process and its model objects
+        (the fleet simulator, ``fedmq bench fleet``); each agent builds its own otherwise."""
         self.cfg = cfg
         self.clock: Clock = clock or SystemClock()
         self.topics = topics.Topics(cfg.federation)
         topics.validate_agent_id(cfg.client_id)  # not an inference server's id
         self.data, self.val = self._load_data()
-        self.trainer = LocalTrainer(cfg.client_id, cfg.threads)
+        self.trainer = trainer or LocalTrainer(cfg.client_id, cfg.threads)
         self.feedback = DeviceFeedback(cfg.resolved_state_dir(), cfg.federation)
         self.model_key = load_public_key(cfg.model_public_key) if cfg.model_public_key else None
         if self.model_key is None:

@@ -49,10 +49,17 @@ class LocalRound:
 class LocalTrainer:
     """Keeps one model instance per architecture and trains it from a given global model."""
 
-    def __init__(self, client_id: str, threads: int = 1) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        threads: int = 1,
+        models: dict[tuple[Any, ...], torch.nn.Module] | None = None,
+    ) -> None:
+        """``models``: a cache shared by the trainers of several agents in one process (the
+        fleet simulator), who must then not train at the same time; its own otherwise."""
         self.client_id = client_id
         self.threads = threads
-        self._models: dict[tuple[Any, ...], torch.nn.Module] = {}
+        self._models: dict[tuple[Any, ...], torch.nn.Module] = {} if models is None else models
 
     def warm_up(self) -> float:
         """Import the training stack now (seconds taken), so round 1 is not slowed by it."""

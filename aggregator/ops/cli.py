@@ -53,7 +53,7 @@ def _add_bench_commands(sub: Any) -> None:
             "inprocess", help="the demo's federation in one process (the round-time yardstick)"
         )
     )
-    from aggregator.ops.bench import codecs, compression, ingest
+    from aggregator.ops.bench import codecs, compression, fleet, ingest
 
     compression.add_arguments(
         bench_sub.add_parser(
@@ -70,15 +70,22 @@ def _add_bench_commands(sub: Any) -> None:
             "ingest", help="updates per second the real aggregator validates and sums"
         )
     )
+    fleet.add_arguments(
+        bench_sub.add_parser(
+            "fleet", help="N real agents (many per process), real broker and aggregator, R rounds"
+        )
+    )
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from aggregator.ops.bench import codecs, compression, ingest
+    from aggregator.ops.bench import codecs, compression, fleet, ingest
 
     if args.bench == "compression":
         return compression.run_compression(args)
     if args.bench == "ingest":
         return ingest.run_ingest(args)
+    if args.bench == "fleet":
+        return fleet.run_fleet(args)
     if args.bench == "codecs-inprocess":
         return codecs.run(args)
     return bench_inprocess.run_inprocess(args)

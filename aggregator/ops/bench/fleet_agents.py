@@ -1,0 +1,232 @@
+"""One process of ``fedmq bench fleet``: many real edge agents, each on its own thread.
+
+``python -m aggregator.ops.bench.fleet_agents --broker URL --federation F --ids dev-00000:125
+--data-dir D --state-dir S --events FILE`` runs one :class:`~edge_agent.agent.EdgeAgent` per
+client id, unchanged: its own MQTT connection (paho, own client id, last will, births), its own
+durable outbox and state directory, its own data shard, receipts and re-sends. What the agents
+of one process share is what a simulator must share to fit 1,000 devices on two cores: one
+model object per architecture, trained by one agent at a time (a lock), one BLAS thread.
+
+Each agent's events go to ``FILE`` as JSON lines, with wall-clock times (the same clock as the
+bench and the aggregator, all on one machine): ``train`` (waited for the lock from, trained
+from/until), ``send`` (every publish of an update: the first and each re-send), ``receipt``
+(code), and at the end ``agent`` (connections made, rounds trained, exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_agent.agent import EdgeAgent
+from edge_agent.config import AgentConfig
+from edge_agent.local_training import LocalRound, LocalTrainer
+from shared.mqtt.base import Inbound
+from shared.mqtt.connector import connector_for
+from shared.protocol import messages as msg
+from shared.runtime.data import ArrayDataset
+
+log = logging.getLogger("fedmq.bench.fleet")
+
+
+class EventLog:
+    """JSON lines, one per event, from every agent thread of the process."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._lock = threading.Lock()
+
+    def write(self, **event: Any) -> None:
+        line = json.dumps(event, separators=(",", ":"))
+        with self._lock:
+            self._fh.write(line + "\n")
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+
+class SharedTrainer(LocalTrainer):
+    """The agent's own trainer on the process's one model object, one training at a time.
+
+    Records when the agent asked to train (the round it was selected for has arrived), when it
+    got the model and when it was done: on a real device there is no wait for the lock.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        models: dict[tuple[Any, ...], Any],
+        lock: threading.Lock,
+        events: EventLog,
+    ) -> None:
+        super().__init__(client_id, threads=1, models=models)
+        self._lock = lock
+        self._events = events
+
+    def train(
+        self,
+        spec: msg.ModelSpec,
+        global_params: dict[str, Any],
+        params: msg.TrainParams,
+        data: ArrayDataset,
+        val: ArrayDataset | None,
+    ) -> LocalRound:
+        asked = time.time()
+        with self._lock:
+            start = time.time()
+            result = super().train(spec, global_params, params, data, val)
+            end = time.time()
+        self._events.write(
+            ev="train", client=self.client_id, asked=asked, start=start, end=end, seed=params.seed
+        )
+        return result
+
+
+class FleetAgent(EdgeAgent):
+    """The edge agent, unchanged, with its sends and receipts written to the event log."""
+
+    events: EventLog
+
+    def _send(self, round_id: int, payload: bytes) -> None:
+        self.events.write(
+            ev="send", client=self.cfg.client_id, round=round_id, t=time.time(), bytes=len(payload)
+        )
+        super()._send(round_id, payload)
+
+    def _on_receipt(self, item: Inbound) -> None:
+        try:
+            receipt = msg.decode(item.payload, msg.Receipt)
+        except msg.MessageError:
+            receipt = None
+        if receipt is not None and receipt.client_id == self.cfg.client_id:
+            self.events.write(
+                ev="receipt",
+                client=self.cfg.client_id,
+                round=receipt.round,
+                code=receipt.effective_code(),
+                t=time.time(),
+            )
+        super()._on_receipt(item)
+
+
+def parse_ids(text: str) -> list[str]:
+    """``dev-00100:25`` → dev-00100 … dev-00124 (the prefix, the first number, how many)."""
+    first, _, count = text.partition(":")
+    prefix = first.rstrip("0123456789")
+    digits = first[len(prefix) :]
+    if not digits or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"expected PREFIX<NUMBER>:COUNT, got {text!r}")
+    width, start = len(digits), int(digits)
+    return [f"{prefix}{start + i:0{width}d}" for i in range(int(count))]
+
+
+def build_agents(args: argparse.Namespace, events: EventLog) -> list[FleetAgent]:
+    """One agent per id, each with its own connection, state directory and data shard."""
+    models: dict[tuple[Any, ...], Any] = {}
+    lock = threading.Lock()
+    agents = []
+    for client_id in args.ids:
+        cfg = AgentConfig(
+            broker=args.broker,
+            federation=args.federation,
+            client_id=client_id,
+            data=str(args.data_dir / f"{client_id}.npz"),
+            state_dir=str(args.state_dir / client_id),
+            resend_after_s=args.resend_after,
+            connect_timeout=args.connect_timeout,
+            mqtt_version=args.mqtt_version,
+            allow_plaintext=True,
+        )
+        # The agent command line's own connector (fedmq-agent: edge_agent.cli._mqtt).
+        agent = FleetAgent(
+            cfg, connector_for(cfg), trainer=SharedTrainer(client_id, models, lock, events)
+        )
+        agent.events = events
+        agents.append(agent)
+    return agents
+
+
+def run_agents(agents: list[FleetAgent], events: EventLog) -> int:
+    """Run every agent on its own thread until all have stopped; 0 when all ended well."""
+    codes: dict[str, int] = {}
+
+    def run(agent: FleetAgent) -> None:
+        try:
+            codes[agent.cfg.client_id] = agent.run()
+        except Exception:  # one agent's crash is a finding, not the end of the others
+            log.exception("%s crashed", agent.cfg.client_id)
+            codes[agent.cfg.client_id] = 1
+        events.write(
+            ev="agent",
+            client=agent.cfg.client_id,
+            connects=agent.transport.connect_count,
+            rounds_trained=agent.rounds_trained,
+            exit_code=codes[agent.cfg.client_id],
+            t=time.time(),
+        )
+
+    threads = [
+        threading.Thread(target=run, args=(a,), name=a.cfg.client_id, daemon=True) for a in agents
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return 0 if all(c == 0 for c in codes.values()) and len(codes) == len(agents) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m aggregator.ops.bench.fleet_agents")
+    p.add_argument("--broker", required=True)
+    p.add_argument("--federation", required=True)
+    p.add_argument("--ids", type=parse_ids, required=True, help="PREFIX<NUMBER>:COUNT")
+    p.add_argument("--data-dir", type=Path, required=True, help="one <client id>.npz each")
+    p.add_argument("--state-dir", type=Path, required=True)
+    p.add_argument("--events", type=Path, required=True)
+    p.add_argument("--resend-after", type=float, default=30.0)
+    p.add_argument("--connect-timeout", type=float, default=120.0)
+    p.add_argument("--mqtt-version", default="auto")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=10,
+        help="scheduling niceness added to this process (default 10): the simulated devices "
+        "stand for other machines and must not starve the aggregator and broker they share "
+        "two cores with",
+    )
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(threadName)s: %(message)s"
+    )
+    import torch  # before the agents go online: the first round is not slowed by the import
+
+    torch.set_num_threads(1)
+    events = EventLog(args.events)
+    agents = build_agents(args, events)
+
+    def stop_all(*_: object) -> None:
+        for agent in agents:
+            agent.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_all)
+    try:
+        return run_agents(agents, events)
+    finally:
+        events.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""``fedmq bench fleet`` end to end: real Mosquitto, the real aggregator, real agents that train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from aggregator.ops.bench.fleet import add_arguments, run_fleet
+from aggregator.ops.datasets import load_named_dataset
+from shared.runtime.data import DataFormatError
+
+pytestmark = pytest.mark.integration
+
+
+def _fashion_mnist_installed() -> bool:
+    try:
+        load_named_dataset("fashion-mnist", train=False)
+    except DataFormatError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _fashion_mnist_installed(), reason="needs dataset-fashion-mnist")
+def test_a_fleet_in_two_processes_counts_every_update_once(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = ["--agents", "6", "--rounds", "2", "--processes", "2", "--samples-per-agent", "20"]
+    args = parser.parse_args([*argv, "--timeout", "300", "--out", str(tmp_path)])
+
+    code = run_fleet(args)
+
+    doc = json.loads((tmp_path / "fleet.json").read_text())
+    assert code == 0
+    assert [(r["round"], r["selected"], r["accepted"]) for r in doc["rows"]] == [
+        (1, 6, 6),
+        (2, 6, 6),
+    ]
+    assert all(r["counted_once"] and r["receipts_lost"] == 0 for r in doc["rows"])
+    # Every agent trained in both rounds on its own connection, and ended by itself.
+    (run,) = doc["runs"]
+    assert (run["agents_ended"], run["agents_failed"], run["aggregator_exit"]) == (6, 0, 0)
+    assert (tmp_path / "fleet.png").stat().st_size > 0
+    events = [
+        json.loads(line)
+        for path in sorted((tmp_path / "n6").glob("events-*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    trained = {(e["client"], e["end"] > e["start"]) for e in events if e["ev"] == "train"}
+    assert trained == {(f"dev-{i:05d}", True) for i in range(6)}
+    assert len([e for e in events if e["ev"] == "train"]) == 12
