@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
+import msgspec
 import pytest
 
+from shared.protocol import messages as msg
 from shared.protocol.messages import (
     MAX_CONTROL_BYTES,
     SCHEMA,
@@ -288,3 +291,37 @@ def test_decode_rejects_message_of_another_kind() -> None:
 
     with pytest.raises(MessageError):
         decode(payload, Receipt)
+
+
+def test_each_message_type_has_one_decoder_built_once_across_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Many agents share a process in the fleet simulator: their first decodes of a type come
+    # at once, and msgspec must build the type's validation info only once (see decoder()).
+
+    built: list[type] = []
+    real = msgspec.json.Decoder
+
+    def counting(kind: type) -> msgspec.json.Decoder:  # type: ignore[type-arg]
+        built.append(kind)
+        return real(kind)
+
+    monkeypatch.setattr(msg, "_decoders", {})
+    monkeypatch.setattr(msgspec.json, "Decoder", counting)
+    payload = msg.Receipt(round=1, client_id="dev-1", status="accepted", code="accepted").to_json()
+    start = threading.Barrier(32)
+    decoded: list[msg.Receipt] = []
+
+    def first_decode() -> None:
+        start.wait()
+        decoded.append(msg.decode(payload, msg.Receipt))
+
+    threads = [threading.Thread(target=first_decode) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert built == [msg.Receipt]
+    assert len(decoded) == 32 and {r.client_id for r in decoded} == {"dev-1"}
+    assert msg.decoder(msg.Receipt) is msg.decoder(msg.Receipt)

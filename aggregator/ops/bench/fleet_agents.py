@@ -16,6 +16,7 @@ from/until), ``send`` (every publish of an update: the first and each re-send), 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
+    # A crash in native code (numpy, torch, msgspec) leaves every thread's stack in the log.
+    faulthandler.enable(all_threads=False)  # the crashing one: 100s of threads are too many
     if args.nice:
         os.nice(args.nice)
     logging.basicConfig(
