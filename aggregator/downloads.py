@@ -33,7 +33,7 @@ from shared.protocol.topics import Topics
 log = logging.getLogger("fedmq.aggregator.downloads")
 
 Tensors = dict[str, np.ndarray]
-Publish = Callable[..., None]  # (topic, payload, retain=...) like AggregatorService._publish
+Publish = Callable[..., None]  # (topic, payload, retain=, wait=) like AggregatorService._publish
 
 _UNKNOWN = -2  # what the broker retains on global/delta is unknown (e.g. after a restart)
 _CLEARED = -1
@@ -164,7 +164,14 @@ class GlobalDownloads:
     def publish(
         self, round_id: int, params: Tensors, model_hash: str, final: bool, publish: Publish
     ) -> None:
-        """Publish the full model, the delta (or clear it) and the meta of ``round_id``."""
+        """Publish the full model, the delta (or clear it) and the meta of ``round_id``.
+
+        Only the meta waits for the broker's acknowledgement: one connection's QoS 1
+        messages are handled in order, so its PUBACK follows the model's and the delta's.
+        Waiting for each in turn cost two more broker round trips after every round, each
+        behind the broker's fan-out of the delta to every agent (259 of 270 ms from the last
+        update to the new model at 1,000 agents, ``fedmq bench fleet``).
+        """
         sigs = self.signatures(round_id, model_hash)
         frame = model_frame(
             self.federation,
@@ -177,14 +184,14 @@ class GlobalDownloads:
             signature_v2=sigs.v2,
         )
         self.model_frame = frame
-        publish(self.topics.global_model, frame, retain=True)
+        publish(self.topics.global_model, frame, retain=True, wait=False)
         delta = self._delta[1] if self._delta and self._delta[0] == round_id else None
         if delta is not None and self._retained_delta != round_id:
-            publish(self.topics.global_delta, delta, retain=True)
+            publish(self.topics.global_delta, delta, retain=True, wait=False)
             self._retained_delta = round_id
         elif delta is None and self._retained_delta != _CLEARED:
             # No stale delta next to this model: agents that missed it fetch the full model.
-            publish(self.topics.global_delta, b"", retain=True)
+            publish(self.topics.global_delta, b"", retain=True, wait=False)
             self._retained_delta = _CLEARED
         meta = msg.GlobalMeta(
             federation=self.federation,
@@ -197,7 +204,7 @@ class GlobalDownloads:
             run=self.run,
             signature_v2=sigs.v2,
         )
-        publish(self.topics.global_meta, meta.to_json(), retain=True)
+        publish(self.topics.global_meta, meta.to_json(), retain=True, wait=True)
 
 
 def bytes_down(reports: Sequence[int | None], model_bytes: int, online: int) -> int:

@@ -255,6 +255,7 @@ class AggregatorService:
             if item is not None and self._handle(item, intake):
                 last_update_at = item.received_at
         state.close()
+        closed_at = self.clock.monotonic()
         target, unusable = next_global_model(
             intake.acc, self.params, self.evaluator.unusable, state.round_id
         )
@@ -271,8 +272,19 @@ class AggregatorService:
             self._decide(state, "discarded", unusable)
         else:
             self._decide(state, "applied", f"{phase.value}: {len(state.accepted)} updates")
+        computed_at = self.clock.monotonic()
         self._publish_model(final=False)
-        latency_ms = (self.clock.monotonic() - last_update_at) * 1000
+        published_at = self.clock.monotonic()
+        latency_ms = (published_at - last_update_at) * 1000
+        log.info(
+            "round %d: last update → model published %.0f ms (waited in the inbox %.0f, "
+            "new model computed %.0f, published and acknowledged by the broker %.0f)",
+            state.round_id,
+            latency_ms,
+            (closed_at - last_update_at) * 1000,
+            (computed_at - closed_at) * 1000,
+            (published_at - computed_at) * 1000,
+        )
         self._publish(self.topics.round_start(state.round_id), b"", retain=True)
         dl = self.downloads
         return ClosedRound(

@@ -119,6 +119,8 @@ def _fleet_of_two() -> tuple[FleetEvents, list[dict[str, Any]], list[dict[str, A
     ev.sample(99.0, "agg_cpu_s", 10.0)
     ev.sample(101.4, "agg_cpu_s", 10.2)
     ev.sample(101.4, "agg_rss_mb", 500.0)
+    ev.sample(99.0, "broker_cpu_s", 1.0)
+    ev.sample(102.9, "broker_cpu_s", 1.25)
     _announce(ev, 1, 100.0, ["a", "b"])
     _receipt(ev, 101.1, 1, "a")
     _receipt(ev, 101.2, 1, "b")
@@ -159,6 +161,7 @@ def test_rows_give_the_round_its_training_its_overhead_and_its_receipts() -> Non
     assert one["last_update_to_model_ms"] == 12.0
     assert one["agg_cpu_ms_per_update"] == 100.0  # 0.2 CPU s for 2 updates
     assert one["agg_rss_mb"] == 500.0
+    assert one["broker_cpu_s"] == 0.25  # from its announcement to round 2's
     assert one["broker_mb_out"] == 3.0  # bytes sent from 100.0 to round 2's announcement
     assert (one["receipts_lost"], one["resends"]) == (0, 0)
     # Round 2: a's receipt never reached a; a re-sent once.

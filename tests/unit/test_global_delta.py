@@ -275,9 +275,12 @@ def test_server_step_refuses_codecs_without_a_step() -> None:
 class _Broker:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bool]] = []
+        self.waited: list[str] = []  # topics whose publish waited for the broker's PUBACK
 
-    def __call__(self, topic: str, payload: bytes, retain: bool = False, **_: Any) -> None:
+    def __call__(self, topic: str, payload: bytes, retain: bool = False, wait: bool = True) -> None:
         self.sent.append((topic, payload, retain))
+        if wait:
+            self.waited.append(topic)
 
 
 T = Topics(FED)
@@ -304,6 +307,8 @@ def test_publishes_full_model_then_delta_then_meta_each_round() -> None:
         (T.global_meta, True),
     ]
     assert all(retain for _, _, retain in broker.sent)
+    # One broker round trip per round: the meta's acknowledgement follows the others'.
+    assert broker.waited == [T.global_meta] * 3
     delta = decode_frame(broker.sent[4][1])
     model = decode_frame(broker.sent[3][1])
     meta = decode(broker.sent[5][1], GlobalMeta)

@@ -6,7 +6,7 @@ rounds) and P processes of ``aggregator.ops.bench.fleet_agents``, each running N
 :class:`~edge_agent.agent.EdgeAgent` objects (own MQTT connection, client id, last will,
 outbox, receipts) that train for real on their own shard of Fashion-MNIST. The bench only
 watches: an observer connection (announcements, receipts, metas, ``$SYS``), the processes'
-peak RSS and the aggregator's CPU time from ``/proc``, the agents' event files, the
+peak RSS and the aggregator's and broker's CPU time from ``/proc``, the agents' event files, the
 aggregator's ``metrics.json``. It writes ``DIR/fleet.json`` and ``DIR/fleet.png``.
 """
 
@@ -281,9 +281,10 @@ class _FleetWatch:
                 # A peak never shrinks: keep the largest seen (a process that exited has none).
                 prev = self.events.sample_at(what, t) or 0.0
                 self.events.sample(t, what, max(prev, sum(known)))
-        cpu = _cpu_s(self.agg.pid)
-        if cpu is not None:
-            self.events.sample(t, "agg_cpu_s", cpu)
+        for what, pid in (("agg_cpu_s", self.agg.pid), ("broker_cpu_s", self.broker_pid)):
+            cpu = _cpu_s(pid) if pid else None
+            if cpu is not None:
+                self.events.sample(t, what, cpu)
 
     def peak(self, what: str) -> float | None:
         return self.events.sample_at(what, float("inf"))

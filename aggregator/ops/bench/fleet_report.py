@@ -153,6 +153,7 @@ def round_rows(
             "last_update_to_model_ms": _r(m.get("aggregate_latency_ms"), 1),
             "updates_per_s": _rate(accepted),
             "agg_cpu_ms_per_update": _cpu_per_update(events, ann.published, end, len(per_client)),
+            "broker_cpu_s": _cpu_between(events, "broker_cpu_s", ann.published, cycle_end),
             "agg_rss_mb": _r(events.sample_at("agg_rss_mb", end), 1),
             "broker_rss_mb": _r(events.sample_at("broker_rss_mb", end), 1),
             "agents_rss_mb": _r(events.sample_at("agents_rss_mb", end), 1),
@@ -209,10 +210,15 @@ def _rate(accepted: list[tuple[float, str]]) -> float | None:
 
 
 def _cpu_per_update(events: FleetEvents, start: float, end: float, updates: int) -> float | None:
-    a, b = events.sample_at("agg_cpu_s", start), events.sample_at("agg_cpu_s", end)
-    if a is None or b is None or updates == 0:
-        return None
-    return round((b - a) * 1000 / updates, 3)
+    """The aggregator's CPU time from the announcement to the new model, per update counted."""
+    cpu = _cpu_between(events, "agg_cpu_s", start, end)
+    return None if cpu is None or updates == 0 else round(cpu * 1000 / updates, 3)
+
+
+def _cpu_between(events: FleetEvents, what: str, start: float, end: float) -> float | None:
+    """CPU seconds a process used between two times (its samples, 0.2 s apart)."""
+    a, b = events.sample_at(what, start), events.sample_at(what, end)
+    return None if a is None or b is None else round(b - a, 3)
 
 
 def _delta(events: FleetEvents, name: str, start: float, end: float) -> float | None:
@@ -240,6 +246,7 @@ COLUMNS = [
     ("agg_cpu_ms_per_update", "agg CPU ms/update"),
     ("agg_rss_mb", "agg RSS MB"),
     ("broker_rss_mb", "broker RSS MB"),
+    ("broker_cpu_s", "broker CPU s"),
     ("broker_mb_in_per_round", "broker MB in/round"),
     ("broker_mb_out_per_round", "broker MB out/round"),
     ("announce_bytes", "announce B"),
