@@ -68,11 +68,14 @@ persistence_location {dir}/data/
 max_packet_size 2000000
 
 # Flow control as the development broker (see mosquitto-dev.conf), plus a byte cap:
-# the QoS 1 messages queued for one slow or stalled subscriber cost at most 1000
+# the QoS 1 messages queued for one slow or stalled subscriber cost at most 20,000
 # messages and 128 MiB. Beyond that Mosquitto drops them (fedmq's receipts and the
-# agents' outboxes re-send what was lost).
+# agents' outboxes re-send what was lost). The count is sized for fleets: when the
+# aggregator subscribes it receives every device's retained status at once, and with
+# 1,000 here the statuses of devices beyond ~1,100 were dropped silently (docs/scaling.md);
+# raise it to ≥ 2 × devices for fleets over 10,000. The byte cap bounds the memory.
 max_inflight_messages 100
-max_queued_messages 1000
+max_queued_messages 20000
 max_queued_bytes 134217728
 
 # Heap the broker may allocate in all, retained messages included: Mosquitto 2.0

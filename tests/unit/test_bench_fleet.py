@@ -61,7 +61,8 @@ def test_clients_are_split_into_contiguous_processes() -> None:
 
 
 def test_the_broker_queue_holds_a_round_for_the_aggregator() -> None:
-    assert "max_queued_messages 4100" in broker_config(1000)
+    assert "max_queued_messages 20000" in broker_config(1000)  # the development config's
+    assert "max_queued_messages 40100" in broker_config(10_000)
     assert "sys_interval 1" in broker_config(10)
 
 

@@ -69,8 +69,8 @@ def test_the_flags_refuse_what_cannot_run(argv: list[str]) -> None:
 
 
 def test_the_broker_queue_holds_every_status_and_update() -> None:
-    assert broker_queue(10) == "max_queued_messages 1000"
-    assert broker_queue(2000) == "max_queued_messages 4100"
+    assert broker_queue(10) == "max_queued_messages 20000"  # the development config's
+    assert broker_queue(20_000) == "max_queued_messages 40100"
 
 
 def test_the_rate_runs_from_the_first_publish_to_the_last_accepted_receipt() -> None:

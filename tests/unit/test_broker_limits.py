@@ -20,10 +20,17 @@ def test_production_config_bounds_packets_queues_and_broker_memory(tmp_path: Pat
     conf = _settings((tmp_path / "mosquitto.conf").read_text())
 
     assert conf["max_packet_size"] == "2000000"
-    assert conf["max_queued_messages"] == "1000"
+    assert conf["max_queued_messages"] == "20000"  # every device's status at subscription
     assert conf["max_queued_bytes"] == str(128 * 1024 * 1024)
     assert conf["memory_limit"] == str(1024 * 1024 * 1024)
 
 
 def test_development_broker_has_mosquitto_21_packet_limit() -> None:
     assert _settings(DEV_TEMPLATE.read_text())["max_packet_size"] == "2000000"
+
+
+def test_development_broker_queues_a_fleet_and_bounds_its_bytes() -> None:
+    conf = _settings(DEV_TEMPLATE.read_text())
+
+    assert conf["max_queued_messages"] == "20000"
+    assert conf["max_queued_bytes"] == str(512 * 1024 * 1024)

@@ -159,9 +159,10 @@ def run_size(
 
 def broker_config(n: int) -> str:
     """Mosquitto settings for a fleet of ``n``: $SYS every second, per-client queues that hold
-    a round's traffic for the aggregator (see docs/scaling.md: the development config's 1,000
-    drops retained statuses beyond ~1,100 devices)."""
-    return f"sys_interval 1\nmax_queued_messages {max(1000, 4 * n + 100)}\n"
+    a round's traffic for the aggregator: the development config's 20,000, or more for a
+    fleet over 5,000 (see docs/scaling.md: Mosquitto's default 1,000 drops the retained
+    statuses beyond ~1,100 devices)."""
+    return f"sys_interval 1\nmax_queued_messages {max(20_000, 4 * n + 100)}\n"
 
 
 def write_shards(train: ArrayDataset, clients: list[str], samples: int, out: Path) -> Path:
