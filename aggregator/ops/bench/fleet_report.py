@@ -286,34 +286,50 @@ PLOTTED = [
 
 def medians_by_size(rows: list[dict[str, Any]]) -> dict[int, dict[str, float | None]]:
     """Per fleet size, the median over its rounds of each plotted figure."""
-    out: dict[int, dict[str, float | None]] = {}
+    return {n: {k: v[1] for k, v in spread.items()} for n, spread in spread_by_size(rows).items()}
+
+
+def spread_by_size(
+    rows: list[dict[str, Any]],
+) -> dict[int, dict[str, tuple[float, float, float] | tuple[None, None, None]]]:
+    """Per fleet size, (min, median, max) over its rounds of each plotted figure."""
+    out: dict[int, dict[str, tuple[float, float, float] | tuple[None, None, None]]] = {}
     for n in sorted({row["agents"] for row in rows}):
         mine = [row for row in rows if row["agents"] == n]
         out[n] = {}
         for key, _ in PLOTTED:
             values = [row[key] for row in mine if row.get(key) is not None]
-            out[n][key] = statistics.median(values) if values else None
+            out[n][key] = (
+                (min(values), statistics.median(values), max(values))
+                if values
+                else (None, None, None)
+            )
     return out
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One panel per figure against the fleet size (log scale), the median of the rounds."""
+    """One panel per figure against the fleet size (log scale): the median of the rounds,
+    bars from the smallest to the largest; every axis starts at zero."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    med = medians_by_size(rows)
-    sizes = sorted(med)
+    spread = spread_by_size(rows)
+    sizes = sorted(spread)
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, title) in zip(axes.flat, PLOTTED, strict=True):
-        xs = [n for n in sizes if med[n][key] is not None]
-        ax.plot(xs, [med[n][key] for n in xs], marker="o")
+        known = [(n, spread[n][key]) for n in sizes if spread[n][key][1] is not None]
+        xs = [n for n, _ in known]
+        lo = [float(m) - float(a) for _, (a, m, _b) in known]  # type: ignore[arg-type]
+        hi = [float(b) - float(m) for _, (_a, m, b) in known]  # type: ignore[arg-type]
+        ax.errorbar(xs, [m for _, (_a, m, _b) in known], yerr=[lo, hi], marker="o", capsize=3)
         ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("simulated devices")
         ax.grid(True, alpha=0.3)
-    fig.suptitle("fedmq bench fleet: median over rounds, per fleet size")
+    fig.suptitle("fedmq bench fleet: median over rounds (bars: min to max), per fleet size")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
