@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import pytest
 
+from aggregator.ops.datasets import load_named_dataset
 from aggregator.ops.demo import agent_command, aggregator_command, stop_processes
-from shared.runtime.data import save_npz
+from shared.runtime.data import DataFormatError, save_npz
 from tests.synthetic import INPUT_SHAPE, NUM_CLASSES, make_dataset
 
 FEDERATION = "itest"
@@ -24,6 +26,20 @@ REPO = Path(__file__).resolve().parents[2]
 # Bound on a wait for the broker itself (SUBACK, a marker message): loopback answers in
 # milliseconds, so this only limits how long a broken broker can hang a test.
 BROKER_WAIT = 10.0
+
+
+def _fashion_mnist_installed() -> bool:
+    try:
+        load_named_dataset("fashion-mnist", train=False)
+    except DataFormatError:
+        return False
+    return True
+
+
+# The benches train on real Fashion-MNIST (Debian's dataset-fashion-mnist; never downloaded).
+needs_fashion_mnist = pytest.mark.skipif(
+    not _fashion_mnist_installed(), reason="needs dataset-fashion-mnist"
+)
 
 
 def write_client_data(directory: Path, clients: int, n: int = 300) -> list[Path]:

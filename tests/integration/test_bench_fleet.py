@@ -9,21 +9,12 @@ from pathlib import Path
 import pytest
 
 from aggregator.ops.bench.fleet import add_arguments, run_fleet
-from aggregator.ops.datasets import load_named_dataset
-from shared.runtime.data import DataFormatError
+from tests.integration.federation import needs_fashion_mnist
 
 pytestmark = pytest.mark.integration
 
 
-def _fashion_mnist_installed() -> bool:
-    try:
-        load_named_dataset("fashion-mnist", train=False)
-    except DataFormatError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _fashion_mnist_installed(), reason="needs dataset-fashion-mnist")
+@needs_fashion_mnist
 def test_a_fleet_in_two_processes_counts_every_update_once(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
