@@ -354,7 +354,10 @@ class EdgeAgent:
         """Re-send unacknowledged updates of the open round after a reconnect or a timeout.
 
         The broker may have lost them (it restarted, or the connection died mid-upload),
-        or the aggregator did (it restarted): only a receipt ends the re-sending.
+        or the aggregator did (it restarted): only a receipt ends the re-sending. The timer
+        waits while the transport is disconnected: a copy sent then would only wait in its
+        queue beside the last one (an agent cut off for an hour would queue one more every
+        ``resend_after_s``), and the reconnect re-sends once anyway.
         """
         reconnected = self.transport.connect_count != self.seen_connects
         self.seen_connects = self.transport.connect_count
@@ -366,6 +369,8 @@ class EdgeAgent:
         last = self.sent_at.get(ann.round)
         if reconnected and last is not None:
             self._resend(ann.round, "reconnected", coalesce=True)
+        elif not self.transport.is_connected():
+            return  # the reconnect re-sends
         elif last is None or self.clock.monotonic() - last >= self.cfg.resend_after_s:
             self._resend(ann.round, "no receipt yet" if last is not None else "restarted")
 

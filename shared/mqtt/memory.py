@@ -293,6 +293,10 @@ class MemoryTransport:
         """True while the broker holds this client's connection."""
         return self.broker._is_connected(self)
 
+    def is_connected(self) -> bool:
+        """:attr:`connected`, as the :class:`~shared.mqtt.base.Transport` interface asks it."""
+        return self.connected
+
     @property
     def queued(self) -> int:
         """QoS ≥ 1 publishes waiting for the reconnect."""

@@ -278,6 +278,10 @@ class MqttTransport:
         """Block until connected or ``timeout``; True when connected."""
         return self.connected.wait(timeout)
 
+    def is_connected(self) -> bool:
+        """True while connected (between CONNACK and the connection's loss)."""
+        return self.connected.is_set()
+
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Add a subscription now and after every reconnect.
 

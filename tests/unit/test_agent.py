@@ -15,7 +15,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from aggregator.downloads import model_frame
-from shared.mqtt.base import Session
+from edge_agent.agent import EdgeAgent
+from shared.mqtt.base import Inbound, Session
 from shared.mqtt.memory import MemoryTransport
 from shared.protocol import messages as msg
 from shared.protocol.claims import sign_model_v2, sign_round_start, sign_status
@@ -174,6 +175,40 @@ def test_after_a_reconnect_the_agent_resends_and_says_it_is_online_again(
 
     wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the re-send after the reconnect")
     wait_for(lambda: _status(fed, "pi-0") == "online", "its birth message")
+
+
+def _one_turn(agent: EdgeAgent) -> None:
+    """Return once the agent's loop has made a whole turn (re-send check included) from now.
+
+    Two messages it ignores (a cleared retained metrics message): the second is taken only
+    after the turn that took the first has ended.
+    """
+    for _ in range(2):
+        agent.transport.inbox.put(Inbound(T.metrics, b"", True))
+        wait_for(agent.transport.inbox.empty, "the agent's loop to take its message")
+
+
+def test_a_disconnected_agent_queues_no_resends_and_resends_once_when_reconnected(
+    fed: Federation, agg: ScriptedAggregator
+) -> None:
+    agg.publish_model()
+    agent = fed.start_agent("pi-0", seed=1, resend_after_s=60.0)
+    agg.announce(1, "pi-0", deadline_in=7200.0)  # open all along: only the link stops re-sends
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
+    link = agent.transport
+    assert isinstance(link, MemoryTransport)
+
+    fed.broker.disconnect("pi-0")
+    for _ in range(60):  # an hour, one re-send period at a time
+        fed.clock.advance(60.0)
+        _one_turn(agent)
+
+    assert link.queued == 0  # before: 60 copies waiting for the reconnect
+    fed.broker.reconnect("pi-0")
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the re-send after the reconnect")
+    agg.receipt(1, "pi-0")  # handled after the reconnect's messages: no re-send comes later
+    wait_for(lambda: agent.outbox.rounds() == [], "the outbox cleared by the receipt")
+    assert len(fed.updates(1, "pi-0")) == 2
 
 
 def test_a_live_reannouncement_gets_the_update_again_at_once(
