@@ -292,7 +292,7 @@ class AggregatorService:
         cfg = self.cfg
         if self.durable is not None:  # journaled first: a restart re-announces the same
             self.durable.announced(state, self.rng)
-        announcement = round_start(cfg, state, self.spec, self.run_epoch)
+        announcement = round_start(cfg, state, self.spec, self.run_epoch, self.clock.time())
         if self.signing_key is not None:  # pinned agents follow only signed announcements
             announcement = sign_round_start(self.signing_key, announcement)
         # Retained, so an agent that (re)connects mid-round learns the round at once.

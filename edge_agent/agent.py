@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from edge_agent.announcements import DeviceLimits, check_announcement, check_finished
+from edge_agent.announcements import DeviceLimits, check_announcement, check_finished, open_until
 from edge_agent.config import AgentConfig
 from edge_agent.local_training import DivergedTraining, LocalRound, LocalTrainer, encoder_rng
 from edge_agent.model_sync import ModelSync
@@ -68,6 +68,8 @@ class EdgeAgent:
         self.full_subscribed = True  # until it holds a model
         self.limits = DeviceLimits(cfg.max_local_epochs, cfg.max_batch_size)
         self.announcement: msg.RoundStart | None = None
+        # When the followed round ends on this device's monotonic clock (open_until).
+        self.round_ends = 0.0
         # Unacknowledged updates live on disk: a restarted agent re-sends, never re-trains.
         self.outbox = Outbox(cfg.resolved_state_dir(), cfg.federation, cfg.client_id)
         self.done_rounds: set[int] = set(self.outbox.rounds())
@@ -173,14 +175,17 @@ class EdgeAgent:
         ann = msg.decode(item.payload, msg.RoundStart)
         if ann.federation != self.cfg.federation:
             return
-        if ann.deadline < self.clock.time() - 1.0:
+        # Never later than now: an Inbound made elsewhere may carry another clock's reading.
+        now = self.clock.monotonic()
+        ends = open_until(ann, min(item.received_at, now), item.retain)
+        if ends < now:
             log.debug("ignoring expired announcement of round %d", ann.round)
             return
         # Signature (when pinned), cost, codecs, (run, round) order: refused = logged, skipped.
         check_announcement(ann, self.model_key, self.limits, self.announcement)
         if self.announcement is not None and ann.run != self.announcement.run:
             self._new_run(self.announcement.run, ann.run)
-        self.announcement = ann
+        self.announcement, self.round_ends = ann, ends
         self.sync.on_announcement(ann.round, ann.base_hash, ann.download_codec, ann.run)
         # Its fate is unknown (a lost receipt may have said "accepted"): dropped, not given
         # back to the residual, which could count its mass twice.
@@ -364,7 +369,7 @@ class EdgeAgent:
         ann = self.announcement
         if ann is None or ann.round not in self.done_rounds:
             return
-        if ann.deadline < self.clock.time() - 1.0 and not reconnected:
+        if self.clock.monotonic() > self.round_ends and not reconnected:
             return
         last = self.sent_at.get(ann.round)
         if reconnected and last is not None:
