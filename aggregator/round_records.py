@@ -20,10 +20,15 @@ Tensors = dict[str, np.ndarray]
 
 
 def round_start(
-    cfg: AggregatorConfig, state: RoundState, spec: msg.ModelSpec, run: int
+    cfg: AggregatorConfig, state: RoundState, spec: msg.ModelSpec, run: int, ts: float
 ) -> msg.RoundStart:
-    """The announcement of ``state``: who trains which model, how, until when (unsigned)."""
+    """The announcement of ``state``: who trains which model, how, until when (unsigned).
+
+    ``ts`` is the aggregator's clock now, the one ``state.deadline`` is on: agents count the
+    round's time as ``deadline - ts`` on their own clock (edge_agent/announcements.py).
+    """
     return msg.RoundStart(
+        ts=ts,
         federation=cfg.federation,
         round=state.round_id,
         base_hash=state.base_hash,

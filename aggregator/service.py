@@ -72,7 +72,9 @@ class AggregatorService:
         # This run's epoch (a resumed one is set again by _restore): agents follow the largest.
         self.run_epoch = resolve_run(cfg.run, None, new_run_epoch(self.clock.time()))
         # What the broker must hold (retained), re-published after every reconnect: a broker
-        # without persistence forgets it when it restarts.
+        # without persistence forgets it when it restarts. Current state only (one entry per
+        # topic: model, delta, meta, status, metrics, the open round's announcement), so it
+        # does not grow with the rounds: _publish.
         self._retained: dict[str, bytes] = {}
         self._seen_connects = 0
         self.exporter = RoundExporter(
@@ -302,7 +304,7 @@ class AggregatorService:
         cfg = self.cfg
         if self.durable is not None:  # journaled first: a restart re-announces the same
             self.durable.announced(state, self.rng)
-        announcement = round_start(cfg, state, self.spec, self.run_epoch)
+        announcement = round_start(cfg, state, self.spec, self.run_epoch, self.clock.time())
         if self.signing_key is not None:  # pinned agents follow only signed announcements
             announcement = sign_round_start(self.signing_key, announcement)
         # Retained, so an agent that (re)connects mid-round learns the round at once.
@@ -467,7 +469,16 @@ class AggregatorService:
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False, wait: bool = True) -> None:
         if retain and not topic.startswith(f"{self.topics.root}/agents/"):
-            self._retained[topic] = payload
+            if payload:
+                self._retained[topic] = payload
+            else:
+                # A clearance (a closed round's announcement, a global delta) is not state to
+                # put back: a broker that restarted without persistence has nothing to clear,
+                # one with persistence saved it (unless it crashed before its autosave: the
+                # announcement that comes back names a base model no longer current, and
+                # agents that follow a later round refuse it). Kept, they made every
+                # reconnect re-publish one empty message per round ever run.
+                self._retained.pop(topic, None)
         self.transport.publish(topic, payload, retain=retain, wait=wait)
 
     def _status(self, state: str) -> bytes:

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from edge_agent.announcements import DeviceLimits, check_announcement, check_finished
+from edge_agent.announcements import DeviceLimits, check_announcement, check_finished, open_until
 from edge_agent.config import AgentConfig
 from edge_agent.local_training import DivergedTraining, LocalRound, LocalTrainer, encoder_rng
 from edge_agent.model_sync import ModelSync
@@ -76,6 +76,8 @@ class EdgeAgent:
         self.full_subscribed = True  # until it holds a model
         self.limits = DeviceLimits(cfg.max_local_epochs, cfg.max_batch_size)
         self.announcement: msg.RoundStart | None = None
+        # When the followed round ends on this device's monotonic clock (open_until).
+        self.round_ends = 0.0
         # Unacknowledged updates live on disk: a restarted agent re-sends, never re-trains.
         self.outbox = Outbox(cfg.resolved_state_dir(), cfg.federation, cfg.client_id)
         self.done_rounds: set[int] = set(self.outbox.rounds())
@@ -181,14 +183,17 @@ class EdgeAgent:
         ann = msg.decode(item.payload, msg.RoundStart)
         if ann.federation != self.cfg.federation:
             return
-        if ann.deadline < self.clock.time() - 1.0:
+        # Never later than now: an Inbound made elsewhere may carry another clock's reading.
+        now = self.clock.monotonic()
+        ends = open_until(ann, min(item.received_at, now), item.retain)
+        if ends < now:
             log.debug("ignoring expired announcement of round %d", ann.round)
             return
         # Signature (when pinned), cost, codecs, (run, round) order: refused = logged, skipped.
         check_announcement(ann, self.model_key, self.limits, self.announcement)
         if self.announcement is not None and ann.run != self.announcement.run:
             self._new_run(self.announcement.run, ann.run)
-        self.announcement = ann
+        self.announcement, self.round_ends = ann, ends
         self.sync.on_announcement(ann.round, ann.base_hash, ann.download_codec, ann.run)
         # Its fate is unknown (a lost receipt may have said "accepted"): dropped, not given
         # back to the residual, which could count its mass twice.
@@ -362,18 +367,23 @@ class EdgeAgent:
         """Re-send unacknowledged updates of the open round after a reconnect or a timeout.
 
         The broker may have lost them (it restarted, or the connection died mid-upload),
-        or the aggregator did (it restarted): only a receipt ends the re-sending.
+        or the aggregator did (it restarted): only a receipt ends the re-sending. The timer
+        waits while the transport is disconnected: a copy sent then would only wait in its
+        queue beside the last one (an agent cut off for an hour would queue one more every
+        ``resend_after_s``), and the reconnect re-sends once anyway.
         """
         reconnected = self.transport.connect_count != self.seen_connects
         self.seen_connects = self.transport.connect_count
         ann = self.announcement
         if ann is None or ann.round not in self.done_rounds:
             return
-        if ann.deadline < self.clock.time() - 1.0 and not reconnected:
+        if self.clock.monotonic() > self.round_ends and not reconnected:
             return
         last = self.sent_at.get(ann.round)
         if reconnected and last is not None:
             self._resend(ann.round, "reconnected", coalesce=True)
+        elif not self.transport.is_connected():
+            return  # the reconnect re-sends
         elif last is None or self.clock.monotonic() - last >= self.cfg.resend_after_s:
             self._resend(ann.round, "no receipt yet" if last is not None else "restarted")
 

@@ -1,4 +1,5 @@
-"""Which round announcements an agent follows: origin (signature), cost, codecs and order.
+"""Which round announcements an agent follows: origin (signature), cost, codecs, order, and
+for how long.
 
 Pure: the agent decodes the announcement (which already bounds every training parameter,
 :mod:`shared.protocol.messages`) and this module decides. Every refusal is an
@@ -13,6 +14,9 @@ it keeps its model and follows the next genuine announcement.
 - Order: ``(run, round)`` never goes back. A later run supersedes an earlier one (a new run
   of the federation starts again at round 1), so a replayed announcement of an old run, or of
   an earlier round of this run, is refused instead of replacing the current round.
+- Time: a round is open for the duration it announces, counted on the agent's monotonic
+  clock from the announcement's arrival (:func:`open_until`), never by comparing the
+  aggregator's deadline with the device's wall clock, which may be minutes off.
 
 The aggregator's live ``finished`` status ends the agent: :func:`check_finished` holds it to
 the same origin (signed, when pinned) and to the run the agent follows.
@@ -20,6 +24,7 @@ the same origin (signed, when pinned) and to the run the agent follows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -30,6 +35,9 @@ from shared.protocol.claims import verify_round_start, verify_status
 from shared.protocol.global_delta import DOWNLOAD_CODECS
 from shared.protocol.messages import AggregatorStatus, MessageError, RoundStart
 from shared.protocol.signing import SignatureError
+
+# A round counts as open this long past its announced end (updates already on their way).
+GRACE_S = 1.0
 
 
 class AnnouncementRefused(MessageError):
@@ -64,6 +72,30 @@ def check_announcement(
         raise AnnouncementRefused(
             f"{what}: older than round {current.round} of run {current.run}, which it follows"
         )
+
+
+def open_until(ann: RoundStart, arrived: float, retained: bool) -> float:
+    """Until when (the agent's monotonic clock) the round of ``ann`` counts as open.
+
+    A Pi without a real-time clock can be minutes off, so the aggregator's deadline (its wall
+    clock) is never compared with the device's: ``deadline - ts``, both the aggregator's clock,
+    is the time the round had left when it was published, and counts from ``arrived`` (the
+    agent's monotonic reading when the announcement arrived; its transit time is unknown and
+    small next to a round).
+
+    A retained announcement may have been published long before it arrives (at a reconnect,
+    to a late joiner), so that duration is stale. But the aggregator clears a round's retained
+    announcement when it closes the round: a retained one is of an open round, open at its
+    arrival. It counts as open for the time it had left when published (never less than the
+    grace): an overestimate by its age, at most one round, whose only cost is a re-send the
+    aggregator answers ``late``, where the other choice, expired, could miss a round.
+    """
+    remaining = ann.deadline - ann.ts
+    if not math.isfinite(remaining):  # an absurd deadline or ts: a round already over
+        remaining = -math.inf
+    if retained:
+        remaining = max(remaining, 0.0)
+    return arrived + remaining + GRACE_S
 
 
 def check_finished(

@@ -106,7 +106,8 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "data": "the device's own data (required): .npz (x, y), IDX files or an image folder",
         "val_fraction": "fraction held out for local validation",
         "max_frame_bytes": "global-model frames larger than this are refused",
-        "resend_after_s": "re-send an update when no receipt came after this many seconds",
+        "resend_after_s": "re-send an update when no receipt came after this many seconds "
+        "(while connected: a disconnected agent re-sends once, at the reconnect)",
         "delta_wait_s": "a round announced on a model the agent does not hold: seconds to "
         "wait for its global delta before downloading the full model",
         "exit_when_finished": "exit when the federation finishes (`--stay`: keep running)",

@@ -71,6 +71,14 @@ class Transport(Protocol):
         """Connect; raise TransportError when no connection is made within ``timeout``."""
         ...
 
+    def is_connected(self) -> bool:
+        """True while the connection is up; False while the transport is reconnecting.
+
+        A QoS ≥ 1 publish made while it is False waits in the transport's queue for the
+        reconnect: a worker re-sending on a timer skips those, the reconnect re-sends once.
+        """
+        ...
+
     def publish(
         self,
         topic: str,

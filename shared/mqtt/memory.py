@@ -7,7 +7,9 @@ sockets and no sleeps. It keeps what fedmq relies on from a real broker:
 - ``+`` / ``#`` wildcards (``$``-topics are not matched by a leading wildcard);
 - a last will, published when a client is disconnected without saying goodbye;
 - QoS 1 redelivery on reconnect: a QoS ≥ 1 publish made while disconnected waits in the
-  client (like paho's queue) and is sent when the client reconnects;
+  client (like paho's queue) and is sent when the client reconnects; at most
+  ``max_queued_messages`` wait, beyond which a publish is refused as paho's would be
+  (:mod:`shared.mqtt.outbound`: dropped and counted without ``wait``, TransportError with it);
 - sessions end at disconnect (MQTT v5 with session expiry 0, what the agents use): messages
   published while a client is away are not queued for it, retained ones excepted;
 - each client's ``inbox`` is the same bounded, per-sender fair queue as paho's
@@ -32,10 +34,9 @@ from dataclasses import dataclass, field
 from shared.clock import Clock, SystemClock
 from shared.mqtt.base import Inbound, Outbound, Session, TransportError
 from shared.mqtt.inbox import FairInbox, InboxLimits
+from shared.mqtt.options import DEFAULT_MAX_QUEUED_MESSAGES
+from shared.mqtt.outbound import QueueFullDrops
 
-# A client queues at most this many QoS ≥ 1 publishes while disconnected (paho's queue is
-# bounded by memory only; a test that needs more is itself a bug).
-MAX_PENDING = 10_000
 # Routed messages kept for assertions.
 LOG_SIZE = 100_000
 
@@ -101,10 +102,13 @@ class MemoryBroker:
         *,
         persistent: bool = False,
         inbox_limits: InboxLimits | None = None,
+        max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES,
     ) -> None:
         self.clock: Clock = clock or SystemClock()
         self.persistent = persistent
         self.inbox_limits = inbox_limits or InboxLimits()
+        # Each client's queue of publishes made while disconnected (ConnectOptions' bound).
+        self.max_queued_messages = max_queued_messages
         self._lock = threading.RLock()
         self._retained: dict[str, bytes] = {}
         self._clients: dict[str, _Client] = {}
@@ -269,6 +273,8 @@ class MemoryTransport:
         self.closed = False
         self._subs: dict[str, int] = dict(session.subscriptions)
         self._pending: collections.deque[Outbound] = collections.deque()
+        limit = broker.max_queued_messages
+        self._drops = QueueFullDrops(session.client_id, limit, clock=broker.clock.monotonic)
         self._lock = threading.Lock()  # subscriptions and the pending queue
         # Its own lock: its predicate asks the broker, which may call into _lock.
         self._reconnected = threading.Condition()
@@ -286,6 +292,21 @@ class MemoryTransport:
     def connected(self) -> bool:
         """True while the broker holds this client's connection."""
         return self.broker._is_connected(self)
+
+    def is_connected(self) -> bool:
+        """:attr:`connected`, as the :class:`~shared.mqtt.base.Transport` interface asks it."""
+        return self.connected
+
+    @property
+    def queued(self) -> int:
+        """QoS ≥ 1 publishes waiting for the reconnect."""
+        with self._lock:
+            return len(self._pending)
+
+    @property
+    def dropped_full_queue(self) -> int:
+        """Publishes (``wait=False``) dropped because the queue was full."""
+        return self._drops.count
 
     # --- the Transport interface ------------------------------------------------------
     def start(self, timeout: float = 30.0) -> MemoryTransport:
@@ -324,8 +345,10 @@ class MemoryTransport:
 
         With ``wait`` (and QoS ≥ 1) a disconnected client waits up to ``timeout`` seconds
         (real time) for the test to reconnect it, then raises TransportError, as
-        :class:`~shared.mqtt.transport.MqttTransport` does.
+        :class:`~shared.mqtt.transport.MqttTransport` does. A full queue refuses a publish
+        as paho's does: dropped and counted, or (``wait``) TransportError.
         """
+        self._drops.flush()
         if wait and qos > 0 and not self._wait_connected(timeout):
             raise TransportError(f"not connected within {timeout:.0f}s; cannot publish to {topic}")
         if self.connected:
@@ -334,9 +357,13 @@ class MemoryTransport:
         if qos == 0:
             return  # QoS 0 while disconnected is lost, as with paho
         with self._lock:
-            if len(self._pending) >= MAX_PENDING:
-                raise TransportError(f"{self.client_id}: {MAX_PENDING} publishes queued")
-            self._pending.append(Outbound(topic, bytes(payload), qos, retain))
+            full = len(self._pending) >= self.broker.max_queued_messages
+            if not full:
+                self._pending.append(Outbound(topic, bytes(payload), qos, retain))
+        if full and wait:
+            raise self._drops.refusal(topic)
+        if full:
+            self._drops.dropped(topic)
 
     def _wait_connected(self, timeout: float) -> bool:
         with self._reconnected:
@@ -367,6 +394,7 @@ class MemoryTransport:
                 self.broker._route(self.client_id, msg.topic, msg.payload, msg.qos, msg.retain)
         self.broker._detach(self)
         self._fair_inbox.close()
+        self._drops.close()
         with self._reconnected:
             self.closed = True
             self._reconnected.notify_all()

@@ -17,6 +17,10 @@ from shared.mqtt.inbox import InboxLimits
 from shared.mqtt.reassembly import ReassemblyLimits
 from shared.mqtt.versions import AUTO, MQTT_VERSIONS, check_mqtt_version
 
+# QoS ≥ 1 publishes a client keeps until the broker acknowledges them (see
+# ConnectOptions.max_queued_messages and shared/mqtt/outbound.py).
+DEFAULT_MAX_QUEUED_MESSAGES = 10_000
+
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -79,6 +83,16 @@ class ConnectOptions:
     # Connect in clear text although TLS files are configured, or a password is set for a
     # broker off this machine (see plaintext_refusal). Never the default.
     allow_plaintext: bool = False
+    # QoS ≥ 1 publishes kept until the broker acknowledges them (paho's outbound queue, all of
+    # them while disconnected). At the bound a publish is refused: dropped and counted without
+    # ``wait``, TransportError with it (shared/mqtt/outbound.py says why dropping is safe).
+    # Never reached in normal operation: an aggregator answering 1,000+ devices queues one
+    # receipt per update, and a broker acknowledges them in milliseconds (20 in flight).
+    max_queued_messages: int = DEFAULT_MAX_QUEUED_MESSAGES
+
+    def __post_init__(self) -> None:
+        if self.max_queued_messages < 1:
+            raise ValueError(f"max_queued_messages must be ≥ 1 (got {self.max_queued_messages})")
 
 
 def plaintext_refusal(address: BrokerAddress, options: ConnectOptions) -> str | None:

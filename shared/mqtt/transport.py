@@ -25,6 +25,7 @@ from shared.mqtt.chunking import chunk_capacity, split
 from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
 from shared.mqtt.inbox import FairInbox
 from shared.mqtt.options import BrokerAddress, ConnectOptions, refuse_plaintext
+from shared.mqtt.outbound import QueueFullDrops
 from shared.mqtt.reconnect import JitteredClient
 from shared.mqtt.subscriptions import Ack, PendingAcks, Send, with_chunk_subs
 from shared.mqtt.versions import V5, ConnectAttempt, Outcome, VersionNegotiation, connack_outcome
@@ -81,6 +82,8 @@ class MqttTransport:
         # Topic → number of retained chunks we last published there (to clear stale ones).
         self._retained_chunks: dict[str, int] = {}
         self._acks = PendingAcks()
+        # paho's outbound queue is bounded: what a full one refuses (shared/mqtt/outbound.py).
+        self._drops = QueueFullDrops(client_id, self.options.max_queued_messages)
         self._will = will
         self.negotiation = VersionNegotiation(self.options.mqtt_version)
         self._attempt = ConnectAttempt()
@@ -111,8 +114,8 @@ class MqttTransport:
         client.reconnect_delay_set(
             min_delay=max(1, int(opts.reconnect_min_s)), max_delay=int(opts.reconnect_max_s)
         )
-        # Updates of several MB at QoS 1 must not be refused by paho's own queue limits.
-        client.max_queued_messages_set(0)
+        # Counted in messages, whatever their size; a refused publish: _publish_one.
+        client.max_queued_messages_set(opts.max_queued_messages)
         client.max_inflight_messages_set(20)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -149,7 +152,9 @@ class MqttTransport:
             send = _subscribe_call(client, subs, self._retain_as_published)
             self._acks.send([t for t, _ in subs], send, awaited=False)
         for msg in self._births() if self._births else []:
-            client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+            info = client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # re-published at the next reconnect
+                self._drops.dropped(msg.topic)
         self.connect_count += 1
         self.connected.set()
         speaks = self.negotiation.describe(self.chunk_capacity())
@@ -182,7 +187,8 @@ class MqttTransport:
     def _clear_retained(self, topic: str) -> None:
         # On paho's network thread: queued, not awaited (a lost clearance is redone when
         # the retained message comes back at the next subscription).
-        self._client.publish(topic, b"", qos=1, retain=True)
+        if self._client.publish(topic, b"", qos=1, retain=True).rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            self._drops.dropped(topic)
 
     def _on_ack(
         self,
@@ -205,6 +211,11 @@ class MqttTransport:
     def chunk_capacity(self) -> int:
         """Largest payload sent as one message; larger ones are chunked."""
         return chunk_capacity(self.options.max_chunk_bytes, self.broker_max_packet)
+
+    @property
+    def dropped_full_queue(self) -> int:
+        """Publishes (``wait=False``) dropped because the outbound queue was full."""
+        return self._drops.count
 
     # --- API for the worker thread -----------------------------------------------------
     def start(self, timeout: float = 30.0) -> MqttTransport:
@@ -267,6 +278,10 @@ class MqttTransport:
         """Block until connected or ``timeout``; True when connected."""
         return self.connected.wait(timeout)
 
+    def is_connected(self) -> bool:
+        """True while connected (between CONNACK and the connection's loss)."""
+        return self.connected.is_set()
+
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Add a subscription now and after every reconnect.
 
@@ -320,12 +335,21 @@ class MqttTransport:
     ) -> None:
         """Publish and, for QoS ≥ 1 and ``wait``, wait for the broker's acknowledgement.
 
-        With ``wait=False`` the message is queued in paho (sent on reconnect if need be).
+        With ``wait=False`` the message is queued in paho (sent on reconnect if need be), or
+        dropped and counted when paho's queue is full (``options.max_queued_messages``); with
+        ``wait`` a full queue raises TransportError (shared/mqtt/outbound.py).
         A payload over :meth:`chunk_capacity` is sent as chunk messages (shared/mqtt/chunking.py).
         """
+        self._drops.flush()
         parts = self._chunk_plan(topic, payload, retain)
-        for part_topic, part in parts:
-            self._publish_one(part_topic, part, qos=qos, retain=retain, timeout=timeout, wait=wait)
+        for i, (part_topic, part) in enumerate(parts):
+            if not self._publish_one(
+                part_topic, part, qos=qos, retain=retain, timeout=timeout, wait=wait
+            ):
+                # The rest of a chunked payload would only fill the queue with a transfer
+                # its receiver cannot complete: dropped with it.
+                self._drops.dropped(topic, len(parts) - i)
+                return
 
     def _chunk_plan(self, topic: str, payload: bytes, retain: bool) -> list[tuple[str, bytes]]:
         """The messages that carry ``payload``: itself, or its chunks (+ retained clean-up)."""
@@ -346,20 +370,25 @@ class MqttTransport:
 
     def _publish_one(
         self, topic: str, payload: bytes, *, qos: int, retain: bool, timeout: float, wait: bool
-    ) -> None:
+    ) -> bool:
+        """Publish one message; False when (``wait=False``) the full queue refused it."""
         if not wait:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                return False
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
-            return
+            return True
         deadline = time.monotonic() + timeout
         if not self.wait_connected(timeout):
             raise TransportError(f"not connected to {self.address}; cannot publish to {topic}")
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise self._drops.refusal(topic)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
         if qos == 0:
-            return
+            return True
         if info.rc == mqtt.MQTT_ERR_SUCCESS:
             try:
                 info.wait_for_publish(timeout=max(0.0, deadline - time.monotonic()))
@@ -370,6 +399,7 @@ class MqttTransport:
             if time.monotonic() > deadline:
                 raise TransportError(f"broker did not acknowledge {topic} within {timeout:.0f}s")
             time.sleep(0.01)
+        return True
 
     def stop(self, final: Iterable[Outbound] = ()) -> None:
         """Publish ``final`` messages (e.g. an offline status), then disconnect cleanly."""
@@ -383,6 +413,7 @@ class MqttTransport:
         self._client.loop_stop()
         self.chunks.stop()
         self._fair_inbox.close()
+        self._drops.close()
 
 
 def _subscribe_call(

@@ -93,7 +93,10 @@ class RoundStart(Message, frozen=True, kw_only=True):
     federation: Name
     round: NonNeg
     base_hash: Hash
-    deadline: float  # unix time after which the round may close without stragglers
+    # Unix time (the aggregator's clock) after which the round may close without stragglers.
+    # Agents count deadline - ts from the arrival on their own clock, never comparing it
+    # with theirs, which may be minutes off (edge_agent/announcements.py, open_until).
+    deadline: float
     selected: list[Name]
     model: ModelSpec
     train: TrainParams

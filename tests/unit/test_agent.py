@@ -7,23 +7,27 @@ status) and watches what the agent publishes; a manual clock drives its timers.
 from __future__ import annotations
 
 import itertools
+import queue
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from aggregator.downloads import model_frame
-from shared.mqtt.base import Session
+from edge_agent.agent import EdgeAgent
+from shared.clock import ManualClock
+from shared.mqtt.base import Inbound, Session
 from shared.mqtt.memory import MemoryTransport
 from shared.protocol import messages as msg
 from shared.protocol.claims import sign_model_v2, sign_round_start, sign_status
 from shared.protocol.frames import read_header, tensors_hash
 from shared.protocol.signing import generate_keypair, public_pem
-from tests.unit.inprocess import FED, INPUT_SHAPE, NUM_CLASSES, Federation, T, wait_for
+from tests.unit.inprocess import FED, INPUT_SHAPE, NUM_CLASSES, Federation, T, Worker, wait_for
 
 _LINKS = itertools.count()
+T_ = TypeVar("T_")
 SPEC = msg.ModelSpec(arch="mlp", input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES)
 
 
@@ -67,11 +71,13 @@ class ScriptedAggregator:
         **fields: Any,
     ) -> None:
         """A retained round announcement on the published model (signed unless ``sign`` is off)."""
+        now = self.fed.clock.time()  # the aggregator's clock: ts and deadline are on it
         ann = msg.RoundStart(
+            ts=now,
             federation=FED,
             round=round_id,
             base_hash=self.model_hash,
-            deadline=self.fed.clock.time() + deadline_in,
+            deadline=now + deadline_in,
             selected=list(selected),
             model=SPEC,
             train=train or msg.TrainParams(lr=0.05, seed=round_id),
@@ -174,6 +180,106 @@ def test_after_a_reconnect_the_agent_resends_and_says_it_is_online_again(
 
     wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the re-send after the reconnect")
     wait_for(lambda: _status(fed, "pi-0") == "online", "its birth message")
+
+
+def _one_turn(agent: EdgeAgent) -> None:
+    """Return once the agent's loop has made a whole turn (re-send check included) from now.
+
+    Two messages it ignores (a cleared retained metrics message): the second is taken only
+    after the turn that took the first has ended.
+    """
+    for _ in range(2):
+        agent.transport.inbox.put(Inbound(T.metrics, b"", True))
+        wait_for(agent.transport.inbox.empty, "the agent's loop to take its message")
+
+
+def test_a_disconnected_agent_queues_no_resends_and_resends_once_when_reconnected(
+    fed: Federation, agg: ScriptedAggregator
+) -> None:
+    agg.publish_model()
+    agent = fed.start_agent("pi-0", seed=1, resend_after_s=60.0)
+    agg.announce(1, "pi-0", deadline_in=7200.0)  # open all along: only the link stops re-sends
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
+    link = agent.transport
+    assert isinstance(link, MemoryTransport)
+
+    fed.broker.disconnect("pi-0")
+    for _ in range(60):  # an hour, one re-send period at a time
+        fed.clock.advance(60.0)
+        _one_turn(agent)
+
+    assert link.queued == 0  # before: 60 copies waiting for the reconnect
+    fed.broker.reconnect("pi-0")
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the re-send after the reconnect")
+    agg.receipt(1, "pi-0")  # handled after the reconnect's messages: no re-send comes later
+    wait_for(lambda: agent.outbox.rounds() == [], "the outbox cleared by the receipt")
+    assert len(fed.updates(1, "pi-0")) == 2
+
+
+class SkewedClock:
+    """The test's manual clock, with this device's wall clock ``offset_s`` off the aggregator's."""
+
+    def __init__(self, base: ManualClock, offset_s: float) -> None:
+        self.base, self.offset_s = base, offset_s
+
+    def time(self) -> float:
+        return self.base.time() + self.offset_s
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+    def wait(self, inbox: queue.Queue[T_], timeout: float) -> T_ | None:
+        return self.base.wait(inbox, timeout)
+
+
+def _skewed_agent(fed: Federation, offset_s: float, **overrides: Any) -> EdgeAgent:
+    cfg = fed.agent_config("pi-0", seed=1, **overrides)
+    agent = EdgeAgent(cfg, fed.broker.connector, SkewedClock(fed.clock, offset_s))
+    fed.agents["pi-0"], fed.workers["pi-0"] = agent, Worker("pi-0", agent.run)
+    return agent
+
+
+def _sends_at(fed: Federation, agent: EdgeAgent, step_s: float, steps: int) -> list[int]:
+    """How many copies of its round-1 update the agent has sent, after each clock step."""
+    counts = []
+    for _ in range(steps):
+        fed.clock.advance(step_s)
+        _one_turn(agent)
+        counts.append(len(fed.updates(1, "pi-0")))
+    return counts
+
+
+@pytest.mark.parametrize("offset_s", [600.0, -600.0], ids=["10-min-ahead", "10-min-behind"])
+def test_an_agent_whose_clock_is_off_follows_a_round_for_its_announced_duration(
+    fed: Federation, agg: ScriptedAggregator, offset_s: float
+) -> None:
+    agg.publish_model()
+    agent = _skewed_agent(fed, offset_s, resend_after_s=20.0)
+    fed.wait_online("pi-0")
+
+    agg.announce(1, "pi-0", deadline_in=50.0)  # live: its 50 s count from its arrival
+
+    # Before: 10 minutes ahead, it ignored every announcement as expired; behind, it went
+    # on re-sending for 10 minutes after the round's end.
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
+    assert _sends_at(fed, agent, 21.0, 4) == [2, 3, 3, 3]  # timer re-sends until 51 s only
+
+
+@pytest.mark.parametrize("offset_s", [600.0, -600.0], ids=["10-min-ahead", "10-min-behind"])
+def test_a_retained_announcement_is_an_open_round_whatever_the_devices_clock(
+    fed: Federation, agg: ScriptedAggregator, offset_s: float
+) -> None:
+    # The aggregator clears a round's retained announcement when it closes it: one that is
+    # still retained is of an open round, however long ago it was published.
+    agg.publish_model()
+    agg.announce(1, "pi-0", deadline_in=50.0)
+    fed.clock.advance(30.0)
+
+    agent = _skewed_agent(fed, offset_s, resend_after_s=20.0)
+
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
+    # Open for the 50 s it had left when published, counted from its arrival: bounded.
+    assert _sends_at(fed, agent, 21.0, 4) == [2, 3, 3, 3]
 
 
 def test_a_live_reannouncement_gets_the_update_again_at_once(

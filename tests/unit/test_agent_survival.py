@@ -39,11 +39,13 @@ def _set_model(agg: ScriptedAggregator, params: dict[str, np.ndarray], round_id:
 
 
 def _announce(agg: ScriptedAggregator, round_id: int, codec: str) -> None:
+    now = agg.fed.clock.time()
     ann = msg.RoundStart(
+        ts=now,
         federation=FED,
         round=round_id,
         base_hash=agg.model_hash,
-        deadline=agg.fed.clock.time() + 60.0,
+        deadline=now + 60.0,
         selected=["pi-0"],
         model=SPEC,
         train=msg.TrainParams(lr=0.05, seed=round_id),

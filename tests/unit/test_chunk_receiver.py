@@ -161,8 +161,11 @@ class FakePaho:
         self.subscribed += [(t, o.retainAsPublished) for t, o in topics]
         return 0, 1
 
-    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 0, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
         self.published.append((topic, payload, retain))
+        return mqtt.MQTTMessageInfo(len(self.published))  # rc: success
 
 
 class Success:

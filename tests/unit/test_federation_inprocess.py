@@ -201,3 +201,42 @@ def _counted(fed: Federation, round_id: int) -> int:
         for m in fed.broker.messages(T.receipt_any)
         if (r := msg.decode(m.payload, msg.Receipt)).round == round_id
     )
+
+
+def test_the_retained_state_put_back_after_a_reconnect_does_not_grow_with_the_rounds(
+    fed: Federation,
+) -> None:
+    # A selected device that never trains holds each round open until the clock passes its
+    # deadline; pi-0's update makes the quorum, so each round then closes, applied.
+    silent = fed.silent_device("pi-silent")
+    fed.start_agent("pi-0", seed=1)
+    fed.wait_online("pi-silent", "pi-0")
+    service = fed.start_aggregator(rounds=5, min_clients=1)
+    for r in (1, 2, 3):
+        wait_for(lambda r=r: _counted(fed, r) == 1, f"pi-0's update of round {r}")
+        fed.clock.advance(61.0)
+    wait_for(lambda: len(fed.rounds()) == 3 and _counted(fed, 4) == 1, "round 4, open")
+    current = {
+        T.aggregator_status,
+        T.global_model,
+        T.global_delta,
+        T.global_meta,
+        T.metrics,
+        T.round_start(4),
+    }
+
+    assert set(service._retained) == current  # before: round/1..3/start, cleared, as well
+    fed.broker.disconnect("aggregator")
+    since = len(fed.broker.log)  # after its will
+    fed.broker.reconnect("aggregator")
+
+    def put_back() -> list[tuple[str, bytes]]:
+        log = list(fed.broker.log)[since:]
+        return [(m.topic, m.payload) for m in log if m.sender == "aggregator" and m.retain]
+
+    wait_for(lambda: len(put_back()) == len(current), "the retained state re-published")
+    assert {t for t, _ in put_back()} == current
+    assert all(payload for _, payload in put_back())  # no clearance of a closed round
+    silent.leave()
+    fed.clock.advance(61.0)  # round 4 applied; round 5 is pi-0's alone
+    assert fed.finish()["aggregator"] == 0
