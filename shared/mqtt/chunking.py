@@ -31,6 +31,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+from shared.protocol.topics import chunk_topic
+
 MAGIC = b"FMC\x01"
 _HEAD_LEN = struct.Struct("<H")
 MAX_HEADER_BYTES = 1024
@@ -95,6 +97,34 @@ def split(payload: bytes, capacity: int, transfer_id: str | None = None) -> list
         head_bytes = json.dumps(head, separators=(",", ":")).encode()
         out.append(MAGIC + _HEAD_LEN.pack(len(head_bytes)) + head_bytes + body)
     return out
+
+
+class ChunkPlanner:
+    """The messages that carry a payload: itself, or its chunks, plus retained clean-up.
+
+    Remembers, per topic, how many retained chunks it last published there, so that a smaller
+    retained payload clears the chunks it no longer uses.
+    """
+
+    def __init__(self) -> None:
+        self._retained_chunks: dict[str, int] = {}
+
+    def plan(
+        self, topic: str, payload: bytes, retain: bool, capacity: int
+    ) -> list[tuple[str, bytes]]:
+        previous = self._retained_chunks.get(topic, 0) if retain else 0
+        if len(payload) <= capacity:
+            if retain:
+                self._retained_chunks.pop(topic, None)
+            # A retained whole message replaces retained chunks: clear them.
+            return [(topic, payload)] + [(chunk_topic(topic, i), b"") for i in range(previous)]
+        chunks = split(payload, capacity)
+        plan = [(chunk_topic(topic, i), c) for i, c in enumerate(chunks)]
+        if retain:
+            self._retained_chunks[topic] = len(chunks)
+            plan += [(chunk_topic(topic, i), b"") for i in range(len(chunks), previous)]
+            plan.append((topic, b""))  # no stale unchunked copy next to the chunks
+        return plan
 
 
 def parse_chunk(message: bytes) -> tuple[ChunkHeader, bytes]:

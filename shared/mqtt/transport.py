@@ -21,7 +21,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from shared.mqtt.base import Inbound, Outbound, TransportError
 from shared.mqtt.chunk_receiver import ChunkReceiver
-from shared.mqtt.chunking import chunk_capacity, split
+from shared.mqtt.chunking import ChunkPlanner, chunk_capacity
 from shared.mqtt.connect_errors import describe_connect_error, describe_refusal
 from shared.mqtt.inbox import FairInbox
 from shared.mqtt.options import BrokerAddress, ConnectOptions, refuse_plaintext
@@ -29,7 +29,7 @@ from shared.mqtt.outbound import QueueFullDrops
 from shared.mqtt.reconnect import JitteredClient
 from shared.mqtt.subscriptions import Ack, PendingAcks, Send, with_chunk_subs
 from shared.mqtt.versions import V5, ConnectAttempt, Outcome, VersionNegotiation, connack_outcome
-from shared.protocol.topics import chunk_topic, quota_key
+from shared.protocol.topics import quota_key
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ class MqttTransport:
         # retain-as-published), so a retained update is cleared as soon as it is published.
         unretained = with_chunk_subs((f, 0) for f in opts.unretained)
         self._retain_as_published = frozenset(t for t, _ in unretained)
-        # Topic → number of retained chunks we last published there (to clear stale ones).
-        self._retained_chunks: dict[str, int] = {}
+        # What carries each payload, and the retained chunks to clear (shared/mqtt/chunking.py).
+        self._chunks_out = ChunkPlanner()
         self._acks = PendingAcks()
         # paho's outbound queue is bounded: what a full one refuses (shared/mqtt/outbound.py).
         self._drops = QueueFullDrops(client_id, self.options.max_queued_messages)
@@ -341,7 +341,7 @@ class MqttTransport:
         A payload over :meth:`chunk_capacity` is sent as chunk messages (shared/mqtt/chunking.py).
         """
         self._drops.flush()
-        parts = self._chunk_plan(topic, payload, retain)
+        parts = self._chunks_out.plan(topic, payload, retain, self.chunk_capacity())
         for i, (part_topic, part) in enumerate(parts):
             if not self._publish_one(
                 part_topic, part, qos=qos, retain=retain, timeout=timeout, wait=wait
@@ -350,23 +350,6 @@ class MqttTransport:
                 # its receiver cannot complete: dropped with it.
                 self._drops.dropped(topic, len(parts) - i)
                 return
-
-    def _chunk_plan(self, topic: str, payload: bytes, retain: bool) -> list[tuple[str, bytes]]:
-        """The messages that carry ``payload``: itself, or its chunks (+ retained clean-up)."""
-        capacity = self.chunk_capacity()
-        previous = self._retained_chunks.get(topic, 0) if retain else 0
-        if len(payload) <= capacity:
-            if retain:
-                self._retained_chunks.pop(topic, None)
-            # A retained whole message replaces retained chunks: clear them.
-            return [(topic, payload)] + [(chunk_topic(topic, i), b"") for i in range(previous)]
-        chunks = split(payload, capacity)
-        plan = [(chunk_topic(topic, i), c) for i, c in enumerate(chunks)]
-        if retain:
-            self._retained_chunks[topic] = len(chunks)
-            plan += [(chunk_topic(topic, i), b"") for i in range(len(chunks), previous)]
-            plan.append((topic, b""))  # no stale unchunked copy next to the chunks
-        return plan
 
     def _publish_one(
         self, topic: str, payload: bytes, *, qos: int, retain: bool, timeout: float, wait: bool

@@ -14,6 +14,7 @@ import pytest
 
 from shared.clock import ManualClock
 from shared.mqtt.base import Session, TransportError
+from shared.mqtt.chunking import ChunkPlanner
 from shared.mqtt.memory import MemoryBroker
 from shared.mqtt.options import ConnectOptions
 from shared.mqtt.outbound import DROP_LOG_INTERVAL_S
@@ -61,7 +62,7 @@ def test_a_chunked_payload_refused_midway_drops_its_remaining_chunks() -> None:
         t.publish(f"fl/v1/f/x/{i}", b"x", qos=1, wait=False)
 
     topic, payload = "fl/v1/f/round/1/update/pi-0", bytes(5 * 64 * 1024)
-    chunks = len(t._chunk_plan(topic, payload, retain=False))
+    chunks = len(ChunkPlanner().plan(topic, payload, False, t.chunk_capacity()))
 
     t.publish(topic, payload, qos=1, wait=False)
 
