@@ -54,8 +54,8 @@ user {user}
 persistence false
 persistence_location {data_dir}/
 max_inflight_messages 100
-max_queued_messages 1000
-max_queued_bytes 0
+max_queued_messages 20000
+max_queued_bytes 536870912
 max_packet_size 2000000
 retain_available true
 set_tcp_nodelay true
