@@ -51,9 +51,18 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
     "aggregator": {
         **_COMMON,
         "client_id": "MQTT client id of the aggregator",
-        "model": "architecture: `lenet5`, `cnn` (FedAvg-paper CNN), `mlp` (2NN)",
-        "input_shape": "C,H,W of one sample",
-        "num_classes": "number of classes",
+        "model": "architecture: `lenet5`, `cnn` (FedAvg-paper CNN), `mlp` (2NN), or the name "
+        "of a model plugin (a `fedmq.models` entry point of an installed package, or one named "
+        "by `FEDMQ_MODEL_PLUGINS`), installed on the aggregator and on every device "
+        "(docs/custom-models.md); its architecture fingerprint goes with every round",
+        "input_shape": "one float32 sample: C,H,W (images), C,L (sensor windows) or F (feature "
+        "vectors); `lenet5` and `cnn` take C,H,W only",
+        "num_classes": "number of classes (classification)",
+        "task": "`classification` (cross-entropy; accuracy is reported) or `regression` "
+        "(`num_outputs` values; RMSE and MAE are reported)",
+        "num_outputs": "values a regression model predicts per sample (e.g. a forecast's horizon)",
+        "regression_loss": "training loss of a regression task: `mse` or `mae` (also the "
+        "reported test loss)",
         "rounds": "rounds to run; the service exits 0 after the last",
         "min_clients": "agents needed to start a round, and the quorum at its deadline",
         "fraction": "fraction of online agents selected per round",
@@ -70,7 +79,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "one: a quantized delta on `global/delta` (`int8`, `fp16`, `fp32`; with server-side "
         "error feedback), the full model stays retained on `global/model`; `none`: full "
         "model only",
-        "eval_data": "held-out data (.npz, IDX, image folder) evaluated after every round",
+        "eval_data": "held-out data (.npz, IDX, image folder) evaluated after every round; "
+        "for sensor models an .npz of samples already windowed and normalised like the "
+        "devices' (`x` (N,C,L) or (N,F), `y` labels or float targets)",
         "metrics_file": "write metrics.json (one entry per round) here",
         "max_update_bytes": "updates larger than this are rejected",
         "signing_key": "Ed25519 private key (PEM) signing every global model, delta, round "
