@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.checkpoint import CheckpointError
 from aggregator.config import AggregatorConfig
 from aggregator.downloads import GlobalDownloads, bytes_down
 from aggregator.evaluation import Evaluator
@@ -214,6 +215,13 @@ class AggregatorService:
         ckpt, jr = restored.checkpoint, restored.open_round
         self._continue_run(restored.run)
         if ckpt is not None:
+            if {n: tuple(v.shape) for n, v in ckpt.params.items()} != self.shapes:
+                # Same settings, another build of the model: a plugin changed version.
+                raise CheckpointError(
+                    f"the checkpoint's model is another architecture than {self.cfg.model!r} "
+                    f"as built here (fingerprint {self.evaluator.fingerprint}): install the "
+                    "model version it was trained with, or use another --state-dir"
+                )
             self.params, self.model_hash, self.round_id = ckpt.params, ckpt.model_hash, ckpt.round
             self.downloads.residual = ckpt.residual
             set_rng_state(self.rng, ckpt.rng_state)

@@ -1,6 +1,9 @@
-"""Generated data for tests: a small learnable image task, no download, no dataset files."""
+"""Generated data for tests: a small learnable image task and a sensor task; no download."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -42,3 +45,17 @@ def make_windows(n: int, seed: int, task: str = "classification") -> ArrayDatase
     x = noise + levels[:, :, None]
     target = levels[:, 0] - 0.5 * levels[:, 1]
     return ArrayDataset(x.astype(np.float32), target.astype(np.float32))
+
+
+def write_recording(path: Path, windows: int, seed: int, mtime: float | None = None) -> Path:
+    """A CSV sensor recording: ``windows`` windows of :func:`make_windows` (classification)
+    laid end to end, one row per reading: ``t,c0,c1,label`` (the label of its window)."""
+    data = make_windows(windows, seed=seed)
+    length = WINDOW_SHAPE[1]
+    rows = ["t,c0,c1,label"]
+    for w, (x, label) in enumerate(zip(data.x, data.y, strict=True)):
+        rows += [f"{w * length + i},{x[0, i]:.4f},{x[1, i]:.4f},{label}" for i in range(length)]
+    path.write_text("\n".join(rows) + "\n")
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path

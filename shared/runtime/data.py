@@ -332,6 +332,11 @@ def load_device_data(path: str | Path) -> ArrayDataset:
     path = Path(path)
     if not path.exists():
         raise DataFormatError(f"{path}: no such file or directory; accepted: {ACCEPTED_FORMATS}")
+    if path.suffix.lower() in (".csv", ".parquet"):
+        raise DataFormatError(
+            f"{path}: CSV/Parquet sensor data is read with its column settings (label-column "
+            "or target-columns, docs/configuration.md); here give an .npz of prepared samples"
+        )
     if path.is_file() and path.suffix == ".npz":
         return _load_npz(path)
     if path.is_file() and _IMAGES_RE.match(path.name):

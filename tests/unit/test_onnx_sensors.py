@@ -135,3 +135,21 @@ def test_predict_prints_values_and_the_rmse_of_float_targets(tmp_path: Path) -> 
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 6 and all(len(line.split("\t")[1].split(",")) == 2 for line in lines)
     assert "rmse" in out.stderr and "mae" in out.stderr
+
+
+def test_export_rebuilds_a_saved_regression_plugin_model_with_its_task(tmp_path: Path) -> None:
+    import torch
+
+    from aggregator.downloads import model_frame
+    from aggregator.ops.cli import main
+    from shared.runtime.modelio import get_params
+    from shared.runtime.plugins import build_from_spec
+
+    torch.manual_seed(1)
+    saved = tmp_path / "global_model.fmq"
+    saved.write_bytes(model_frame("fed", 3, VALUES, get_params(build_from_spec(VALUES))))
+
+    code = main(["export", str(saved), "--frame", "--out", str(tmp_path / "m.fmx")])
+
+    head = decode_onnx_frame((tmp_path / "m.fmx").read_bytes()).header
+    assert code == 0 and (head.task, head.num_outputs, head.arch) == ("regression", 2, "cnn1d")

@@ -3,16 +3,23 @@ version differs (refused by its fingerprint, answered with a ``wrong-model`` rec
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
+from aggregator.checkpoint import Checkpoint, CheckpointError, CheckpointStore, config_fingerprint
+from aggregator.resume import rng_state
+from aggregator.service import AggregatorService
 from edge_agent.agent import EdgeAgent
 from edge_agent.local_training import LocalTrainer
 from shared.protocol import messages as msg
+from shared.protocol.frames import tensors_hash
 from shared.protocol.messages import ModelSpec
 from shared.runtime.data import save_npz
+from shared.runtime.modelio import get_params
 from shared.runtime.plugins import PLUGINS_ENV, architecture_fingerprint
 from tests.plugin_models import build_cnn1d_wider
 from tests.synthetic import WINDOW_CLASSES, WINDOW_SHAPE, make_windows
@@ -102,3 +109,19 @@ def test_a_device_with_another_plugin_version_is_refused_naming_both_fingerprint
     }
     refusals = [r.getMessage() for r in caplog.records if "fingerprint mismatch" in r.getMessage()]
     assert any(ours in line and device in line for line in refusals)  # the device's log line
+
+
+def test_a_checkpoint_of_another_plugin_version_is_not_resumed(fed: Federation) -> None:
+    cfg = fed.aggregator_config(
+        state_dir=str(fed.tmp / "state"), eval_data=None, **_sensor_aggregator("classification")
+    )
+    spec = ModelSpec(arch="cnn1d", input_shape=WINDOW_SHAPE, num_classes=WINDOW_CLASSES)
+    wider = get_params(build_cnn1d_wider(spec))  # what the previous version trained
+    rng = rng_state(np.random.default_rng(0))
+    CheckpointStore(Path(cfg.state_dir or "")).save(
+        Checkpoint(1, wider, tensors_hash(wider), rng, config_fingerprint(cfg), [], run=1)
+    )
+    service = AggregatorService(cfg, fed.broker.connector, fed.clock)
+
+    with pytest.raises(CheckpointError, match="another architecture than 'cnn1d'"):
+        service.run()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from shared.protocol import messages as msg
 from shared.runtime.plugins import PLUGINS_ENV
 from shared.runtime.sensors import SensorSource
 from shared.settings import SettingsError
-from tests.synthetic import WINDOW_CLASSES, WINDOW_SHAPE, make_windows
+from tests.synthetic import WINDOW_CLASSES, WINDOW_SHAPE, write_recording
 from tests.unit.inprocess import Federation, T, wait_for
 
 CHANNELS, WINDOW = WINDOW_SHAPE
@@ -23,19 +22,6 @@ CHANNELS, WINDOW = WINDOW_SHAPE
 @pytest.fixture(autouse=True)
 def _plugin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(PLUGINS_ENV, "cnn1d=tests.plugin_models:cnn1d")
-
-
-def write_recording(path: Path, windows: int, seed: int, mtime: float) -> Path:
-    """A CSV recording: ``windows`` windows of the synthetic task laid end to end, one row per
-    reading (time, two channels, the label of the window it belongs to)."""
-    data = make_windows(windows, seed=seed)
-    rows = ["t,c0,c1,label"]
-    for w, (x, label) in enumerate(zip(data.x, data.y, strict=True)):
-        for i in range(WINDOW):
-            rows.append(f"{w * WINDOW + i},{x[0, i]:.4f},{x[1, i]:.4f},{label}")
-    path.write_text("\n".join(rows) + "\n")
-    os.utime(path, (mtime, mtime))
-    return path
 
 
 def _sensor_settings(**more: object) -> dict[str, object]:
