@@ -144,7 +144,7 @@ class EdgeAgent:
             return ""
         try:
             self.data, self.val = self._load_data()
-        except DataFormatError as exc:  # a half-written or bad new file: this round only
+        except (DataFormatError, OSError) as exc:  # a half-written or bad file: this round only
             return f"data not usable this round: {exc}"
         log.info(
             "%s: read %d recent samples from %s", self.cfg.client_id, len(self.data), self.cfg.data

@@ -53,7 +53,10 @@ def test_agents_train_on_csv_windows_and_a_growing_directory_is_read_every_round
         rounds=2, min_clients=2, model="cnn1d", input_shape=WINDOW_SHAPE,
         num_classes=WINDOW_CLASSES, eval_data=None, round_timeout=600.0,
     )  # fmt: skip
-    wait_for(lambda: len(fed.receipts(1, "pi-1")) == 1, "pi-1's round-1 update counted")
+    wait_for(
+        lambda: len(fed.receipts(1, "pi-0")) == len(fed.receipts(1, "pi-1")) == 1,
+        "both round-1 updates counted",
+    )
     # What pi-1 recorded since: the next round trains on it too.
     write_recording(growing / "0002.csv", windows=30, seed=4, mtime=fed.clock.time())
     silent.leave()
@@ -143,3 +146,35 @@ def test_image_agents_need_no_sensor_settings() -> None:
     cfg = AgentConfig(client_id="pi-1", data="x.npz")
 
     assert not cfg.source().configured and np.isfinite(cfg.max_rows)
+
+
+def test_a_bad_new_file_costs_the_round_not_the_agent(fed: Federation) -> None:
+    now = fed.clock.time()
+    growing = fed.tmp / "pi-1"
+    growing.mkdir()
+    write_recording(growing / "0001.csv", windows=20, seed=2, mtime=now - 10)
+    recording = write_recording(fed.tmp / "pi-0.csv", windows=30, seed=1, mtime=now)
+    silent = fed.silent_device("pi-silent")  # holds round 1 open until the clock moves
+    fed.start_agent("pi-0", seed=1, data=str(recording), **_sensor_settings())
+    grower = fed.start_agent("pi-1", seed=2, data=str(growing), **_sensor_settings())
+    fed.wait_online("pi-silent", "pi-0", "pi-1")
+    fed.start_aggregator(
+        rounds=2, min_clients=1, model="cnn1d", input_shape=WINDOW_SHAPE,
+        num_classes=WINDOW_CLASSES, eval_data=None, round_timeout=60.0,
+    )  # fmt: skip
+    wait_for(
+        lambda: len(fed.receipts(1, "pi-0")) == len(fed.receipts(1, "pi-1")) == 1,
+        "both round-1 updates counted",
+    )
+    (growing / "0002.csv").write_text("t,c0,c1,label\n1,0.5,oops,0\n")  # a broken new file
+    silent.leave()
+    fed.clock.advance(61.0)
+    wait_for(lambda: len(fed.receipts(2, "pi-0")) == 1, "pi-0's round-2 update counted")
+    wait_for(lambda: bool(_skips(fed, "pi-1")), "pi-1 skipping round 2")
+
+    fed.clock.advance(61.0)  # pi-1 sends nothing for round 2: it closes at its deadline
+    codes = fed.finish()
+
+    assert set(codes.values()) == {0} and grower.rounds_trained == 1
+    (why,) = _skips(fed, "pi-1")
+    assert why.startswith("data not usable this round:") and "'oops' is not a number" in why
