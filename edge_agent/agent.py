@@ -16,12 +16,12 @@ import logging
 import platform
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
 from edge_agent.announcements import DeviceLimits, check_announcement, check_finished
 from edge_agent.config import AgentConfig
+from edge_agent.device_data import DeviceData
 from edge_agent.local_training import (
     DivergedTraining,
     LocalRound,
@@ -40,21 +40,12 @@ from shared.protocol import messages as msg
 from shared.protocol import topics
 from shared.protocol.frames import FrameError, FrameHeader, encode_frame, read_header
 from shared.protocol.signing import load_public_key
-from shared.runtime.data import ArrayDataset, DataFormatError, load_device_data, train_val_split
-from shared.runtime.sensors import (
-    NoDataYet,
-    is_sensor_path,
-    load_sensor_data,
-    split_and_normalize,
-)
 
 log = logging.getLogger("fedmq.agent")
 
 Tensors = dict[str, np.ndarray]
 # Re-sends of one update closer together than this are one re-send.
 RESEND_GAP_S = 1.0
-# What a growing directory of sensor files holds before its first file arrives.
-NO_SAMPLES = ArrayDataset(np.zeros((0, 1), np.float32), np.zeros(0, np.int64))
 
 
 class EdgeAgent:
@@ -73,10 +64,9 @@ class EdgeAgent:
         self.clock: Clock = clock or SystemClock()
         self.topics = topics.Topics(cfg.federation)
         topics.validate_agent_id(cfg.client_id)  # not an inference server's id
-        # A directory of sensor files grows: it is re-read at every round it trains.
-        self.growing = Path(cfg.data).is_dir() and is_sensor_path(Path(cfg.data), cfg.source())
-        self.no_data = ""  # why a growing directory gave no samples
-        self.data, self.val = self._load_data()
+        # A growing directory of sensor files is re-read at every round the device trains.
+        self.device_data = DeviceData(cfg, self.clock.time)
+        self.data, self.val = self.device_data.train, self.device_data.val
         self.trainer = trainer or LocalTrainer(cfg.client_id, cfg.threads)
         self.feedback = DeviceFeedback(cfg.resolved_state_dir(), cfg.federation)
         self.model_key = load_public_key(cfg.model_public_key) if cfg.model_public_key else None
@@ -117,39 +107,6 @@ class EdgeAgent:
                 births=lambda: [Outbound(status_topic, self._status("online"), retain=True)],
             )
         )
-
-    def _load_data(self) -> tuple[ArrayDataset, ArrayDataset | None]:
-        """The device's (training, validation) data; sensor data is normalised here."""
-        path, source = Path(self.cfg.data), self.cfg.source()
-        rng = np.random.default_rng(0)
-        if is_sensor_path(path, source):
-            try:
-                data = load_sensor_data(path, source, now=self.clock.time())
-            except NoDataYet as exc:
-                if self.growing:
-                    log.warning("%s: %s: no samples until files arrive", self.cfg.client_id, exc)
-                    self.no_data = str(exc)
-                    return NO_SAMPLES, None
-                raise
-            return split_and_normalize(data, source, self.cfg.val_fraction, rng)
-        data = load_device_data(path)
-        if self.cfg.val_fraction <= 0:
-            return data, None
-        train, val = train_val_split(data, self.cfg.val_fraction, rng)
-        return train, val
-
-    def _reload_data(self) -> str:
-        """Re-read a growing directory of sensor files (each round); why not, or ""."""
-        if not self.growing:
-            return ""
-        try:
-            self.data, self.val = self._load_data()
-        except (DataFormatError, OSError) as exc:  # a half-written or bad file: this round only
-            return f"data not usable this round: {exc}"
-        log.info(
-            "%s: read %d recent samples from %s", self.cfg.client_id, len(self.data), self.cfg.data
-        )
-        return "" if len(self.data) else f"no samples yet: {self.no_data}"
 
     # --- life cycle --------------------------------------------------------------------
     def run(self) -> int:
@@ -329,7 +286,8 @@ class EdgeAgent:
             return
         if self.cfg.client_id not in ann.selected or model.model_hash != ann.base_hash:
             return  # not invited, or the announced base model has not arrived yet
-        unusable = self._reload_data()  # before the status: it declares the sample count
+        unusable = self.device_data.reload()  # before the status: it declares the sample count
+        self.data, self.val = self.device_data.train, self.device_data.val
         if unusable:
             self._skip_round(ann.round, unusable)
             return
