@@ -64,9 +64,23 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable or belongs to another configuration."""
 
 
+# Settings added since checkpoints exist, with their defaults: hashed only when they differ
+# from them, so a checkpoint written before them still resumes under the same settings.
+LATER_FINGERPRINT_FIELDS: dict[str, object] = {
+    "task": "classification",
+    "num_outputs": 1,
+    "regression_loss": "mse",
+}
+
+
 def config_fingerprint(cfg: object) -> str:
-    """SHA-256 over the settings in :data:`FINGERPRINT_FIELDS`."""
+    """SHA-256 over the settings in :data:`FINGERPRINT_FIELDS` (and the later ones that are
+    not at their defaults)."""
     values = {name: _plain(getattr(cfg, name, None)) for name in FINGERPRINT_FIELDS}
+    for name, default in LATER_FINGERPRINT_FIELDS.items():
+        value = getattr(cfg, name, default)
+        if value != default:
+            values[name] = _plain(value)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 

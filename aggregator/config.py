@@ -28,9 +28,16 @@ class AggregatorConfig:
 
     broker: str = "mqtt://127.0.0.1:1883"
     federation: str = "default"
+    # A built-in architecture or a model plugin's name (shared/runtime/plugins.py).
     model: str = "lenet5"
-    input_shape: tuple[int, int, int] = (1, 28, 28)
+    # One sample's shape: (C, H, W) images, (C, L) sensor windows, (F,) feature vectors.
+    input_shape: tuple[int, ...] = (1, 28, 28)
     num_classes: int = 10
+    # "classification" (num_classes logits, cross-entropy, accuracy) or "regression"
+    # (num_outputs values, regression_loss, RMSE and MAE).
+    task: str = "classification"
+    num_outputs: int = 1
+    regression_loss: str = "mse"
     rounds: int = 20
     min_clients: int = 2
     fraction: float = 1.0
@@ -87,6 +94,7 @@ class AggregatorConfig:
     run: int | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(self.input_shape))
         checks = [
             (self.rounds >= 1, "rounds must be ≥ 1"),
             (self.min_clients >= 1, "min-clients must be ≥ 1"),
@@ -101,6 +109,11 @@ class AggregatorConfig:
                 f"download-codec must be one of: {', '.join(DOWNLOAD_CODECS)}",
             ),
             (self.on_starved in ("extend", "retry"), "on-starved must be extend or retry"),
+            (self.task in msg.TASKS, f"task must be one of: {', '.join(msg.TASKS)}"),
+            (
+                self.regression_loss in msg.REGRESSION_LOSSES,
+                f"regression-loss must be one of: {', '.join(msg.REGRESSION_LOSSES)}",
+            ),
             (self.max_extensions >= 0, "max-extensions must be ≥ 0"),
             (self.update_burst >= 1, "update-burst must be ≥ 1"),
             (self.update_rate >= 0, "update-rate must be ≥ 0"),
@@ -136,10 +149,15 @@ def _protocol_checks(cfg: AggregatorConfig) -> list[tuple[bool, str]]:
         (cfg.batch_size <= msg.MAX_BATCH_SIZE, f"batch-size must be ≤ {msg.MAX_BATCH_SIZE}"),
         (0 <= cfg.seed <= _MAX_SEED, f"seed must be in [0, {_MAX_SEED}]"),
         (
+            1 <= len(cfg.input_shape) <= 3,
+            "input-shape must have 1 to 3 dimensions (C,H,W; C,L; or F)",
+        ),
+        (
             all(0 < d <= msg.MAX_INPUT_DIM for d in cfg.input_shape),
             f"input-shape dimensions must be in [1, {msg.MAX_INPUT_DIM}]",
         ),
         (0 < cfg.num_classes <= msg.MAX_CLASSES, f"num-classes must be in [1, {msg.MAX_CLASSES}]"),
+        (0 < cfg.num_outputs <= msg.MAX_OUTPUTS, f"num-outputs must be in [1, {msg.MAX_OUTPUTS}]"),
         (cfg.run is None or 0 <= cfg.run <= msg.MAX_RUN, f"run must be in [0, {msg.MAX_RUN}]"),
     ]
 
@@ -150,9 +168,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = AggregatorConfig()
     parser.add_argument("--broker", help=f"broker URL (default {d.broker})")
     parser.add_argument("--federation", help="federation name (topic namespace)")
-    parser.add_argument("--model", help="architecture: lenet5, cnn, mlp (default lenet5)")
-    parser.add_argument("--input-shape", type=_shape, help="C,H,W of one sample (default 1,28,28)")
+    parser.add_argument(
+        "--model", help="architecture: lenet5, cnn, mlp, or a model plugin's name (default lenet5)"
+    )
+    parser.add_argument(
+        "--input-shape", type=_shape, help="one sample: C,H,W or C,L or F (default 1,28,28)"
+    )
     parser.add_argument("--num-classes", type=int)
+    add_task_arguments(parser)
     parser.add_argument("--rounds", type=int, help=f"rounds to run (default {d.rounds})")
     parser.add_argument("--min-clients", type=int, help="quorum to close a round at its deadline")
     parser.add_argument("--fraction", type=float, help="fraction of online agents selected")
@@ -211,6 +234,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_budget_arguments(parser)
 
 
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for what the model predicts (see AggregatorConfig.task)."""
+    parser.add_argument(
+        "--task",
+        choices=msg.TASKS,
+        help="classification (num-classes logits) or regression (num-outputs values)",
+    )
+    parser.add_argument("--num-outputs", type=int, help="values a regression model predicts")
+    parser.add_argument(
+        "--regression-loss",
+        choices=msg.REGRESSION_LOSSES,
+        help="loss of a regression task: mse or mae (default mse)",
+    )
+
+
 def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for the per-client update budget (see AggregatorConfig.update_burst)."""
     parser.add_argument(
@@ -266,8 +304,11 @@ def _known_codec(name: str) -> bool:
     return True
 
 
-def _shape(text: str) -> tuple[int, int, int]:
-    parts = [int(p) for p in text.split(",")]
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError("input shape is C,H,W")
-    return (parts[0], parts[1], parts[2])
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        parts = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("input shape is C,H,W or C,L or F (integers)") from None
+    if not 1 <= len(parts) <= 3:
+        raise argparse.ArgumentTypeError("input shape is C,H,W or C,L or F")
+    return parts

@@ -64,14 +64,23 @@ def model_frame(
             "signature": signature,
             "run": run,
             "signature_v2": signature_v2,
-            "model": {
-                "arch": spec.arch,
-                "input_shape": list(spec.input_shape),
-                "num_classes": spec.num_classes,
-            },
+            "model": _model_meta(spec),
         },
     )
     return encode_frame(header, params).payload
+
+
+def _model_meta(spec: msg.ModelSpec) -> dict[str, object]:
+    """The architecture in a model frame (what ``fedmq export`` rebuilds); a regression task's
+    fields only when it is one, so a classifier's frame is byte for byte what it was."""
+    meta: dict[str, object] = {
+        "arch": spec.arch,
+        "input_shape": list(spec.input_shape),
+        "num_classes": spec.num_classes,
+    }
+    if spec.task != "classification":
+        meta.update(task=spec.task, num_outputs=spec.num_outputs)
+    return meta
 
 
 @dataclass(frozen=True)

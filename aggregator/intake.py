@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from aggregator.rounds import ACCEPT, RoundState, Verdict
 from aggregator.strategy import AggregationError, StreamingFedAvg
 from aggregator.update_bounds import norm_violation, sample_violation, value_violation
-from shared.protocol.frames import FrameError, NonFiniteError, decode_frame, read_header
+from shared.protocol.frames import (
+    FrameError,
+    NonFiniteError,
+    ShapeMismatchError,
+    decode_frame,
+    read_header,
+)
 from shared.protocol.messages import Receipt
 from shared.protocol.receipts import ReceiptCode
 
@@ -34,6 +40,7 @@ class UpdateStats:
     val_accuracy: float | None
     val_samples: int
     download_bytes: int | None = None  # what the agent downloaded since its previous update
+    val_rmse: float | None = None  # a regression task's local validation RMSE
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,12 @@ class UpdateIntake:
         max_samples: int | None = None,
         declared: Callable[[str], int | None] | None = None,
         headroom: float = math.inf,
+        fingerprint: str = "",
     ) -> None:
+        """``fingerprint``: the architecture fingerprint of the aggregator's model, named in
+        the ``wrong-model`` receipt of an update whose tensors are another model's."""
         self.federation = federation
+        self.fingerprint = fingerprint
         self.state = state
         self.acc = acc
         self.max_bytes = max_bytes
@@ -115,6 +126,8 @@ class UpdateIntake:
             frame = decode_frame(payload, max_bytes=self.max_bytes, expect_shapes=self.acc.shapes)
         except NonFiniteError as exc:
             return Verdict("non-finite", f"non-finite: {exc}"), None
+        except ShapeMismatchError as exc:
+            return Verdict("wrong-model", wrong_model_reason(str(exc), self.fingerprint)), None
         except FrameError as exc:
             return Verdict("malformed", f"invalid update: {exc}"), None
         head = frame.header
@@ -136,6 +149,7 @@ class UpdateIntake:
             val_accuracy=_num(meta.get("val_accuracy")),
             val_samples=_count(meta.get("val_samples")),
             download_bytes=_count(meta["download_bytes"]) if "download_bytes" in meta else None,
+            val_rmse=_num(meta.get("val_rmse")),
         )
         try:
             self.acc.add(frame.tensors, head.num_samples, client)
@@ -156,6 +170,12 @@ class UpdateIntake:
         total = sum(n for _, n in pairs)
         return sum(v * n for v, n in pairs) / total if total else None
 
+    def pooled_val_rmse(self) -> float | None:
+        """The agents' local validation RMSE over all their validation samples (regression)."""
+        pairs = [(s.val_rmse, s.val_samples) for s in self.stats if s.val_rmse is not None]
+        total = sum(n for _, n in pairs)
+        return math.sqrt(sum(v * v * n for v, n in pairs) / total) if total else None
+
     def download_reports(self) -> list[int | None]:
         """Each accepted update's reported download bytes (None: it did not report)."""
         return [s.download_bytes for s in self.stats]
@@ -163,6 +183,15 @@ class UpdateIntake:
     def slowest_train_s(self) -> float:
         """The longest local training time among accepted updates."""
         return max((s.train_time_s or 0.0 for s in self.stats), default=0.0)
+
+
+def wrong_model_reason(what: str, aggregator_fingerprint: str, device: str = "") -> str:
+    """The reason of a ``wrong-model`` receipt: what differs, and the fingerprints."""
+    theirs = f", this device's is {device}" if device else ""
+    return (
+        f"wrong model: {what}; the aggregator's architecture fingerprint is "
+        f"{aggregator_fingerprint or 'unknown'}{theirs}"
+    )
 
 
 def receipt_for(round_id: int, client_id: str, verdict: Verdict) -> Receipt:

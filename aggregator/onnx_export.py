@@ -3,8 +3,9 @@
 The TorchScript-based exporter (``dynamo=False``) is used: on this class of model (plain
 ``nn.Sequential`` stacks) it takes ~0.2 s where the dynamo exporter takes ~5 s, and it needs
 no onnxscript. Every export is checked with ``onnx.checker`` and run through onnxruntime on a
-held-out batch: logits must agree with torch within :data:`PARITY_TOLERANCE` and give the same
-argmax, or the model is not published.
+held-out batch: outputs must agree with torch within :data:`PARITY_TOLERANCE` (and, for a
+classifier, give the same argmax), or the model is not published. Plugin models export the
+same way, from float32 samples of the announced input shape.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from shared.protocol.onnx_frame import OnnxHeader, encode_onnx_frame, sha256
 from shared.protocol.topics import Topics
 from shared.runtime.data import ArrayDataset
 from shared.runtime.modelio import set_params
-from shared.runtime.models import build_model
+from shared.runtime.plugins import build_from_spec
 
 log = logging.getLogger("fedmq.onnx")
 
@@ -52,6 +53,7 @@ class Parity:
     max_abs_diff: float
     same_argmax: bool
     batch: int
+    max_abs_output: float = 0.0  # the largest |output| of torch on the batch
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,14 @@ class OnnxExport:
     export_s: float
 
 
-def export_onnx(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> bytes:
-    """ONNX bytes of ``model`` (eval mode) with a dynamic batch axis named ``batch``."""
+def export_onnx(
+    model: torch.nn.Module, input_shape: tuple[int, ...], output_name: str = "logits"
+) -> bytes:
+    """ONNX bytes of ``model`` (eval mode) with a dynamic batch axis named ``batch``.
+
+    The input is named ``input`` (float32 ``(batch, *input_shape)``), the output
+    ``output_name`` (``logits`` for a classifier, ``outputs`` for regression).
+    """
     model.eval()
     example = torch.zeros((1, *input_shape), dtype=torch.float32)
     buf = io.BytesIO()
@@ -77,8 +85,8 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, int, int]) -> by
             buf,  # type: ignore[arg-type]  # file-like objects are accepted at run time
             dynamo=False,
             input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=[output_name],
+            dynamic_axes={"input": {0: "batch"}, output_name: {0: "batch"}},
             opset_version=OPSET,
         )
     return buf.getvalue()
@@ -95,7 +103,8 @@ def check_onnx(onnx_bytes: bytes) -> None:
 
 
 def verify_parity(model: torch.nn.Module, onnx_bytes: bytes, batch: np.ndarray) -> Parity:
-    """Compare torch and onnxruntime logits on ``batch`` (float32 N×C×H×W)."""
+    """Compare torch and onnxruntime outputs on ``batch`` (float32 ``(N, *input_shape)``);
+    ``same_argmax`` compares the largest output of each sample (a classifier's class)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -105,18 +114,21 @@ def verify_parity(model: torch.nn.Module, onnx_bytes: bytes, batch: np.ndarray) 
     with torch.no_grad():
         want = model.eval()(torch.from_numpy(x)).numpy()
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    got, want = got.reshape(len(x), -1), want.reshape(len(x), -1)
     with np.errstate(invalid="ignore"):  # inf − inf is NaN, which fails the gate
         diff = float(np.max(np.abs(got - want))) if len(x) else 0.0
     same = bool(np.array_equal(got.argmax(axis=1), want.argmax(axis=1)))
-    return Parity(diff, same, len(x))
+    scale = float(np.max(np.abs(want))) if want.size else 0.0
+    return Parity(diff, same, len(x), scale)
 
 
 def holdout_batch(
-    data: ArrayDataset | None, input_shape: tuple[int, int, int], n: int = 64, seed: int = 0
+    data: ArrayDataset | None, input_shape: tuple[int, ...], n: int = 64, seed: int = 0
 ) -> np.ndarray:
     """The first ``n`` held-out samples, or seeded uniform noise without held-out data."""
     if data is not None and len(data):
-        return data.subset(np.arange(min(n, len(data)))).as_float()
+        sub = data.subset(np.arange(min(n, len(data))))
+        return sub.shaped(tuple(input_shape)).as_float()
     rng = np.random.default_rng(seed)
     return rng.uniform(0.0, 1.0, size=(n, *input_shape)).astype(np.float32)
 
@@ -134,15 +146,19 @@ def export_verified(
 ) -> OnnxExport:
     """Export ``params`` as ONNX, check it, verify parity, and frame it; or raise ExportError."""
     t0 = time.perf_counter()
-    model = model or build_model(spec.arch, spec.input_shape, spec.num_classes)
+    model = model or build_from_spec(spec)
     set_params(model, params)
-    onnx_bytes = export_onnx(model, spec.input_shape)
+    classifier = spec.task == "classification"
+    onnx_bytes = export_onnx(model, spec.input_shape, "logits" if classifier else "outputs")
     check_onnx(onnx_bytes)
     parity = verify_parity(model, onnx_bytes, batch)
+    # Regression values may be large (raw sensor units): the bound is relative beyond 1.
+    limit = PARITY_TOLERANCE * (1.0 if classifier else max(1.0, parity.max_abs_output))
     # Written so that NaN fails: NaN > limit is false, and so would pass a NaN model.
-    if not parity.max_abs_diff <= PARITY_TOLERANCE or not parity.same_argmax:
+    if not parity.max_abs_diff <= limit or (classifier and not parity.same_argmax):
         raise ExportError(
-            f"onnxruntime disagrees with torch: max |Δlogit| {parity.max_abs_diff:.2e}, "
+            f"onnxruntime disagrees with torch: max |Δ{'logit' if classifier else 'output'}| "
+            f"{parity.max_abs_diff:.2e}, "
             f"same argmax: {parity.same_argmax}"
         )
     header = OnnxHeader(
@@ -151,10 +167,12 @@ def export_verified(
         round=round_id,
         model_hash=tensors_hash(params),
         onnx_sha256=sha256(onnx_bytes),
-        input_shape=spec.input_shape,
+        input_shape=tuple(spec.input_shape),
         num_classes=spec.num_classes,
         arch=spec.arch,
         opset=OPSET,
+        task=spec.task,
+        num_outputs=spec.num_outputs if spec.task == "regression" else 1,
     )
     # The whole header is signed (input shape, classes, ...), not only the ONNX hash: a
     # device pinning the aggregator's key serves nothing relabelled.
@@ -187,7 +205,7 @@ class RoundExporter:
         self.state_dir = state_dir
         self.topics = Topics(federation)
         self.batch = holdout_batch(holdout, spec.input_shape, seed=seed)
-        self.model = build_model(spec.arch, spec.input_shape, spec.num_classes)
+        self.model = build_from_spec(spec)
 
     def after_round(
         self, params: Tensors, round_id: int, publish: Publish | None, frame: bytes
@@ -217,7 +235,7 @@ class RoundExporter:
             write_atomic(self.state_dir / STATE_ONNX_FILE, done.onnx)
         log.info(
             "round %d: ONNX model %d bytes exported and verified in %.0f ms "
-            "(max |Δlogit| %.1e on %d held-out samples)",
+            "(max |Δoutput| %.1e on %d held-out samples)",
             round_id,
             len(done.onnx),
             done.export_s * 1000,

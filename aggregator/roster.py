@@ -28,23 +28,29 @@ class AgentRoster:
     def __contains__(self, client_id: object) -> bool:
         return client_id in self.agents
 
-    def on_status(self, topic: str, payload: bytes) -> None:
-        """Record a status message (an empty payload is a cleared retained status)."""
+    def on_status(self, topic: str, payload: bytes) -> msg.AgentStatus | None:
+        """Record a status message (an empty payload is a cleared retained status).
+
+        Returns the status when it newly says the device refused a round because its build
+        of the model has another architecture fingerprint (the service answers it), else None.
+        """
         if not payload:
-            return
+            return None
         sender = topics.sender_of(topic)
         try:
             status = msg.decode(payload, msg.AgentStatus)
         except msg.MessageError as exc:
             self._warn(sender, "bad agent status on %s: %s", topic, exc)
-            return
+            return None
         if topics.parse(topic).client_id != status.client_id:
             self._warn(sender, "ignoring status for %r on %s", status.client_id, topic)
-            return
+            return None
         before = self.agents.get(status.client_id)
-        if status.skipped and (before is None or before.round != status.round):
+        fresh = status.skipped and (before is None or before.round != status.round)
+        if fresh:
             log.warning("%s skipped round %d: %s", status.client_id, status.round, status.skipped)
         self.agents[status.client_id] = status
+        return status if fresh and status.model_fingerprint else None
 
     def online(self) -> list[str]:
         """Agents whose last status is not ``offline``, sorted."""

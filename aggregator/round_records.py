@@ -20,9 +20,15 @@ Tensors = dict[str, np.ndarray]
 
 
 def round_start(
-    cfg: AggregatorConfig, state: RoundState, spec: msg.ModelSpec, run: int, ts: float
+    cfg: AggregatorConfig,
+    state: RoundState,
+    spec: msg.ModelSpec,
+    run: int,
+    ts: float,
+    fingerprint: str = "",
 ) -> msg.RoundStart:
-    """The announcement of ``state``: who trains which model, how, until when (unsigned).
+    """The announcement of ``state``: who trains which model (and its architecture
+    ``fingerprint``), how, until when (unsigned).
 
     ``ts`` is the aggregator's clock now, the one ``state.deadline`` is on: agents count the
     round's time as ``deadline - ts`` on their own clock (edge_agent/announcements.py).
@@ -42,11 +48,13 @@ def round_start(
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             seed=cfg.seed * 100_003 + state.round_id,
+            regression_loss=cfg.regression_loss,  # type: ignore[arg-type]  # checked in cfg
         ),
         codec=cfg.codec,
         max_update_bytes=cfg.max_update_bytes,
         download_codec=cfg.download_codec,
         run=run,
+        fingerprint=fingerprint,
     )
 
 
@@ -80,9 +88,11 @@ class ClosedRound:
         download_codec: str,
         evaluation: EvalResult | None,
         onnx_export_s: float | None,
+        task: str = "classification",
     ) -> RoundMetrics:
         """What this round did: one entry of ``metrics.json`` and the metrics topic."""
         state, intake = self.round.state, self.round.intake
+        regression = evaluation is not None and evaluation.rmse is not None
         return RoundMetrics(
             federation=federation,
             round=state.round_id,
@@ -92,7 +102,7 @@ class ClosedRound:
             num_samples=state.num_samples,
             train_loss=intake.weighted_train_loss(),
             local_val_accuracy=intake.weighted_val_accuracy(),
-            test_accuracy=evaluation.accuracy if evaluation else None,
+            test_accuracy=evaluation.accuracy if evaluation and not regression else None,
             test_loss=evaluation.loss if evaluation else None,
             bytes_up=intake.bytes_received,
             update_bytes=sum(u.nbytes for u in intake.stats),
@@ -106,4 +116,8 @@ class ClosedRound:
             codec=codec,
             model_hash=self.model_hash,
             onnx_export_s=onnx_export_s,
+            task=task,  # type: ignore[arg-type]  # the spec's
+            test_rmse=evaluation.rmse if evaluation else None,
+            test_mae=evaluation.mae if evaluation else None,
+            local_val_rmse=intake.pooled_val_rmse(),
         )

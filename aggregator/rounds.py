@@ -81,6 +81,8 @@ class RoundState:
     started_at: float
     accepted: dict[str, int] = field(default_factory=dict)  # client → num_samples
     rejected: dict[str, str] = field(default_factory=dict)  # client → last reason
+    # Selected clients that said they cannot train this round (another model): not waited for.
+    declined: set[str] = field(default_factory=set)
     extensions: int = 0
     closed: bool = False
 
@@ -123,12 +125,25 @@ class RoundState:
         """Record a rejection (for metrics)."""
         self.rejected[client_id] = reason
 
+    def decline(self, client_id: str, reason: str) -> None:
+        """Record that a selected client cannot train this round (its model differs): the
+        round is complete without it once the others are in (and quorum is met)."""
+        if client_id in self.selected and client_id not in self.accepted:
+            self.declined.add(client_id)
+            self.reject(client_id, reason)
+
     def phase(self, now: float) -> RoundPhase:
         """Decide whether the round should be applied now."""
         if self.closed:
             return RoundPhase.CLOSED
         # Sizes first: called for every message, it must not copy the accepted set each time.
         if len(self.accepted) >= len(self.selected) and self.selected <= self.accepted.keys():
+            return RoundPhase.COMPLETE
+        if (
+            self.declined
+            and len(self.accepted) >= self.min_clients
+            and self.selected - self.declined <= self.accepted.keys()
+        ):
             return RoundPhase.COMPLETE
         if now < self.deadline:
             return RoundPhase.OPEN

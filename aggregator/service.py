@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.checkpoint import CheckpointError
 from aggregator.config import AggregatorConfig
 from aggregator.downloads import GlobalDownloads, bytes_down
 from aggregator.evaluation import Evaluator
-from aggregator.intake import UpdateIntake, receipt_for
+from aggregator.intake import UpdateIntake, receipt_for, wrong_model_reason
 from aggregator.metrics_log import MetricsLog
 from aggregator.model_check import next_global_model
 from aggregator.onnx_export import RoundExporter, state_dir_of
@@ -53,6 +54,17 @@ Tensors = dict[str, np.ndarray]
 WARN_INTERVAL_S = 10.0
 
 
+def model_spec(cfg: AggregatorConfig) -> msg.ModelSpec:
+    """What the federation trains, as announced: architecture, sample shape and task."""
+    return msg.ModelSpec(
+        arch=cfg.model,
+        input_shape=tuple(cfg.input_shape),
+        num_classes=cfg.num_classes,
+        task=cfg.task,  # type: ignore[arg-type]  # checked by AggregatorConfig
+        num_outputs=cfg.num_outputs,
+    )
+
+
 class AggregatorService:
     """Runs one federation from the initial model to the final one."""
 
@@ -62,10 +74,10 @@ class AggregatorService:
         self.cfg = cfg
         self.clock: Clock = clock or SystemClock()
         self.topics = topics.Topics(cfg.federation)
-        self.spec = msg.ModelSpec(
-            arch=cfg.model, input_shape=cfg.input_shape, num_classes=cfg.num_classes
+        self.spec = model_spec(cfg)
+        self.evaluator = Evaluator(
+            self.spec, cfg.eval_data, cfg.seed, cfg.threads, cfg.regression_loss
         )
-        self.evaluator = Evaluator(self.spec, cfg.eval_data, cfg.seed, cfg.threads)
         self.signing_key = load_private_key(cfg.signing_key) if cfg.signing_key else None
         # Checkpoint + journal only with an explicit --state-dir: resuming is opt-in.
         self.durable = Durability(Path(cfg.state_dir), cfg) if cfg.state_dir else None
@@ -194,6 +206,7 @@ class AggregatorService:
             max_samples=cfg.max_samples,
             declared=self.agents.declared_samples,
             headroom=model_headroom(self.params),
+            fingerprint=self.evaluator.fingerprint,
         )
 
     def _restore(self) -> OpenRound | None:
@@ -204,6 +217,13 @@ class AggregatorService:
         ckpt, jr = restored.checkpoint, restored.open_round
         self._continue_run(restored.run)
         if ckpt is not None:
+            if {n: tuple(v.shape) for n, v in ckpt.params.items()} != self.shapes:
+                # Same settings, another build of the model: a plugin changed version.
+                raise CheckpointError(
+                    f"the checkpoint's model is another architecture than {self.cfg.model!r} "
+                    f"as built here (fingerprint {self.evaluator.fingerprint}): install the "
+                    "model version it was trained with, or use another --state-dir"
+                )
             self.params, self.model_hash, self.round_id = ckpt.params, ckpt.model_hash, ckpt.round
             self.downloads.residual = ckpt.residual
             set_rng_state(self.rng, ckpt.rng_state)
@@ -304,7 +324,9 @@ class AggregatorService:
         cfg = self.cfg
         if self.durable is not None:  # journaled first: a restart re-announces the same
             self.durable.announced(state, self.rng)
-        announcement = round_start(cfg, state, self.spec, self.run_epoch, self.clock.time())
+        announcement = round_start(
+            cfg, state, self.spec, self.run_epoch, self.clock.time(), self.evaluator.fingerprint
+        )
         if self.signing_key is not None:  # pinned agents follow only signed announcements
             announcement = sign_round_start(self.signing_key, announcement)
         # Retained, so an agent that (re)connects mid-round learns the round at once.
@@ -382,14 +404,20 @@ class AggregatorService:
             download_codec=self.cfg.download_codec,
             evaluation=evaluation,
             onnx_export_s=exported.export_s if exported else None,
+            task=self.spec.task,
         )
         self._publish(self.topics.metrics, metrics.to_json(), retain=True)
         self.metrics.append(metrics)
+        quality = (
+            f"rmse={metrics.test_rmse}"
+            if metrics.task == "regression"
+            else f"acc={metrics.test_accuracy}"
+        )
         log.info(
-            "round %d applied: %d updates, acc=%s, %.1fs",
+            "round %d applied: %d updates, %s, %.1fs",
             state.round_id,
             metrics.accepted,
-            metrics.test_accuracy,
+            quality,
             metrics.round_time_s,
         )
 
@@ -409,7 +437,9 @@ class AggregatorService:
             self._warn(topics.sender_of(item.topic), "ignoring message on %s: %s", item.topic, exc)
             return False
         if parsed.kind == "agent_status":
-            self.agents.on_status(item.topic, item.payload)
+            refusal = self.agents.on_status(item.topic, item.payload)
+            if refusal is not None:
+                self._wrong_model(refusal, intake)
             return False
         if parsed.kind != "update" or parsed.round_id is None or parsed.client_id is None:
             return False
@@ -458,6 +488,22 @@ class AggregatorService:
                 break
             self._handle(item, None)
         return True
+
+    def _wrong_model(self, status: msg.AgentStatus, intake: UpdateIntake | None) -> None:
+        """A device refused a round: its build of the model has another fingerprint.
+
+        Answered with a ``wrong-model`` receipt naming both fingerprints (the device's log
+        and the operator's receipt topic say the same); it counts as a rejection of the open
+        round, which then does not wait for that device. A refusal of another round than the
+        open one is only logged (by the roster).
+        """
+        state = intake.state if intake is not None else None
+        if state is None or status.round != state.round_id or status.client_id in state.accepted:
+            return
+        what = f"this device's build of {self.spec.arch!r} is another architecture"
+        reason = wrong_model_reason(what, self.evaluator.fingerprint, status.model_fingerprint)
+        state.decline(status.client_id, reason)  # not waited for: it cannot send an update
+        self._receipt(state.round_id, status.client_id, Verdict("wrong-model", reason))
 
     # --- outbound ----------------------------------------------------------------------
     def _publish_model(self, final: bool) -> None:

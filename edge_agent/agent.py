@@ -21,7 +21,15 @@ import numpy as np
 
 from edge_agent.announcements import DeviceLimits, check_announcement, check_finished, open_until
 from edge_agent.config import AgentConfig
-from edge_agent.local_training import DivergedTraining, LocalRound, LocalTrainer, encoder_rng
+from edge_agent.device_data import DeviceData
+from edge_agent.local_training import (
+    DivergedTraining,
+    LocalRound,
+    LocalTrainer,
+    UnusableRound,
+    WrongModel,
+    encoder_rng,
+)
 from edge_agent.model_sync import ModelSync
 from edge_agent.outbox import COUNTED_CODES, MISSED_CODES, Outbox, receipt_is_final
 from edge_agent.residual import DeviceFeedback
@@ -32,7 +40,6 @@ from shared.protocol import messages as msg
 from shared.protocol import topics
 from shared.protocol.frames import FrameError, FrameHeader, encode_frame, read_header
 from shared.protocol.signing import load_public_key
-from shared.runtime.data import ArrayDataset, load_device_data, train_val_split
 
 log = logging.getLogger("fedmq.agent")
 
@@ -57,7 +64,9 @@ class EdgeAgent:
         self.clock: Clock = clock or SystemClock()
         self.topics = topics.Topics(cfg.federation)
         topics.validate_agent_id(cfg.client_id)  # not an inference server's id
-        self.data, self.val = self._load_data()
+        # A growing directory of sensor files is re-read at every round the device trains.
+        self.device_data = DeviceData(cfg, self.clock.time)
+        self.data, self.val = self.device_data.train, self.device_data.val
         self.trainer = trainer or LocalTrainer(cfg.client_id, cfg.threads)
         self.feedback = DeviceFeedback(cfg.resolved_state_dir(), cfg.federation)
         self.model_key = load_public_key(cfg.model_public_key) if cfg.model_public_key else None
@@ -100,13 +109,6 @@ class EdgeAgent:
                 births=lambda: [Outbound(status_topic, self._status("online"), retain=True)],
             )
         )
-
-    def _load_data(self) -> tuple[ArrayDataset, ArrayDataset | None]:
-        data = load_device_data(self.cfg.data)
-        if self.cfg.val_fraction <= 0:
-            return data, None
-        train, val = train_val_split(data, self.cfg.val_fraction, np.random.default_rng(0))
-        return train, val
 
     # --- life cycle --------------------------------------------------------------------
     def run(self) -> int:
@@ -289,12 +291,26 @@ class EdgeAgent:
             return
         if self.cfg.client_id not in ann.selected or model.model_hash != ann.base_hash:
             return  # not invited, or the announced base model has not arrived yet
+        unusable = self.device_data.reload()  # before the status: it declares the sample count
+        self.data, self.val = self.device_data.train, self.device_data.val
+        if unusable:
+            self._skip_round(ann.round, unusable)
+            return
+        try:
+            # Before any training: a device whose build of the model differs says so, once.
+            self.trainer.check_model(ann.model, ann.fingerprint)
+        except WrongModel as exc:
+            self._skip_round(ann.round, str(exc), model_fingerprint=exc.device_fingerprint)
+            return
+        except UnusableRound as exc:
+            self._skip_round(ann.round, str(exc))
+            return
         self._publish_status("training", ann.round)
         try:
             local = self.trainer.train(ann.model, model.params, ann.train, self.data, self.val)
             t0 = time.perf_counter()
             payload = self._encode_update(ann, local)
-        except (DivergedTraining, FrameError) as exc:
+        except (DivergedTraining, UnusableRound, FrameError) as exc:
             self._skip_round(ann.round, str(exc))
             return
         log.info(
@@ -337,14 +353,17 @@ class EdgeAgent:
             self.feedback.commit(delta, encoded.sent)
         return encoded.payload
 
-    def _skip_round(self, round_id: int, why: str) -> None:
-        """No update this round (diverged training, unencodable delta): say so, carry on.
+    def _skip_round(self, round_id: int, why: str, model_fingerprint: str = "") -> None:
+        """No update this round (another model, diverged training, unencodable delta): say
+        so, carry on.
 
-        The next global model is a fresh start; the aggregator learns why from the status.
+        The next global model is a fresh start; the aggregator learns why from the status
+        (with this device's architecture fingerprint when that is why: it answers with a
+        ``wrong-model`` receipt).
         """
         log.error("round %d skipped, no update sent: %s", round_id, why)
         self.done_rounds.add(round_id)
-        self._publish_status("online", round_id, skipped=why)
+        self._publish_status("online", round_id, skipped=why, model_fingerprint=model_fingerprint)
 
     def _send(self, round_id: int, payload: bytes) -> None:
         self.sent_at[round_id] = self.clock.monotonic()
@@ -388,15 +407,19 @@ class EdgeAgent:
             self._resend(ann.round, "no receipt yet" if last is not None else "restarted")
 
     # --- outbound ----------------------------------------------------------------------
-    def _publish_status(self, state: str, round_id: int, skipped: str = "") -> None:
+    def _publish_status(
+        self, state: str, round_id: int, skipped: str = "", model_fingerprint: str = ""
+    ) -> None:
         self.transport.publish(
             self.topics.agent_status(self.cfg.client_id),
-            self._status(state, round_id, skipped),
+            self._status(state, round_id, skipped, model_fingerprint),
             retain=True,
             wait=False,
         )
 
-    def _status(self, state: str, round_id: int = -1, skipped: str = "") -> bytes:
+    def _status(
+        self, state: str, round_id: int = -1, skipped: str = "", model_fingerprint: str = ""
+    ) -> bytes:
         return msg.AgentStatus(
             client_id=self.cfg.client_id,
             state=state,  # type: ignore[arg-type]
@@ -404,4 +427,5 @@ class EdgeAgent:
             round=round_id,
             device={"machine": platform.machine(), "python": platform.python_version()},
             skipped=skipped[:300],
+            model_fingerprint=model_fingerprint,
         ).to_json()

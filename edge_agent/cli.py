@@ -1,4 +1,4 @@
-"""``fedmq-agent``: the training agent, ``predict`` (classify files) and ``serve`` (MQTT).
+"""``fedmq-agent``: the training agent, ``predict`` (predict files) and ``serve`` (MQTT).
 
 ``predict`` and ``serve`` need onnxruntime only: nothing here imports torch at load time.
 """
@@ -20,6 +20,7 @@ from shared.mqtt.base import Connector, TransportError
 from shared.runtime.data import DataFormatError
 
 if TYPE_CHECKING:
+    from edge_agent.inference import Predictions
     from edge_agent.serve import ServeConfig
 
 log = logging.getLogger("fedmq.agent")
@@ -65,9 +66,15 @@ def _inference_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="fedmq-agent", description="fedmq on-device inference")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_predict = sub.add_parser("predict", help="classify files with an ONNX model")
+    p_predict = sub.add_parser("predict", help="predict files with an ONNX model")
     p_predict.add_argument("--model", required=True, help=".onnx file or fedmq ONNX frame")
     p_predict.add_argument("files", nargs="+", type=Path, help=".npz, IDX, images, image dirs")
+    p_predict.add_argument(
+        "--task",
+        choices=("classification", "regression"),
+        default="classification",
+        help="what a bare .onnx file predicts (a fedmq ONNX frame says it itself)",
+    )
     p_predict.add_argument("--limit", type=int, help="print at most this many lines")
     p_predict.add_argument("--threads", type=int, default=1)
     p_serve = sub.add_parser("serve", help="serve predictions over MQTT with the latest model")
@@ -82,30 +89,50 @@ def _inference_main(argv: list[str]) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """``fedmq-agent predict``: print one line per sample (and accuracy when labelled)."""
-    from edge_agent.inference import MAX_BATCH, InferenceError, OnnxClassifier, load_inputs
+    """``fedmq-agent predict``: one line per sample; accuracy (labels) or RMSE (targets)."""
+    from edge_agent.inference import MAX_BATCH, InferenceError, OnnxModel, concat, load_inputs
     from shared.protocol.onnx_frame import OnnxFrameError
 
     try:
-        model = OnnxClassifier.from_bytes(Path(args.model).read_bytes(), args.threads)
+        model = OnnxModel.from_bytes(Path(args.model).read_bytes(), args.threads, args.task)
         inputs = load_inputs(list(args.files), model.input_shape)
     except (OSError, InferenceError, OnnxFrameError, DataFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     t0 = time.perf_counter()
     # MAX_BATCH bounds one network request; a local file of any size goes through in slices.
-    parts = [model.predict(inputs.x[i : i + MAX_BATCH]) for i in range(0, len(inputs.x), MAX_BATCH)]
-    pred = np.concatenate([p for p, _ in parts])
-    conf = np.concatenate([c for _, c in parts])
+    pred = concat(
+        [model.predict(inputs.x[i : i + MAX_BATCH]) for i in range(0, len(inputs.x), MAX_BATCH)]
+    )
     elapsed = time.perf_counter() - t0
     shown = len(pred) if args.limit is None else min(args.limit, len(pred))
     for i in range(shown):
-        print(f"{inputs.names[i]}\t{int(pred[i])}\t{float(conf[i]):.4f}")
+        print(f"{inputs.names[i]}\t{_prediction_text(pred, i)}")
     summary = f"{len(pred)} samples in {elapsed * 1000:.1f} ms"
-    if inputs.labels is not None:
-        summary += f", accuracy {float((pred == inputs.labels).mean()):.4f}"
-    print(summary, file=sys.stderr)
+    print(summary + _quality_text(pred, inputs.labels), file=sys.stderr)
     return 0
+
+
+def _prediction_text(pred: Predictions, i: int) -> str:
+    """One sample's prediction: ``class<TAB>confidence``, or its values comma-separated."""
+    if pred.values is not None:
+        return ",".join(f"{float(v):.6g}" for v in pred.values[i])
+    assert pred.labels is not None and pred.confidence is not None
+    return f"{int(pred.labels[i])}\t{float(pred.confidence[i]):.4f}"
+
+
+def _quality_text(pred: Predictions, y: np.ndarray | None) -> str:
+    """``, accuracy ...`` against labels, ``, rmse ... mae ...`` against targets, or ""."""
+    if y is None:
+        return ""
+    if pred.values is not None and y.dtype.kind == "f":
+        err = pred.values - y.reshape(len(y), -1)
+        if err.shape != pred.values.shape:
+            return ""
+        return f", rmse {float(np.sqrt((err**2).mean())):.4f}, mae {float(np.abs(err).mean()):.4f}"
+    if pred.labels is not None and y.dtype.kind in "iu":
+        return f", accuracy {float((pred.labels == y).mean()):.4f}"
+    return ""
 
 
 def _run_serve(args: argparse.Namespace) -> int:

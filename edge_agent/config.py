@@ -14,6 +14,7 @@ from shared.mqtt.options import (
     check_protocol_settings,
 )
 from shared.mqtt.versions import AUTO
+from shared.runtime.sensors import SensorSource
 from shared.settings import load_settings
 
 
@@ -54,12 +55,30 @@ class AgentConfig:
     # skipped). The protocol bounds every training parameter too (shared/protocol/messages.py).
     max_local_epochs: int = 20
     max_batch_size: int = 1024
+    # Sensor data (CSV/Parquet, a file or a directory of them): shared/runtime/sensors.py.
+    # Naming a label or target column makes `data` sensor data.
+    columns: tuple[str, ...] = ()  # features / channels; () = every other column
+    label_column: str = ""  # classification: the class of a row (of a window: its last row's)
+    label_names: tuple[str, ...] = ()  # text labels: a name's class is its index
+    target_columns: tuple[str, ...] = ()  # regression targets (a forecast: the one channel)
+    time_column: str = ""  # rows are sorted by it; never a feature
+    window: int = 0  # > 0: time series, windows of this many rows
+    stride: int = 0  # rows between window starts; 0 = window (no overlap)
+    horizon: int = 0  # > 0: forecast the next `horizon` values of the target channel
+    normalize: bool = True  # standardise features with the training split's statistics
+    recent_files: int = 0  # a directory: train on its newest files only (0: all)
+    recent_max_age_s: float = 0.0  # a directory: files modified within this (0: any age)
+    max_rows: int = 1_000_000  # rows read per round, at most (bounded memory)
 
     def __post_init__(self) -> None:
         if not self.client_id:
             raise ValueError("client-id is required")
         if not self.data:
-            raise ValueError("data is required: the device's own data (.npz, IDX, image folder)")
+            raise ValueError(
+                "data is required: the device's own data (.npz, IDX, image folder, or "
+                "CSV/Parquet sensor data with label-column or target-columns)"
+            )
+        self.source()  # the sensor settings' checks
         if not 0 <= self.val_fraction < 1:
             raise ValueError("val-fraction must be in [0, 1)")
         if self.threads < 1:
@@ -69,6 +88,23 @@ class AgentConfig:
         check_protocol_settings(self.mqtt_version, self.max_chunk_bytes)
         if self.max_local_epochs < 1 or self.max_batch_size < 1:
             raise ValueError("max-local-epochs and max-batch-size must be ≥ 1")
+
+    def source(self) -> SensorSource:
+        """How the device reads CSV/Parquet sensor data (unused for image data)."""
+        return SensorSource(
+            columns=tuple(self.columns),
+            label_column=self.label_column,
+            label_names=tuple(self.label_names),
+            target_columns=tuple(self.target_columns),
+            time_column=self.time_column,
+            window=self.window,
+            stride=self.stride,
+            horizon=self.horizon,
+            normalize=self.normalize,
+            recent_files=self.recent_files,
+            recent_max_age_s=self.recent_max_age_s,
+            max_rows=self.max_rows,
+        )
 
     def resolved_state_dir(self) -> Path:
         """``state_dir``, or ``~/.local/state/fedmq/<client-id>`` (XDG_STATE_HOME honoured)."""
@@ -84,7 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="broker URL, e.g. mqtt://192.168.1.10:1883")
     parser.add_argument("--federation", help="federation name")
     parser.add_argument("--client-id", help="this device's id, e.g. pi-07")
-    parser.add_argument("--data", help="the device's data: .npz (x, y), IDX files, image folder")
+    parser.add_argument(
+        "--data",
+        help="the device's data: .npz (x, y), IDX files, image folder, or CSV/Parquet sensor "
+        "data (a file or a growing directory; with --label-column or --target-columns)",
+    )
     parser.add_argument(
         "--val-fraction", type=float, help="hold out this fraction for local validation (default 0)"
     )
@@ -137,6 +177,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="load torch before going online (by default torch is imported at the first round "
         "the agent trains, so a waiting or presence-only agent stays small)",
     )
+    add_sensor_arguments(parser)
+
+
+def add_sensor_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of CSV/Parquet sensor data (see shared/runtime/sensors.py)."""
+    group = parser.add_argument_group("sensor data (CSV/Parquet)")
+    group.add_argument(
+        "--columns", type=_names, help="feature columns / channels, comma-separated (default: all)"
+    )
+    group.add_argument("--label-column", help="the class label column (classification)")
+    group.add_argument("--label-names", type=_names, help="text labels in class order: a,b,c")
+    group.add_argument(
+        "--target-columns", type=_names, help="regression target column(s), comma-separated"
+    )
+    group.add_argument("--time-column", help="timestamp column: rows are sorted by it")
+    group.add_argument("--window", type=int, help="time series: rows per window (0: a table)")
+    group.add_argument("--stride", type=int, help="rows between windows (default: --window)")
+    group.add_argument(
+        "--horizon", type=int, help="forecast the next N values of the one target column"
+    )
+    group.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="standardise features with the training split's mean/std (default on)",
+    )
+    group.add_argument(
+        "--recent-files", type=int, help="a directory: train on its N newest files (0: all)"
+    )
+    group.add_argument(
+        "--recent-max-age-s",
+        type=float,
+        help="a directory: only files modified within this many seconds (0: any age)",
+    )
+    group.add_argument("--max-rows", type=int, help="rows read per round, at most (1000000)")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def from_args(args: argparse.Namespace) -> AgentConfig:

@@ -70,7 +70,7 @@ class RequestError(InferenceError):
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What the served model accepts: one sample's C×H×W and the largest batch."""
+    """What the served model accepts: one sample's shape (e.g. C×H×W) and the largest batch."""
 
     sample_shape: tuple[int, ...]
     max_batch: int = MAX_BATCH
@@ -101,8 +101,9 @@ class InferenceRequest:
 class _JsonRequest(msgspec.Struct, forbid_unknown_fields=True):
     # Unknown fields are refused, not skipped: skipping a value recurses into it.
     id: RequestId = None
-    # N×C×H×W, or one C×H×W sample: at most four levels, whatever the payload nests.
-    x: list[list[list[list[float] | float]]] = []
+    # A batch of samples of 1 to 3 dims (N×C×H×W, N×C×L, N×F), or one sample: at most four
+    # levels, whatever the payload nests.
+    x: list[float | list[float | list[float | list[float]]]] = []
 
 
 class _IdOnly(msgspec.Struct):

@@ -19,6 +19,8 @@ from shared.runtime.data import ArrayDataset
 if TYPE_CHECKING:
     import torch
 
+    from shared.runtime.training import EvalResult
+
 Tensors = dict[str, np.ndarray]
 # Separates the update encoder's random stream from the training seed of the same round.
 _ENCODER_STREAM = 0x656E63
@@ -26,6 +28,19 @@ _ENCODER_STREAM = 0x656E63
 
 class DivergedTraining(ValueError):
     """Local training ended with a non-finite loss or weights: there is no update to send."""
+
+
+class UnusableRound(ValueError):
+    """This device cannot train the announced round: its model cannot be built here (no such
+    plugin, a plugin refusing the spec), or its data does not fit the model or the task."""
+
+
+class WrongModel(UnusableRound):
+    """This device's build of the announced model has another architecture fingerprint."""
+
+    def __init__(self, message: str, device_fingerprint: str) -> None:
+        super().__init__(message)
+        self.device_fingerprint = device_fingerprint
 
 
 def encoder_rng(round_seed: int, client_id: str) -> np.random.Generator:
@@ -72,16 +87,62 @@ class LocalTrainer:
         return time.perf_counter() - t0
 
     def _model(self, spec: ModelSpec) -> torch.nn.Module:
+        """The cached model of ``spec`` (built on first use); UnusableRound when it cannot be."""
         import torch
 
-        from shared.runtime.models import build_model
+        from shared.runtime.plugins import build_from_spec
 
         # One thread per agent: several agents (or agent + other services) share a Pi's cores.
         torch.set_num_threads(self.threads)
-        key = (spec.arch, spec.input_shape, spec.num_classes)
+        key = (spec.arch, spec.input_shape, spec.num_classes, spec.task, spec.num_outputs)
         if key not in self._models:
-            self._models[key] = build_model(spec.arch, spec.input_shape, spec.num_classes)
+            try:
+                self._models[key] = build_from_spec(spec)
+            except ValueError as exc:  # UnknownModelError, PluginError, a bad shape
+                raise UnusableRound(f"cannot build model {spec.arch!r}: {exc}") from exc
         return self._models[key]
+
+    def check_model(self, spec: ModelSpec, fingerprint: str) -> None:
+        """Raise :class:`WrongModel` unless this device's build of ``spec`` has the announced
+        architecture ``fingerprint`` ("" = an aggregator older than fingerprints: no check),
+        :class:`UnusableRound` when it cannot be built at all."""
+        from shared.runtime.plugins import architecture_fingerprint, describe_model
+
+        mine = architecture_fingerprint(self._model(spec))
+        if fingerprint and mine != fingerprint:
+            raise WrongModel(
+                f"architecture fingerprint mismatch for model {spec.arch!r}: aggregator "
+                f"{fingerprint}, this device {mine} (its build: {describe_model(spec.arch)}); "
+                "install the model version the aggregator runs",
+                mine,
+            )
+
+    @staticmethod
+    def check_data(spec: ModelSpec, data: ArrayDataset) -> ArrayDataset:
+        """``data`` shaped for ``spec``'s samples; UnusableRound when it does not fit the model
+        or the task (float targets for classification, labels beyond the classes, ...)."""
+        from shared.runtime.data import DataFormatError
+
+        try:
+            shaped = data.shaped(spec.input_shape)
+        except DataFormatError as exc:
+            raise UnusableRound(f"this device's data does not fit the model: {exc}") from exc
+        if spec.task != data.task:
+            raise UnusableRound(
+                f"the federation trains {spec.task}, this device's data is for {data.task} "
+                f"({'float targets' if data.task == 'regression' else 'integer labels'})"
+            )
+        if spec.task == "classification" and data.num_classes > spec.num_classes:
+            raise UnusableRound(
+                f"this device's labels go up to {data.num_classes - 1}, the model has "
+                f"{spec.num_classes} classes"
+            )
+        if spec.task == "regression" and data.num_outputs != spec.num_outputs:
+            raise UnusableRound(
+                f"this device's data has {data.num_outputs} targets per sample, the model "
+                f"predicts {spec.num_outputs}"
+            )
+        return shaped
 
     def train(
         self,
@@ -93,13 +154,21 @@ class LocalTrainer:
     ) -> LocalRound:
         """Train from ``global_params``; return the delta (local − global) and statistics.
 
-        Raises DivergedTraining when the loss or the trained weights are not finite.
+        Raises DivergedTraining when the loss or the trained weights are not finite,
+        UnusableRound when the model cannot be built here or the data does not fit it.
         """
         from shared.runtime.modelio import get_params, set_params, subtract
         from shared.runtime.training import TrainConfig, evaluate, train_local
 
         model = self._model(spec)
-        set_params(model, global_params)
+        data = self.check_data(spec, data)
+        val = self.check_data(spec, val) if val is not None and len(val) else None
+        try:
+            set_params(model, global_params)
+        except ValueError as exc:  # names/shapes: an aggregator without a fingerprint
+            raise UnusableRound(
+                f"the global model does not fit this device's build: {exc}"
+            ) from exc
         # Per-client seed: the same round seed must not give every device the same shuffles.
         seed = (params.seed * 1_000_003 + zlib.crc32(self.client_id.encode())) % (2**63)
         cfg = TrainConfig(
@@ -109,6 +178,7 @@ class LocalTrainer:
             momentum=params.momentum,
             weight_decay=params.weight_decay,
             seed=seed,
+            regression_loss=params.regression_loss,
         )
         result = train_local(model, data, cfg)
         # Figures for the operator, rounded: at 100× compression the header is ~10 % of an
@@ -118,12 +188,9 @@ class LocalTrainer:
             "train_time_s": round(result.train_time_s, 3),
             "steps": result.steps,
         }
-        if val is not None and len(val):
-            ev = evaluate(model, val)
+        if val is not None:
             meta.update(
-                val_accuracy=round(ev.accuracy, 5),
-                val_loss=_figure(ev.loss),
-                val_samples=ev.num_samples,
+                _validation_figures(evaluate(model, val, regression_loss=cfg.regression_loss))
             )
         delta = subtract(get_params(model), global_params)
         if not np.isfinite(result.train_loss):
@@ -132,6 +199,22 @@ class LocalTrainer:
             if not np.isfinite(value).all():
                 raise DivergedTraining(f"training diverged: {name} has non-finite values")
         return LocalRound(delta=delta, num_samples=len(data), meta=meta)
+
+
+def _validation_figures(ev: EvalResult) -> dict[str, Any]:
+    """The local validation figures an update reports (classification or regression)."""
+    if ev.rmse is not None and ev.mae is not None:
+        return {
+            "val_rmse": _figure(ev.rmse),
+            "val_mae": _figure(ev.mae),
+            "val_loss": _figure(ev.loss),
+            "val_samples": ev.num_samples,
+        }
+    return {
+        "val_accuracy": round(ev.accuracy, 5),
+        "val_loss": _figure(ev.loss),
+        "val_samples": ev.num_samples,
+    }
 
 
 def _figure(x: float) -> float:

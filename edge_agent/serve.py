@@ -33,7 +33,7 @@ from edge_agent.infer_request import (
     parse_request,
     read_request_id,
 )
-from edge_agent.inference import MAX_BATCH, InferenceError, OnnxClassifier
+from edge_agent.inference import MAX_BATCH, InferenceError, OnnxModel
 from edge_agent.requester_budget import BudgetLimits, Outcome, RequesterBudgets, Verdict
 from shared.clock import Clock, SystemClock
 from shared.mqtt.base import Connector, Inbound, Session, TransportError
@@ -175,7 +175,7 @@ class InferenceServer:
         self.clock: Clock = clock or SystemClock()
         self.topics = topics.Topics(cfg.federation)
         self.request_subscription = cfg.input_topic or self.topics.infer_request_any(cfg.client_id)
-        self.model: OnnxClassifier | None = None
+        self.model: OnnxModel | None = None
         self.swaps = 0
         self.budgets = RequesterBudgets(cfg.budget())
         self.stop_event = threading.Event()
@@ -184,7 +184,7 @@ class InferenceServer:
             log.warning("no --model-public-key: unsigned ONNX models are served")
         if cfg.model:
             with open(cfg.model, "rb") as fh:
-                self.model = OnnxClassifier.from_bytes(fh.read(), cfg.threads)
+                self.model = OnnxModel.from_bytes(fh.read(), cfg.threads)
         self.transport = connect(
             Session(
                 cfg.server_id,
@@ -287,7 +287,7 @@ class InferenceServer:
                     f"older model (run {head.run} round {head.round} < "
                     f"run {current.run} round {current.round})"
                 )
-            model = OnnxClassifier(frame.onnx, frame.header, self.cfg.threads)
+            model = OnnxModel(frame.onnx, frame.header, self.cfg.threads)
         except (OnnxFrameError, InferenceError, SignatureError) as exc:
             log.warning("rejected ONNX model on %s: %s", self.topics.global_onnx, exc)
             return
@@ -309,7 +309,7 @@ class InferenceServer:
             request = parse_request(payload, RequestLimits(model.input_shape, self.cfg.max_batch))
             t0 = time.perf_counter()
             try:
-                pred, conf = model.predict(request.x)
+                pred = model.predict(request.x)
             except InferenceError as exc:
                 raise RequestError(str(exc), request.id) from exc
         except RequestError as exc:
@@ -318,7 +318,6 @@ class InferenceServer:
         return {
             "id": request.id,
             **model.describe(),
-            "predictions": [int(p) for p in pred],
-            "confidence": [round(float(c), 6) for c in conf],
+            **pred.as_json(),
             "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
         }

@@ -51,9 +51,18 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
     "aggregator": {
         **_COMMON,
         "client_id": "MQTT client id of the aggregator",
-        "model": "architecture: `lenet5`, `cnn` (FedAvg-paper CNN), `mlp` (2NN)",
-        "input_shape": "C,H,W of one sample",
-        "num_classes": "number of classes",
+        "model": "architecture: `lenet5`, `cnn` (FedAvg-paper CNN), `mlp` (2NN), or the name "
+        "of a model plugin (a `fedmq.models` entry point of an installed package, or one named "
+        "by `FEDMQ_MODEL_PLUGINS`), installed on the aggregator and on every device "
+        "(docs/custom-models.md); its architecture fingerprint goes with every round",
+        "input_shape": "one float32 sample: C,H,W (images), C,L (sensor windows) or F (feature "
+        "vectors); `lenet5` and `cnn` take C,H,W only",
+        "num_classes": "number of classes (classification)",
+        "task": "`classification` (cross-entropy; accuracy is reported) or `regression` "
+        "(`num_outputs` values; RMSE and MAE are reported)",
+        "num_outputs": "values a regression model predicts per sample (e.g. a forecast's horizon)",
+        "regression_loss": "training loss of a regression task: `mse` or `mae` (also the "
+        "reported test loss)",
         "rounds": "rounds to run; the service exits 0 after the last",
         "min_clients": "agents needed to start a round, and the quorum at its deadline",
         "fraction": "fraction of online agents selected per round",
@@ -70,7 +79,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "one: a quantized delta on `global/delta` (`int8`, `fp16`, `fp32`; with server-side "
         "error feedback), the full model stays retained on `global/model`; `none`: full "
         "model only",
-        "eval_data": "held-out data (.npz, IDX, image folder) evaluated after every round",
+        "eval_data": "held-out data (.npz, IDX, image folder) evaluated after every round; "
+        "for sensor models an .npz of samples already windowed and normalised like the "
+        "devices' (`x` (N,C,L) or (N,F), `y` labels or float targets)",
         "metrics_file": "write metrics.json (one entry per round) here",
         "max_update_bytes": "updates larger than this are rejected",
         "signing_key": "Ed25519 private key (PEM) signing every global model, delta, round "
@@ -103,7 +114,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
     "agent": {
         **_COMMON,
         "client_id": "this device's id (required), e.g. `pi-07`",
-        "data": "the device's own data (required): .npz (x, y), IDX files or an image folder",
+        "data": "the device's own data (required): .npz (x, y), IDX files or an image folder; "
+        "with `label_column` or `target_columns` set, CSV/Parquet sensor data: one file, or a "
+        "directory whose recent files are re-read at every round",
         "val_fraction": "fraction held out for local validation",
         "max_frame_bytes": "global-model frames larger than this are refused",
         "resend_after_s": "re-send an update when no receipt came after this many seconds "
@@ -120,6 +133,31 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "this device affords",
         "max_batch_size": "refuse (log and skip) a round asking for a larger mini-batch than "
         "this device affords",
+        "columns": "sensor data: the feature columns (a table) or channels (a time series), "
+        "comma-separated; default: every column but the label, targets and time (a forecast's "
+        "target channel is an input too)",
+        "label_column": "sensor data: the class label column (integers >= 0, or text with "
+        "`label_names`); a window's label is its last row's",
+        "label_names": "sensor data: the text labels in class order (`idle,walk,run`: idle is "
+        "class 0)",
+        "target_columns": "sensor data: regression target column(s) (a window's targets are its "
+        "last row's); with `horizon`, the one channel to forecast",
+        "time_column": "sensor data: timestamps (numbers or ISO 8601) the rows are sorted by; "
+        "never a feature",
+        "window": "sensor data: > 0 makes it a time series cut into windows of this many rows "
+        "(samples `(channels, window)`, never across files); 0: each row is a sample",
+        "stride": "sensor data: rows between the starts of two windows (0: `window`, no overlap)",
+        "horizon": "sensor data: > 0 forecasts the next `horizon` values of the target channel "
+        "after each window (regression, `horizon` outputs)",
+        "normalize": "sensor data: standardise each feature/channel with the mean and std of "
+        "this device's training split, applied alike to its validation split "
+        "(`--no-normalize` to turn off)",
+        "recent_files": "sensor data in a directory: train each round on its newest N files "
+        "(by modification time; 0: all)",
+        "recent_max_age_s": "sensor data in a directory: train each round only on files "
+        "modified within this many seconds (0: any age)",
+        "max_rows": "sensor data: rows read per round at most (newest files first; a single "
+        "file over it is refused), bounding the device's memory",
     },
     "inference": {
         **_COMMON,
@@ -157,7 +195,12 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
 }
 
 # Flags that are not simply ``--`` + the key with dashes.
-FLAGS = {"exit_when_finished": "--stay", "warm_up": "--warm-up", "onnx": "--onnx`/`--no-onnx"}
+FLAGS = {
+    "exit_when_finished": "--stay",
+    "warm_up": "--warm-up",
+    "onnx": "--onnx`/`--no-onnx",
+    "normalize": "--normalize`/`--no-normalize",
+}
 
 SECTIONS: list[tuple[str, type[Any], str, str]] = [
     ("aggregator", AggregatorConfig, "FEDMQ_AGGREGATOR_", "fedmq-aggregator"),

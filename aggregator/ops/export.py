@@ -28,8 +28,10 @@ def run_export(args: argparse.Namespace) -> int:
     shape_text = args.input_shape or ",".join(map(str, named.get("input_shape", (1, 28, 28))))
     spec = ModelSpec(
         arch=args.model or named.get("arch", "lenet5"),
-        input_shape=tuple(int(p) for p in shape_text.split(",")),  # type: ignore[arg-type]
+        input_shape=tuple(int(p) for p in shape_text.split(",")),
         num_classes=args.num_classes or named.get("num_classes", 10),
+        task=named.get("task", "classification"),
+        num_outputs=named.get("num_outputs", 1),
     )
     holdout = None
     if args.eval_data:
@@ -50,7 +52,7 @@ def run_export(args: argparse.Namespace) -> int:
     print(
         f"{args.out}: {spec.arch} round {frame.header.round}, {len(done.onnx)} bytes ONNX, "
         f"exported and verified in {done.export_s * 1000:.0f} ms, "
-        f"max |Δlogit| {done.parity.max_abs_diff:.2e} on {done.parity.batch} samples, "
+        f"max |Δoutput| {done.parity.max_abs_diff:.2e} on {done.parity.batch} samples, "
         f"sha256 {sha256(done.onnx)}"
     )
     return 0

@@ -21,7 +21,7 @@ from shared.protocol import topics
 COLUMNS = (
     ("round", 7),
     ("clients", 7),
-    ("test acc", 8),
+    ("test", 10),  # accuracy (classification) or "rmse ..." (regression)
     ("test loss", 9),
     ("train loss", 10),
     ("up kB", 8),
@@ -97,7 +97,7 @@ class RoundTable:
         cells = [
             f"{m.round}/{self.rounds_total}",
             str(m.accepted),
-            _pct(m.test_accuracy),
+            quality_cell(m),
             _f(m.test_loss),
             _f(m.train_loss),
             f"{m.bytes_up / 1e3:.1f}",
@@ -114,6 +114,13 @@ class RoundTable:
         for key, value in summary.items():
             table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
         self.console.print(table)
+
+
+def quality_cell(m: msg.RoundMetrics) -> str:
+    """A round's held-out quality: accuracy, or the RMSE of a regression (``-``: none)."""
+    if m.task == "regression":
+        return "-" if m.test_rmse is None else f"rmse {m.test_rmse:.4g}"
+    return _pct(m.test_accuracy)
 
 
 def _pct(v: float | None) -> str:

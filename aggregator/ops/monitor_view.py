@@ -191,6 +191,13 @@ def _header(s: MonitorState, now: float) -> Panel:
 _STATE_STYLE = {"online": "green", "training": "yellow", "offline": "red"}
 
 
+def _quality(m: msg.RoundMetrics) -> str:
+    """Accuracy (classification) or RMSE (regression) on the held-out data."""
+    if m.task == "regression":
+        return "-" if m.test_rmse is None else f"rmse {m.test_rmse:.4g}"
+    return "-" if m.test_accuracy is None else f"{100 * m.test_accuracy:.2f}%"
+
+
 def _agents_table(s: MonitorState) -> Table:
     table = Table(title="agents", expand=False)
     for col in ("agent", "state", "round", "samples"):
@@ -203,14 +210,14 @@ def _agents_table(s: MonitorState) -> Table:
 
 def _history_table(s: MonitorState) -> Table:
     table = Table(title=f"rounds (from {topics.Topics(s.federation).metrics})")
-    for col in ("round", "clients", "test acc", "test loss", "train loss", "up kB", "down kB"):
+    for col in ("round", "clients", "test", "test loss", "train loss", "up kB", "down kB"):
         table.add_column(col, justify="right")
     table.add_column("round s", justify="right")
     for m in s.history[-HISTORY_ROWS:]:
         table.add_row(
             str(m.round),
             str(m.accepted),
-            "-" if m.test_accuracy is None else f"{100 * m.test_accuracy:.2f}%",
+            _quality(m),
             "-" if m.test_loss is None else f"{m.test_loss:.4f}",
             "-" if m.train_loss is None else f"{m.train_loss:.4f}",
             f"{m.bytes_up / 1e3:.1f}",

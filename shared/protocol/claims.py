@@ -7,11 +7,21 @@ field means a new domain. Signed fields, by claim:
 
 - ``fedmq-global-model-v2`` (model frame, global delta, ``global/meta``: ``signature_v2``):
   federation, run, round, model hash (the SHA-256 of every tensor).
-- ``fedmq-round-start-v1`` (``RoundStart.signature``): schema, federation, run, round, base
-  hash, deadline, selection, model spec, training parameters (seed included), codec, maximum
-  update size, download codec. Only ``ts`` (the send time, informative) is outside.
+- ``fedmq-round-start-v2`` (``RoundStart.signature_v2``): every field but ``ts`` (the send
+  time, informative) and the two signatures: schema, federation, run, round, base hash,
+  deadline, selection, the whole model spec (task and outputs included), the whole training
+  parameters (seed and regression loss included), codec, maximum update size, download codec
+  and the architecture fingerprint.
+- ``fedmq-round-start-v1`` (``RoundStart.signature``): the fields agents older than model
+  plugins know: the same minus the fingerprint, the model's task and outputs and the
+  regression loss. Written only when such agents can follow the round (a classification task
+  on ``(C, H, W)`` samples), so they keep verifying their announcements; an agent that knows
+  ``signature_v2`` verifies that one and follows an announcement with only ``signature`` only
+  when it holds nothing the v1 claim leaves out (:func:`verify_round_start`).
 - ``fedmq-onnx-header-v2`` (ONNX frame version 2, ``signature``): federation, run, round,
-  model hash, ONNX SHA-256, input shape, number of classes, architecture, opset.
+  model hash, ONNX SHA-256, input shape, number of classes, architecture, opset; and the
+  task and number of outputs when they are not a classifier's (so servers older than them
+  refuse a regression model instead of serving its values as class scores).
 - ``fedmq-aggregator-status-v1`` (``AggregatorStatus.signature``: a live ``finished`` ends
   the agents): schema, federation, state, round, rounds total, run.
 
@@ -34,6 +44,7 @@ from shared.protocol.signing import SignatureError, canonical_json, sign_bytes, 
 
 MODEL_CONTEXT = "fedmq-global-model-v2"
 ROUND_START_CONTEXT = "fedmq-round-start-v1"
+ROUND_START_V2_CONTEXT = "fedmq-round-start-v2"
 STATUS_CONTEXT = "fedmq-aggregator-status-v1"
 ONNX_HEADER_CONTEXT = "fedmq-onnx-header-v2"
 
@@ -78,24 +89,65 @@ def frame_run(head: FrameHeader) -> int:
     return run
 
 
-def round_start_claim(ann: RoundStart) -> bytes:
-    """The signed bytes of a round announcement: every field but ``ts`` and the signature.
+# What agents older than model plugins know of an announcement, and so sign (v1 claim).
+_V1_FIELDS = (
+    "schema",
+    "federation",
+    "round",
+    "base_hash",
+    "deadline",
+    "selected",
+    "model",
+    "train",
+    "codec",
+    "max_update_bytes",
+    "download_codec",
+    "run",
+)
+_V1_MODEL_FIELDS = ("arch", "input_shape", "num_classes")
+_V1_TRAIN_FIELDS = ("local_epochs", "batch_size", "lr", "momentum", "weight_decay", "seed")
 
-    Every field this version knows is signed (a test pins the list: a field added to
-    :class:`RoundStart` needs a new domain, or older pinned agents would refuse it).
+
+def round_start_claim(ann: RoundStart) -> bytes:
+    """The v1 claim of a round announcement: the fields agents older than model plugins know.
+
+    A test pins the list; new fields go into :func:`round_start_claim_v2` only, so those
+    agents (which drop unknown fields) still verify what they can follow.
     """
-    body = msgspec.to_builtins(_normalized(ann, ""))
+    body = _body(ann)
+    v1 = {name: body[name] for name in _V1_FIELDS}
+    v1["model"] = {name: body["model"][name] for name in _V1_MODEL_FIELDS}
+    v1["train"] = {name: body["train"][name] for name in _V1_TRAIN_FIELDS}
+    return canonical_json(ROUND_START_CONTEXT, v1)
+
+
+def round_start_claim_v2(ann: RoundStart) -> bytes:
+    """The v2 claim of a round announcement: every field but ``ts`` and the signatures."""
+    body = _body(ann)
+    del body["signature_v2"]
+    return canonical_json(ROUND_START_V2_CONTEXT, body)
+
+
+def older_agents_follow(ann: RoundStart) -> bool:
+    """True when agents older than model plugins can train ``ann`` (and so get a v1
+    signature): a classification task on ``(C, H, W)`` samples."""
+    return ann.model.task == "classification" and len(ann.model.input_shape) == 3
+
+
+def _body(ann: RoundStart) -> dict[str, Any]:
+    body = msgspec.to_builtins(_normalized(ann, "", ""))
     assert isinstance(body, dict)
     del body["ts"], body["signature"]
-    return canonical_json(ROUND_START_CONTEXT, body)
+    return body
 
 
-def _normalized(ann: RoundStart, signature: str) -> RoundStart:
-    """``ann`` with ``signature`` and its floats as floats: an int ``lr`` would sign as ``1``,
-    and the agent, which decodes it as a float, would verify ``1.0``."""
+def _normalized(ann: RoundStart, signature: str, signature_v2: str) -> RoundStart:
+    """``ann`` with its signatures and its floats as floats: an int ``lr`` would sign as
+    ``1``, and the agent, which decodes it as a float, would verify ``1.0``."""
     return msgspec.structs.replace(
         ann,
         signature=signature,
+        signature_v2=signature_v2,
         deadline=float(ann.deadline),
         train=msgspec.structs.replace(
             ann.train,
@@ -107,15 +159,29 @@ def _normalized(ann: RoundStart, signature: str) -> RoundStart:
 
 
 def sign_round_start(key: Ed25519PrivateKey, ann: RoundStart) -> RoundStart:
-    """``ann`` with its Ed25519 signature (over :func:`round_start_claim`)."""
-    return _normalized(ann, sign_bytes(key, round_start_claim(ann)))
+    """``ann`` with its signatures: v2 always, v1 when older agents can follow it."""
+    v1 = sign_bytes(key, round_start_claim(ann)) if older_agents_follow(ann) else ""
+    return _normalized(ann, v1, sign_bytes(key, round_start_claim_v2(ann)))
 
 
 def verify_round_start(key: Ed25519PublicKey, ann: RoundStart) -> None:
-    """Raise SignatureError unless ``ann`` carries a valid signature over all its fields."""
+    """Raise SignatureError unless ``ann`` carries a valid signature over all it holds.
+
+    ``signature_v2`` covers every field. Without it (an aggregator older than fingerprints,
+    or a broker that stripped it) the v1 ``signature`` is accepted only for an announcement
+    that holds nothing it leaves out: no fingerprint, a classification task on images.
+    """
+    what = f"the round {ann.round} announcement of run {ann.run}"
+    if ann.signature_v2:
+        verify_bytes(key, round_start_claim_v2(ann), ann.signature_v2, what)
+        return
     if not ann.signature:
         raise SignatureError("announcement is not signed")
-    what = f"the round {ann.round} announcement of run {ann.run}"
+    if ann.fingerprint or not older_agents_follow(ann):
+        raise SignatureError(
+            f"{what} carries fields its v1 signature does not cover (fingerprint, task, "
+            "sample shape) and no signature_v2"
+        )
     verify_bytes(key, round_start_claim(ann), ann.signature, what)
 
 
@@ -153,6 +219,10 @@ def onnx_claim(header: OnnxHeader) -> bytes:
         "arch": header.arch,
         "opset": int(header.opset),
     }
+    # Signed only when they differ from their defaults: a classifier's claim stays the one
+    # older servers verify, and they refuse a regression model's (which they cannot serve).
+    if header.task != "classification" or header.num_outputs != 1:
+        body.update(task=header.task, num_outputs=int(header.num_outputs))
     return canonical_json(ONNX_HEADER_CONTEXT, body)
 
 

@@ -67,6 +67,10 @@ class NonFiniteError(FrameError):
     """A tensor holds (or decodes to) NaN or ±inf: a well-formed frame with unusable values."""
 
 
+class ShapeMismatchError(FrameError):
+    """A well-formed frame whose tensor names/shapes are not the expected model's."""
+
+
 @dataclass(frozen=True)
 class FrameHeader:
     """What a frame says about itself."""
@@ -235,7 +239,7 @@ def decode_frame(
     if expect_shapes is not None:
         got = {s.name: s.shape for s in specs}
         if got != dict(expect_shapes):
-            raise FrameError(
+            raise ShapeMismatchError(
                 f"tensor names/shapes do not match the model: {_shape_diff(got, expect_shapes)}"
             )
     sizes = [_spec_size(codec, s) for s in specs]

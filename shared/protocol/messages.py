@@ -40,6 +40,7 @@ MAX_BATCH_SIZE = 65536
 MAX_SEED = 2**63 - 1
 MAX_INPUT_DIM = 4096
 MAX_CLASSES = 100_000
+MAX_OUTPUTS = 4096  # values a regression model predicts per sample
 # A run epoch (milliseconds since 1970 by default): any JSON number that is exactly an integer.
 MAX_RUN = 2**53 - 1
 
@@ -47,6 +48,14 @@ Run = Annotated[int, msgspec.Meta(ge=0, le=MAX_RUN)]
 Dim = Annotated[int, msgspec.Meta(gt=0, le=MAX_INPUT_DIM)]
 # base64 of a 64-byte Ed25519 signature is 88 characters; "" = unsigned.
 Signature = Annotated[str, msgspec.Meta(max_length=128)]
+# The architecture fingerprint (shared/runtime/plugins.py): hex SHA-256, or "" = none.
+Fingerprint = Annotated[str, msgspec.Meta(pattern=r"^(?:[0-9a-f]{64})?\Z")]
+# One sample's shape: an image's (C, H, W), a sensor window's (C, L), a feature vector's (F,).
+InputShape = Annotated[tuple[Dim, ...], msgspec.Meta(min_length=1, max_length=3)]
+Task = Literal["classification", "regression"]
+TASKS: tuple[Task, ...] = ("classification", "regression")
+RegressionLoss = Literal["mse", "mae"]
+REGRESSION_LOSSES: tuple[RegressionLoss, ...] = ("mse", "mae")
 
 
 class MessageError(ValueError):
@@ -69,11 +78,26 @@ class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=False, kw_only=
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
-    """Which architecture to build: agents need no code change per model."""
+    """Which architecture to build and what it predicts: agents need no code change per model.
+
+    ``arch`` names a built-in model or a plugin (:mod:`shared.runtime.plugins`); no code travels.
+    ``input_shape`` is one float32 sample's shape, 1 to 3 dimensions. ``task`` says what the
+    outputs are: ``num_classes`` logits (classification) or ``num_outputs`` values
+    (regression; ``num_classes`` is then unused).
+    """
 
     arch: Name
-    input_shape: tuple[Dim, Dim, Dim] = (1, 28, 28)
+    input_shape: InputShape = (1, 28, 28)
     num_classes: Annotated[int, msgspec.Meta(gt=0, le=MAX_CLASSES)] = 10
+    # Since model plugins: older agents ignore both (they only know classification), and
+    # only announcements that keep them at their defaults carry a signature they can verify.
+    task: Task = "classification"
+    num_outputs: Annotated[int, msgspec.Meta(gt=0, le=MAX_OUTPUTS)] = 1
+
+    @property
+    def output_size(self) -> int:
+        """Values the model outputs per sample: logits of the classes, or regression outputs."""
+        return self.num_classes if self.task == "classification" else self.num_outputs
 
 
 class TrainParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,6 +109,8 @@ class TrainParams(msgspec.Struct, frozen=True, kw_only=True):
     momentum: Annotated[float, msgspec.Meta(ge=0, lt=MAX_MOMENTUM)] = 0.9
     weight_decay: Annotated[float, msgspec.Meta(ge=0, le=MAX_WEIGHT_DECAY)] = 0.0
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] = 0
+    # The loss of a regression task (classification always trains on cross-entropy).
+    regression_loss: RegressionLoss = "mse"
 
 
 class RoundStart(Message, frozen=True, kw_only=True):
@@ -108,9 +134,17 @@ class RoundStart(Message, frozen=True, kw_only=True):
     # The aggregator's run epoch: a new run of the federation has a larger one (0: an
     # aggregator older than runs). Agents order announcements and models by (run, round).
     run: Run = 0
-    # base64 Ed25519 over every field but ts (shared/protocol/claims.py); "" = unsigned.
-    # Agents pinning the aggregator's key refuse an announcement without a valid one.
+    # base64 Ed25519 over the fields older agents know (shared/protocol/claims.py); "" =
+    # unsigned, or an announcement older agents cannot follow (a regression task, ...).
+    # Agents pinning the aggregator's key refuse an announcement without a valid signature.
     signature: Signature = ""
+    # The architecture fingerprint of the model the aggregator built from ``model``: a
+    # device whose own build differs refuses the round (shared/runtime/plugins.py). "" = an
+    # aggregator older than fingerprints.
+    fingerprint: Fingerprint = ""
+    # base64 Ed25519 over every field but ts and the signatures, the fingerprint included
+    # (claims.py, "fedmq-round-start-v2"); "" = an aggregator older than it.
+    signature_v2: Signature = ""
 
 
 class AgentStatus(Message, frozen=True, kw_only=True):
@@ -124,6 +158,10 @@ class AgentStatus(Message, frozen=True, kw_only=True):
     # Why the agent sent no update for ``round`` ("" = it did not skip it): its training
     # diverged, or its delta could not be encoded. Older aggregators ignore the field.
     skipped: Annotated[str, msgspec.Meta(max_length=300)] = ""
+    # When it skipped ``round`` because its own build of the round's model has another
+    # architecture fingerprint than the announced one: its fingerprint ("" otherwise). The
+    # aggregator answers with a ``wrong-model`` receipt naming both.
+    model_fingerprint: Fingerprint = ""
 
 
 class Receipt(Message, frozen=True, kw_only=True):
@@ -214,8 +252,8 @@ class RoundMetrics(Message, frozen=True, kw_only=True):
     num_samples: NonNeg
     train_loss: float | None = None
     local_val_accuracy: float | None = None
-    test_accuracy: float | None = None
-    test_loss: float | None = None
+    test_accuracy: float | None = None  # classification only
+    test_loss: float | None = None  # cross-entropy, or the regression loss (MSE or MAE)
     bytes_up: NonNeg = 0  # every update payload received, re-sends and rejected ones included
     update_bytes: NonNeg = 0  # the accepted update frames, each counted once
     # Global models and deltas the round's accepted agents downloaded since their previous
@@ -231,6 +269,12 @@ class RoundMetrics(Message, frozen=True, kw_only=True):
     codec: str = ""
     model_hash: str = ""
     onnx_export_s: NonNegFloat | None = None  # None: ONNX export off or failed
+    # What the model predicts; regression rounds report errors instead of accuracy (an
+    # older aggregator's metrics have no task: classification).
+    task: Task = "classification"
+    test_rmse: float | None = None  # regression only
+    test_mae: float | None = None  # regression only
+    local_val_rmse: float | None = None  # regression: the agents' pooled validation RMSE
 
 
 M = TypeVar("M", bound=Message)

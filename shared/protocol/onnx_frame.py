@@ -6,10 +6,11 @@ Frame layout (little endian)::
 
 The header names the federation, the run and round that produced the model, the hash of the
 fp32 global model it was exported from (:func:`shared.protocol.frames.tensors_hash`), the
-SHA-256 of the ONNX bytes, the input shape ``(C, H, W)``, the number of classes, the
-architecture and the opset. Decoding checks every field and the SHA-256, so a device never
-hands a truncated or altered model to onnxruntime. Only the standard library is imported: an
-inference-only device pays nothing for it.
+SHA-256 of the ONNX bytes, the input shape (one float32 sample: ``(C, H, W)``, ``(C, L)`` or
+``(F,)``), the task (``classification``: ``num_classes`` logits; ``regression``:
+``num_outputs`` values), the architecture and the opset. Decoding checks every field and the
+SHA-256, so a device never hands a truncated or altered model to onnxruntime. Only the
+standard library is imported: an inference-only device pays nothing for it.
 
 Version 2 (written since runs exist): the header's ``signature`` covers every header field
 (:func:`shared.protocol.claims.onnx_claim`) and the header has a ``run``. Version 1 (older
@@ -47,7 +48,7 @@ class OnnxHeader:
     round: int
     model_hash: str
     onnx_sha256: str
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     num_classes: int
     arch: str = ""
     opset: int = 0
@@ -55,6 +56,9 @@ class OnnxHeader:
     # aggregator's key; version 1: over (federation, round, onnx_sha256) only. "" = unsigned.
     signature: str = ""
     run: int = 0  # the aggregator's run epoch (0: a version-1 frame)
+    # What the outputs are (absent from older frames: a classifier).
+    task: str = "classification"
+    num_outputs: int = 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ def encode_onnx_frame(header: OnnxHeader, onnx: bytes) -> bytes:
     _validate(asdict(header))
     head = asdict(header)
     head["input_shape"] = list(header.input_shape)
+    if header.task == "classification" and header.num_outputs == 1:
+        del head["task"], head["num_outputs"]  # a classifier's header, as before them
     head["nbytes"] = len(onnx)
     raw = json.dumps(head, separators=(",", ":")).encode()
     return MAGIC + _HEADER_LEN.pack(len(raw)) + raw + onnx
@@ -141,6 +147,8 @@ def _validate(head: dict[str, Any]) -> OnnxHeader:
             opset=head.get("opset", 0),
             signature=head.get("signature", ""),
             run=head.get("run", 0),
+            task=head.get("task", "classification"),
+            num_outputs=head.get("num_outputs", 1),
         )
     except KeyError as exc:
         raise OnnxFrameError(f"header lacks field {exc}") from exc
@@ -154,7 +162,7 @@ def _validate(head: dict[str, Any]) -> OnnxHeader:
         ),
         (
             isinstance(header.input_shape, tuple)
-            and len(header.input_shape) == 3
+            and 1 <= len(header.input_shape) <= 3
             and all(_is_int(d) and d > 0 for d in header.input_shape),
             f"bad input_shape {header.input_shape!r}",
         ),
@@ -163,6 +171,8 @@ def _validate(head: dict[str, Any]) -> OnnxHeader:
         (_is_int(header.opset) and header.opset >= 0, "bad opset"),
         (isinstance(header.signature, str) and len(header.signature) <= 200, "bad signature"),
         (_is_int(header.run) and 0 <= header.run < 2**53, f"bad run {header.run!r}"),
+        (header.task in ("classification", "regression"), f"bad task {header.task!r}"),
+        (_is_int(header.num_outputs) and header.num_outputs > 0, "bad num_outputs"),
     ]
     for ok, reason in checks:
         if not ok:

@@ -32,11 +32,15 @@ ReceiptCode = Literal[
     "non-finite",  # the delta's values are not finite, or would make the global model overflow
     "too-many-samples",  # num_samples is over the device's declared count or the configured maximum
     "rate-limited",  # the client sent more update messages than its budget: not read
+    # the device's model is not the aggregator's: its architecture fingerprint (or its update's
+    # tensor names/shapes) differs; the reason names the fingerprints
+    "wrong-model",
 ]
 RECEIPT_CODES: tuple[ReceiptCode, ...] = get_args(ReceiptCode)
 
 # Leading words of the aggregator's reason texts (aggregator/rounds.py, aggregator/intake.py,
 # aggregator/update_bounds.py), first match wins. Every other rejection is an invalid frame.
+# ("wrong model:" is newer than the codes: an aggregator writing it also sends its code.)
 _LEGACY_PREFIXES: tuple[tuple[str, ReceiptCode], ...] = (
     ("duplicate:", "duplicate"),
     ("late:", "late"),
@@ -49,6 +53,7 @@ _LEGACY_PREFIXES: tuple[tuple[str, ReceiptCode], ...] = (
     ("too many samples:", "too-many-samples"),
     ("undecodable: frame of ", "too-large"),  # "frame of N bytes exceeds the limit of M"
     ("rate limited:", "rate-limited"),
+    ("wrong model:", "wrong-model"),
 )
 
 

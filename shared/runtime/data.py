@@ -12,11 +12,13 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 ACCEPTED_FORMATS = (
-    "a .npz file with arrays 'x' (N,H,W) or (N,C,H,W) and 'y' (N,); "
+    "a .npz file with arrays 'x' (N,H,W), (N,C,H,W), (N,C,L) or (N,F) and 'y' (N,) labels "
+    "or float targets; "
     "IDX files (a directory with *images-idx3-ubyte[.gz] and *labels-idx1-ubyte[.gz], "
     "or the path of the images file); "
     "an image folder in torchvision ImageFolder layout (root/<class>/<image>)"
@@ -27,12 +29,21 @@ class DataFormatError(ValueError):
     """Raised when data on disk (or in memory) is not in an accepted format."""
 
 
+Task = Literal["classification", "regression"]
+
+
 @dataclass(frozen=True)
 class ArrayDataset:
-    """An in-memory image classification dataset.
+    """An in-memory dataset: samples ``x`` and their labels or targets ``y``.
 
-    ``x`` is uint8 ``(N, C, H, W)`` or floating point in ``[0, 1]``; ``y`` holds
-    non-negative integer labels and is stored as int64.
+    ``x`` is ``(N, *sample)`` with a sample of 1 to 3 dimensions: an image ``(C, H, W)``, a
+    sensor window ``(C, L)``, a feature vector ``(F,)``. It is uint8 (pixels, scaled to
+    ``[0, 1]`` for training) or floating point. Floating-point *images* (4-D ``x``) must lie in
+    ``[0, 1]`` (unscaled 0..255 pixels would silently wreck training); other floating-point
+    samples, e.g. sensor readings, may take any finite value.
+
+    ``y`` says the task: integer labels ``>= 0`` (classification, stored as int64, ``(N,)``)
+    or floating-point targets (regression, stored as float32, ``(N,)`` or ``(N, outputs)``).
     """
 
     x: np.ndarray
@@ -41,50 +52,105 @@ class ArrayDataset:
     def __post_init__(self) -> None:
         """Validate shapes and dtypes so that bad data fails here, not mid-training."""
         x, y = np.asarray(self.x), np.asarray(self.y)
-        if x.ndim != 4:
-            raise DataFormatError(f"x must be 4-D (N, C, H, W), got shape {x.shape}")
-        if y.ndim != 1:
-            raise DataFormatError(f"y must be 1-D (N,), got shape {y.shape}")
+        if not 2 <= x.ndim <= 4:
+            raise DataFormatError(
+                f"x must be (N, *sample) with a sample of 1 to 3 dims, e.g. 4-D (N, C, H, W), "
+                f"got shape {x.shape}"
+            )
         if len(x) != len(y):
-            raise DataFormatError(f"x and y lengths differ: {len(x)} images vs {len(y)} labels")
-        if not np.issubdtype(y.dtype, np.integer):
-            raise DataFormatError(f"y must have an integer dtype, got {y.dtype}")
-        if len(y) and int(y.min()) < 0:
-            raise DataFormatError(f"labels must be >= 0, found {int(y.min())}")
-        if np.issubdtype(x.dtype, np.floating):
-            # A float array outside [0, 1] is almost always unscaled 0..255 pixels or
-            # already-normalised data; either would silently wreck training.
-            if len(x) and not (np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0):
-                raise DataFormatError("float x must be finite and scaled to [0, 1]")
-        elif x.dtype != np.uint8:
-            raise DataFormatError(f"x must be uint8 or floating point, got {x.dtype}")
+            raise DataFormatError(f"x and y lengths differ: {len(x)} samples vs {len(y)} labels")
+        _check_x(x)
+        floating = np.issubdtype(y.dtype, np.floating)
+        y = _regression_targets(y) if floating else _class_labels(y)
         object.__setattr__(self, "x", x)
-        object.__setattr__(self, "y", y.astype(np.int64, copy=False))
+        object.__setattr__(self, "y", y)
 
     def __len__(self) -> int:
         """Number of samples."""
         return len(self.y)
 
     @property
-    def num_classes(self) -> int:
-        """Largest label plus one (0 for an empty dataset)."""
-        return int(self.y.max()) + 1 if len(self.y) else 0
+    def task(self) -> Task:
+        """``regression`` when ``y`` holds floating-point targets, else ``classification``."""
+        return "regression" if self.y.dtype == np.float32 else "classification"
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """Per-sample shape ``(C, H, W)``."""
-        _, c, h, w = self.x.shape
-        return (int(c), int(h), int(w))
+    def num_classes(self) -> int:
+        """Largest label plus one (0 for an empty or a regression dataset)."""
+        if self.task == "regression" or not len(self.y):
+            return 0
+        return int(self.y.max()) + 1
+
+    @property
+    def num_outputs(self) -> int:
+        """Targets per sample of a regression dataset (1 for ``(N,)`` targets)."""
+        return int(self.y.shape[1]) if self.y.ndim == 2 else 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Per-sample shape, e.g. ``(C, H, W)``."""
+        return tuple(int(d) for d in self.x.shape[1:])
 
     def subset(self, idx: np.ndarray) -> ArrayDataset:
         """The samples at positions ``idx`` (copied, so the parent can be freed)."""
         return ArrayDataset(self.x[idx], self.y[idx])
 
     def as_float(self) -> np.ndarray:
-        """``x`` as float32 in ``[0, 1]``."""
+        """``x`` as float32 (uint8 pixels scaled to ``[0, 1]``)."""
         if self.x.dtype == np.uint8:
             return self.x.astype(np.float32) / np.float32(255.0)
         return self.x.astype(np.float32, copy=False)
+
+    def shaped(self, input_shape: tuple[int, ...]) -> ArrayDataset:
+        """This data with samples of shape ``input_shape`` (a model's), without copying.
+
+        The shapes may differ only by dimensions of size 1, e.g. ``(1, C, L)`` samples for a
+        ``(C, L)`` model; anything else raises :class:`DataFormatError` naming both.
+        """
+        want = tuple(int(d) for d in input_shape)
+        if self.input_shape == want:
+            return self
+        if [d for d in self.input_shape if d != 1] != [d for d in want if d != 1]:
+            raise DataFormatError(
+                f"samples of shape {self.input_shape} do not fit the model's input {want}"
+            )
+        return ArrayDataset(self.x.reshape(len(self.x), *want), self.y)
+
+
+def _check_x(x: np.ndarray) -> None:
+    """Refuse sample values training cannot use (see :class:`ArrayDataset`)."""
+    if np.issubdtype(x.dtype, np.floating):
+        if len(x) and not np.isfinite(x).all():
+            raise DataFormatError("float x must be finite (no NaN or infinity)")
+        # A float image outside [0, 1] is almost always unscaled 0..255 pixels or
+        # already-normalised data; either would silently wreck training.
+        if x.ndim == 4 and len(x) and not (x.min() >= 0.0 and x.max() <= 1.0):
+            raise DataFormatError("float x must be finite and scaled to [0, 1]")
+    elif x.dtype != np.uint8:
+        raise DataFormatError(f"x must be uint8 or floating point, got {x.dtype}")
+
+
+def _class_labels(y: np.ndarray) -> np.ndarray:
+    """``y`` as int64 class labels, or DataFormatError."""
+    if y.ndim != 1:
+        raise DataFormatError(f"labels y must be 1-D (N,), got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataFormatError(
+            f"y must have an integer dtype (labels) or a float one (targets), got {y.dtype}"
+        )
+    if len(y) and int(y.min()) < 0:
+        raise DataFormatError(f"labels must be >= 0, found {int(y.min())}")
+    return y.astype(np.int64, copy=False)
+
+
+def _regression_targets(y: np.ndarray) -> np.ndarray:
+    """``y`` as float32 regression targets, or DataFormatError."""
+    if y.ndim not in (1, 2):
+        raise DataFormatError(f"targets y must be (N,) or (N, outputs), got shape {y.shape}")
+    out = y.astype(np.float32, copy=False)
+    if len(out) and not np.isfinite(out).all():
+        raise DataFormatError("targets y must be finite (no NaN or infinity)")
+    return out
 
 
 # --------------------------------------------------------------------------- IDX
@@ -195,12 +261,25 @@ def _load_npz(path: Path) -> ArrayDataset:
     if set(arrays) != {"x", "y"}:
         raise DataFormatError(f"{path}: npz must hold arrays 'x' and 'y', found {sorted(arrays)}")
     x, y = arrays["x"], arrays["y"]
-    if x.ndim == 3:
+    if x.ndim == 3 and _grayscale_images(x):
         x = x[:, None, :, :]
     try:
         return ArrayDataset(x, y)
     except DataFormatError as exc:
         raise DataFormatError(f"{path}: {exc}") from exc
+
+
+def _grayscale_images(x: np.ndarray) -> bool:
+    """True when a 3-D ``x`` is ``(N, H, W)`` grayscale images: uint8 pixels, or floats scaled
+    to ``[0, 1]``. Other 3-D arrays are ``(N, C, L)`` sensor windows and keep their shape
+    (a model taking ``(C, L)`` samples accepts ``(1, C, L)`` ones too: ArrayDataset.shaped).
+    """
+    if x.dtype == np.uint8:
+        return True
+    if not np.issubdtype(x.dtype, np.floating) or not len(x):
+        return False
+    with np.errstate(invalid="ignore"):
+        return bool(np.isfinite(x).all() and x.min() >= 0.0 and x.max() <= 1.0)
 
 
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
@@ -253,6 +332,11 @@ def load_device_data(path: str | Path) -> ArrayDataset:
     path = Path(path)
     if not path.exists():
         raise DataFormatError(f"{path}: no such file or directory; accepted: {ACCEPTED_FORMATS}")
+    if path.suffix.lower() in (".csv", ".parquet"):
+        raise DataFormatError(
+            f"{path}: CSV/Parquet sensor data is read with its column settings (label-column "
+            "or target-columns, docs/configuration.md); here give an .npz of prepared samples"
+        )
     if path.is_file() and path.suffix == ".npz":
         return _load_npz(path)
     if path.is_file() and _IMAGES_RE.match(path.name):

@@ -5,7 +5,10 @@ cleanly with ``torch.onnx.export`` (no Python control flow on tensor values) and
 so that the aggregator and the agents build bit-for-bit identical architectures
 from just a name and an input shape.
 
-Models take float32 ``N x C x H x W`` input scaled to ``[0, 1]`` and return logits.
+Models take float32 ``N x C x H x W`` input scaled to ``[0, 1]`` and return logits (or,
+for a regression task, ``num_outputs`` values: the head is the same layer with that many
+outputs). The MLP also takes 1-D and 2-D samples (feature vectors, sensor windows). Models
+of your own are plugins: :mod:`shared.runtime.plugins`.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ MODEL_NAMES: tuple[str, ...] = ("lenet5", "cnn", "mlp")
 
 
 class UnknownModelError(ValueError):
-    """Raised when a model name is not in :data:`MODEL_NAMES`."""
+    """Raised when a model name is neither built in nor provided by a plugin."""
 
 
 def _conv_out(size: int, kernel: int, padding: int) -> int:
@@ -88,12 +91,14 @@ def _fedavg_cnn(input_shape: tuple[int, int, int], num_classes: int) -> nn.Modul
     )
 
 
-def _mlp(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def _mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The "2NN" of McMahan et al. 2017: two hidden layers of 200 ReLU units."""
-    channels, height, width = input_shape
+    size = 1
+    for d in input_shape:
+        size *= d
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(channels * height * width, 200),
+        nn.Linear(size, 200),
         nn.ReLU(),
         nn.Linear(200, 200),
         nn.ReLU(),
@@ -101,33 +106,55 @@ def _mlp(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     )
 
 
-_BUILDERS: dict[str, Callable[[tuple[int, int, int], int], nn.Module]] = {
-    "lenet5": _lenet5,
-    "cnn": _fedavg_cnn,
+def _images_only(
+    name: str, builder: Callable[[tuple[int, int, int], int], nn.Module]
+) -> Callable[[tuple[int, ...], int], nn.Module]:
+    """``builder`` behind a check that the samples are ``(C, H, W)`` images."""
+
+    def build(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"model {name!r} takes (C, H, W) images, got input shape {input_shape!r} "
+                "(for 1-D or 2-D samples use 'mlp' or a model plugin)"
+            )
+        return builder((input_shape[0], input_shape[1], input_shape[2]), num_classes)
+
+    return build
+
+
+_BUILDERS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+    "lenet5": _images_only("lenet5", _lenet5),
+    "cnn": _images_only("cnn", _fedavg_cnn),
     "mlp": _mlp,
 }
 
 
-def build_model(
-    name: str, input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10
-) -> nn.Module:
-    """Build a freshly initialised model by name.
+def is_builtin(name: str) -> bool:
+    """True when ``name`` is a model of the built-in zoo (:data:`MODEL_NAMES`)."""
+    return name in _BUILDERS
 
-    ``input_shape`` is ``(C, H, W)``; the flatten size of the classifier head is
-    derived from it. Raises :class:`UnknownModelError` for an unknown name and
-    ``ValueError`` for a malformed shape or class count.
+
+def build_model(
+    name: str, input_shape: tuple[int, ...] = (1, 28, 28), num_classes: int = 10
+) -> nn.Module:
+    """Build a freshly initialised built-in model by name.
+
+    ``input_shape`` is one sample's shape (``(C, H, W)`` for the CNNs, 1 to 3 dims for the
+    MLP); the flatten size of the head is derived from it. ``num_classes`` is the head's
+    size: classes, or a regression task's outputs. Raises :class:`UnknownModelError` for a
+    name outside the zoo and ``ValueError`` for a malformed shape or output count. Plugins
+    and built-ins alike: :func:`shared.runtime.plugins.build_from_spec`.
     """
     builder = _BUILDERS.get(name)
     if builder is None:
         raise UnknownModelError(
             f"unknown model {name!r}; valid names are: {', '.join(MODEL_NAMES)}"
         )
-    if len(input_shape) != 3 or any(int(d) < 1 for d in input_shape):
-        raise ValueError(f"input_shape must be three positive ints (C, H, W), got {input_shape!r}")
+    if not 1 <= len(input_shape) <= 3 or any(int(d) < 1 for d in input_shape):
+        raise ValueError(f"input_shape must be 1 to 3 positive ints, got {input_shape!r}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))
-    return builder(shape, int(num_classes))
+    return builder(tuple(int(d) for d in input_shape), int(num_classes))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -135,4 +162,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["MODEL_NAMES", "UnknownModelError", "build_model", "count_parameters"]
+__all__ = ["MODEL_NAMES", "UnknownModelError", "build_model", "count_parameters", "is_builtin"]

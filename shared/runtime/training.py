@@ -4,11 +4,17 @@ Designed for one CPU thread per process on Raspberry-Pi-class devices: the data
 is converted to a single float32 tensor once, minibatches are gathered with a
 seeded permutation (no ``DataLoader``, no worker processes), and the thread
 count is left to the caller.
+
+The task follows the data (:attr:`ArrayDataset.task`): integer labels train on
+cross-entropy and evaluate to accuracy; float targets train on MSE (or MAE,
+``TrainConfig.regression_loss``) and evaluate to RMSE and MAE.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.runtime.data import ArrayDataset
+
+REGRESSION_LOSSES = ("mse", "mae")
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     max_steps: int | None = None
+    regression_loss: str = "mse"  # "mse" or "mae"; classification is always cross-entropy
 
     def __post_init__(self) -> None:
         """Reject nonsensical values early, with the offending field named."""
@@ -44,6 +53,10 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be None or >= 1, got {self.max_steps}")
+        if self.regression_loss not in REGRESSION_LOSSES:
+            raise ValueError(
+                f"regression_loss must be one of {REGRESSION_LOSSES}, got {self.regression_loss!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -58,11 +71,23 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean cross-entropy loss and accuracy over a dataset."""
+    """A model's quality on a dataset.
+
+    Classification: ``loss`` is the mean cross-entropy and ``accuracy`` the fraction right
+    (``rmse``/``mae`` None). Regression: ``loss`` is the mean training loss (MSE or MAE),
+    ``rmse`` and ``mae`` are over every predicted value, and ``accuracy`` is NaN.
+    """
 
     num_samples: int
     loss: float
     accuracy: float
+    rmse: float | None = None
+    mae: float | None = None
+
+    @property
+    def task(self) -> str:
+        """``regression`` when the result carries errors, else ``classification``."""
+        return "regression" if self.rmse is not None else "classification"
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -113,8 +138,35 @@ class _SGD:
             param.add_(grad, alpha=-self.lr)
 
 
+def _regression_pair(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs and targets as ``(batch, values)``, or ValueError when their sizes differ."""
+    out, target = out.reshape(len(out), -1), target.reshape(len(target), -1)
+    if out.shape != target.shape:
+        raise ValueError(
+            f"the model outputs {out.shape[1]} values per sample, the data has "
+            f"{target.shape[1]} targets per sample"
+        )
+    return out, target
+
+
+def _loss_function(
+    data: ArrayDataset, regression_loss: str
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy for labels; MSE or MAE (over every value) for regression targets."""
+    if data.task == "classification":
+        return F.cross_entropy
+    elementwise = F.mse_loss if regression_loss == "mse" else F.l1_loss
+
+    def regression(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return elementwise(*_regression_pair(out, target))
+
+    return regression
+
+
 def train_local(model: nn.Module, data: ArrayDataset, cfg: TrainConfig) -> TrainResult:
-    """Train ``model`` in place with SGD on cross-entropy for ``cfg.local_epochs`` epochs.
+    """Train ``model`` in place with SGD for ``cfg.local_epochs`` epochs.
+
+    The loss is cross-entropy on labels, or ``cfg.regression_loss`` (MSE, MAE) on targets.
 
     Minibatches are drawn from a permutation seeded by ``cfg.seed``, so the same
     starting weights, data and config give identical results. Training stops
@@ -123,6 +175,7 @@ def train_local(model: nn.Module, data: ArrayDataset, cfg: TrainConfig) -> Train
     start = time.perf_counter()
     x, y = _to_tensors(model, data)
     n = len(data)
+    loss_fn = _loss_function(data, cfg.regression_loss)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = _SGD(model, cfg.lr, cfg.momentum, cfg.weight_decay)
     model.train()
@@ -136,7 +189,7 @@ def train_local(model: nn.Module, data: ArrayDataset, cfg: TrainConfig) -> Train
                 break
             idx = order[begin : begin + cfg.batch_size]
             model.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach().double() * len(idx)
@@ -150,26 +203,60 @@ def train_local(model: nn.Module, data: ArrayDataset, cfg: TrainConfig) -> Train
     )
 
 
-def evaluate(model: nn.Module, data: ArrayDataset, batch_size: int = 1000) -> EvalResult:
-    """Mean cross-entropy and accuracy of ``model`` on ``data`` (no gradients).
+def evaluate(
+    model: nn.Module, data: ArrayDataset, batch_size: int = 1000, regression_loss: str = "mse"
+) -> EvalResult:
+    """Loss and accuracy (classification) or loss, RMSE and MAE (regression) of ``model``.
 
-    The model is put in eval mode for the pass and its previous mode restored.
+    No gradients; the model is put in eval mode for the pass and its previous mode restored.
+    ``regression_loss`` ("mse", "mae") is the loss reported for regression targets.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     x, y = _to_tensors(model, data)
     was_training = model.training
     model.eval()
-    loss_sum = 0.0
-    correct = 0
     try:
         with torch.no_grad():
-            for begin in range(0, len(data), batch_size):
-                logits = model(x[begin : begin + batch_size])
-                target = y[begin : begin + batch_size]
-                loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
-                correct += int((logits.argmax(dim=1) == target).sum())
+            if data.task == "classification":
+                return _evaluate_classes(model, x, y, batch_size)
+            return _evaluate_targets(model, x, y, batch_size, regression_loss)
     finally:
         model.train(was_training)
-    n = len(data)
+
+
+def _evaluate_classes(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> EvalResult:
+    loss_sum = 0.0
+    correct = 0
+    for begin in range(0, len(x), batch_size):
+        logits = model(x[begin : begin + batch_size])
+        target = y[begin : begin + batch_size]
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == target).sum())
+    n = len(x)
     return EvalResult(num_samples=n, loss=loss_sum / n, accuracy=correct / n)
+
+
+def _evaluate_targets(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, regression_loss: str
+) -> EvalResult:
+    squared = absolute = 0.0
+    values = 0
+    for begin in range(0, len(x), batch_size):
+        out, target = _regression_pair(
+            model(x[begin : begin + batch_size]), y[begin : begin + batch_size]
+        )
+        err = (out - target).double()
+        squared += float((err * err).sum())
+        absolute += float(err.abs().sum())
+        values += err.numel()
+    mse, mae = squared / values, absolute / values
+    return EvalResult(
+        num_samples=len(x),
+        loss=mse if regression_loss == "mse" else mae,
+        accuracy=float("nan"),
+        rmse=math.sqrt(mse),
+        mae=mae,
+    )

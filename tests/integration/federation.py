@@ -54,9 +54,14 @@ def write_client_data(directory: Path, clients: int, n: int = 300) -> list[Path]
     return paths
 
 
-def _env(workdir: Path | None = None) -> dict[str, str]:
+def _env(workdir: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a service process; ``extra`` is added (a ``PYTHONPATH`` in it goes
+    before the repository's)."""
+    extra = dict(extra or {})
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    paths = [extra.pop("PYTHONPATH", ""), str(REPO), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env.update(extra)
     if workdir is not None:
         # Device state (outbox, residuals) defaults to ~/.local/state/fedmq/<client-id>:
         # shared by every run on the machine (pi-0 of another test, another checkout), where
@@ -66,9 +71,15 @@ def _env(workdir: Path | None = None) -> dict[str, str]:
 
 
 def start_aggregator(
-    url: str, workdir: Path, *extra: str, rounds: int = 3, min_clients: int = 3
+    url: str,
+    workdir: Path,
+    *extra: str,
+    rounds: int = 3,
+    min_clients: int = 3,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Launch ``fedmq-aggregator`` (as a module) on the MLP for the generated task."""
+    """Launch ``fedmq-aggregator`` (as a module) on the MLP for the generated task (flags in
+    ``extra`` come last: they win); ``env``: more environment."""
     cmd = aggregator_command(
         url,
         FEDERATION,
@@ -95,16 +106,25 @@ def start_aggregator(
         *extra,
     )
     log = open(workdir / "aggregator.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workdir), cwd=REPO)
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workdir, env), cwd=REPO
+    )
 
 
 def start_agent(
-    url: str, client_id: str, data: Path, workdir: Path, *extra: str
+    url: str,
+    client_id: str,
+    data: Path,
+    workdir: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Launch ``fedmq-agent`` (as a module) for one device."""
+    """Launch ``fedmq-agent`` (as a module) for one device; ``env``: more environment."""
     cmd = agent_command(url, FEDERATION, client_id, data, "--val-fraction", "0.1", *extra)
     log = open(workdir / f"{client_id}.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workdir), cwd=REPO)
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(workdir, env), cwd=REPO
+    )
 
 
 def wait_exit(proc: subprocess.Popen[bytes], timeout: float, log: Path) -> int:

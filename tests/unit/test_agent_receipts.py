@@ -41,6 +41,7 @@ DECISIONS: dict[ReceiptCode, tuple[bool, bool, bool]] = {
     "non-finite": (True, False, False),
     "too-many-samples": (True, False, False),
     "rate-limited": (False, False, False),
+    "wrong-model": (True, False, False),
 }
 
 

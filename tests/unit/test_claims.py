@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
@@ -11,6 +12,7 @@ from shared.protocol import messages as msg
 from shared.protocol.claims import (
     model_claim,
     round_start_claim,
+    round_start_claim_v2,
     sign_model_v2,
     sign_round_start,
     sign_status,
@@ -18,7 +20,13 @@ from shared.protocol.claims import (
     verify_round_start,
     verify_status,
 )
-from shared.protocol.signing import SignatureError, generate_keypair, sign_bytes, verify_bytes
+from shared.protocol.signing import (
+    SignatureError,
+    canonical_json,
+    generate_keypair,
+    sign_bytes,
+    verify_bytes,
+)
 
 KEY = generate_keypair()
 HASH = "a" * 64
@@ -85,10 +93,18 @@ def test_the_send_time_is_outside_the_signature() -> None:
         {"codec": "fp32"},
         {"max_update_bytes": 1 << 30},
         {"download_codec": "none"},
+        {"fingerprint": "c" * 64},
+        {"model": msg.ModelSpec(arch="mlp", input_shape=(1, 8, 8), num_classes=4,
+                                task="regression")},
+        {"model": msg.ModelSpec(arch="mlp", input_shape=(1, 8, 8), num_classes=4,
+                                num_outputs=3)},
+        {"train": msg.TrainParams(local_epochs=2, batch_size=16, lr=0.05, momentum=0.9, seed=7,
+                                  regression_loss="mae")},
     ],
     ids=["federation", "run", "round", "base-hash", "deadline", "selected", "input-shape",
          "classes", "arch", "lr", "epochs", "batch-size", "momentum", "weight-decay", "seed",
-         "codec", "max-update-bytes", "download-codec"],
+         "codec", "max-update-bytes", "download-codec", "fingerprint", "task", "outputs",
+         "regression-loss"],
 )  # fmt: skip
 def test_changing_any_signed_field_breaks_the_signature(change: dict[str, Any]) -> None:
     signed = sign_round_start(KEY, _ann())
@@ -98,16 +114,105 @@ def test_changing_any_signed_field_breaks_the_signature(change: dict[str, Any]) 
         verify_round_start(KEY.public_key(), forged)
 
 
-def test_every_field_of_the_announcement_is_in_the_claim_but_the_send_time() -> None:
-    # A field added to RoundStart is signed at once; older pinned agents (which drop unknown
-    # fields) would then refuse every announcement: such a change needs a new claim domain.
-    fields = {f.name for f in msgspec.structs.fields(msg.RoundStart)}
+def test_every_field_of_the_announcement_is_in_the_v2_claim_but_the_send_time() -> None:
+    ann = _ann(fingerprint="c" * 64)
+    context, body = json.loads(round_start_claim_v2(ann))
 
-    assert fields - {"ts", "signature"} == {
-        "schema", "federation", "run", "round", "base_hash", "deadline", "selected", "model",
-        "train", "codec", "max_update_bytes", "download_codec",
+    assert context == "fedmq-round-start-v2"
+    assert set(body) == {f.name for f in msgspec.structs.fields(msg.RoundStart)} - {
+        "ts", "signature", "signature_v2"
     }  # fmt: skip
-    assert b'"fedmq-round-start-v1"' in round_start_claim(_ann())
+    assert set(body["model"]) == {f.name for f in msgspec.structs.fields(msg.ModelSpec)}
+    assert set(body["train"]) == {f.name for f in msgspec.structs.fields(msg.TrainParams)}
+
+
+# --- agents older than model plugins: their structs and claim, as they were -----------------
+class _OldModelSpec(msgspec.Struct, frozen=True, kw_only=True):
+    arch: str
+    input_shape: tuple[int, int, int] = (1, 28, 28)
+    num_classes: int = 10
+
+
+class _OldTrainParams(msgspec.Struct, frozen=True, kw_only=True):
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+class _OldRoundStart(msgspec.Struct, frozen=True, kw_only=True):
+    schema: int = 1
+    ts: float = 0.0
+    federation: str
+    round: int
+    base_hash: str
+    deadline: float
+    selected: list[str]
+    model: _OldModelSpec
+    train: _OldTrainParams
+    codec: str = "int8"
+    max_update_bytes: int = 64 * 1024 * 1024
+    download_codec: str = "none"
+    run: int = 0
+    signature: str = ""
+
+
+def _old_agent_verifies(payload: bytes) -> None:
+    """What an agent older than model plugins does with an announcement (its claim code)."""
+    old = msgspec.json.decode(payload, type=_OldRoundStart)
+    body = msgspec.to_builtins(msgspec.structs.replace(old, signature=""))
+    del body["ts"], body["signature"]
+    verify_bytes(KEY.public_key(), canonical_json("fedmq-round-start-v1", body), old.signature, "")
+
+
+def test_an_older_agent_verifies_a_classification_announcement_with_a_fingerprint() -> None:
+    signed = sign_round_start(KEY, _ann(fingerprint="c" * 64))
+
+    _old_agent_verifies(signed.to_json())
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        msg.ModelSpec(arch="mlp", input_shape=(3, 128), num_classes=4),
+        msg.ModelSpec(arch="mlp", input_shape=(1, 8, 8), task="regression", num_outputs=2),
+    ],
+    ids=["sensor-windows", "regression"],
+)
+def test_an_announcement_older_agents_cannot_train_has_no_v1_signature(
+    model: msg.ModelSpec,
+) -> None:
+    signed = sign_round_start(KEY, _ann(model=model, fingerprint="c" * 64))
+
+    assert signed.signature == ""
+    verify_round_start(KEY.public_key(), _wire(signed))
+
+
+def test_an_older_aggregators_announcement_verifies_with_its_v1_signature() -> None:
+    ann = _ann()
+    old_signed = msgspec.structs.replace(ann, signature=sign_bytes(KEY, round_start_claim(ann)))
+
+    verify_round_start(KEY.public_key(), _wire(old_signed))
+
+
+@pytest.mark.parametrize(
+    "stripped",
+    [
+        {"fingerprint": "d" * 64},  # a fingerprint the v1 signature does not cover
+        {"model": msg.ModelSpec(arch="mlp", input_shape=(1, 8, 8), task="regression")},
+    ],
+    ids=["unsigned-fingerprint", "unsigned-task"],
+)
+def test_without_signature_v2_nothing_outside_the_v1_claim_is_followed(
+    stripped: dict[str, Any],
+) -> None:
+    signed = sign_round_start(KEY, _ann(fingerprint="c" * 64))
+    forged = _wire(msgspec.structs.replace(signed, signature_v2="", **stripped))
+
+    with pytest.raises(SignatureError, match="no signature_v2"):
+        verify_round_start(KEY.public_key(), forged)
 
 
 @pytest.mark.parametrize("signature", ["", "not base64!", "AAAA"])

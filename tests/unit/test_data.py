@@ -99,9 +99,14 @@ def test_subset_selects_matching_images_and_labels() -> None:
 @pytest.mark.parametrize(
     ("x", "y", "message"),
     [
-        (np.zeros((3, 2, 2), np.uint8), np.zeros(3, np.int64), "4-D"),
+        (np.zeros(3, np.uint8), np.zeros(3, np.int64), "1 to 3 dims"),
+        (np.zeros((1, 1, 1, 2, 2), np.uint8), np.zeros(1, np.int64), "1 to 3 dims"),
         (np.zeros((3, 1, 2, 2), np.uint8), np.zeros(2, np.int64), "lengths differ"),
-        (np.zeros((2, 1, 2, 2), np.uint8), np.zeros(2, np.float32), "integer"),
+        (np.zeros((2, 1, 2, 2), np.uint8), np.array(["a", "b"]), "integer"),
+        (np.zeros((2, 1, 2, 2), np.uint8), np.zeros((2, 2), np.int64), "1-D"),
+        (np.zeros((2, 1, 2, 2), np.uint8), np.array([0.5, np.nan]), "finite"),
+        (np.zeros((2, 4), np.float32), np.zeros((2, 2, 2), np.float32), r"\(N, outputs\)"),
+        (np.full((2, 4), np.inf, np.float32), np.zeros(2, np.int64), "finite"),
         (np.zeros((2, 1, 2, 2), np.uint8), np.array([0, -1]), ">= 0"),
         (np.full((1, 1, 2, 2), 255.0, np.float32), np.zeros(1, np.int64), r"\[0, 1\]"),
         (np.zeros((1, 1, 2, 2), np.int32), np.zeros(1, np.int64), "uint8"),
@@ -418,3 +423,59 @@ def test_importing_data_module_does_not_import_torch() -> None:
     )
 
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------- sensor samples and regression
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 16), (5, 7)])
+def test_float_sensor_samples_may_take_any_finite_value(shape: tuple[int, ...]) -> None:
+    x = np.random.default_rng(0).normal(50.0, 20.0, size=shape).astype(np.float32)
+
+    ds = ArrayDataset(x, np.arange(5))
+
+    assert ds.input_shape == shape[1:]
+
+
+def test_float_targets_make_a_regression_dataset() -> None:
+    ds = ArrayDataset(np.zeros((3, 4), np.float32), np.array([[1.0, 2.0]] * 3))
+
+    assert (ds.task, ds.num_outputs, ds.num_classes, ds.y.dtype) == (
+        "regression",
+        2,
+        0,
+        np.float32,
+    )
+
+
+def test_integer_labels_make_a_classification_dataset() -> None:
+    ds = ArrayDataset(np.zeros((3, 4), np.float32), np.array([0, 2, 1]))
+
+    assert (ds.task, ds.num_classes) == ("classification", 3)
+
+
+@pytest.mark.parametrize(
+    ("stored", "model"), [((1, 3, 16), (3, 16)), ((3, 16), (1, 3, 16)), ((28, 28), (1, 28, 28))]
+)
+def test_samples_differing_by_unit_dimensions_fit_the_model(
+    stored: tuple[int, ...], model: tuple[int, ...]
+) -> None:
+    ds = ArrayDataset(np.zeros((2, *stored), np.float32), np.zeros(2, np.int64))
+
+    assert ds.shaped(model).input_shape == model
+
+
+def test_samples_of_another_shape_do_not_fit_the_model() -> None:
+    ds = ArrayDataset(np.zeros((2, 3, 16), np.float32), np.zeros(2, np.int64))
+
+    with pytest.raises(DataFormatError, match=r"\(3, 16\) do not fit the model's input \(3, 8\)"):
+        ds.shaped((3, 8))
+
+
+def test_npz_of_sensor_windows_keeps_its_shape(tmp_path: Path) -> None:
+    x = np.random.default_rng(0).normal(0.0, 5.0, size=(6, 3, 16)).astype(np.float32)
+    np.savez(tmp_path / "w.npz", x=x, y=np.linspace(0.0, 1.0, 6))
+
+    ds = load_device_data(tmp_path / "w.npz")
+
+    assert ds.input_shape == (3, 16) and ds.task == "regression"

@@ -241,14 +241,15 @@ def test_zero_num_samples_is_rejected() -> None:
         ),
     ],
 )
-def test_wrong_shapes_are_rejected_as_invalid_update(tensors: dict[str, np.ndarray]) -> None:
+def test_wrong_shapes_are_rejected_as_the_wrong_model(tensors: dict[str, np.ndarray]) -> None:
     intake = _intake()
     before = _sum_snapshot(intake)
 
     offer = intake.offer(ROUND, "c1", _update("c1", tensors=tensors))
 
     assert not offer.verdict.accepted
-    assert offer.verdict.reason.startswith("invalid update")
+    assert offer.verdict.code == "wrong-model"
+    assert offer.verdict.reason.startswith("wrong model: tensor names/shapes do not match")
     _assert_sum_untouched(intake, before)
     assert intake.state.accepted == {}
 
@@ -393,3 +394,13 @@ def test_deeply_nested_header_is_rejected_not_raised() -> None:
     offer = intake.offer(ROUND, "c1", payload)
 
     assert not offer.verdict.accepted
+
+
+def test_a_wrong_model_receipt_names_the_aggregators_fingerprint() -> None:
+    intake = _intake()
+    intake.fingerprint = "f" * 64
+
+    offer = intake.offer(ROUND, "c1", _update("c1", tensors={"w": np.zeros((2, 3), np.float32)}))
+
+    assert offer.verdict.code == "wrong-model"
+    assert "architecture fingerprint is " + "f" * 64 in offer.verdict.reason

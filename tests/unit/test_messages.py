@@ -189,7 +189,7 @@ def test_decode_round_start_names_the_bad_field(field: str, value: Any) -> None:
     [
         ("model.arch", {"model": {"arch": "le net"}}),
         ("model.num_classes", {"model": {"arch": "mlp", "num_classes": 0}}),
-        ("model.input_shape", {"model": {"arch": "mlp", "input_shape": [1, 28]}}),
+        ("model.input_shape", {"model": {"arch": "mlp", "input_shape": [1, 28, 28, 1]}}),
         ("train.lr", {"train": {"lr": 0}}),
         ("train.momentum", {"train": {"momentum": -0.1}}),
         ("train.batch_size", {"train": {"batch_size": 0}}),

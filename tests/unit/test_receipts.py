@@ -87,7 +87,7 @@ SCENARIOS: dict[str, tuple[Callable[[], Verdict], ReceiptCode]] = {
     "round mismatch": (lambda: _offer(_update(round=ROUND + 1)), "malformed"),
     "client mismatch": (lambda: _offer(_update("c2")), "malformed"),
     "no samples": (lambda: _offer(_update(num_samples=0)), "malformed"),
-    "wrong shapes": (lambda: _offer(_update(size=4)), "malformed"),
+    "wrong shapes": (lambda: _offer(_update(size=4)), "wrong-model"),
     "over max bytes": (lambda: _offer(_update(), _intake(max_bytes=64)), "too-large"),
     "over the norm": (lambda: _offer(_update(), _intake(max_norm=0.5)), "over-norm"),
     "overflowing": (lambda: _offer(_update(), _intake(headroom=0.5)), "non-finite"),

@@ -332,3 +332,24 @@ def test_a_round_whose_selection_grew_is_complete_only_when_the_newcomers_report
     state.accept("c4", 10)
 
     assert (open_before, state.phase(T0 + 1)) == (RoundPhase.OPEN, RoundPhase.COMPLETE)
+
+
+def test_a_round_is_complete_without_the_clients_that_declined_it() -> None:
+    state = RoundState(1, "h" * 64, {"a", "b", "c"}, min_clients=2, deadline=100.0, started_at=0)
+    state.accept("a", 10)
+    state.decline("c", "wrong model")
+    assert state.phase(now=1.0) is RoundPhase.OPEN  # b may still send
+
+    state.accept("b", 10)
+
+    assert state.phase(now=1.0) is RoundPhase.COMPLETE
+    assert state.rejected == {"c": "wrong model"}
+
+
+def test_declines_do_not_complete_a_round_below_quorum() -> None:
+    state = RoundState(1, "h" * 64, {"a", "b", "c"}, min_clients=2, deadline=100.0, started_at=0)
+    state.accept("a", 10)
+    state.decline("b", "wrong model")
+    state.decline("c", "wrong model")
+
+    assert state.phase(now=1.0) is RoundPhase.OPEN

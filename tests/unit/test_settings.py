@@ -263,9 +263,17 @@ def test_input_shape_flag_is_parsed_as_tuple() -> None:
     assert from_args(aggregator_args("--input-shape", "3,32,32")).input_shape == (3, 32, 32)
 
 
-def test_malformed_input_shape_flag_is_a_usage_error() -> None:
+@pytest.mark.parametrize("text", ["3,128", "12"])
+def test_input_shape_flag_takes_sensor_windows_and_feature_vectors(text: str) -> None:
+    shape = tuple(int(p) for p in text.split(","))
+
+    assert from_args(aggregator_args("--input-shape", text)).input_shape == shape
+
+
+@pytest.mark.parametrize("text", ["3,32,32,1", "3,x"])
+def test_malformed_input_shape_flag_is_a_usage_error(text: str) -> None:
     with pytest.raises(SystemExit):
-        aggregator_args("--input-shape", "3,32")
+        aggregator_args("--input-shape", text)
 
 
 @pytest.mark.parametrize("key", ["roundz", "learning_rate"])

@@ -158,3 +158,65 @@ def test_update_rule_matches_torch_optim_sgd(momentum: float, weight_decay: floa
 
     for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# --- regression ---------------------------------------------------------------------------
+def _linear_targets(n: int = 400, outputs: int = 1, seed: int = 0) -> ArrayDataset:
+    """Feature vectors (N, 6) of any scale and float targets, a noiseless linear function."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.0, 2.0, size=(n, 6)).astype(np.float32)
+    w = np.random.default_rng(99).normal(size=(6, outputs)).astype(np.float32)
+    y = x @ w
+    return ArrayDataset(x, y[:, 0] if outputs == 1 else y)
+
+
+def _regression_mlp(outputs: int = 1) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("mlp", input_shape=(6,), num_classes=outputs)
+
+
+@pytest.mark.parametrize(("outputs", "loss"), [(1, "mse"), (3, "mse"), (1, "mae")])
+def test_regression_training_lowers_the_error(outputs: int, loss: str) -> None:
+    data = _linear_targets(outputs=outputs)
+    model = _regression_mlp(outputs)
+    before = evaluate(model, data, regression_loss=loss)
+
+    train_local(model, data, TrainConfig(local_epochs=5, lr=0.01, regression_loss=loss))
+    after = evaluate(model, data, regression_loss=loss)
+
+    assert after.rmse is not None and before.rmse is not None
+    assert after.rmse < 0.5 * before.rmse
+    assert after.task == "regression"
+
+
+def test_regression_evaluation_reports_rmse_mae_and_its_loss() -> None:
+    data = ArrayDataset(np.zeros((4, 6), np.float32), np.array([1.0, -1.0, 3.0, -3.0]))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # predicts 0 everywhere
+
+    mse = evaluate(model, data, regression_loss="mse")
+    mae = evaluate(model, data, regression_loss="mae")
+
+    assert mse.rmse == pytest.approx(np.sqrt(5.0)) and mse.mae == pytest.approx(2.0)
+    assert mse.loss == pytest.approx(5.0) and mae.loss == pytest.approx(2.0)
+    assert np.isnan(mse.accuracy)
+
+
+def test_classification_evaluation_has_no_errors() -> None:
+    result = evaluate(_mlp(), _separable())
+
+    assert result.rmse is None and result.mae is None and result.task == "classification"
+
+
+def test_outputs_and_targets_of_different_sizes_are_named() -> None:
+    data = _linear_targets(outputs=2)
+
+    with pytest.raises(ValueError, match="outputs 1 values per sample, the data has 2 targets"):
+        train_local(_regression_mlp(1), data, TrainConfig())
+
+
+def test_an_unknown_regression_loss_is_refused() -> None:
+    with pytest.raises(ValueError, match="regression_loss"):
+        TrainConfig(regression_loss="huber")
