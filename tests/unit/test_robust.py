@@ -7,6 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from aggregator import robust
 from aggregator.robust import (
     RULES,
     RobustConfig,
@@ -154,12 +155,20 @@ def test_rules_declare_whether_they_hold_the_round() -> None:
 
 def test_memory_needed_by_hand() -> None:
     # 10 clients × 1,000 params (largest tensor 600), fp32: held 40,000; working 10·600·8;
-    # result 1,000·4 + 600·8; Krum adds 10·10·8.
-    base = 40_000 + 48_000 + 4_000 + 4_800
+    # result 1,000·4 + 600·8; numpy's buffers 8,192·16; Krum adds 10·10·8.
+    base = 40_000 + 48_000 + 4_000 + 4_800 + 131_072
 
     assert round_memory_bytes("median", 1_000, 10, 4, 600) == base
     assert round_memory_bytes("krum", 1_000, 10, 4, 600) == base + 800
     assert round_memory_bytes("fedavg", 1_000, 10) == 0
+
+
+def test_working_memory_is_bounded_by_the_block_not_the_tensor() -> None:
+    # The CNN's 1.6 M-value layer for 100 clients: 100 × 65,536 × 8 working, not × 1.6 M.
+    small, big = (round_memory_bytes("median", 1_663_370, n, 4, 1_605_632) for n in (100, 101))
+
+    assert big - small == 1_663_370 * 4 + 65_536 * 8
+    assert small < 0.7 * 2**30  # fits the 1 GiB default
 
 
 def test_a_round_over_the_memory_limit_is_refused_naming_the_limit_and_the_flag() -> None:
@@ -205,6 +214,41 @@ def test_a_rounds_real_peak_memory_stays_within_the_declared_bytes(rule: str) ->
         tracemalloc.stop()
 
     assert peak <= held.bytes_needed
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean", "krum", "multi-krum"])
+def test_small_blocks_give_the_same_result_within_their_smaller_memory(
+    rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shapes = {"w": (150, 100), "b": (5_000,)}
+    rng = np.random.default_rng(2)
+    deltas = [
+        {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()} for _ in range(12)
+    ]
+    cfg = RobustConfig(rule, byzantine=2)
+    whole = RoundUpdates(cfg, shapes, capacity=12)
+    for d in deltas:
+        whole.add(d, 1)
+    expected = whole.aggregate()
+
+    monkeypatch.setattr(robust, "BLOCK", 1_000)
+    blocked = RoundUpdates(cfg, shapes, capacity=12)
+    for d in deltas:
+        blocked.add(d, 1)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        got = blocked.aggregate()
+        working = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+    assert got[1] == expected[1]
+    for name in shapes:
+        np.testing.assert_allclose(got[0][name], expected[0][name], rtol=1e-6, atol=1e-7)
+    held = 12 * 20_000 * 4
+    assert blocked.bytes_needed < whole.bytes_needed
+    assert working <= blocked.bytes_needed - held
 
 
 def test_round_updates_median_uses_every_client() -> None:
