@@ -58,6 +58,21 @@ def share_cap(held: Sequence[int], folded: int, max_share: float) -> float:
     return float(counts[-1])
 
 
+def check_delta(shapes: Mapping[str, tuple[int, ...]], delta: Mapping[str, np.ndarray]) -> None:
+    """Raise AggregationError unless ``delta`` has exactly these tensors, shapes, finite values."""
+    if set(delta) != set(shapes):
+        missing = sorted(set(shapes) - set(delta))
+        extra = sorted(set(delta) - set(shapes))
+        raise AggregationError(f"tensor names differ: missing {missing}, unexpected {extra}")
+    for name, shape in shapes.items():
+        if tuple(delta[name].shape) != tuple(shape):
+            raise AggregationError(
+                f"{name}: shape {tuple(delta[name].shape)} != model {tuple(shape)}"
+            )
+        if not np.isfinite(delta[name]).all():
+            raise AggregationError(f"{name}: non-finite values")
+
+
 class StreamingFedAvg:
     """Running weighted sum of deltas for one round, with a cap on any one client's share."""
 
@@ -76,17 +91,7 @@ class StreamingFedAvg:
 
     def check(self, delta: Mapping[str, np.ndarray]) -> None:
         """Raise AggregationError unless ``delta`` has exactly the model's tensors and shapes."""
-        if set(delta) != set(self.shapes):
-            missing = sorted(set(self.shapes) - set(delta))
-            extra = sorted(set(delta) - set(self.shapes))
-            raise AggregationError(f"tensor names differ: missing {missing}, unexpected {extra}")
-        for name, shape in self.shapes.items():
-            if tuple(delta[name].shape) != tuple(shape):
-                raise AggregationError(
-                    f"{name}: shape {tuple(delta[name].shape)} != model {tuple(shape)}"
-                )
-            if not np.isfinite(delta[name]).all():
-                raise AggregationError(f"{name}: non-finite values")
+        check_delta(self.shapes, delta)
 
     def add(self, delta: Mapping[str, np.ndarray], num_samples: int, client_id: str = "") -> None:
         """Fold one client's delta, weighted by its sample count, into the running sum."""

@@ -31,7 +31,8 @@ usage: deploy/quickstart.sh COMMAND [ARGS...]
 commands:
   setup               install system packages (mosquitto, mosquitto-clients,
                       dataset-fashion-mnist) if missing, create the virtualenv if
-                      missing, and pip-install fedmq with its train, sensors and dev extras;
+                      missing, and pip-install fedmq with its train, sensors, dp and dev
+                      extras;
                       create .venv-amqtt (amqtt, the MQTT 3.1.1 test broker) if missing
   demo [ARGS...]      setup, then: fedmq demo --clients 10 --rounds 20
                       --dataset fashion-mnist --partition dirichlet --alpha 0.5 ARGS...
@@ -163,9 +164,9 @@ cmd_setup() {
     log "upgrading pip in $VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     ensure_torch
-    log "installing fedmq (editable) with extras train,sensors,dev"
+    log "installing fedmq (editable) with extras train,sensors,dp,dev"
     (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install --quiet \
-        -c "$CONSTRAINTS" -e '.[train,sensors,dev]')
+        -c "$CONSTRAINTS" -e '.[train,sensors,dp,dev]')
     ensure_amqtt
     log "setup complete: $VENV"
 }
