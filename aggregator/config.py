@@ -6,6 +6,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.robust import DEFAULT_MAX_ROUND_MEMORY
+from aggregator.strategy_config import add_strategy_arguments, strategy_checks
 from aggregator.update_bounds import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_NORM
 from shared.compression.quantize import CodecError
 from shared.compression.registry import KNOWN as KNOWN_CODECS
@@ -92,6 +94,34 @@ class AggregatorConfig:
     # The run epoch agents order models by (with the round). None: continue the run of
     # --state-dir's checkpoint, else start a new one (the start time in milliseconds).
     run: int | None = None
+    # --- strategy (aggregator/strategy_config.py, docs/strategies.md) ---
+    # The server optimizer applied to each round's aggregated delta.
+    strategy: str = "fedavg"
+    server_lr: float | None = None  # η; None: the strategy's default
+    server_momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+    # The aggregation rule: fedavg streams; median, trimmed-mean, (multi-)krum hold the round.
+    robust: str = "fedavg"
+    trim_fraction: float = 0.1
+    byzantine: int = 1
+    krum_keep: int | None = None
+    max_round_memory: int = DEFAULT_MAX_ROUND_MEMORY
+    # Norm clipping of each update; adaptive by default (why: docs/strategies.md).
+    clip: str = "adaptive"
+    clip_bound: float | None = None  # fixed: the bound; adaptive: C₀ (None: from round 1)
+    clip_quantile: float = 0.5
+    clip_lr: float = 0.2
+    # Client-level differential privacy: on when a noise multiplier or an ε is set.
+    dp_noise_multiplier: float | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
+    dp_expected_clients: float | None = None
+    dp_accountant: str = "rdp"
+    # FedProx: μ of the devices' proximal term, sent in every round announcement.
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -123,6 +153,7 @@ class AggregatorConfig:
             ),
             (self.max_samples >= 1, "max-samples must be ≥ 1"),
             (0 < self.max_weight_share <= 1, "max-weight-share must be in (0, 1]"),
+            *strategy_checks(self),
         ]
         for ok, message in checks:
             if not ok:
@@ -232,6 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_weight_arguments(parser)
     add_budget_arguments(parser)
+    add_strategy_arguments(parser)
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from aggregator import config as aggregator_config
 from aggregator.config import AggregatorConfig
 from aggregator.ops.monitor_view import MonitorConfig, add_monitor_arguments
+from aggregator.strategy_config import DESCRIPTIONS as STRATEGY_DESCRIPTIONS
 from edge_agent import config as agent_config
 from edge_agent.config import AgentConfig
 from edge_agent.serve import ServeConfig, add_serve_arguments
@@ -110,6 +111,7 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "(a new run supersedes older ones). Unset: the checkpoint's run when resuming "
         "`state_dir`, else a new one (the start time in milliseconds); a value contradicting "
         'the checkpoint\'s is an error (docs/security.md, "Runs")',
+        **STRATEGY_DESCRIPTIONS,
     },
     "agent": {
         **_COMMON,

@@ -38,6 +38,7 @@ MAX_WEIGHT_DECAY = 1.0
 MAX_LOCAL_EPOCHS = 1000
 MAX_BATCH_SIZE = 65536
 MAX_SEED = 2**63 - 1
+MAX_PROXIMAL_MU = 100.0  # FedProx's μ (Li et al. 2020 searched 0.001 … 1)
 MAX_INPUT_DIM = 4096
 MAX_CLASSES = 100_000
 MAX_OUTPUTS = 4096  # values a regression model predicts per sample
@@ -275,6 +276,13 @@ class RoundMetrics(Message, frozen=True, kw_only=True):
     test_rmse: float | None = None  # regression only
     test_mae: float | None = None  # regression only
     local_val_rmse: float | None = None  # regression: the agents' pooled validation RMSE
+    # The strategy (docs/strategies.md): the L2 bound updates were clipped to this round
+    # (None: not clipped), how many were shortened, and with differential privacy the ε
+    # spent so far at δ (None: no DP).
+    clip_bound: float | None = None
+    clipped: NonNeg = 0
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
 
 
 M = TypeVar("M", bound=Message)
