@@ -9,9 +9,12 @@ a checkpoint written before runs existed has none, and resuming it starts a new 
 The server's download error-feedback residual (see
 ``shared/protocol/global_delta.py``), when there is one, is stored next to the parameters as tensors
 named ``residual/<name>`` (``/`` never occurs in a model tensor's name); checkpoints without
-it load with no residual. A readable copy of that JSON goes to ``checkpoint.json``; only
-the safetensors file is authoritative (one file, one rename: never a model from one round
-with the round number of another).
+it load with no residual. The strategy's state (:mod:`aggregator.round_strategy`: server
+optimizer moments as tensors ``server_opt/m/<name>`` and ``server_opt/v/<name>``; its step
+count, the clipping bound, the DP generator and the rounds it noised in the metadata) is
+stored likewise; checkpoints written before strategies have none. A readable copy of that
+JSON goes to ``checkpoint.json``; only the safetensors file is authoritative (one file, one
+rename: never a model from one round with the round number of another).
 
 Atomic = temporary file in the same directory, fsync, rename, fsync of the directory.
 """
@@ -36,6 +39,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 CHECKPOINT_JSON = "checkpoint.json"
 _META_KEY = "fedmq"
 RESIDUAL_PREFIX = "residual/"
+STRATEGY_PREFIX = "server_opt/"
 FORMAT = 1
 
 Tensors = dict[str, np.ndarray]
@@ -70,6 +74,27 @@ LATER_FINGERPRINT_FIELDS: dict[str, object] = {
     "task": "classification",
     "num_outputs": 1,
     "regression_loss": "mse",
+    # The strategy (aggregator/strategy_config.py): what the deltas become and how.
+    "strategy": "fedavg",
+    "server_lr": None,
+    "server_momentum": 0.9,
+    "beta1": 0.9,
+    "beta2": 0.99,
+    "tau": 1e-3,
+    "robust": "fedavg",
+    "trim_fraction": 0.1,
+    "byzantine": 1,
+    "krum_keep": None,
+    "clip": "adaptive",
+    "clip_bound": None,
+    "clip_quantile": 0.5,
+    "clip_lr": 0.2,
+    "dp_noise_multiplier": None,
+    "dp_epsilon": None,
+    "dp_delta": 1e-5,
+    "dp_clip": 1.0,
+    "dp_expected_clients": None,
+    "proximal_mu": 0.0,
 }
 
 
@@ -102,6 +127,10 @@ class Checkpoint:
     # Download error feedback of the aggregator (None: none yet, or download codec none).
     residual: Tensors | None = None
     run: int | None = None  # the run epoch (None: written before runs existed)
+    # The strategy's state: optimizer tensors (m/<name>, v/<name>) and scalars (None: a
+    # checkpoint written before strategies).
+    strategy_tensors: Tensors = field(default_factory=dict)
+    strategy: dict[str, Any] | None = None
 
 
 class CheckpointStore:
@@ -121,11 +150,14 @@ class CheckpointStore:
             "fingerprint": ckpt.fingerprint,
             "history": ckpt.history,
             "run": ckpt.run,
+            "strategy": ckpt.strategy,
         }
         text = json.dumps(doc, separators=(",", ":"))
         tensors = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in ckpt.params.items()}
         for n, v in (ckpt.residual or {}).items():
             tensors[RESIDUAL_PREFIX + n] = np.ascontiguousarray(v, dtype=np.float32)
+        for n, v in ckpt.strategy_tensors.items():
+            tensors[STRATEGY_PREFIX + n] = np.ascontiguousarray(v, dtype=np.float32)
         write_atomic(self.path, st_save(tensors, metadata={_META_KEY: text}))
         write_atomic(self.dir / CHECKPOINT_JSON, json.dumps(doc, indent=1).encode())
 
@@ -141,7 +173,7 @@ class CheckpointStore:
             params = {
                 n: v.astype(np.float32)
                 for n, v in tensors.items()
-                if not n.startswith(RESIDUAL_PREFIX)
+                if not n.startswith((RESIDUAL_PREFIX, STRATEGY_PREFIX))
             }
             residual = {
                 n[len(RESIDUAL_PREFIX) :]: v.astype(np.float32)
@@ -157,6 +189,12 @@ class CheckpointStore:
                 history=list(doc.get("history", [])),
                 residual=residual or None,
                 run=_run(doc.get("run")),
+                strategy_tensors={
+                    n[len(STRATEGY_PREFIX) :]: v.astype(np.float32)
+                    for n, v in tensors.items()
+                    if n.startswith(STRATEGY_PREFIX)
+                },
+                strategy=doc.get("strategy"),
             )
         except (SafetensorError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint {self.path} is unreadable: {exc}") from exc

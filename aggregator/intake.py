@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aggregator.rounds import ACCEPT, RoundState, Verdict
-from aggregator.strategy import AggregationError, StreamingFedAvg
+from aggregator.strategy import AggregationError, RoundSum
 from aggregator.update_bounds import norm_violation, sample_violation, value_violation
 from shared.protocol.frames import (
     FrameError,
@@ -22,7 +22,7 @@ from shared.protocol.frames import (
     decode_frame,
     read_header,
 )
-from shared.protocol.messages import Receipt
+from shared.protocol.messages import AgentStatus, Receipt
 from shared.protocol.receipts import ReceiptCode
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class UpdateIntake:
         self,
         federation: str,
         state: RoundState,
-        acc: StreamingFedAvg,
+        acc: RoundSum,
         max_bytes: int,
         max_norm: float | None = None,
         *,
@@ -157,6 +157,21 @@ class UpdateIntake:
             return Verdict("malformed", f"invalid update: {exc}"), None
         self.state.accept(client, head.num_samples)
         return ACCEPT, stats
+
+    def decline_wrong_model(self, status: AgentStatus, what: str) -> Verdict | None:
+        """A device refused the open round: its build of the model has another fingerprint.
+
+        Its ``wrong-model`` verdict (a receipt names both fingerprints, so the device's log and
+        the operator's receipt topic say the same); it counts as a rejection of the round,
+        which then does not wait for that device. None for a refusal of another round (only
+        logged, by the roster) or from a device whose update was already accepted.
+        """
+        state = self.state
+        if status.round != state.round_id or status.client_id in state.accepted:
+            return None
+        reason = wrong_model_reason(what, self.fingerprint, status.model_fingerprint)
+        state.decline(status.client_id, reason)  # not waited for: it cannot send an update
+        return Verdict("wrong-model", reason)
 
     def weighted_train_loss(self) -> float | None:
         """Sample-weighted mean of the agents' reported training losses."""

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from aggregator.strategy import AggregationError, StreamingFedAvg
+from aggregator.strategy import AggregationError, RoundSum
 
 log = logging.getLogger("fedmq.aggregator")
 
@@ -24,9 +24,14 @@ Probe = Callable[[Mapping[str, np.ndarray]], "str | None"]
 
 
 def next_global_model(
-    acc: StreamingFedAvg, params: Mapping[str, np.ndarray], probe: Probe, round_id: int
+    acc: RoundSum, params: Mapping[str, np.ndarray], probe: Probe, round_id: int
 ) -> tuple[Tensors | None, str]:
     """The round's new global model, or None and why it must not be published.
+
+    ``acc.apply`` computes the round's aggregated delta (its rule's) and the server
+    optimizer's step from ``params``. The intake's headroom check assumed a convex
+    combination, which a server learning rate above 1, momentum or an adaptive step is not:
+    the step's own finiteness check (AggregationError) and ``probe`` cover them.
 
     ``probe`` says why a model is unusable (None: it is fine), e.g. non-finite outputs on a
     held-out batch. Capped weights and a discarded round are logged here, once per round.

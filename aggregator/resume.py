@@ -29,6 +29,9 @@ Tensors = dict[str, np.ndarray]
 
 # Exit code of an aggregator whose round stayed below quorum after every extension/retry.
 EXIT_STARVED = 3
+# Exit code of an aggregator that stopped because one more round would exceed its privacy
+# budget (the model it published last is final).
+EXIT_BUDGET = 4
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,13 @@ class Durability:
         model_hash: str,
         rng: np.random.Generator,
         residual: Tensors | None = None,
+        strategy: tuple[Tensors, dict[str, Any]] | None = None,
     ) -> None:
-        """Checkpoint round ``state.round_id`` as applied, then drop its journal."""
+        """Checkpoint round ``state.round_id`` as applied, then drop its journal.
+
+        ``strategy``: the strategy's state after the round (RoundStrategy.state()).
+        """
+        strategy_tensors, strategy_doc = strategy if strategy is not None else ({}, None)
         self.history.append({"round": state.round_id, "accepted": dict(state.accepted)})
         self.store.save(
             Checkpoint(
@@ -104,6 +112,8 @@ class Durability:
                 history=self.history,
                 residual=residual,
                 run=self.run,
+                strategy_tensors=strategy_tensors,
+                strategy=strategy_doc,
             )
         )
         self.journal.clear_through(state.round_id)

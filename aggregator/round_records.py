@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aggregator.intake import UpdateIntake
+from aggregator.round_strategy import StrategyFigures
 from aggregator.rounds import RoundState
 from shared.protocol import messages as msg
 from shared.protocol.messages import RoundMetrics
@@ -17,6 +19,26 @@ if TYPE_CHECKING:
     from shared.runtime.training import EvalResult
 
 Tensors = dict[str, np.ndarray]
+
+log = logging.getLogger("fedmq.aggregator")
+
+
+def log_latency(
+    round_id: int, last_update: float, closed: float, computed: float, published: float
+) -> float:
+    """Log where the time from a round's last update to its published model went (monotonic
+    seconds); return that time in milliseconds."""
+    latency_ms = (published - last_update) * 1000
+    log.info(
+        "round %d: last update → model published %.0f ms (waited in the inbox %.0f, "
+        "new model computed %.0f, published and acknowledged by the broker %.0f)",
+        round_id,
+        latency_ms,
+        (closed - last_update) * 1000,
+        (computed - closed) * 1000,
+        (published - computed) * 1000,
+    )
+    return latency_ms
 
 
 def round_start(
@@ -49,6 +71,7 @@ def round_start(
             weight_decay=cfg.weight_decay,
             seed=cfg.seed * 100_003 + state.round_id,
             regression_loss=cfg.regression_loss,  # type: ignore[arg-type]  # checked in cfg
+            proximal_mu=cfg.proximal_mu,
         ),
         codec=cfg.codec,
         max_update_bytes=cfg.max_update_bytes,
@@ -79,6 +102,7 @@ class ClosedRound:
     bytes_down: int
     frame: bytes  # the published global-model frame
     delta_bytes: int = 0  # the published global-delta frame (0: none)
+    strategy: StrategyFigures = field(default_factory=StrategyFigures)
 
     def metrics(
         self,
@@ -120,4 +144,8 @@ class ClosedRound:
             test_rmse=evaluation.rmse if evaluation else None,
             test_mae=evaluation.mae if evaluation else None,
             local_val_rmse=intake.pooled_val_rmse(),
+            clip_bound=self.strategy.clip_bound,
+            clipped=self.strategy.clipped,
+            dp_epsilon=self.strategy.dp_epsilon,
+            dp_delta=self.strategy.dp_delta,
         )

@@ -10,10 +10,8 @@ only enqueues.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -21,11 +19,12 @@ from aggregator.checkpoint import CheckpointError
 from aggregator.config import AggregatorConfig
 from aggregator.downloads import GlobalDownloads, bytes_down
 from aggregator.evaluation import Evaluator
-from aggregator.intake import UpdateIntake, receipt_for, wrong_model_reason
+from aggregator.intake import UpdateIntake, receipt_for
 from aggregator.metrics_log import MetricsLog
 from aggregator.model_check import next_global_model
 from aggregator.onnx_export import RoundExporter, state_dir_of
 from aggregator.resume import (
+    EXIT_BUDGET,
     EXIT_STARVED,
     Durability,
     new_run_epoch,
@@ -34,9 +33,14 @@ from aggregator.resume import (
     starved_action,
 )
 from aggregator.roster import AgentRoster
-from aggregator.round_records import ClosedRound, OpenRound, round_start
+from aggregator.round_records import ClosedRound, OpenRound, log_latency, round_start
+from aggregator.round_strategy import (
+    RoundAggregate,
+    RoundStrategy,
+    StrategyError,
+    strategy_settings,
+)
 from aggregator.rounds import RoundPhase, RoundState, Verdict, select_clients, without_open_round
-from aggregator.strategy import StreamingFedAvg
 from aggregator.update_bounds import model_headroom
 from aggregator.update_budget import IntakeGuard
 from shared.clock import Clock, SystemClock
@@ -52,6 +56,12 @@ log = logging.getLogger("fedmq.aggregator")
 Tensors = dict[str, np.ndarray]
 # One warning line per sender per interval (with a count): a flood is not a log flood.
 WARN_INTERVAL_S = 10.0
+
+
+def _aggregate(intake: UpdateIntake) -> RoundAggregate:
+    """The strategy's round behind the service's intake (it always builds one)."""
+    assert isinstance(intake.acc, RoundAggregate)
+    return intake.acc
 
 
 def model_spec(cfg: AggregatorConfig) -> msg.ModelSpec:
@@ -102,6 +112,9 @@ class AggregatorService:
         self.params: Tensors = self.evaluator.initial_params()
         self.shapes = {n: tuple(v.shape) for n, v in self.params.items()}
         self.model_hash = tensors_hash(self.params)
+        # Optimizer, clipping, rule and DP (ValueError when they cannot run: exit 1).
+        self.strategy = RoundStrategy(strategy_settings(cfg), self.shapes)
+        self.strategy.check_capacity(cfg.min_clients)
         self.downloads = GlobalDownloads(
             cfg.federation,
             self.spec,
@@ -146,15 +159,24 @@ class AggregatorService:
             nxt = self._open_round(current.state.round_id + 1)
             self._report(closed)
             if nxt is None and current.state.round_id < cfg.rounds:
-                self._finish("offline")
-                return 2
+                return self._stop_early()
             current = nxt
         if self.round_id < cfg.rounds:  # no round could be opened at all
-            self._finish("offline")
-            return 2
+            return self._stop_early()
         self._finish("finished")
         log.info("federation %s finished after %d rounds", cfg.federation, cfg.rounds)
         return 0
+
+    def _stop_early(self) -> int:
+        """No further round could be opened: the privacy budget is spent (the model is final:
+        exit 4), or no quorum or no room for the round (exit 2)."""
+        refusal = self.strategy.budget_refusal()
+        if refusal is not None:
+            log.error("stopping after round %d: %s", self.round_id, refusal)
+            self._finish("finished")
+            return EXIT_BUDGET
+        self._finish("offline")
+        return 2
 
     def _finish(self, state: str) -> None:
         self.guard.close()
@@ -168,7 +190,7 @@ class AggregatorService:
     def _open_round(self, r: int) -> OpenRound | None:
         """Select agents and announce round ``r``; None after the last round or without quorum."""
         cfg = self.cfg
-        if r > cfg.rounds:
+        if r > cfg.rounds or self.strategy.budget_refusal() is not None:
             return None
         if not self._wait_for_agents(cfg.min_clients, cfg.wait_clients_timeout):
             log.error(
@@ -180,19 +202,13 @@ class AggregatorService:
         state = RoundState(
             r, self.model_hash, set(selected), cfg.min_clients, started + cfg.round_timeout, started
         )
-        self._announce(state)
-        return OpenRound(state, self._intake(state), started)
-
-    def _earlier_metrics(self, upto: int) -> list[dict[str, Any]]:
-        path = self.metrics.path
-        if path is None or not path.exists():
-            return []
         try:
-            rounds = json.loads(path.read_text())["rounds"]
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("metrics file %s unreadable (%s): starting a new one", path, exc)
-            return []
-        return [e for e in rounds if isinstance(e, dict) and e.get("round", 0) <= upto]
+            intake = self._intake(state)  # before the announcement: can the round be held?
+        except StrategyError as exc:
+            log.error("round %d cannot be held: %s", r, exc)
+            return None
+        self._announce(state)
+        return OpenRound(state, intake, started)
 
     def _intake(self, state: RoundState) -> UpdateIntake:
         cfg = self.cfg
@@ -200,7 +216,7 @@ class AggregatorService:
         return UpdateIntake(
             cfg.federation,
             state,
-            StreamingFedAvg(self.shapes, cfg.max_weight_share),
+            self.strategy.open_round(len(state.selected)),
             cfg.max_update_bytes,
             cfg.max_update_norm,
             max_samples=cfg.max_samples,
@@ -224,10 +240,16 @@ class AggregatorService:
                     f"as built here (fingerprint {self.evaluator.fingerprint}): install the "
                     "model version it was trained with, or use another --state-dir"
                 )
-            self.params, self.model_hash, self.round_id = ckpt.params, ckpt.model_hash, ckpt.round
-            self.downloads.residual = ckpt.residual
+            # In the model's tensor order, not the file's (sorted): the download quantizer
+            # draws its rounding noise tensor by tensor, so a resumed run draws as before.
+            order = list(self.shapes)
+            self.params = {n: ckpt.params[n] for n in order}
+            self.model_hash, self.round_id = ckpt.model_hash, ckpt.round
+            res = ckpt.residual
+            self.downloads.residual = None if res is None else {n: res[n] for n in order}
+            self.strategy.load_state(ckpt.strategy_tensors, ckpt.strategy)
             set_rng_state(self.rng, ckpt.rng_state)
-            self.metrics.entries = self._earlier_metrics(ckpt.round)
+            self.metrics.entries = self.metrics.earlier(ckpt.round)
             log.info("resumed from checkpoint: %d rounds applied", ckpt.round)
         if jr is None or jr.round > self.cfg.rounds:
             return None
@@ -269,7 +291,7 @@ class AggregatorService:
         last_update_at = self.clock.monotonic()
         while (phase := state.phase(self.clock.time())) in (RoundPhase.OPEN, RoundPhase.STARVED):
             if phase is RoundPhase.STARVED:
-                if not self._starved(state):
+                if not self._starved(state, intake):
                     return None
                 continue
             self._after_reconnect()
@@ -281,6 +303,7 @@ class AggregatorService:
         target, unusable = next_global_model(
             intake.acc, self.params, self.evaluator.unusable, state.round_id
         )
+        self.strategy.close(_aggregate(intake), applied=target is not None)
         if target is not None:
             # With a download codec: the quantized path agents can follow from the global delta.
             self.params, self.model_hash = self.downloads.advance(
@@ -289,7 +312,9 @@ class AggregatorService:
         self.round_id = state.round_id
         if self.durable is not None:
             residual = self.downloads.residual
-            self.durable.applied(state, self.params, self.model_hash, self.rng, residual)
+            self.durable.applied(
+                state, self.params, self.model_hash, self.rng, residual, self.strategy.state()
+            )
         if target is None:
             self._decide(state, "discarded", unusable)
         else:
@@ -297,15 +322,8 @@ class AggregatorService:
         computed_at = self.clock.monotonic()
         self._publish_model(final=False)
         published_at = self.clock.monotonic()
-        latency_ms = (published_at - last_update_at) * 1000
-        log.info(
-            "round %d: last update → model published %.0f ms (waited in the inbox %.0f, "
-            "new model computed %.0f, published and acknowledged by the broker %.0f)",
-            state.round_id,
-            latency_ms,
-            (closed_at - last_update_at) * 1000,
-            (computed_at - closed_at) * 1000,
-            (published_at - computed_at) * 1000,
+        latency_ms = log_latency(
+            state.round_id, last_update_at, closed_at, computed_at, published_at
         )
         self._publish(self.topics.round_start(state.round_id), b"", retain=True)
         dl = self.downloads
@@ -318,6 +336,7 @@ class AggregatorService:
             bytes_down(intake.download_reports(), len(dl.model_frame), len(self.agents.online())),
             dl.model_frame,
             dl.delta_bytes(state.round_id),
+            self.strategy.figures(_aggregate(intake)),
         )
 
     def _announce(self, state: RoundState) -> None:
@@ -338,7 +357,7 @@ class AggregatorService:
             state.deadline - self.clock.time(),
         )
 
-    def _starved(self, state: RoundState) -> bool:
+    def _starved(self, state: RoundState, intake: UpdateIntake) -> bool:
         """Apply the --on-starved policy; False when the round has to fail."""
         cfg = self.cfg
         action = starved_action(state.extensions, cfg.on_starved, cfg.max_extensions)
@@ -351,7 +370,7 @@ class AggregatorService:
             online = [c for c in self.agents.online() if c not in state.accepted]
             fresh = select_clients(online, cfg.fraction, 1, self.rng) if online else []
             state.selected = set(state.accepted) | set(fresh) or state.selected
-        self._extend(state)
+        self._extend(state, intake)
         self._decide(state, "retried" if action == "retry" else "extended", "below quorum")
         return True
 
@@ -378,8 +397,13 @@ class AggregatorService:
         for topic, payload in list(self._retained.items()):
             self._publish(topic, payload, retain=True, wait=False)
 
-    def _extend(self, state: RoundState) -> None:
+    def _extend(self, state: RoundState, intake: UpdateIntake) -> None:
         extra = [c for c in self.agents.online() if c not in state.selected]
+        try:  # a rule holding the round makes room for the newly invited agents
+            _aggregate(intake).grow(len(state.selected) + len(extra))
+        except StrategyError as exc:
+            log.warning("round %d: no room for more agents (%s): none invited", state.round_id, exc)
+            extra = []
         state.extend(self.clock.time() + self.cfg.round_timeout, extra)
         log.warning(
             "round %d below quorum at its deadline (%d/%d accepted): extended by %.0fs, "
@@ -490,20 +514,11 @@ class AggregatorService:
         return True
 
     def _wrong_model(self, status: msg.AgentStatus, intake: UpdateIntake | None) -> None:
-        """A device refused a round: its build of the model has another fingerprint.
-
-        Answered with a ``wrong-model`` receipt naming both fingerprints (the device's log
-        and the operator's receipt topic say the same); it counts as a rejection of the open
-        round, which then does not wait for that device. A refusal of another round than the
-        open one is only logged (by the roster).
-        """
-        state = intake.state if intake is not None else None
-        if state is None or status.round != state.round_id or status.client_id in state.accepted:
-            return
+        """A device refused a round: another build of the model (intake.decline_wrong_model)."""
         what = f"this device's build of {self.spec.arch!r} is another architecture"
-        reason = wrong_model_reason(what, self.evaluator.fingerprint, status.model_fingerprint)
-        state.decline(status.client_id, reason)  # not waited for: it cannot send an update
-        self._receipt(state.round_id, status.client_id, Verdict("wrong-model", reason))
+        verdict = intake.decline_wrong_model(status, what) if intake is not None else None
+        if verdict is not None:
+            self._receipt(status.round, status.client_id, verdict)
 
     # --- outbound ----------------------------------------------------------------------
     def _publish_model(self, final: bool) -> None:

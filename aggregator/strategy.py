@@ -15,6 +15,7 @@ import heapq
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -23,6 +24,23 @@ Tensors = dict[str, np.ndarray]
 
 class AggregationError(ValueError):
     """A delta does not fit the model, there is nothing to aggregate, or the result overflows."""
+
+
+class RoundSum(Protocol):
+    """What the intake feeds and the round's close applies: :class:`StreamingFedAvg`, or the
+    configured strategy's round (:class:`aggregator.round_strategy.RoundAggregate`)."""
+
+    shapes: dict[str, tuple[int, ...]]
+    max_share: float
+
+    def add(self, delta: Mapping[str, np.ndarray], num_samples: int, client_id: str = "") -> None:
+        """Count one update (AggregationError: nothing counted)."""
+
+    def capped(self) -> list[tuple[str, int, float]]:
+        """(client, num_samples, weight) of every client whose weight the share cap lowers."""
+
+    def apply(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The new global parameters (AggregationError when not finite)."""
 
 
 @dataclass(order=True)

@@ -183,9 +183,23 @@ def _header(s: MonitorState, now: float) -> Panel:
         f"receipts seen: {s.receipts_accepted} accepted, {s.receipts_rejected} rejected   "
         f"global model: round {s.global_round}, {s.global_bytes / 1e3:.1f} kB{onnx}"
     )
+    privacy = _privacy(s)
+    if privacy:
+        lines.append(privacy)
     for p in s.problems:
         lines.append(f"[red]bad message[/] {p}")
     return Panel(Text.from_markup("\n".join(lines)), title="fedmq monitor")
+
+
+def _privacy(s: MonitorState) -> str:
+    """The (ε, δ) spent so far, from the latest metrics ("" without differential privacy)."""
+    last = s.history[-1] if s.history else None
+    if last is None or last.dp_epsilon is None:
+        return ""
+    return (
+        f"differential privacy: [bold]ε = {last.dp_epsilon:.3g}[/] spent after round "
+        f"{last.round} (δ = {last.dp_delta:g})"
+    )
 
 
 _STATE_STYLE = {"online": "green", "training": "yellow", "offline": "red"}
@@ -213,7 +227,13 @@ def _history_table(s: MonitorState) -> Table:
     for col in ("round", "clients", "test", "test loss", "train loss", "up kB", "down kB"):
         table.add_column(col, justify="right")
     table.add_column("round s", justify="right")
-    for m in s.history[-HISTORY_ROWS:]:
+    rows = s.history[-HISTORY_ROWS:]
+    dp = any(m.dp_epsilon is not None for m in rows)
+    table.add_column("clip", justify="right")
+    if dp:
+        table.add_column("ε", justify="right")
+    for m in rows:
+        extra = [] if not dp else ["-" if m.dp_epsilon is None else f"{m.dp_epsilon:.3g}"]
         table.add_row(
             str(m.round),
             str(m.accepted),
@@ -223,6 +243,8 @@ def _history_table(s: MonitorState) -> Table:
             f"{m.bytes_up / 1e3:.1f}",
             f"{m.bytes_down / 1e3:.1f}",
             f"{m.round_time_s:.2f}",
+            "-" if m.clip_bound is None else f"{m.clip_bound:.3g} ({m.clipped})",
+            *extra,
         )
     return table
 

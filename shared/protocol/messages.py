@@ -112,6 +112,11 @@ class TrainParams(msgspec.Struct, frozen=True, kw_only=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] = 0
     # The loss of a regression task (classification always trains on cross-entropy).
     regression_loss: RegressionLoss = "mse"
+    # FedProx (Li et al. 2020): μ of the proximal term μ/2·‖w − w_global‖² added to the local
+    # loss; 0 = plain local SGD. Agents older than it ignore the field and train without the
+    # term; pinned ones refuse a μ > 0 announcement, whose signature covers it
+    # (shared/protocol/claims.py, docs/strategies.md "FedProx").
+    proximal_mu: Annotated[float, msgspec.Meta(ge=0, le=MAX_PROXIMAL_MU)] = 0.0
 
 
 class RoundStart(Message, frozen=True, kw_only=True):

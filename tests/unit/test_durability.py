@@ -121,6 +121,40 @@ def test_checkpoint_round_trips_the_download_residual(tmp_path: Path) -> None:
     assert all(np.array_equal(loaded.residual[k], residual[k]) for k in PARAMS)
 
 
+def test_checkpoint_round_trips_the_strategy_state_apart_from_the_model(tmp_path: Path) -> None:
+    fp = config_fingerprint(AggregatorConfig())
+    moments = {
+        f"{m}/{n}": np.full(v.shape, 0.5, np.float32) for m in "mv" for n, v in PARAMS.items()
+    }
+    doc = {"optimizer": {"strategy": "fedadam", "step": 3}, "clip": {"bound": 1.5, "rounds": 3}}
+    CheckpointStore(tmp_path).save(replace(_ckpt(fp), strategy_tensors=moments, strategy=doc))
+
+    loaded = CheckpointStore(tmp_path).load(fp)
+
+    assert loaded is not None and loaded.params.keys() == PARAMS.keys()
+    assert loaded.model_hash == tensors_hash(PARAMS)
+    assert loaded.strategy == doc
+    assert loaded.strategy_tensors.keys() == moments.keys()
+    assert all(np.array_equal(loaded.strategy_tensors[k], moments[k]) for k in moments)
+
+
+def test_checkpoint_written_before_strategies_loads_without_strategy_state(tmp_path: Path) -> None:
+    fp = config_fingerprint(AggregatorConfig())
+    CheckpointStore(tmp_path).save(_ckpt(fp))
+
+    loaded = CheckpointStore(tmp_path).load(fp)
+
+    assert loaded is not None and loaded.strategy is None and loaded.strategy_tensors == {}
+
+
+def test_the_strategy_settings_are_part_of_the_fingerprint_only_when_not_default() -> None:
+    default = AggregatorConfig()
+
+    assert config_fingerprint(replace(default, strategy="fedavg")) == config_fingerprint(default)
+    for change in ({"strategy": "fedadam"}, {"robust": "median"}, {"clip": "none"}):
+        assert config_fingerprint(replace(default, **change)) != config_fingerprint(default)
+
+
 def test_checkpoint_written_before_download_deltas_loads_without_a_residual(
     tmp_path: Path,
 ) -> None:

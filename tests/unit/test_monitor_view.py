@@ -129,6 +129,30 @@ def test_render_shows_round_deadline_agents_and_history() -> None:
     assert "81.25%" in text and "12.0" in text
 
 
+def test_render_shows_the_epsilon_spent_and_the_clipping_bound_of_a_dp_federation() -> None:
+    state = _state()
+    dp = msg.RoundMetrics(
+        federation="shop", round=3, participants=["pi-1"], accepted=1, rejected=0,
+        num_samples=900, clip_bound=0.75, clipped=1, dp_epsilon=2.5, dp_delta=1e-5,
+    )  # fmt: skip
+    state.apply(T.metrics, dp.to_json(), True, NOW)
+    console = Console(record=True, width=160)
+
+    console.print(render(state, NOW))
+    text = console.export_text()
+
+    assert "ε = 2.5 spent after round 3 (δ = 1e-05)" in text
+    assert "0.75 (1)" in text
+
+
+def test_without_dp_the_monitor_shows_no_epsilon() -> None:
+    console = Console(record=True, width=160)
+
+    console.print(render(_state(), NOW))
+
+    assert "ε" not in console.export_text()
+
+
 def test_render_shows_the_code_of_a_receipt_from_an_older_aggregator() -> None:
     state = _state()
     old = msg.Receipt(
