@@ -179,6 +179,7 @@ class LocalTrainer:
             weight_decay=params.weight_decay,
             seed=seed,
             regression_loss=params.regression_loss,
+            proximal_mu=params.proximal_mu,
         )
         result = train_local(model, data, cfg)
         # Figures for the operator, rounded: at 100× compression the header is ~10 % of an
@@ -188,6 +189,8 @@ class LocalTrainer:
             "train_time_s": round(result.train_time_s, 3),
             "steps": result.steps,
         }
+        if cfg.proximal_mu:  # the aggregator's logs can tell who trained with FedProx's term
+            meta["proximal_mu"] = cfg.proximal_mu
         if val is not None:
             meta.update(
                 _validation_figures(evaluate(model, val, regression_loss=cfg.regression_loss))

@@ -11,7 +11,9 @@ field means a new domain. Signed fields, by claim:
   time, informative) and the two signatures: schema, federation, run, round, base hash,
   deadline, selection, the whole model spec (task and outputs included), the whole training
   parameters (seed and regression loss included), codec, maximum update size, download codec
-  and the architecture fingerprint.
+  and the architecture fingerprint. FedProx's ``proximal_mu`` is signed only when it is not
+  0: agents older than it verify the announcements they can follow (μ = 0) and refuse the
+  others, which they would train without the proximal term.
 - ``fedmq-round-start-v1`` (``RoundStart.signature``): the fields agents older than model
   plugins know: the same minus the fingerprint, the model's task and outputs and the
   regression loss. Written only when such agents can follow the round (a classification task
@@ -130,14 +132,20 @@ def round_start_claim_v2(ann: RoundStart) -> bytes:
 
 def older_agents_follow(ann: RoundStart) -> bool:
     """True when agents older than model plugins can train ``ann`` (and so get a v1
-    signature): a classification task on ``(C, H, W)`` samples."""
-    return ann.model.task == "classification" and len(ann.model.input_shape) == 3
+    signature): a classification task on ``(C, H, W)`` samples, without FedProx's term."""
+    return (
+        ann.model.task == "classification"
+        and len(ann.model.input_shape) == 3
+        and ann.train.proximal_mu == 0
+    )
 
 
 def _body(ann: RoundStart) -> dict[str, Any]:
     body = msgspec.to_builtins(_normalized(ann, "", ""))
     assert isinstance(body, dict)
     del body["ts"], body["signature"]
+    if not body["train"]["proximal_mu"]:  # as agents older than FedProx sign it
+        del body["train"]["proximal_mu"]
     return body
 
 
@@ -154,6 +162,7 @@ def _normalized(ann: RoundStart, signature: str, signature_v2: str) -> RoundStar
             lr=float(ann.train.lr),
             momentum=float(ann.train.momentum),
             weight_decay=float(ann.train.weight_decay),
+            proximal_mu=float(ann.train.proximal_mu),
         ),
     )
 

@@ -100,11 +100,13 @@ def test_the_send_time_is_outside_the_signature() -> None:
                                 num_outputs=3)},
         {"train": msg.TrainParams(local_epochs=2, batch_size=16, lr=0.05, momentum=0.9, seed=7,
                                   regression_loss="mae")},
+        {"train": msg.TrainParams(local_epochs=2, batch_size=16, lr=0.05, momentum=0.9, seed=7,
+                                  proximal_mu=0.01)},
     ],
     ids=["federation", "run", "round", "base-hash", "deadline", "selected", "input-shape",
          "classes", "arch", "lr", "epochs", "batch-size", "momentum", "weight-decay", "seed",
          "codec", "max-update-bytes", "download-codec", "fingerprint", "task", "outputs",
-         "regression-loss"],
+         "regression-loss", "proximal-mu"],
 )  # fmt: skip
 def test_changing_any_signed_field_breaks_the_signature(change: dict[str, Any]) -> None:
     signed = sign_round_start(KEY, _ann())
@@ -115,7 +117,8 @@ def test_changing_any_signed_field_breaks_the_signature(change: dict[str, Any]) 
 
 
 def test_every_field_of_the_announcement_is_in_the_v2_claim_but_the_send_time() -> None:
-    ann = _ann(fingerprint="c" * 64)
+    train = msg.TrainParams(local_epochs=2, batch_size=16, lr=0.05, seed=7, proximal_mu=0.1)
+    ann = _ann(fingerprint="c" * 64, train=train)
     context, body = json.loads(round_start_claim_v2(ann))
 
     assert context == "fedmq-round-start-v2"
@@ -124,6 +127,37 @@ def test_every_field_of_the_announcement_is_in_the_v2_claim_but_the_send_time() 
     }  # fmt: skip
     assert set(body["model"]) == {f.name for f in msgspec.structs.fields(msg.ModelSpec)}
     assert set(body["train"]) == {f.name for f in msgspec.structs.fields(msg.TrainParams)}
+
+
+def test_a_zero_proximal_mu_is_signed_as_agents_older_than_fedprox_sign_it() -> None:
+    _, body = json.loads(round_start_claim_v2(_ann()))
+
+    assert "proximal_mu" not in body["train"]
+
+
+def test_a_fedprox_announcement_verifies_and_has_no_v1_signature() -> None:
+    train = msg.TrainParams(local_epochs=2, batch_size=16, lr=0.05, seed=7, proximal_mu=0.1)
+    signed = sign_round_start(KEY, _ann(train=train))
+
+    assert signed.signature == ""  # agents older than model plugins cannot follow it
+    verify_round_start(KEY.public_key(), _wire(signed))
+
+
+def test_an_agent_older_than_fedprox_refuses_a_fedprox_announcement_and_follows_others() -> None:
+    plain = sign_round_start(KEY, _ann())
+    train = msg.TrainParams(local_epochs=2, batch_size=16, lr=0.05, seed=7, proximal_mu=0.1)
+    prox = sign_round_start(KEY, _ann(train=train))
+
+    def older_claim(ann: msg.RoundStart) -> bytes:  # its TrainParams had no proximal_mu
+        body = json.loads(ann.to_json())
+        for key in ("ts", "signature", "signature_v2"):
+            del body[key]
+        del body["train"]["proximal_mu"]
+        return canonical_json("fedmq-round-start-v2", body)
+
+    verify_bytes(KEY.public_key(), older_claim(plain), plain.signature_v2, "")
+    with pytest.raises(SignatureError):
+        verify_bytes(KEY.public_key(), older_claim(prox), prox.signature_v2, "")
 
 
 # --- agents older than model plugins: their structs and claim, as they were -----------------

@@ -122,7 +122,14 @@ def test_empty_dataset_is_rejected() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"local_epochs": 0}, {"batch_size": 0}, {"lr": 0.0}, {"momentum": 1.0}, {"max_steps": 0}],
+    [
+        {"local_epochs": 0},
+        {"batch_size": 0},
+        {"lr": 0.0},
+        {"momentum": 1.0},
+        {"max_steps": 0},
+        {"proximal_mu": -0.1},
+    ],
 )
 def test_train_config_rejects_invalid_values(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -158,6 +165,50 @@ def test_update_rule_matches_torch_optim_sgd(momentum: float, weight_decay: floa
 
     for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _reference_fedprox(model: torch.nn.Module, data: ArrayDataset, cfg: TrainConfig) -> None:
+    """FedProx as Li et al. write it: μ/2·‖w − w₀‖² added to the loss, torch.optim.SGD."""
+    x, y = torch.from_numpy(data.as_float()), torch.from_numpy(data.y)
+    anchors = [p.detach().clone() for p in model.parameters()]
+    generator = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(len(data), generator=generator)
+        for begin in range(0, len(data), cfg.batch_size):
+            idx = order[begin : begin + cfg.batch_size]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            prox = sum(
+                ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchors, strict=True)
+            )
+            (loss + cfg.proximal_mu / 2 * prox).backward()
+            opt.step()
+
+
+def test_fedprox_adds_mu_over_2_times_the_squared_distance_to_the_start_to_the_loss() -> None:
+    data = _separable(96)
+    cfg = TrainConfig(local_epochs=2, batch_size=16, lr=0.05, momentum=0.9, seed=3, proximal_mu=0.5)
+    ours, reference = _mlp(), _mlp()
+
+    train_local(ours, data, cfg)
+    _reference_fedprox(reference, data, cfg)
+
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _distance_moved(mu: float) -> float:
+    model, start = _mlp(), _mlp()
+    train_local(model, _separable(200), TrainConfig(local_epochs=3, lr=0.1, proximal_mu=mu))
+    return sum(
+        float(((p - q) ** 2).sum())
+        for p, q in zip(model.parameters(), start.parameters(), strict=True)
+    )
+
+
+def test_a_larger_mu_keeps_the_local_model_closer_to_the_global_one() -> None:
+    assert _distance_moved(0.0) > _distance_moved(1.0) > _distance_moved(10.0)
 
 
 # --- regression ---------------------------------------------------------------------------
