@@ -53,8 +53,14 @@ def _add_bench_commands(sub: Any) -> None:
             "inprocess", help="the demo's federation in one process (the round-time yardstick)"
         )
     )
-    from aggregator.ops.bench import codecs, compression, fleet, ingest
+    from aggregator.ops.bench import codecs, compression, fleet, ingest, strategies
 
+    strategies.add_arguments(
+        bench_sub.add_parser(
+            "strategies",
+            help="one federation per strategy, clean and under attack: accuracy per round",
+        )
+    )
     compression.add_arguments(
         bench_sub.add_parser(
             "compression", help="one federation per update codec: bytes vs accuracy"
@@ -78,8 +84,10 @@ def _add_bench_commands(sub: Any) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from aggregator.ops.bench import codecs, compression, fleet, ingest
+    from aggregator.ops.bench import codecs, compression, fleet, ingest, strategies
 
+    if args.bench == "strategies":
+        return strategies.run_strategies(args)
     if args.bench == "compression":
         return compression.run_compression(args)
     if args.bench == "ingest":

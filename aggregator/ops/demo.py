@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -149,9 +150,20 @@ def aggregator_command(url: str, federation: str, *extra: str) -> list[str]:
 
 
 def start_processes(
-    args: argparse.Namespace, url: str, clients: list[Path], test: Path, out: Path
+    args: argparse.Namespace,
+    url: str,
+    clients: list[Path],
+    test: Path,
+    out: Path,
+    aggregator_extra: Sequence[str] = (),
+    honest: Sequence[int] | None = None,
 ) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
-    """Launch the aggregator and one agent per client, each logging to ``out/logs``."""
+    """Launch the aggregator and one agent per client, each logging to ``out/logs``.
+
+    ``aggregator_extra``: more aggregator flags (a strategy); ``honest``: the indices of the
+    clients to start agents for (default all: ``fedmq bench strategies`` starts the others
+    as malicious devices itself).
+    """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = _child_env()
@@ -187,9 +199,12 @@ def start_processes(
         "--metrics-file",
         str(out / "metrics.json"),
         *child_protocol_flags(args),
+        *aggregator_extra,
     )
     agents = []
     for i, path in enumerate(clients):
+        if honest is not None and i not in honest:
+            continue
         cmd = agent_command(
             url,
             FEDERATION,
