@@ -107,3 +107,15 @@ def test_the_inprocess_bench_takes_the_aggregator_s_strategy_flags() -> None:
 
     assert (cfg.strategy, cfg.robust, cfg.lr, cfg.dp_epsilon) == ("fedadam", "fedavg", 0.05, 4.0)
     assert cfg.momentum == AggregatorConfig().momentum
+
+
+def test_the_demo_and_the_strategies_bench_run_the_tuned_task() -> None:
+    from aggregator.ops import demo
+
+    for add in (demo.add_arguments, add_arguments):
+        parser = argparse.ArgumentParser()
+        add(parser)
+        args = parser.parse_args([])
+        assert (args.lr, args.max_update_norm) == (0.05, 100.0)
+        assert demo._bound_flags(args) == ["--max-update-norm", "100"]
+    assert demo._bound_flags(argparse.Namespace()) == []  # the compression bench: default bound

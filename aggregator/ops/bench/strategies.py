@@ -32,6 +32,7 @@ from aggregator.ops.demo import (
     _child_env,
     add_mqtt_version_argument,
     add_task_arguments,
+    add_tuned_arguments,
     prepare_data,
     start_processes,
     stop_processes,
@@ -45,22 +46,23 @@ from aggregator.ops.report import load_metrics
 PRESETS: dict[str, dict[str, str]] = {
     "fedavg": {"clip": "none", "max_update_norm": "inf"},
     "default": {},
-    "fedavgm": {"strategy": "fedavgm", "server_lr": "0.5", "server_momentum": "0.5"},
-    "fedadam": {"strategy": "fedadam", "server_lr": "0.003"},
-    "fedyogi": {"strategy": "fedyogi", "server_lr": "0.003"},
-    "fedadagrad": {"strategy": "fedadagrad", "server_lr": "0.01"},
+    "fedavgm": {"strategy": "fedavgm", "server_lr": "1", "server_momentum": "0.5"},
+    "fedadam": {"strategy": "fedadam", "server_lr": "0.03"},
+    "fedyogi": {"strategy": "fedyogi", "server_lr": "0.03"},
+    "fedadagrad": {"strategy": "fedadagrad", "server_lr": "0.03"},
     "fedprox": {"proximal_mu": "0.01"},
     "median": {"robust": "median"},
     "trimmed-mean": {"robust": "trimmed-mean", "trim_fraction": "0.2"},
     "krum": {"robust": "krum", "byzantine": "2", "min_clients": "7"},
     "multi-krum": {"robust": "multi-krum", "byzantine": "2", "min_clients": "7"},
 }
-DEFAULT_STRATEGIES = "fedavg,default,fedavgm,fedadam,median,trimmed-mean,multi-krum"
+DEFAULT_STRATEGIES = "fedavg,default,fedavgm,fedadam,fedprox,median,trimmed-mean,multi-krum"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags: the demo's task flags, the strategies, the attacks and DP."""
+    """Flags: the demo's task flags (lr 0.05 and its norm bound), strategies, attacks, DP."""
     add_task_arguments(p)
+    add_tuned_arguments(p)
     p.add_argument(
         "--strategies",
         default=DEFAULT_STRATEGIES,
