@@ -94,6 +94,7 @@ LATER_FINGERPRINT_FIELDS: dict[str, object] = {
     "dp_delta": 1e-5,
     "dp_clip": 1.0,
     "dp_expected_clients": None,
+    "dp_accountant": "rdp",  # z derived from ε depends on it
     "proximal_mu": 0.0,
 }
 

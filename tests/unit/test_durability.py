@@ -151,7 +151,12 @@ def test_the_strategy_settings_are_part_of_the_fingerprint_only_when_not_default
     default = AggregatorConfig()
 
     assert config_fingerprint(replace(default, strategy="fedavg")) == config_fingerprint(default)
-    for change in ({"strategy": "fedadam"}, {"robust": "median"}, {"clip": "none"}):
+    for change in (
+        {"strategy": "fedadam"},
+        {"robust": "median"},
+        {"clip": "none"},
+        {"dp_accountant": "pld"},
+    ):
         assert config_fingerprint(replace(default, **change)) != config_fingerprint(default)
 
 
