@@ -79,7 +79,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp-epsilon", type=float, help="DP-FedAvg with this ε for every run")
     p.add_argument("--dp-clip", type=float, default=1.0, help="DP clipping bound (default 1)")
     p.add_argument("--codec", default="int8", help="update codec of every run (default int8)")
-    p.add_argument("--round-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=60.0,
+        help="seconds per round (default 60: ~10× a round here; a wrecked model whose "
+        "honest devices diverge then ends in minutes, not hours)",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per federation")
     p.add_argument("--out", type=Path, help="output directory (default runs/strategies-<time>)")
     add_mqtt_version_argument(p)
@@ -167,17 +173,22 @@ def _run_one(
 ) -> dict[str, Any]:
     run_args = copy.copy(args)
     run_args.fraction = 1.0
-    run_args.min_clients = int(settings.pop("min_clients", args.clients))
-    out.mkdir(parents=True, exist_ok=True)
     malicious = list(range(args.malicious)) if attack is not None else []
     honest = [i for i in range(len(clients)) if i not in malicious]
+    # Under attack the honest devices are the quorum: a malicious device whose training
+    # diverges on a wrecked model skips its round, which must not hold the others.
+    quorum = len(honest) if attack is not None else args.clients
+    run_args.min_clients = min(int(settings.pop("min_clients", quorum)), quorum)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with LocalBroker(out / "broker") as broker:
+        attackers = []
+        if attack is not None:  # before the aggregator, like the honest agents
+            attackers.append(_start_attackers(args, broker.url, clients, malicious, attack, out))
         aggregator, agents = start_processes(
             run_args, broker.url, clients, test, out, aggregator_flags(settings), honest
         )
-        if attack is not None:
-            agents.append(_start_attackers(args, broker.url, clients, malicious, attack, out))
+        agents += attackers
         try:
             aggregator.wait(args.timeout)
         except subprocess.TimeoutExpired:
