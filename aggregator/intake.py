@@ -27,6 +27,14 @@ from shared.protocol.receipts import ReceiptCode
 
 log = logging.getLogger(__name__)
 
+# Refusals after which a selected device has nothing more to send this round (its agent takes
+# them as final and does not train again): the round completes without it once the others
+# are in and the quorum is met, instead of holding every round open until its deadline. An
+# update the device sends anyway is still screened (and may count) until the round closes.
+ENDS_ROUND: frozenset[ReceiptCode] = frozenset(
+    {"malformed", "too-large", "over-norm", "non-finite", "too-many-samples", "stale-base"}
+)
+
 
 @dataclass(frozen=True)
 class UpdateStats:
@@ -93,7 +101,10 @@ class UpdateIntake:
                 self.stats.append(stats)
                 return Offer(verdict, stats)
         if topic_round == self.state.round_id and topic_client not in self.state.accepted:
-            self.state.reject(topic_client, verdict.reason)
+            if verdict.code in ENDS_ROUND:  # the agent will not send another: do not wait
+                self.state.decline(topic_client, verdict.reason)
+            else:
+                self.state.reject(topic_client, verdict.reason)
         return Offer(verdict)
 
     def _screen(self, topic_round: int, client: str, payload: bytes) -> Verdict:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aggregator.intake import UpdateIntake
-from aggregator.rounds import RoundState
+from aggregator.rounds import RoundPhase, RoundState
 from aggregator.strategy import StreamingFedAvg
 from shared.protocol.frames import MAGIC, FrameHeader, encode_frame
 
@@ -180,6 +180,23 @@ def test_rejection_is_recorded_in_round_state() -> None:
     offer = intake.offer(ROUND, "c1", b"garbage")
 
     assert intake.state.rejected == {"c1": offer.verdict.reason}
+
+
+def test_a_finally_refused_device_is_not_waited_for() -> None:
+    intake = _intake(("c1", "c2"))
+    intake.offer(ROUND, "c2", b"garbage")  # malformed: its agent sends nothing more
+    intake.offer(ROUND, "c1", _update("c1"))
+
+    assert intake.state.phase(now=0.0) is RoundPhase.COMPLETE  # long before the deadline
+    assert "c2" in intake.state.rejected
+
+
+def test_a_device_refused_not_now_is_still_waited_for() -> None:
+    intake = _intake(("c1", "c2"))
+    intake.offer(ROUND + 1, "c2", _update("c2", round=ROUND + 1))  # wrong round: re-sent later
+    intake.offer(ROUND, "c1", _update("c1"))
+
+    assert intake.state.phase(now=0.0) is RoundPhase.OPEN
 
 
 def test_oversized_update_is_rejected_as_undecodable() -> None:
