@@ -80,7 +80,7 @@ def test_the_table_shows_rounds_10_and_last_per_condition() -> None:
 
     assert "| strategy | none: round 10 | none: round 20 | scale ×100: round 10 |" in table
     assert "| `fedavg` | 80.00% | 85.00% | 10.00% | 10.00% |" in table
-    assert "| `median` | 79.00% | – (unfinished) | – | – |" in table
+    assert "| `median` | 79.00% | stopped after round 19: 84.00% (exit 0) | – | – |" in table
 
 
 def test_the_bench_defaults_are_the_issue_s_fixed_task() -> None:

@@ -271,10 +271,18 @@ def markdown_table(rows: list[dict[str, Any]], command: str, rounds: int) -> str
             if row is None:
                 cells += ["–", "–"]
                 continue
-            mark = "" if row["finished"] else " (unfinished)"
-            cells += [_pct(accuracy_at(row, 10)), _pct(accuracy_at(row, rounds)) + mark]
+            cells += [_pct(accuracy_at(row, 10)), _last_cell(row, rounds)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _last_cell(row: dict[str, Any], rounds: int) -> str:
+    """Accuracy at the last round, or where and why a federation stopped before it."""
+    if row["finished"]:
+        return _pct(accuracy_at(row, rounds))
+    done = len(row["accuracy_per_round"])
+    last = f": {_pct(accuracy_at(row, done))}" if done else ""
+    return f"stopped after round {done}{last} (exit {row['exit_code']})"
 
 
 def plot(rows: list[dict[str, Any]], png: Path, title: str) -> None:
