@@ -43,6 +43,7 @@ from aggregator.privacy import (
     noise_multiplier_for,
 )
 from aggregator.robust import (
+    DEFAULT_MAX_ROUND_MEMORY,
     RobustConfig,
     RobustConfigError,
     RoundUpdates,
@@ -81,9 +82,10 @@ class StrategySettings:
     clip: str  # none | fixed | adaptive (DP: the DP mechanism's own clipping)
     fixed_bound: float | None
     adaptive: AdaptiveClipConfig | None  # without DP
-    bootstrap: bool  # adaptive without a C₀: round 1 is not clipped and sets it
+    bootstrap: bool  # adaptive without a C₀: round 1 is clipped to its own γ-quantile norm
     max_share: float
     dp: DPSettings | None
+    max_round_memory: int = DEFAULT_MAX_ROUND_MEMORY  # bytes round 1 may hold (bootstrap)
 
 
 def strategy_settings(cfg: Any) -> StrategySettings:
@@ -111,8 +113,9 @@ def strategy_settings(cfg: Any) -> StrategySettings:
     fixed = cfg.clip_bound if cfg.clip == "fixed" else None
     dp = _dp_settings(cfg, hard) if dp_enabled(cfg) else None
     return StrategySettings(
-        opt, robust, cfg.clip, fixed, adaptive, bootstrap, cfg.max_weight_share, dp
-    )
+        opt, robust, cfg.clip, fixed, adaptive, bootstrap, cfg.max_weight_share, dp,
+        cfg.max_round_memory,
+    )  # fmt: skip
 
 
 def _finite(bound: float | None) -> float | None:
@@ -177,6 +180,12 @@ class RoundAggregate:
         self._clipper = RoundClipper(self.bound) if self.bound and not s.dp else None
         self._held = RoundUpdates(s.robust, self.shapes, capacity) if s.robust else None
         self._sum = StreamingFedAvg(self.shapes, s.max_share)
+        # Round 1 of the adaptive bound without a start: its updates wait, unclipped, until
+        # the round's γ-quantile norm is known (then clipped to it and counted in order).
+        self._first: list[tuple[Tensors, int, str]] | None = None
+        if strategy.bootstraps():
+            self._first = []
+            self._first_capacity = strategy.first_round_room(capacity)
         self.noised = False  # DP: the noise was drawn (the round counts against ε)
         self.next_opt: ServerOptState | None = None
         self.next_clip: ClipState | None = None
@@ -196,6 +205,8 @@ class RoundAggregate:
     def grow(self, capacity: int) -> None:
         """Room for ``capacity`` updates (an extended selection); StrategyError if over the
         memory limit, the round keeping the room it had."""
+        if self._first is not None and capacity > self._first_capacity:
+            self._first_capacity = self.strategy.first_round_room(capacity)
         held = self._held
         if held is None or capacity <= held.capacity:
             return
@@ -214,6 +225,17 @@ class RoundAggregate:
         if self._dp is not None:
             self.norms.append(self._dp.add(delta))
             return
+        if self._first is not None:
+            if len(self._first) >= self._first_capacity:
+                raise AggregationError(f"round holds at most {self._first_capacity} updates")
+            self._first.append(({n: np.array(delta[n], np.float32) for n in self.shapes},
+                                num_samples, client_id))  # fmt: skip
+            self.norms.append(update_l2_norm(delta))
+            return
+        self.norms.append(self._count(delta, num_samples, client_id))
+
+    def _count(self, delta: Mapping[str, np.ndarray], num_samples: int, client_id: str) -> float:
+        """Clip (when this round clips) and fold into the rule; the norm before clipping."""
         if self._clipper is None:
             clipped, norm = delta, update_l2_norm(delta)
         else:
@@ -225,10 +247,22 @@ class RoundAggregate:
             self._held.add(clipped, num_samples, client_id)
         else:
             self._sum.add(clipped, num_samples, client_id)
-        self.norms.append(norm)
+        return norm
+
+    def _count_first_round(self) -> None:
+        """Round 1 of the bootstrap: clip every held update to the round's γ-quantile norm."""
+        held, self._first = self._first or [], None
+        if not held:
+            return
+        self.bound = self.strategy.first_bound(self.norms)
+        self._clipper = RoundClipper(self.bound)
+        for delta, num_samples, client_id in held:
+            self._count(delta, num_samples, client_id)
 
     def capped(self) -> list[tuple[str, int, float]]:
         """Clients whose weight the share cap lowers (streaming FedAvg only)."""
+        if self._dp is None and self.count:
+            self._count_first_round()
         return self._sum.capped() if self._held is None and self._dp is None else []
 
     def mean_delta(self) -> Tensors:
@@ -239,6 +273,7 @@ class RoundAggregate:
             return delta
         if self.count == 0:
             raise AggregationError("no update was added")
+        self._count_first_round()
         if self._held is not None:
             return self._held.aggregate()[0]
         return self._sum.mean_delta()
@@ -282,6 +317,32 @@ class RoundStrategy:
             return ClipState(s.adaptive.initial_bound)
         return None  # no clipping, or adaptive before round 1 has set its bound
 
+    def bootstraps(self) -> bool:
+        """True while the adaptive bound waits for round 1's norms (no DP, no C₀ given)."""
+        s = self.settings
+        return self.clip is None and s.adaptive is not None and s.bootstrap
+
+    def first_round_room(self, capacity: int) -> int:
+        """How many updates round 1 may hold: ``capacity``, StrategyError if their fp32 copies
+        would exceed ``max_round_memory`` (a selection that large needs ``--clip-bound``)."""
+        need = capacity * 4 * sum(math.prod(s) for s in self.shapes.values())
+        if need > self.settings.max_round_memory:
+            raise StrategyError(
+                f"round 1 of the adaptive clipping bound holds its {capacity} updates until "
+                f"their median norm is known: {need / 2**20:,.1f} MiB, over "
+                f"--max-round-memory ({self.settings.max_round_memory / 2**20:,.1f} MiB); give "
+                "the bound a start with --clip-bound, or raise --max-round-memory"
+            )
+        return capacity
+
+    def first_bound(self, norms: list[float]) -> float:
+        """Round 1's bound: the γ-quantile of its norms (never above the hard bound)."""
+        adaptive = self.settings.adaptive
+        assert adaptive is not None
+        bound = float(np.quantile(norms, adaptive.target_quantile))
+        cap = adaptive.max_bound
+        return max(min(bound, cap) if cap else bound, MIN_BOUND)
+
     def round_bound(self) -> float | None:
         """The bound this round clips to (None: not clipped)."""
         return None if self.clip is None else self.clip.bound
@@ -310,12 +371,8 @@ class RoundStrategy:
         s = self.settings
         if s.adaptive is None:
             return self.clip
-        if self.clip is None:  # bootstrap: round 1's γ-quantile norm
-            if not norms:
-                return None
-            bound = float(np.quantile(norms, s.adaptive.target_quantile))
-            cap = s.adaptive.max_bound
-            return ClipState(max(min(bound, cap) if cap else bound, MIN_BOUND), 1)
+        if self.clip is None:  # bootstrap: round 1 was clipped to its γ-quantile norm
+            return ClipState(self.first_bound(norms), 1) if norms else None
         assert clipper is not None
         return adapt_bound(s.adaptive, self.clip, clipper.unclipped, clipper.count)
 

@@ -93,10 +93,11 @@ def test_with_default_bounds_a_3e38_update_is_refused_over_the_norm(fed: Federat
     assert codes["aggregator"] == 0 and _decisions(fed, 1) == ["applied"]
 
 
-def test_without_a_norm_bound_a_round_whose_model_would_be_unusable_is_discarded(
+def test_without_a_norm_bound_or_clipping_a_round_whose_model_would_be_unusable_is_discarded(
     fed: Federation,
 ) -> None:
-    _start(fed, rounds=2, max_update_norm=math.inf)
+    # No clipping either: the default would shorten the update to the round's median norm.
+    _start(fed, rounds=2, max_update_norm=math.inf, clip="none")
     assert fed.service is not None
     initial = fed.service.model_hash
     attacker = fed.broker.connector(Session("pi-x-attacker")).start()
@@ -154,6 +155,22 @@ def test_a_device_within_the_bounds_gets_no_more_than_its_share_of_the_weight(
     assert "round 1: weight of pi-x capped from 10000 to 240 samples (max share 0.5)" in (
         caplog.messages
     )
+
+
+def test_with_the_default_clipping_a_huge_update_counts_as_one_of_median_length(
+    fed: Federation,
+) -> None:
+    _start(fed, rounds=1, max_update_norm=math.inf)
+    attacker = fed.broker.connector(Session("pi-x-attacker")).start()
+
+    attacker.publish(T.update(1, "pi-x"), _huge_update(fed, 1, "pi-x"))
+    wait_for(lambda: len(fed.receipts(1, "pi-x")) == 1, "the receipt of pi-x")
+    fed.clock.advance(61.0)
+    codes = fed.finish()
+
+    assert codes["aggregator"] == 0 and _decisions(fed, 1) == ["applied"]
+    (applied,) = fed.rounds()
+    assert applied["clipped"] >= 1 and applied["test_accuracy"] > 0.5
 
 
 def test_a_devices_inference_server_identity_gets_no_vote(

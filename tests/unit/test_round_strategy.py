@@ -65,17 +65,30 @@ def test_fedavg_without_clipping_is_bit_for_bit_the_streaming_fedavg_model() -> 
     assert _equal(agg.apply(_params()), reference.apply(_params()))
 
 
-def test_default_adaptive_clipping_leaves_round_1_unclipped_and_starts_at_its_median_norm() -> None:
-    strategy = _strategy()
-    deltas = [_delta(1, 0.1), _delta(2, 0.2), _delta(3, 10.0)]
+def test_default_adaptive_clipping_clips_round_1_to_its_own_median_norm() -> None:
+    strategy = _strategy(clip_lr=0.5)
+    deltas = [_delta(1, 0.1), _delta(2, 0.2), {n: v * 100 for n, v in _delta(3, 0.1).items()}]
     agg = _round(strategy, deltas, [10, 10, 10])
-    agg.apply(_params())
+    zeros = {n: np.zeros(s, np.float32) for n, s in SHAPES.items()}
+    mean = agg.apply(zeros)
     strategy.close(agg, applied=True)
 
-    assert agg.bound is None and agg.clipped == 0
-    assert strategy.clip is not None
-    assert strategy.clip.bound == pytest.approx(float(np.median([_norm(d) for d in deltas])))
-    assert strategy.clip.rounds == 1
+    median = float(np.median([_norm(d) for d in deltas]))
+    assert agg.bound == pytest.approx(median) and agg.clipped == 1
+    attacker = {n: deltas[2][n].astype(np.float64) * (median / _norm(deltas[2])) for n in SHAPES}
+    for n in SHAPES:  # sample-weighted mean (equal weights), the ×100 update at median length
+        want = (deltas[0][n].astype(np.float64) + deltas[1][n] + attacker[n]) / 3
+        np.testing.assert_allclose(mean[n], want, rtol=1e-5, atol=1e-7)
+    assert strategy.clip is not None  # round 2 starts where round 1 clipped
+    assert strategy.clip.bound == pytest.approx(median) and strategy.clip.rounds == 1
+
+
+def test_round_1_held_for_the_bootstrap_is_bounded_by_the_round_memory() -> None:
+    strategy = _strategy(max_round_memory=1000)  # 7 fp32 values a client: 35 clients fit
+
+    strategy.open_round(35)
+    with pytest.raises(StrategyError, match="--clip-bound"):
+        strategy.open_round(36)
 
 
 def test_an_update_scaled_x100_counts_as_one_of_the_bound_s_length_at_its_weight() -> None:
