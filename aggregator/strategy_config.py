@@ -177,8 +177,9 @@ DESCRIPTIONS = {
     "clip": "norm clipping of each update before aggregation: `none`, `fixed` (at "
     "`clip_bound`) or `adaptive` (the bound tracks the `clip_quantile` of the update norms, "
     "Andrew et al. 2021; capped at `max_update_norm`); the default: docs/strategies.md",
-    "clip_bound": "`fixed`: the clipping bound; `adaptive`: its start (none: round 1 is "
-    "clipped at `max_update_norm` only, and round 2 starts at round 1's `clip_quantile` norm)",
+    "clip_bound": "`fixed`: the clipping bound; `adaptive`: its start (none: round 1's updates "
+    "wait until its `clip_quantile` norm is known and are clipped to it, within "
+    "`max_round_memory`; the bound goes on from there)",
     "clip_quantile": "`adaptive`: fraction of the updates left unclipped at the bound's fixed "
     "point, γ",
     "clip_lr": "`adaptive`: the bound's log-step η_C per round (Cₜ₊₁ = Cₜ·exp(−η_C(b̄ − γ)))",
