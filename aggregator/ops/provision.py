@@ -163,8 +163,7 @@ def broker_init(
     conf = render_conf(root, port, bind, run_as, require_certificate)
     if dashboard_port is not None and dashboard_page_port is not None:
         conf += "\n" + render_dashboard_conf(root, dashboard_port, dashboard_page_port, bind)
-        wss = f"wss://{state['host']}:{dashboard_port}/mqtt"
-        for action, path in install_page(root / DASHBOARD_DIR, wss, federation):
+        for action, path in install_page(root / DASHBOARD_DIR, dashboard_port, federation):
             report.add(action, path)
         w.write(root / "nobody.passwd", b"", secret=False)
     w.write(root / "mosquitto.conf", conf.encode(), secret=False)

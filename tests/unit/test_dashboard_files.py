@@ -105,7 +105,7 @@ def test_broker_init_adds_the_dashboard_listeners_for_the_monitor_only(tmp_path:
     assert logins == ["monitor"]
     assert (tmp_path / "nobody.passwd").read_text() == ""
     config = json.loads((tmp_path / "dashboard" / CONFIG_FILE).read_text())
-    assert config == {"broker": "wss://broker.lan:18884/mqtt", "federation": "default"}
+    assert config == {"wss_port": 18884, "federation": "default"}
     copied = sorted(
         p.relative_to(tmp_path / "dashboard")
         for p in (tmp_path / "dashboard").rglob("*")

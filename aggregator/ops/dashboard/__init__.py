@@ -16,8 +16,8 @@ __all__ = ["CONFIG_FILE", "STATIC_DIR", "dashboard_url", "install_page", "static
 
 #: The page's files, as Mosquitto's ``http_dir`` serves them.
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-#: Written beside a provisioned copy of the page: where it connects (absent: to the broker
-#: that served it, on the same port).
+#: Written beside a provisioned copy of the page: the wss port it connects to on its own host
+#: and the federation it shows first (the packaged one is empty: the same port).
 CONFIG_FILE = "config.json"
 
 
@@ -36,14 +36,14 @@ def dashboard_url(host: str, port: int, federation: str, *, login: bool = False)
     return f"http://{host}:{port}/?federation={federation}{auto}"
 
 
-def install_page(dest: Path, broker: str, federation: str) -> list[tuple[str, Path]]:
+def install_page(dest: Path, wss_port: int, federation: str) -> list[tuple[str, Path]]:
     """Copy the page into ``dest`` (a provisioned broker's ``http_dir``) with a config.json
-    naming the ``broker`` URL it connects to (``wss://...``) and the ``federation`` it shows
-    first. What was done to each file: ``created``, ``updated`` (a newer fedmq brings a newer
-    page) or ``removed`` (a file the page no longer has): the broker serves exactly this
-    version's page."""
+    naming the ``wss_port`` it connects to (on the host it was loaded from) and the
+    ``federation`` it shows first. What was done to each file: ``created``, ``updated`` (a
+    newer fedmq brings a newer page) or ``removed`` (a file the page no longer has): the
+    broker serves exactly this version's page."""
     done: list[tuple[str, Path]] = []
-    config = json.dumps({"broker": broker, "federation": federation}, indent=1) + "\n"
+    config = json.dumps({"wss_port": wss_port, "federation": federation}, indent=1) + "\n"
     files = {rel: (STATIC_DIR / rel).read_bytes() for rel in static_files()}
     files[Path(CONFIG_FILE)] = config.encode()
     wanted = set(files)

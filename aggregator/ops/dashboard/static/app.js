@@ -1,7 +1,8 @@
 // The page's shell: the login form, the MQTT-over-WebSockets connection (MQTT.js) and the
-// render loop. It connects to the broker that served it (same host and port), or, on a
-// provisioned broker, to the wss URL in the config.json `fedmq broker init` wrote beside it
-// (never to a URL from the address bar: a link could send the password elsewhere).
+// render loop. It connects to the broker that served it: on the same port, or, on a
+// provisioned broker, on the wss port that the config.json `fedmq broker init` wrote beside
+// it names. Always the page's own host: neither a link nor a config can send the password
+// to another machine.
 //
 // URL parameters: ?federation=NAME fills the form; &connect=1 connects at once without
 // credentials (the development broker; `fedmq demo` prints such a URL).
@@ -16,7 +17,7 @@
   const LOGIN_REFUSED = new Set([134, 135, 4, 5]);
   const RECONNECT_MS = 2000;
 
-  let config = {}; // config.json: {broker, federation}
+  let config = {}; // config.json: {wss_port, federation}
   const configLoaded = loadConfig();
   let client = null;
   let state = null;
@@ -31,7 +32,10 @@
   }
 
   function brokerUrl() {
-    if (typeof config.broker === "string" && /^wss?:\/\//.test(config.broker)) return config.broker;
+    const port = Number(config.wss_port);
+    if (Number.isInteger(port) && port > 0 && port < 65536) {
+      return `wss://${location.hostname}:${port}/mqtt`;
+    }
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     return `${scheme}://${location.host}/mqtt`;
   }
