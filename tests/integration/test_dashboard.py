@@ -185,6 +185,9 @@ def test_page_shows_what_the_messages_say_and_treats_text_as_text(
     )
     expect(page.locator("#model-signature")).to_contain_text("signed (signature present;")
     expect(page.locator("#devices tbody")).to_contain_text("aarch64 · Python 3.11.2")
+    pub.publish(T.metrics, b'{"round": 7, "accepted": 1, "bytes_up": "lots"}', qos=1)
+    expect(page.locator("#problems")).to_contain_text("metrics: field bytes_up is not a number")
+    expect(page.locator("#quality-chart")).to_have_attribute("data-points", "1")  # not charted
     assert page.title() == "fedmq dashboard"
     wire = page.evaluate(WIRE_BYTES)
     print(f"dashboard: {wire} bytes over the network at load (headers included)")

@@ -237,9 +237,17 @@
     }
   }
 
+  // RoundMetrics fields the charts and the table read: numbers, or null when not measured.
+  const METRIC_NUMBERS = [
+    "train_loss", "test_accuracy", "test_loss", "test_rmse", "test_mae",
+    "bytes_up", "bytes_down", "round_time_s",
+  ];
+
   function onMetrics(state, m) {
     const round = field(m, "round", "number");
     field(m, "accepted", "number");
+    METRIC_NUMBERS.forEach((name) => field(m, name, "number", true));
+    field(m, "task", "string", true);
     const kept = state.metrics.filter((h) => h.round !== round);
     kept.push(m);
     kept.sort((a, b) => a.round - b.round);
