@@ -143,7 +143,8 @@ def test_page_follows_a_live_federation(chromium: Any, broker: LocalBroker, tmp_
     assert errors == []
 
 
-def _retained(client: mqtt.Client, topic: str, message: msg.Message, retain: bool = True) -> None:
+def _publish(client: mqtt.Client, topic: str, message: msg.Message, retain: bool = True) -> None:
+    """Publish a control message (retained unless told otherwise), waiting for the PUBACK."""
     client.publish(topic, message.to_json(), qos=1, retain=retain).wait_for_publish(5)
 
 
@@ -157,16 +158,16 @@ def test_page_shows_what_the_messages_say_and_treats_text_as_text(
         federation=fed.FEDERATION, round=7, base_hash="a" * 64, deadline=0.0, selected=["pi-9"],
         model=spec, train=msg.TrainParams(), ts=0.0,
     )  # fmt: skip
-    _retained(pub, T.round_start(7), msg.RoundStart(**{**msg.to_builtins(ann), "deadline": 95.0}))
-    _retained(pub, T.agent_status("pi-9"), msg.AgentStatus(
+    _publish(pub, T.round_start(7), msg.RoundStart(**{**msg.to_builtins(ann), "deadline": 95.0}))
+    _publish(pub, T.agent_status("pi-9"), msg.AgentStatus(
         client_id="pi-9", state="online", num_samples=512, round=7,
         device={"machine": "aarch64", "python": "3.11.2"},
     ))  # fmt: skip
-    _retained(pub, T.metrics, msg.RoundMetrics(
+    _publish(pub, T.metrics, msg.RoundMetrics(
         federation=fed.FEDERATION, round=6, participants=["pi-9"], accepted=1, rejected=0,
         num_samples=512, task="regression", test_rmse=0.4321, test_mae=0.3, test_loss=0.19,
     ))  # fmt: skip
-    _retained(pub, T.global_meta, msg.GlobalMeta(
+    _publish(pub, T.global_meta, msg.GlobalMeta(
         federation=fed.FEDERATION, round=6, model_hash="b" * 64, model=spec, nbytes=2048,
         signature_v2="c2lnbmVk",
     ))  # fmt: skip
@@ -174,7 +175,7 @@ def test_page_shows_what_the_messages_say_and_treats_text_as_text(
 
     expect(page.locator("#countdown")).to_contain_text("at most 1 min 3", timeout=UI)
     reason = "L2 norm 44.1 > 20 <img src=x onerror=document.title='pwned'>"
-    _retained(pub, T.receipt(7, "pi-9"), msg.Receipt(
+    _publish(pub, T.receipt(7, "pi-9"), msg.Receipt(
         round=7, client_id="pi-9", status="rejected", code="over-norm", reason=reason,
     ), retain=False)  # fmt: skip
     expect(page.locator("#receipts tbody td").last).to_have_text(reason, timeout=UI)
@@ -218,7 +219,7 @@ def test_page_shows_reconnecting_and_comes_back_after_a_broker_restart(
     broker.restart()
     expect(connection).to_have_attribute("data-state", "connected", timeout=UI)
     status = msg.AggregatorStatus(federation=fed.FEDERATION, state="running", rounds_total=4)
-    _retained(mqtt_client(broker.url), T.aggregator_status, status)
+    _publish(mqtt_client(broker.url), T.aggregator_status, status)
 
     expect(page.locator("#agg-state")).to_have_text("running", timeout=UI)
     assert [e for e in errors if "WebSocket" not in e] == []  # the refused reconnects are logged
