@@ -5,12 +5,14 @@
 #        --client-id pi-07 --data /var/lib/fedmq/data.npz          # training agent
 #   sudo deploy/install.sh --inference-only --broker ... --client-id pi-07   # ONNX only
 #   sudo deploy/install.sh --role aggregator --broker mqtt://127.0.0.1:1883
+#   sudo deploy/install.sh ... --extra-package ./my-model-plugin    # + your own packages
 #
 # Creates a venv under PREFIX (/opt/fedmq), installs the torch wheel that fits the platform
 # (x86_64: torch 2.14.1 / torchvision 0.29.1; aarch64: torch 2.9.1 / torchvision 0.24.1) or
-# only onnxruntime (--inference-only), writes /etc/fedmq/<role>.toml when missing (never
-# overwrites an operator's edits), installs the systemd unit and enables it when systemd
-# runs. --root DIR installs below DIR (packaging, tests) and implies --no-enable.
+# only onnxruntime (--inference-only), with every --extra-package (e.g. a model plugin) in
+# the same pip run, writes /etc/fedmq/<role>.toml when missing (never overwrites an
+# operator's edits), installs the systemd unit and enables it when systemd runs.
+# --root DIR installs below DIR (packaging, tests) and implies --no-enable.
 set -euo pipefail
 
 SOURCE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +27,17 @@ FEDERATION=default
 CLIENT_ID="$(hostname -s 2>/dev/null || echo device)"
 DATA=/var/lib/fedmq/data.npz
 read -r -a PIP_ARGS <<< "${FEDMQ_PIP_ARGS:-}"
+EXTRA_PACKAGES=()
+
+# A local file or directory (a plugin's source, a wheel) by its absolute path, so that pip
+# reads it wherever this script runs from; anything else is a requirement for pip's index.
+package_spec() {
+    if [ -e "$1" ]; then
+        realpath "$1"
+    else
+        printf '%s\n' "$1"
+    fi
+}
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -41,6 +54,9 @@ options:
   --python PY               interpreter for the venv (>= 3.11; default python3)
   --broker URL --federation NAME --client-id ID --data PATH
                             written to the config file when it does not exist yet
+  --extra-package PKG       also pip-install PKG into the venv (repeatable): a model
+                            plugin's directory or wheel, or a requirement (name[==version]);
+                            the aggregator and every training device need the same plugin
 environment: FEDMQ_PIP_ARGS  extra pip arguments (e.g. --index-url, --find-links)
 EOF2
 }
@@ -58,6 +74,7 @@ while [ $# -gt 0 ]; do
         --client-id) CLIENT_ID="$2"; shift ;;
         --data) DATA="$2"; shift ;;
         --source) SOURCE="$2"; shift ;;
+        --extra-package) EXTRA_PACKAGES+=("$(package_spec "$2")"); shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown option $1" ;;
     esac
@@ -102,9 +119,10 @@ install_python() {
     else
         read -r -a pins <<< "$(torch_pins)"
     fi
-    log "installing fedmq[$extra] ${pins[*]:-} into $VENV (upgrades in place)"
+    log "installing fedmq[$extra] ${pins[*]:-} ${EXTRA_PACKAGES[*]:-} into $VENV (upgrades in place)"
+    # One resolver run: a plugin requiring fedmq is satisfied by this source, not the index.
     "$VENV/bin/python" -m pip install --quiet --upgrade "${PIP_ARGS[@]}" "${pins[@]}" \
-        "$SOURCE[$extra]"
+        "$SOURCE[$extra]" "${EXTRA_PACKAGES[@]}"
 }
 
 write_config() {
@@ -177,6 +195,10 @@ smoke_test() {
     else
         "$VENV/bin/fedmq-agent" --help >/dev/null
     fi
+    local plugins
+    plugins="$("$VENV/bin/python" -c 'from importlib.metadata import entry_points
+print(", ".join(sorted(ep.name for ep in entry_points(group="fedmq.models"))))')"
+    [ -n "$plugins" ] && log "model plugins installed: $plugins"
     log "fedmq is installed in $VENV"
 }
 

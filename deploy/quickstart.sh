@@ -3,6 +3,8 @@
 #
 #   deploy/quickstart.sh setup               system packages + .venv + pip install (+ .venv-amqtt)
 #   deploy/quickstart.sh demo [ARGS...]      setup, then a 10-client Fashion-MNIST demo
+#   deploy/quickstart.sh example [ARGS...]   setup, then the sensor plugin example
+#                                            (docs/custom-models.md)
 #   deploy/quickstart.sh test [PYTEST_ARGS]  setup, then ruff, mypy and pytest
 #
 # Environment:
@@ -19,7 +21,8 @@ AMQTT_VENV="${FEDMQ_AMQTT_VENV:-$REPO_ROOT/.venv-amqtt}"
 AMQTT_CONSTRAINTS="$REPO_ROOT/deploy/constraints-amqtt.txt"
 APT_PACKAGES=(mosquitto mosquitto-clients dataset-fashion-mnist)
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
-LINT_PATHS=(shared aggregator edge_agent tests)
+LINT_PATHS=(shared aggregator edge_agent tests docs/examples)
+EXAMPLE_DIR=docs/examples/sensor-cnn
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -32,10 +35,14 @@ commands:
   setup               install system packages (mosquitto, mosquitto-clients,
                       dataset-fashion-mnist) if missing, create the virtualenv if
                       missing, and pip-install fedmq with its train, sensors, dp and dev
-                      extras;
+                      extras, and the sensor example's plugin package with its data
+                      extra (sktime, whose files hold the example's datasets);
                       create .venv-amqtt (amqtt, the MQTT 3.1.1 test broker) if missing
   demo [ARGS...]      setup, then: fedmq demo --clients 10 --rounds 20
                       --dataset fashion-mnist --partition dirichlet --alpha 0.5 ARGS...
+  example [ARGS...]   setup, then the sensor example: a federation of a plugin 1-D CNN
+                      on real sensor recordings over a local Mosquitto, beside
+                      centralised training (fedmq-sensor-example ARGS...; --help)
   test [PYTEST_ARGS]  setup, then ruff check, ruff format --check, mypy, the layering
                       contract (lint-imports) and pytest;
                       exits non-zero if any of them fails (pytest's exit code wins)
@@ -164,9 +171,9 @@ cmd_setup() {
     log "upgrading pip in $VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     ensure_torch
-    log "installing fedmq (editable) with extras train,sensors,dp,dev"
+    log "installing fedmq (editable) with extras train,sensors,dp,dev, and $EXAMPLE_DIR[data]"
     (cd "$REPO_ROOT" && "$VENV/bin/python" -m pip install --quiet \
-        -c "$CONSTRAINTS" -e '.[train,sensors,dp,dev]')
+        -c "$CONSTRAINTS" -e '.[train,sensors,dp,dev]' -e "$EXAMPLE_DIR[data]")
     ensure_amqtt
     log "setup complete: $VENV"
 }
@@ -176,6 +183,12 @@ cmd_demo() {
     cd "$REPO_ROOT"
     exec "$VENV/bin/fedmq" demo --clients 10 --rounds 20 --dataset fashion-mnist \
         --partition dirichlet --alpha 0.5 "$@"
+}
+
+cmd_example() {
+    cmd_setup
+    cd "$REPO_ROOT"
+    exec "$VENV/bin/fedmq-sensor-example" "$@"
 }
 
 cmd_test() {
@@ -209,6 +222,7 @@ main() {
     case "$command" in
         setup) cmd_setup "$@" ;;
         demo) cmd_demo "$@" ;;
+        example) cmd_example "$@" ;;
         test) cmd_test "$@" ;;
         -h | --help | help) usage ;;
         "") usage >&2; exit 2 ;;

@@ -1,4 +1,5 @@
-"""Embedded copies of ``broker_config/mosquitto-prod.conf`` and ``broker_config/acl.conf``.
+"""Embedded copies of ``broker_config/mosquitto-prod.conf``, ``mosquitto-dashboard.conf`` and
+``acl.conf``.
 
 ``fedmq broker init`` must work from an installed wheel, where ``broker_config/`` is absent;
 a unit test keeps these strings identical to the files (edit the files, then copy here).
@@ -96,6 +97,54 @@ log_type information
 log_timestamp_format %Y-%m-%dT%H:%M:%S
 # Connects, disconnects and refused logins are the audit trail of who joined.
 connection_messages true
+"""
+
+DASHBOARD_CONF_TEMPLATE = """\
+# fedmq dashboard listeners: MQTT over secure WebSockets (wss) for the browser, and the
+# static page (docs/dashboard.md).
+#
+# This is a TEMPLATE: `fedmq broker init DIR` appends it, rendered, to DIR/mosquitto.conf
+# (unless --no-dashboard), filling in the ports (--dashboard-port, --dashboard-page-port),
+# the optional address (--bind) and DIR. It must come after every global setting: with
+# per_listener_settings true, the security settings below belong to their listener only.
+# broker_config/README.md explains every setting.
+
+# 1. MQTT over WebSockets with TLS: the page's connection to the broker.
+listener {dashboard_listener}
+protocol websockets
+
+# The same certificate as the MQTT listener. Mosquitto supports only cafile, certfile,
+# keyfile and the cipher lists on a WebSockets listener (no tls_version, no
+# require_certificate): browsers log in with a password only, hence the next lines.
+cafile {dir}/ca.crt
+certfile {dir}/broker.crt
+keyfile {dir}/broker.key
+
+# Only the read-only monitor identity can log in here: this password file holds its line
+# alone, so a device's password, even a leaked one, opens nothing on this port.
+allow_anonymous false
+password_file {dir}/dashboard.passwd
+acl_file {dir}/acl.conf
+
+# As on the MQTT listener: no client can take another's client id (one connection per
+# login: a second dashboard tab, or `fedmq monitor`, takes over the first's connection).
+use_username_as_clientid true
+
+# The page over HTTPS too, for browsers that reach it over HTTP/1.1. Debian's Mosquitto
+# 2.0.11 offers HTTP/2 on TLS listeners and then fails to serve files over it (browsers
+# show ERR_HTTP2_PROTOCOL_ERROR; eclipse-mosquitto/mosquitto#2251), hence listener 2.
+http_dir {dir}/dashboard
+
+# 2. The page itself over plain HTTP: static files copied into DIR/dashboard by
+# `broker init` (the broker never reads the Python installation), whose config.json
+# sends the browser to listener 1. No MQTT login works here (an empty password file):
+# the password only ever travels over TLS.
+listener {dashboard_page_listener}
+protocol websockets
+http_dir {dir}/dashboard
+allow_anonymous false
+password_file {dir}/nobody.passwd
+use_username_as_clientid true
 """
 
 ACL = """\

@@ -285,6 +285,7 @@ def run_demo(args: argparse.Namespace) -> int:
             f"broker {broker.url}; watch it with: mosquitto_sub -h 127.0.0.1 -p {broker.port} "
             "-v -t 'fl/#'"
         )
+        print(f"dashboard (open it in a browser): {broker.dashboard_url(FEDERATION)}")
         table = RoundTable(broker.url, FEDERATION, args.rounds, args.mqtt_version)
         t0 = time.monotonic()
         aggregator, agents = start_processes(args, broker.url, clients, test, out)

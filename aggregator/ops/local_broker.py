@@ -6,6 +6,7 @@ connections before using it. Nothing here relies on a system broker being up.
 
     with LocalBroker(tmp_path) as broker:
         client.connect(broker.host, broker.port)
+        print(broker.dashboard_url("demo"))  # the web dashboard, on the WebSockets port
 
 The config comes from ``broker_config/mosquitto-dev.conf`` (a template, see that
 directory's README); when the package is installed without the repository checkout, an
@@ -25,6 +26,8 @@ import time
 import weakref
 from pathlib import Path
 from types import TracebackType
+
+from aggregator.ops.dashboard import STATIC_DIR, dashboard_url
 
 __all__ = [
     "DEFAULT_TEMPLATE_PATH",
@@ -66,6 +69,9 @@ log_type information
 log_dest file {log_file}
 log_timestamp_format %Y-%m-%dT%H:%M:%S
 connection_messages true
+listener {ws_port} 127.0.0.1
+protocol websockets
+http_dir {http_dir}
 """
 
 _ADDRESS_IN_USE = "Address already in use"
@@ -190,10 +196,16 @@ class LocalBroker:
     Files written: ``mosquitto.conf`` (generated), ``mosquitto.log`` (broker log),
     ``mosquitto.out`` (the process's stdout/stderr: config errors appear only here) and
     ``data/`` (persistence location, unused by the dev template).
+
+    A template with a ``{ws_port}`` placeholder (the dev template has one) gets a second,
+    WebSockets listener on a free port too, whose ``http_dir`` serves the dashboard
+    (``http_dir``, default :data:`aggregator.ops.dashboard.STATIC_DIR`); ``ws_port`` is None
+    for a template without one.
     """
 
     host: str
     port: int
+    ws_port: int | None
 
     def __init__(
         self,
@@ -201,8 +213,11 @@ class LocalBroker:
         port: int | None = None,
         template: Path | None = None,
         extra_config: str = "",
+        ws_port: int | None = None,
+        http_dir: Path | None = None,
     ) -> None:
-        """Prepare (but do not start) a broker; ``port=None`` picks a free port at start()."""
+        """Prepare (but do not start) a broker; ``port=None`` picks a free port at start(), and
+        so does ``ws_port=None`` when the template has a WebSockets listener."""
         # Absolute: mosquitto runs with its cwd here and must still find its config by name.
         self.workdir = Path(workdir).absolute()
         self.host = LOOPBACK
@@ -212,6 +227,11 @@ class LocalBroker:
         self.port = free_port(self.host) if port is None else port
         self.template = template
         self.extra_config = extra_config
+        self.http_dir = Path(http_dir).absolute() if http_dir is not None else STATIC_DIR
+        self._auto_ws_port = ws_port is None
+        self.ws_port = ws_port
+        if ws_port is None and self._has_ws_listener():
+            self.ws_port = free_port(self.host)
         self.conf_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
         self.out_path = self.workdir / "mosquitto.out"
@@ -225,6 +245,15 @@ class LocalBroker:
     def url(self) -> str:
         """Broker address in the form fedmq's configuration takes: ``mqtt://127.0.0.1:PORT``."""
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str | None:
+        """MQTT over WebSockets: ``ws://127.0.0.1:WS_PORT/mqtt`` (None without that listener)."""
+        return None if self.ws_port is None else f"ws://{self.host}:{self.ws_port}/mqtt"
+
+    def dashboard_url(self, federation: str) -> str | None:
+        """The dashboard's address showing ``federation`` (None without a WebSockets listener)."""
+        return None if self.ws_port is None else dashboard_url(self.host, self.ws_port, federation)
 
     @property
     def pid(self) -> int | None:
@@ -248,7 +277,9 @@ class LocalBroker:
         if self.is_running():
             return self
         deadline = time.monotonic() + timeout
-        attempts = _PORT_ATTEMPTS if self._auto_port else 1
+        # Retried only when every port is the broker's own choice.
+        auto = self._auto_port and (self.ws_port is None or self._auto_ws_port)
+        attempts = _PORT_ATTEMPTS if auto else 1
         for attempt in range(1, attempts + 1):
             try:
                 self._start_once(deadline)
@@ -258,6 +289,8 @@ class LocalBroker:
                 if not (lost_race and attempt < attempts and time.monotonic() < deadline):
                     raise
                 self.port = free_port(self.host)
+                if self.ws_port is not None and self._auto_ws_port:
+                    self.ws_port = free_port(self.host)
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -360,8 +393,12 @@ class LocalBroker:
             # A caller-chosen port may come with an already rendered config (e.g. from
             # `fedmq broker init --port N`): the caller vouches that they agree.
             raise BrokerError("broker config template has no {port} placeholder")
+        if "{ws_port}" in text and self.ws_port is None:
+            raise BrokerError("broker config template has a {ws_port} placeholder but no port")
         values = {
             "{port}": str(self.port),
+            "{ws_port}": str(self.ws_port),
+            "{http_dir}": str(self.http_dir),
             "{data_dir}": str(self.data_dir),
             "{log_file}": str(self.log_path),
             "{user}": _run_as_user(),
@@ -376,13 +413,15 @@ class LocalBroker:
 
     def _start_once(self, deadline: float) -> None:
         """Launch mosquitto on ``self.port`` and wait for it; raise BrokerError on failure."""
-        if _port_accepts(self.host, self.port):
-            # Someone else is listening: our readiness probe would connect to *them* and
-            # report success before mosquitto fails to bind, so fail fast instead.
-            raise BrokerError(
-                f"port {self.port} on {self.host} is already in use "
-                f"({_ADDRESS_IN_USE} before mosquitto was started)"
-            )
+        ports = self._ports()
+        for port in ports:
+            if _port_accepts(self.host, port):
+                # Someone else is listening: our readiness probe would connect to *them* and
+                # report success before mosquitto fails to bind, so fail fast instead.
+                raise BrokerError(
+                    f"port {port} on {self.host} is already in use "
+                    f"({_ADDRESS_IN_USE} before mosquitto was started)"
+                )
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(exist_ok=True)
         self.conf_path.write_text(self.render_config(), encoding="utf-8")
@@ -407,16 +446,28 @@ class LocalBroker:
                 raise self._failure(
                     f"mosquitto exited with code {code} during startup", log_offset, out_offset
                 )
-            if _port_accepts(self.host, self.port) and proc.poll() is None:
+            if all(_port_accepts(self.host, p) for p in ports) and proc.poll() is None:
                 return
             if time.monotonic() >= deadline:
                 self.kill()
                 raise self._failure(
-                    f"mosquitto did not accept connections on {self.host}:{self.port} in time",
+                    f"mosquitto did not accept connections on {self.host} port(s) "
+                    f"{', '.join(map(str, ports))} in time",
                     log_offset,
                     out_offset,
                 )
             time.sleep(_POLL_INTERVAL)
+
+    def _has_ws_listener(self) -> bool:
+        """Whether the template has a WebSockets listener to give a port (unreadable: no)."""
+        try:
+            return "{ws_port}" in self._template_text()
+        except BrokerError:
+            return False  # start() reports the unreadable template
+
+    def _ports(self) -> list[int]:
+        """The listeners' ports: MQTT, and WebSockets when the template has that listener."""
+        return [self.port] if self.ws_port is None else [self.port, self.ws_port]
 
     def _failure(self, what: str, log_offset: int, out_offset: int) -> BrokerError:
         """Build a BrokerError that quotes what this launch wrote to its log and stderr."""

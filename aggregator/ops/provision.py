@@ -7,7 +7,11 @@ Layout of DIR (secrets 0600)::
     broker.crt  broker.key    TLS server cert, SAN localhost, 127.0.0.1 and --host
     model-signing.key/.pub    Ed25519 key the aggregator signs global models with
     passwd  acl.conf          Mosquitto password file ($7$ PBKDF2-SHA512) and ACL
-    mosquitto.conf            rendered broker_config/mosquitto-prod.conf: `mosquitto -c` it
+    dashboard.passwd          the monitor's line of passwd alone: the only login of the
+                              dashboard's wss listener (nobody.passwd, empty: of its page's)
+    mosquitto.conf            rendered broker_config/mosquitto-prod.conf (+ mosquitto-dashboard.conf
+                              with a dashboard port): `mosquitto -c` it
+    dashboard/                the web dashboard's page (http_dir) and its config.json
     identities/aggregator/    password, client.crt/.key, aggregator.toml
     identities/monitor/       password, client.crt/.key, monitor.toml, mosquitto_sub
                               (read-only identity; the last two: `fedmq monitor --config`
@@ -34,14 +38,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.ops import pki
-from aggregator.ops.broker_templates import ACL, PROD_CONF_TEMPLATE
+from aggregator.ops.broker_templates import ACL, DASHBOARD_CONF_TEMPLATE, PROD_CONF_TEMPLATE
 from aggregator.ops.client_files import mosquitto_sub_defaults, toml_file, toml_table
+from aggregator.ops.dashboard import dashboard_url, install_page
 from shared.protocol import signing
 from shared.protocol.topics import inference_server_id, validate_name
 
 STATE_FILE = "provision.json"
 RESERVED = ("aggregator", "monitor")
 INFER_DIR = "infer"  # devices/NAME/infer/: the identity of NAME's inference server
+DASHBOARD_DIR = "dashboard"  # DIR/dashboard/: the page the wss listener serves
+# The logins of the dashboard's listener (dashboard.passwd): the read-only identity only.
+DASHBOARD_LOGINS = ("monitor",)
 
 
 @dataclass
@@ -98,12 +106,27 @@ def broker_init(
     federation: str = "default",
     run_as: str | None = None,
     require_certificate: bool = False,
+    dashboard_port: int | None = None,
+    dashboard_page_port: int | None = None,
     force: bool = False,
 ) -> Report:
-    """Create (or complete) a provisioned broker directory; see the module docstring."""
+    """Create (or complete) a provisioned broker directory; see the module docstring.
+
+    ``dashboard_port`` adds the web dashboard's wss listener on that port (same ``bind``,
+    same certificate, the monitor's login only), and a plain HTTP listener serving its page
+    on ``dashboard_page_port`` (default: the next port), and copies the page into
+    ``DIR/dashboard``; None (the default here; ``fedmq broker init`` passes 8884) leaves
+    them out.
+    """
     validate_name("federation", federation)
-    if not 0 < port < 65536:
-        raise ValueError(f"port must be in 1..65535, got {port}")
+    if dashboard_port is not None and dashboard_page_port is None:
+        dashboard_page_port = dashboard_port + 1
+    ports = {"port": port, "dashboard port": dashboard_port, "page port": dashboard_page_port}
+    for what, number in ports.items():
+        if number is not None and not 0 < number < 65536:
+            raise ValueError(f"{what} must be in 1..65535, got {number}")
+    if dashboard_port is not None and len(set(ports.values())) < 3:
+        raise ValueError(f"the MQTT, dashboard and page ports must differ: {ports}")
     report = Report()
     w = _Writer(force, report)
     root = root.resolve()
@@ -137,17 +160,26 @@ def broker_init(
     _aggregator_toml(w, root)
     _monitor_files(w, root)
     w.write(root / "acl.conf", ACL.encode(), secret=False)
-    w.write(
-        root / "mosquitto.conf",
-        render_conf(root, port, bind, run_as, require_certificate).encode(),
-        secret=False,
-    )
+    conf = render_conf(root, port, bind, run_as, require_certificate)
+    if dashboard_port is not None and dashboard_page_port is not None:
+        conf += "\n" + render_dashboard_conf(root, dashboard_port, dashboard_page_port, bind)
+        for action, path in install_page(root / DASHBOARD_DIR, dashboard_port, federation):
+            report.add(action, path)
+        w.write(root / "nobody.passwd", b"", secret=False)
+    w.write(root / "mosquitto.conf", conf.encode(), secret=False)
     sync_password_file(root, report)
     if new_ca and any((root / "devices").glob("*/password")):
         report.notes.append(
             "the CA changed: re-run `fedmq device add NAME --dir DIR --force` for every device"
         )
     report.notes.append(f"start the broker: mosquitto -c {root / 'mosquitto.conf'}")
+    if dashboard_page_port is not None:
+        url = dashboard_url(str(state["host"]), dashboard_page_port, federation, login=True)
+        report.notes.append(
+            f"dashboard: {url} (log in as monitor, password in "
+            f"{root / 'identities' / 'monitor' / 'password'}; the browser must trust "
+            f"{root / 'ca.crt'} for wss://{state['host']}:{dashboard_port}: docs/dashboard.md)"
+        )
     return report
 
 
@@ -226,8 +258,22 @@ def render_conf(root: Path, port: int, bind: str, run_as: str | None, require_ce
     return text
 
 
+def render_dashboard_conf(root: Path, port: int, page_port: int, bind: str) -> str:
+    """The dashboard's listeners (wss, and the page's), appended after the production template."""
+    values = {
+        "{dashboard_listener}": f"{port} {bind}".strip(),
+        "{dashboard_page_listener}": f"{page_port} {bind}".strip(),
+        "{dir}": str(root),
+    }
+    text = DASHBOARD_CONF_TEMPLATE
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
 def sync_password_file(root: Path, report: Report) -> None:
-    """Make ``passwd`` hold exactly the identities' passwords, keeping still-valid hashes."""
+    """Make ``passwd`` hold exactly the identities' passwords, keeping still-valid hashes;
+    ``dashboard.passwd`` the same lines of the dashboard's logins (the monitor) only."""
     path = root / "passwd"
     existing: dict[str, str] = {}
     if path.exists():
@@ -243,6 +289,13 @@ def sync_password_file(root: Path, report: Report) -> None:
             old if old and pki.mosquitto_verify(password, old) else pki.mosquitto_hash(password)
         )
         lines.append(f"{user}:{hashed}")
+    dashboard = [line for line in lines if line.partition(":")[0] in DASHBOARD_LOGINS]
+    _sync(path, lines, report)
+    _sync(root / "dashboard.passwd", dashboard, report)
+
+
+def _sync(path: Path, lines: list[str], report: Report) -> None:
+    """Write a password file unless it already holds exactly ``lines``."""
     text = "\n".join(lines) + "\n"
     if path.exists() and path.read_text() == text:
         report.add("kept", path)

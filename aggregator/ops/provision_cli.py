@@ -8,6 +8,10 @@ from pathlib import Path
 from aggregator.ops.provision import broker_init, device_add
 from shared.protocol.topics import TopicError
 
+# MQTT over secure WebSockets: 8884 by the custom of public brokers (MQTT over TLS 8883,
+# MQTT over WebSockets 8080/8083); IANA assigns no port to it.
+DEFAULT_DASHBOARD_PORT = 8884
+
 
 def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``broker init`` and ``device add`` on the ``fedmq`` parser."""
@@ -21,6 +25,22 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p_init.add_argument("--federation", default="default", help="federation of agent.toml files")
     p_init.add_argument("--broker-user", help="account mosquitto runs as (default: you)")
     p_init.add_argument("--require-certificate", action="store_true", help="mutual TLS")
+    p_init.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DEFAULT_DASHBOARD_PORT,
+        help="port of the web dashboard's wss listener, which serves the page too "
+        f"(default {DEFAULT_DASHBOARD_PORT}; the monitor's login only: docs/dashboard.md)",
+    )
+    p_init.add_argument(
+        "--dashboard-page-port",
+        type=int,
+        help="port of the plain-HTTP listener serving the dashboard's page (no MQTT logins; "
+        "default: --dashboard-port + 1)",
+    )
+    p_init.add_argument(
+        "--no-dashboard", action="store_true", help="no dashboard listeners (MQTT over TLS only)"
+    )
     p_init.add_argument("--force", action="store_true", help="rotate existing keys and secrets")
     p_device = sub.add_parser("device", help="provision devices")
     d_sub = p_device.add_subparsers(dest="device_command", required=True)
@@ -48,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
                 federation=args.federation,
                 run_as=args.broker_user,
                 require_certificate=args.require_certificate,
+                dashboard_port=None if args.no_dashboard else args.dashboard_port,
+                dashboard_page_port=None if args.no_dashboard else args.dashboard_page_port,
                 force=args.force,
             )
         else:

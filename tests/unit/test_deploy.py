@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -73,3 +74,30 @@ def test_systemd_unit_passes_systemd_analyze(unit: Path, tmp_path: Path) -> None
         if unit.name in line or "error" in line.lower()
     ]
     assert out.returncode == 0 and not problems, out.stdout + out.stderr
+
+
+def _fake_venv(root: Path) -> Path:
+    """An existing venv below ``root`` whose python and fedmq-agent only log their arguments."""
+    bin_dir = root / "opt" / "fedmq" / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    calls = root / "calls.log"
+    for name in ("python", "fedmq-agent"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{calls}"\n')
+        (bin_dir / name).chmod(0o755)
+    return calls
+
+
+def test_install_sh_pip_installs_extra_packages_with_fedmq(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    calls = _fake_venv(root)
+    (tmp_path / "my-plugin").mkdir()
+    cmd = ["bash", str(DEPLOY / "install.sh"), "--root", str(root), "--python", sys.executable]
+    cmd += ["--extra-package", "my-plugin", "--extra-package", "pyarrow>=15"]
+    env = {k: v for k, v in os.environ.items() if k != "FEDMQ_PIP_ARGS"}
+
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+
+    assert out.returncode == 0, out.stderr
+    (pip,) = [c for c in calls.read_text().splitlines() if " -m pip install " in c]
+    # One pip run: a plugin requiring fedmq gets this source; a local path becomes absolute.
+    assert pip.endswith(f"{REPO}[train] {tmp_path / 'my-plugin'} pyarrow>=15")

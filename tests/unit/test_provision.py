@@ -17,7 +17,7 @@ import pytest
 from cryptography import x509
 
 from aggregator.ops import pki, provision
-from aggregator.ops.broker_templates import ACL, PROD_CONF_TEMPLATE
+from aggregator.ops.broker_templates import ACL, DASHBOARD_CONF_TEMPLATE, PROD_CONF_TEMPLATE
 from edge_agent.config import AgentConfig
 from shared.protocol.signing import load_private_key, load_public_key
 from shared.settings import load_toml
@@ -186,6 +186,7 @@ def test_we_verify_what_mosquitto_passwd_writes(tmp_path: Path) -> None:
 def test_embedded_templates_match_broker_config_files() -> None:
     assert (REPO / "broker_config/mosquitto-prod.conf").read_text() == PROD_CONF_TEMPLATE
     assert (REPO / "broker_config/acl.conf").read_text() == ACL
+    assert (REPO / "broker_config/mosquitto-dashboard.conf").read_text() == DASHBOARD_CONF_TEMPLATE
 
 
 def test_cli_runs_broker_init_and_device_add(

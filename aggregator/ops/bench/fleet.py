@@ -17,6 +17,7 @@ import json
 import math
 import os
 import queue
+import signal
 import subprocess
 import sys
 import time
@@ -85,6 +86,27 @@ def run_fleet(args: argparse.Namespace) -> int:
         f"fedmq bench fleet --agents {','.join(map(str, args.agents))} --rounds {args.rounds} "
         f"--model {args.model} --codec {args.codec} --samples-per-agent {args.samples_per_agent}"
     )
+    # SIGTERM unwinds like Ctrl-C: the broker, the aggregator and the agent processes stop.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        rows, runs = _run_sizes(args, out, label)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(markdown_table(rows))
+    if rows:
+        print(f"plot: {plot(rows, out / 'fleet.png')}")
+    print(f"written: {out / 'fleet.json'}")
+    complete = all(
+        len([r for r in rows if r["agents"] == s["agents"]]) == args.rounds
+        and s.get("aggregator_exit") == 0
+        for s in runs
+    )
+    return 0 if complete and all(r["counted_once"] for r in rows) else 1
+
+
+def _run_sizes(
+    args: argparse.Namespace, out: Path, label: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     train = _training_data()
@@ -106,16 +128,7 @@ def run_fleet(args: argparse.Namespace) -> int:
             print(f"    {json.dumps(row)}", flush=True)
         print(f"    {json.dumps(summary)}", flush=True)
         _write(out, label, rows, runs)
-    print(markdown_table(rows))
-    if rows:
-        print(f"plot: {plot(rows, out / 'fleet.png')}")
-    print(f"written: {out / 'fleet.json'}")
-    complete = all(
-        len([r for r in rows if r["agents"] == s["agents"]]) == args.rounds
-        and s.get("aggregator_exit") == 0
-        for s in runs
-    )
-    return 0 if complete and all(r["counted_once"] for r in rows) else 1
+    return rows, runs
 
 
 def _write(out: Path, label: str, rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:

@@ -180,8 +180,15 @@ def run_agents(agents: list[FleetAgent], events: EventLog) -> int:
     ]
     for t in threads:
         t.start()
+    parent = os.getppid()
     for t in threads:
-        t.join()
+        while t.is_alive():
+            t.join(timeout=1.0)
+            if os.getppid() != parent:  # the bench is gone: nobody will end this fleet
+                log.error("the bench (pid %d) exited: stopping %d agents", parent, len(agents))
+                for agent in agents:
+                    agent.stop()
+                parent = os.getppid()
     return 0 if all(c == 0 for c in codes.values()) and len(codes) == len(agents) else 1
 
 
