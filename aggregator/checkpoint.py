@@ -96,6 +96,8 @@ LATER_FINGERPRINT_FIELDS: dict[str, object] = {
     "dp_expected_clients": None,
     "dp_accountant": "rdp",  # z derived from ε depends on it
     "proximal_mu": 0.0,
+    "lr_schedule": "constant",
+    "lr_final": 0.02,
 }
 
 

@@ -122,6 +122,10 @@ class AggregatorConfig:
     dp_accountant: str = "rdp"
     # FedProx: μ of the devices' proximal term, sent in every round announcement.
     proximal_mu: float = 0.0
+    # The devices' learning rate over the rounds: `lr` throughout, or a cosine decay from
+    # `lr` to `lr_final` × `lr` at round `rounds` (sent in each round announcement).
+    lr_schedule: str = "constant"
+    lr_final: float = 0.02
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))

@@ -11,6 +11,7 @@ import numpy as np
 from aggregator.intake import UpdateIntake
 from aggregator.round_strategy import StrategyFigures
 from aggregator.rounds import RoundState
+from aggregator.strategy_config import scheduled_lr
 from shared.protocol import messages as msg
 from shared.protocol.messages import RoundMetrics
 
@@ -66,7 +67,7 @@ def round_start(
         train=msg.TrainParams(
             local_epochs=cfg.local_epochs,
             batch_size=cfg.batch_size,
-            lr=cfg.lr,
+            lr=scheduled_lr(cfg, state.round_id),
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             seed=cfg.seed * 100_003 + state.round_id,

@@ -17,12 +17,28 @@ from aggregator.server_opt import STRATEGIES
 from shared.protocol.messages import MAX_PROXIMAL_MU
 
 CLIP_MODES = ("none", "fixed", "adaptive")
+LR_SCHEDULES = ("constant", "cosine")
 ROBUST_RULES = tuple(RULES)
 
 
 def dp_enabled(cfg: Any) -> bool:
     """True when client-level DP is configured (a noise multiplier or a budget ε)."""
     return cfg.dp_noise_multiplier is not None or cfg.dp_epsilon is not None
+
+
+def scheduled_lr(cfg: Any, round_id: int) -> float:
+    """The devices' learning rate in round ``round_id`` (1-based) of ``cfg.rounds``.
+
+    ``cosine`` (Loshchilov & Hutter 2017, without restarts): λ = f + (1 − f)·½(1 + cos(π·(t −
+    1)/T)) times ``lr``, from ``lr`` in round 1 towards f·``lr`` (f = ``lr_final``); rounds past
+    T stay at f·``lr``. A pure function of the round: a resumed run announces what the
+    uninterrupted one would.
+    """
+    if cfg.lr_schedule == "constant":
+        return float(cfg.lr)
+    f = cfg.lr_final
+    progress = min(max(round_id - 1, 0) / cfg.rounds, 1.0)
+    return float(cfg.lr * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * progress))))
 
 
 def strategy_checks(cfg: Any) -> list[tuple[bool, str]]:
@@ -61,6 +77,11 @@ def strategy_checks(cfg: Any) -> list[tuple[bool, str]]:
             0 <= cfg.proximal_mu <= MAX_PROXIMAL_MU,
             f"proximal-mu must be in [0, {MAX_PROXIMAL_MU:g}]",
         ),
+        (
+            cfg.lr_schedule in LR_SCHEDULES,
+            f"lr-schedule must be one of: {', '.join(LR_SCHEDULES)}",
+        ),
+        (0 < cfg.lr_final <= 1, "lr-final must be in (0, 1] (a fraction of --lr)"),
     ]
     if cfg.robust in ("krum", "multi-krum"):
         need = 2 * cfg.byzantine + 3
@@ -143,6 +164,14 @@ def add_strategy_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--proximal-mu", type=float, help="FedProx: μ of the devices' proximal term (default 0)"
     )
+    g.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="the devices' learning rate over the rounds (default constant)",
+    )
+    g.add_argument(
+        "--lr-final", type=float, help="cosine: the last round's lr as a fraction of --lr (0.02)"
+    )
 
 
 def add_dp_arguments(g: Any) -> None:
@@ -196,4 +225,8 @@ DESCRIPTIONS = {
     "dp_accountant": "DP accountant of Google's dp-accounting: `rdp` or `pld` (tighter, slower)",
     "proximal_mu": "FedProx: μ of the proximal term μ/2·‖w − w_global‖² in the devices' "
     "local loss, sent in each round announcement; 0: plain local SGD",
+    "lr_schedule": "the devices' learning rate over the rounds, sent in each round "
+    "announcement: `constant` (`lr`), or `cosine`: from `lr` in round 1 down to `lr_final` × "
+    "`lr` at round `rounds` (docs/strategies.md)",
+    "lr_final": "`cosine`: the schedule's floor, a fraction of `lr`",
 }

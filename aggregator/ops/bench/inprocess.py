@@ -23,7 +23,7 @@ from aggregator.config import AggregatorConfig
 from aggregator.ops.demo import add_task_arguments, client_indices, load_task_data
 from aggregator.round_strategy import RoundStrategy, strategy_settings
 from aggregator.strategy import AggregationError
-from aggregator.strategy_config import add_strategy_arguments
+from aggregator.strategy_config import add_strategy_arguments, scheduled_lr
 from aggregator.update_bounds import update_l2_norm
 from shared.runtime.data import train_val_split
 
@@ -68,7 +68,7 @@ def client_train_config(args: argparse.Namespace, round_id: int, client: int) ->
     return TrainConfig(
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=scheduled_lr(strategy_config(args), round_id),
         momentum=args.momentum,
         seed=round_id * 1000 + client,
         proximal_mu=getattr(args, "proximal_mu", None) or 0.0,
