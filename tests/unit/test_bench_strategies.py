@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from aggregator import config
 from aggregator.config import AggregatorConfig
 from aggregator.ops.bench import inprocess
 from aggregator.ops.bench.strategies import (
@@ -32,12 +33,13 @@ def _row(strategy: str, condition: str, accs: list[float], finished: bool = True
 def test_every_preset_is_a_configuration_the_aggregator_accepts() -> None:
     for name in PRESETS:
         _, settings = parse_strategy(name)
-        values = {k: float(v) if k not in ("strategy", "robust", "clip") else v
-                  for k, v in settings.items()}  # fmt: skip
-        for key in ("byzantine", "min_clients"):
-            if key in values:
-                values[key] = int(values[key])
-        AggregatorConfig(**values)  # type: ignore[arg-type]
+        parser = argparse.ArgumentParser()
+        config.add_arguments(parser)  # the flags the bench gives fedmq-aggregator
+
+        cfg = config.from_args(parser.parse_args(aggregator_flags(settings)))
+
+        assert all(str(getattr(cfg, k)).lower() == v.lower() or float(getattr(cfg, k)) == float(v)
+                   for k, v in settings.items()), name  # fmt: skip
 
 
 def test_a_custom_strategy_names_its_settings() -> None:

@@ -47,6 +47,12 @@ PRESETS: dict[str, dict[str, str]] = {
     "fedavg": {"clip": "none", "max_update_norm": "inf"},
     "default": {},
     "fedavgm": {"strategy": "fedavgm", "server_lr": "1", "server_momentum": "0.5"},
+    "fedavgm-cosine": {
+        "strategy": "fedavgm",
+        "server_lr": "1",
+        "server_momentum": "0.5",
+        "lr_schedule": "cosine",
+    },
     "fedadam": {"strategy": "fedadam", "server_lr": "0.03"},
     "fedyogi": {"strategy": "fedyogi", "server_lr": "0.03"},
     "fedadagrad": {"strategy": "fedadagrad", "server_lr": "0.03"},
@@ -56,7 +62,9 @@ PRESETS: dict[str, dict[str, str]] = {
     "krum": {"robust": "krum", "byzantine": "2", "min_clients": "7"},
     "multi-krum": {"robust": "multi-krum", "byzantine": "2", "min_clients": "7"},
 }
-DEFAULT_STRATEGIES = "fedavg,default,fedavgm,fedadam,fedprox,median,trimmed-mean,multi-krum"
+DEFAULT_STRATEGIES = (
+    "fedavg,default,fedavgm,fedavgm-cosine,fedadam,fedprox,median,trimmed-mean,multi-krum"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
