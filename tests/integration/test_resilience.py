@@ -204,14 +204,15 @@ def test_same_update_delivered_twice_is_counted_once(
 
 
 # --- 3. aggregator killed mid-round -----------------------------------------------------
-def _run(url: str, tmp: Path, data: list[Path], kill: bool) -> Path:
+def _run(url: str, tmp: Path, data: list[Path], kill: bool, strategy: tuple[str, ...] = ()) -> Path:
     """Two rounds; with ``kill``, the aggregator is SIGKILLed mid-round 1 and restarted.
+    ``strategy``: more aggregator flags (a server optimizer, clipping).
 
     pi-2 is paused (SIGSTOP) before round 1 opens, so the round is certainly open with
     pi-0's and pi-1's updates journaled when the aggregator dies; it resumes afterwards.
     """
     state = tmp / "agg-state"
-    args = ("--state-dir", str(state), "--no-onnx")
+    args = ("--state-dir", str(state), "--no-onnx", *strategy)
     statuses = MqttTransport(url, f"watch-{tmp.name}", subscriptions=[(T.agent_status("pi-2"), 1)])
     statuses.start()
     agents = [_agent(url, i, data[i], tmp) for i in (2, 0, 1)]
@@ -240,8 +241,17 @@ def _run(url: str, tmp: Path, data: list[Path], kill: bool) -> Path:
     return state
 
 
+# FedAdam's moments and the adaptive clipping bound (round 1 held until its median norm is
+# known, then clipped to it) are checkpointed; after kill -9 they resume bit for bit.
+STRATEGIES = {
+    "default": (),
+    "fedadam-adaptive-clip": ("--strategy", "fedadam", "--server-lr", "0.01", "--clip-lr", "0.5"),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES.values(), ids=STRATEGIES.keys())
 def test_aggregator_killed_mid_round_resumes_and_counts_each_update_once(
-    tmp_path: Path, data: list[Path]
+    tmp_path: Path, data: list[Path], strategy: tuple[str, ...]
 ) -> None:
     require_mosquitto()
     ref_dir = tmp_path / "ref"
@@ -253,8 +263,8 @@ def test_aggregator_killed_mid_round_resumes_and_counts_each_update_once(
         LocalBroker(tmp_path / "b2") as b2,
         ThreadPoolExecutor(1) as pool,
     ):
-        reference = pool.submit(_run, b1.url, ref_dir, data, False)
-        state = _run(b2.url, tmp_path, data, kill=True)
+        reference = pool.submit(_run, b1.url, ref_dir, data, False, strategy)
+        state = _run(b2.url, tmp_path, data, kill=True, strategy=strategy)
         ref_state = reference.result(timeout=60)
 
     history = _history(state)
@@ -267,6 +277,15 @@ def test_aggregator_killed_mid_round_resumes_and_counts_each_update_once(
     got = st_load_file(str(state / "checkpoint.safetensors"))
     assert ref.keys() == got.keys()
     assert all(np.allclose(ref[k], got[k], atol=1e-6) for k in ref)
+    if strategy:  # the optimizer's moments and the clipping bound came back with the model
+        assert any(k.startswith("server_opt/m/") for k in got)
+        assert _strategy_meta(state) == _strategy_meta(ref_state)
+
+
+def _strategy_meta(state_dir: Path) -> dict[str, Any]:
+    """The checkpoint's strategy state besides its tensors (step count, clipping bound)."""
+    strategy: dict[str, Any] = json.loads((state_dir / "checkpoint.json").read_text())["strategy"]
+    return strategy
 
 
 # --- 5. deadlines: a silent agent, a starved round --------------------------------------
