@@ -24,6 +24,7 @@ from aggregator.ops.datasets import load_named_dataset, partition
 from aggregator.ops.local_broker import LocalBroker
 from aggregator.ops.monitor import RoundTable
 from aggregator.ops.report import load_metrics, plot_metrics, summarize
+from aggregator.ops.strategy_presets import PRESETS, aggregator_flags
 from shared.mqtt.versions import AUTO, MQTT_VERSIONS
 from shared.protocol.global_delta import DOWNLOAD_CODECS
 from shared.runtime.data import ArrayDataset, save_npz
@@ -65,6 +66,7 @@ def add_task_arguments(p: argparse.ArgumentParser) -> None:
 # round 1, `fedmq bench inprocess --lr 0.05`), as the aggregator's 20 is for lr 0.01.
 DEMO_LR = 0.05
 DEMO_MAX_UPDATE_NORM = 100.0
+DEMO_STRATEGY = "fedavgm-cosine"
 
 
 def add_tuned_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,6 +91,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="int8",
         choices=DOWNLOAD_CODECS,
         help="global deltas for agents (none: the full model every round)",
+    )
+    p.add_argument(
+        "--strategy",
+        default=DEMO_STRATEGY,
+        choices=PRESETS,
+        help=f"the aggregator's strategy, a preset of docs/strategies.md (default {DEMO_STRATEGY}: "
+        "FedAvgM η 1 μ 0.5 with a cosine lr schedule, the best of `fedmq bench strategies`; "
+        "`default`: the aggregator's own defaults)",
     )
     p.add_argument("--fraction", type=float, default=1.0)
     p.add_argument("--min-clients", type=int, help="default: all clients")
@@ -280,6 +290,7 @@ def run_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"preparing {args.dataset}: {args.clients} clients, {args.partition} partition ...")
     clients, test = prepare_data(args, out / "data")
+    print(f"strategy {args.strategy}: {' '.join(aggregator_flags(PRESETS[args.strategy]))}")
     with LocalBroker(out / "broker") as broker:
         print(
             f"broker {broker.url}; watch it with: mosquitto_sub -h 127.0.0.1 -p {broker.port} "
@@ -288,7 +299,8 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"dashboard (open it in a browser): {broker.dashboard_url(FEDERATION)}")
         table = RoundTable(broker.url, FEDERATION, args.rounds, args.mqtt_version)
         t0 = time.monotonic()
-        aggregator, agents = start_processes(args, broker.url, clients, test, out)
+        strategy = aggregator_flags(PRESETS[args.strategy])
+        aggregator, agents = start_processes(args, broker.url, clients, test, out, strategy)
         try:
             table.follow(until=lambda: aggregator.poll() is not None)
         finally:

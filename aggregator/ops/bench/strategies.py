@@ -39,29 +39,8 @@ from aggregator.ops.demo import (
 )
 from aggregator.ops.local_broker import LocalBroker
 from aggregator.ops.report import load_metrics
+from aggregator.ops.strategy_presets import PRESETS, aggregator_flags
 
-# Aggregator settings per named strategy; every other setting is the aggregator's default.
-# "fedavg" is FedAvg without any defence (no clipping, no norm bound): what an attack does
-# to an undefended federation. "default" is the aggregator's defaults.
-PRESETS: dict[str, dict[str, str]] = {
-    "fedavg": {"clip": "none", "max_update_norm": "inf"},
-    "default": {},
-    "fedavgm": {"strategy": "fedavgm", "server_lr": "1", "server_momentum": "0.5"},
-    "fedavgm-cosine": {
-        "strategy": "fedavgm",
-        "server_lr": "1",
-        "server_momentum": "0.5",
-        "lr_schedule": "cosine",
-    },
-    "fedadam": {"strategy": "fedadam", "server_lr": "0.03"},
-    "fedyogi": {"strategy": "fedyogi", "server_lr": "0.03"},
-    "fedadagrad": {"strategy": "fedadagrad", "server_lr": "0.03"},
-    "fedprox": {"proximal_mu": "0.01"},
-    "median": {"robust": "median"},
-    "trimmed-mean": {"robust": "trimmed-mean", "trim_fraction": "0.2"},
-    "krum": {"robust": "krum", "byzantine": "2", "min_clients": "7"},
-    "multi-krum": {"robust": "multi-krum", "byzantine": "2", "min_clients": "7"},
-}
 DEFAULT_STRATEGIES = (
     "fedavg,default,fedavgm,fedavgm-cosine,fedadam,fedprox,median,trimmed-mean,multi-krum"
 )
@@ -120,14 +99,6 @@ def split_strategies(text: str) -> list[str]:
     """Specs separated by ``;`` when one holds ``:``-settings with commas, else by ``,``."""
     sep = ";" if ";" in text or ":" in text else ","
     return [s.strip() for s in text.split(sep) if s.strip()]
-
-
-def aggregator_flags(settings: dict[str, str]) -> list[str]:
-    """``--key value`` for every setting (``_`` → ``-``)."""
-    flags: list[str] = []
-    for key, value in settings.items():
-        flags += [f"--{key.replace('_', '-')}", value]
-    return flags
 
 
 def dp_settings(epsilon: float | None, clients: int, clip: float) -> dict[str, str]:
