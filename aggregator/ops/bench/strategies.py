@@ -265,23 +265,36 @@ def _last_cell(row: dict[str, Any], rounds: int) -> str:
 
 
 def plot(rows: list[dict[str, Any]], png: Path, title: str) -> None:
-    """Accuracy per round, one panel per condition, one line per strategy."""
+    """Accuracy per round, one column per condition, one line per strategy; the second row
+    zooms on the second half of the rounds, down to 8 points below the best accuracy there
+    (a collapsed run leaves it at the bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     conditions = list(dict.fromkeys(r["condition"] for r in rows))
-    fig, axes = plt.subplots(
-        1, len(conditions), figsize=(6.5 * len(conditions), 4.5), squeeze=False
-    )
-    for ax, condition in zip(axes[0], conditions, strict=True):
-        for r in (r for r in rows if r["condition"] == condition):
+    fig, axes = plt.subplots(2, len(conditions), figsize=(6.5 * len(conditions), 8), squeeze=False)
+    for col, condition in enumerate(conditions):
+        runs = [r for r in rows if r["condition"] == condition]
+        rounds = max((len(r["accuracy_per_round"]) for r in runs), default=1)
+        late: list[float] = []
+        for r in runs:
             accs = [100 * a if a is not None else None for a in r["accuracy_per_round"]]
-            ax.plot(range(1, len(accs) + 1), accs, "o-", markersize=3, label=r["strategy"])
-        ax.set(xlabel="round", ylabel="test accuracy (%)", title=condition)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+            late += [a for a in accs[rounds // 2 :] if a is not None]
+            for ax in axes[:, col]:
+                ax.plot(range(1, len(accs) + 1), accs, "o-", markersize=3, label=r["strategy"])
+        top, zoom = axes[0, col], axes[1, col]
+        top.set(xlabel="round", ylabel="test accuracy (%)", title=condition)
+        zoom.set(xlabel="round", ylabel="test accuracy (%)", title=f"{condition}: the second half")
+        if late:
+            zoom.set_xlim(rounds // 2 + 0.5, rounds + 0.5)
+            zoom.set_ylim(max(late) - 8, max(late) + 0.5)
+        for ax in (top, zoom):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
