@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from aggregator.ops import provision
-from aggregator.ops.bridge import SiteUplink, Upstream
+from aggregator.ops.bridge import SiteUplink, Upstream, central_site_acl
 from aggregator.ops.local_broker import LocalBroker, free_port
 from aggregator.ops.sites import site_add
 from shared.protocol.topics import Topics
@@ -64,6 +64,17 @@ class Sites:
 def sites(tmp_path: Path) -> Iterator[Sites]:
     """The central broker (sites factory-1 and factory-2 added, device pi-c) and factory-1's
     broker (device pi-0), both started; the bridge reconnects within 1-2 s."""
+    yield from _sites(tmp_path, open_central_acl=False)
+
+
+@pytest.fixture(params=[False, True], ids=["generated-acl", "central-acl-open-to-the-site"])
+def either_acl(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sites]:
+    """As ``sites``, and once more with the central ACL granting the site's login every fedmq
+    topic: then only the bridge's own topic lines keep device traffic on the site."""
+    yield from _sites(tmp_path, open_central_acl=request.param)
+
+
+def _sites(tmp_path: Path, *, open_central_acl: bool) -> Iterator[Sites]:
     require_mosquitto()
     central_root, site_root = tmp_path / "central", tmp_path / "site"
     cport, sport = free_port(), free_port()
@@ -71,15 +82,20 @@ def sites(tmp_path: Path) -> Iterator[Sites]:
     provision.device_add(central_root, "pi-c")
     for name in (SITE, OTHER_SITE):
         site_add(central_root, name)
+    if open_central_acl:
+        acl = (central_root / "acl.conf").read_text()
+        block = central_site_acl(FED, SITE)
+        assert block in acl
+        opened = f"user {SITE}\ntopic readwrite fl/v1/#\n"
+        (central_root / "acl.conf").write_text(acl.replace(block, opened))
     uplink = SiteUplink(
         SITE, Upstream("localhost", cport), central_root / "sites" / SITE, restart_timeout=(1, 2)
     )
     provision.broker_init(site_root, port=sport, bind="127.0.0.1", site=uplink)
     provision.device_add(site_root, "pi-0")
-    central = LocalBroker(
-        tmp_path / "run-central", port=cport, template=central_root / "mosquitto.conf"
-    )
-    site = LocalBroker(tmp_path / "run-site", port=sport, template=site_root / "mosquitto.conf")
+    conf = "mosquitto.conf"
+    central = LocalBroker(tmp_path / "run-central", port=cport, template=central_root / conf)
+    site = LocalBroker(tmp_path / "run-site", port=sport, template=site_root / conf)
     central.start()
     try:
         site.start()
@@ -196,7 +212,8 @@ def test_the_sites_partial_and_status_reach_central(sites: Sites) -> None:
     assert got[-1].retain  # try_private: the retain flag crossed the bridge
 
 
-def test_nothing_a_device_publishes_crosses_the_bridge(sites: Sites) -> None:
+def test_nothing_a_device_publishes_crosses_the_bridge(either_acl: Sites) -> None:
+    sites = either_acl
     agg = _connect(sites.central, "aggregator")
     central_seen = _bridge_up(agg)
     site_agg = _connect(sites.site, "aggregator")
