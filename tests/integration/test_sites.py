@@ -74,11 +74,26 @@ def either_acl(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sites
     yield from _sites(tmp_path, open_central_acl=request.param)
 
 
-def _sites(tmp_path: Path, *, open_central_acl: bool) -> Iterator[Sites]:
+@pytest.fixture(params=[False, True], ids=["password", "mutual-tls"])
+def either_tls(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sites]:
+    """As ``sites``, and once more with a central broker that requires client certificates
+    (`broker init --require-certificate`): the bridge presents the site's."""
+    yield from _sites(tmp_path, require_certificate=request.param)
+
+
+def _sites(
+    tmp_path: Path, *, open_central_acl: bool = False, require_certificate: bool = False
+) -> Iterator[Sites]:
     require_mosquitto()
     central_root, site_root = tmp_path / "central", tmp_path / "site"
     cport, sport = free_port(), free_port()
-    provision.broker_init(central_root, port=cport, bind="127.0.0.1", federation=FED)
+    provision.broker_init(
+        central_root,
+        port=cport,
+        bind="127.0.0.1",
+        federation=FED,
+        require_certificate=require_certificate,
+    )
     provision.device_add(central_root, "pi-c")
     for name in (SITE, OTHER_SITE):
         site_add(central_root, name)
@@ -191,7 +206,8 @@ def test_retained_model_and_announcement_on_central_reach_the_sites_devices(site
     assert {m.topic for m in got} >= {T.global_meta, T.global_model, T.round_start(1)}
 
 
-def test_the_sites_partial_and_status_reach_central(sites: Sites) -> None:
+def test_the_sites_partial_and_status_reach_central(either_tls: Sites) -> None:
+    sites = either_tls
     agg = _connect(sites.central, "aggregator")
     central_seen = _bridge_up(agg)
     site_agg = _connect(sites.site, "aggregator")
