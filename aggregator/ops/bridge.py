@@ -12,6 +12,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aggregator.ops.broker_templates import ACL, BRIDGE_CONF_TEMPLATE
 from shared.protocol.topics import Topics, validate_name
@@ -66,8 +67,9 @@ class SiteUplink:
     restart_timeout: tuple[int, int] = DEFAULT_RESTART_TIMEOUT
 
 
-def uplink_info(site: SiteUplink, federation: str) -> dict[str, str]:
-    """The bundle's uplink.json, checked against the site's name and ``federation``."""
+def uplink_info(site: SiteUplink, federation: str) -> dict[str, Any]:
+    """The bundle's uplink.json, checked against the site's name, ``federation`` and the
+    names the central broker's certificate gives it (the bridge verifies the upstream host)."""
     validate_name("site name", site.name)
     missing = [n for n in (UPLINK_FILE, *UPLINK_FILES) if not (site.bundle / n).is_file()]
     if missing:
@@ -76,7 +78,7 @@ def uplink_info(site: SiteUplink, federation: str) -> dict[str, str]:
             f"`fedmq broker add-site {site.name} --dir CENTRAL_DIR` on the central broker "
             f"and copy CENTRAL_DIR/{SITES_DIR}/{site.name} here"
         )
-    info: dict[str, str] = json.loads((site.bundle / UPLINK_FILE).read_text())
+    info: dict[str, Any] = json.loads((site.bundle / UPLINK_FILE).read_text())
     if info.get("site") != site.name:
         owner = info.get("site")
         raise ValueError(f"{site.bundle} is site {owner!r}'s bundle, not {site.name!r}'s")
@@ -84,7 +86,22 @@ def uplink_info(site: SiteUplink, federation: str) -> dict[str, str]:
         raise ValueError(
             f"--federation {federation} contradicts the site's bundle ({info['federation']})"
         )
+    names = [str(n) for n in info.get("server_names", [])]
+    if names and not any(_same_host(n, site.upstream.host) for n in names):
+        raise ValueError(
+            f"bad --upstream {site.upstream}: the central broker's certificate names "
+            f"{', '.join(names)}, not {site.upstream.host!r}, so the bridge's TLS check would "
+            "fail; use one of those (the central `fedmq broker init --host` adds a name)"
+        )
     return info
+
+
+def _same_host(name: str, host: str) -> bool:
+    """Whether certificate name ``name`` is ``host`` (DNS case-insensitively, IPs by value)."""
+    try:
+        return ipaddress.ip_address(name) == ipaddress.ip_address(host)
+    except ValueError:
+        return name.lower() == host.lower()
 
 
 def parse_upstream(text: str) -> Upstream:

@@ -204,8 +204,10 @@ def broker_init(
             root, federation, site.name, site.upstream, password, site.restart_timeout
         )
         report.notes.append(f"bridge: to {site.upstream} as site {site.name} (docs/sites.md)")
-    # With a bridge it holds the site's uplink password: private, as passwd is.
-    w.write(root / "mosquitto.conf", conf.encode(), secret=site is not None)
+    # With a bridge it holds the site's uplink password: private, as passwd is; rewritten
+    # when a re-issued bundle (`broker add-site --force`) brought a new one.
+    new_uplink = report.of(root / UPLINK_DIR / "password") == "rotated"
+    w.write(root / "mosquitto.conf", conf.encode(), secret=site is not None, rotate=new_uplink)
     sync_password_file(root, report)
     if new_ca and any((root / "devices").glob("*/password")):
         report.notes.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from aggregator.ops import pki
 from aggregator.ops.bridge import SITES_DIR, UPLINK_FILE, Upstream
 from aggregator.ops.provision import (
     RESERVED,
@@ -38,8 +39,10 @@ def site_add(root: Path, name: str, *, force: bool = False) -> Report:
     _identity(w, sdir, name, _load_ca(root), False)
     for trust in ("ca.crt", "model-signing.pub"):
         w.write(sdir / trust, (root / trust).read_bytes(), secret=False, rotate=True)
-    info = {"site": name, "federation": state["federation"]}
+    info: dict[str, object] = {"site": name, "federation": state["federation"]}
     info["upstream"] = str(Upstream(str(state["host"]), int(str(state["port"]))))
+    # What a bridge may call the central broker: its TLS check wants one of these names.
+    info["server_names"] = pki.server_names((root / "broker.crt").read_bytes())
     w.write(sdir / UPLINK_FILE, json.dumps(info, indent=1).encode() + b"\n", secret=False)
     sync_password_file(root, report)
     sync_acl(root, report)

@@ -282,6 +282,7 @@ def test_add_site_writes_a_bundle_a_login_and_its_acl_block(tmp_path: Path) -> N
         "site": SITE,
         "federation": FED,
         "upstream": "central.lan:18883",
+        "server_names": ["localhost", "central.lan", "127.0.0.1"],
     }
     assert (bundle / "ca.crt").read_bytes() == (central / "ca.crt").read_bytes()
     assert (bundle / "model-signing.pub").read_bytes() == (
@@ -358,6 +359,41 @@ def test_site_broker_refuses_a_contradicting_federation_or_someone_elses_bundle(
     with pytest.raises(ValueError, match="not a site bundle"):
         provision.broker_init(tmp_path / "s3", site=SiteUplink(SITE, up, tmp_path))
     assert not (tmp_path / "s1").exists()
+
+
+@pytest.mark.parametrize("host", ["central.lan", "CENTRAL.lan", "127.0.0.1", "localhost"])
+def test_the_upstream_may_be_any_name_of_the_central_certificate(tmp_path: Path, host: str) -> None:
+    central = tmp_path / "central"
+    provision.broker_init(central, host="central.lan", port=18883, federation=FED)
+    site_add(central, SITE)
+    uplink = SiteUplink(SITE, Upstream(host, 18883), central / "sites" / SITE)
+
+    provision.broker_init(tmp_path / "site", site=uplink)
+
+    assert f"address {host}:18883\n" in (tmp_path / "site" / "mosquitto.conf").read_text()
+
+
+def test_an_upstream_the_central_certificate_does_not_name_is_refused(tmp_path: Path) -> None:
+    central = tmp_path / "central"
+    provision.broker_init(central, host="central.lan", port=18883, federation=FED)
+    site_add(central, SITE)
+    uplink = SiteUplink(SITE, Upstream("10.0.0.9", 18883), central / "sites" / SITE)
+
+    with pytest.raises(ValueError, match=r"bad --upstream 10\.0\.0\.9:18883") as err:
+        provision.broker_init(tmp_path / "site", site=uplink)
+    assert "localhost, central.lan, 127.0.0.1" in str(err.value)
+    assert not (tmp_path / "site").exists()
+
+
+def test_a_reissued_bundle_brings_its_new_password_into_the_bridge(tmp_path: Path) -> None:
+    central, site = _central_and_site(tmp_path)
+    site_add(central, SITE, force=True)  # the central side rotated the site's secrets
+    uplink = SiteUplink(SITE, Upstream("central.lan", 18883), central / "sites" / SITE)
+
+    provision.broker_init(site, port=18884, site=uplink)
+
+    new = (central / "sites" / SITE / "password").read_text().strip()
+    assert dict(_bridge((site / "mosquitto.conf").read_text()))["remote_password"] == new
 
 
 def test_sites_are_added_on_the_central_broker_only(tmp_path: Path) -> None:
