@@ -427,3 +427,18 @@ def test_cli_adds_a_site_and_inits_its_broker(
     assert "error: bad --upstream 'localhost': expected HOST:PORT" in out
     assert "missing ['--upstream', '--uplink']" in out
     assert "topic fl/v1/fx/round/+/start in 1" in (tmp_path / "s" / "mosquitto.conf").read_text()
+
+
+def test_a_central_monitor_takes_the_sites_topics_as_known_not_as_problems() -> None:
+    from aggregator.ops.monitor_view import MonitorState
+
+    state = MonitorState(FED)
+    for topic, payload in [
+        (T.site_bridge(SITE), b"1"),
+        (T.site_status(SITE), b'{"state": "running"}'),
+        (T.site_partial(1, SITE), b"partial"),
+        (T.site_receipt(1, SITE), b'{"status": "accepted"}'),
+    ]:
+        state.apply(topic, payload, retain=False)
+
+    assert list(state.problems) == []
