@@ -27,6 +27,7 @@ from aggregator.ops.sites import site_add
 from shared.protocol.topics import Topics
 from tests.conftest import require_mosquitto
 from tests.integration import federation as fed
+from tests.integration.netproxy import NetProxy
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +59,7 @@ class Tier:
 class Sites:
     central: Tier
     site: Tier
+    uplink: NetProxy  # the site's WAN: the bridge reaches the central broker through it
 
 
 @pytest.fixture
@@ -103,8 +105,9 @@ def _sites(
         assert block in acl
         opened = f"user {SITE}\ntopic readwrite fl/v1/#\n"
         (central_root / "acl.conf").write_text(acl.replace(block, opened))
+    wan = NetProxy("127.0.0.1", cport)
     uplink = SiteUplink(
-        SITE, Upstream("localhost", cport), central_root / "sites" / SITE, restart_timeout=(1, 2)
+        SITE, Upstream("localhost", wan.port), central_root / "sites" / SITE, restart_timeout=(1, 2)
     )
     provision.broker_init(site_root, port=sport, bind="127.0.0.1", site=uplink)
     provision.device_add(site_root, "pi-0")
@@ -114,10 +117,11 @@ def _sites(
     central.start()
     try:
         site.start()
-        yield Sites(Tier(central_root, central), Tier(site_root, site))
+        yield Sites(Tier(central_root, central), Tier(site_root, site), wan)
     finally:
         site.stop()
         central.stop()
+        wan.close()
 
 
 def _connect(
@@ -327,3 +331,34 @@ def test_messages_queued_while_the_uplink_is_down_are_delivered_after(sites: Sit
     agg = _connect(sites.central, "aggregator", persistent=True, inbox=central_seen)
     got = fed.until(central_seen, fed.on(T.site_partial(2, SITE)), BRIDGE_WAIT, "the partial")
     assert (T.site_partial(2, SITE), b"partial while central was down") in _seen(got)
+
+
+def test_an_uplink_cut_and_healed_delivers_what_waited_on_both_sides(sites: Sites) -> None:
+    agg = _connect(sites.central, "aggregator")
+    central_seen = _bridge_up(agg)
+    site_agg = _connect(sites.site, "aggregator")
+    site_seen = fed.collect(site_agg, "fl/v1/#")
+    device = _connect(sites.site, "pi-0")
+
+    sites.uplink.cut()  # both brokers keep running; the WAN between them is gone
+    fed.until(central_seen, _bridge_state(b"0"), BRIDGE_WAIT, "the bridge's will")
+    _publish(agg, T.site_receipt(1, SITE), b"receipt during the cut")
+    _publish(agg, T.round_decision(1), b"decision during the cut")
+    _publish(device, T.update(2, "pi-0"), b"update during the cut")
+    _publish(site_agg, T.site_partial(2, SITE), b"partial during the cut")
+    # The site carries on locally: its devices' updates reach the site aggregator.
+    got = fed.until(site_seen, fed.on(T.site_partial(2, SITE)), fed.BROKER_WAIT, "the partial")
+    assert (T.update(2, "pi-0"), b"update during the cut") in _seen(got)
+    sites.uplink.heal()
+
+    got = fed.until(central_seen, fed.on(T.site_partial(2, SITE)), BRIDGE_WAIT, "the partial")
+    assert [x for x in _seen(got) if x[0] != T.site_bridge(SITE)] == [
+        (T.site_receipt(1, SITE), b"receipt during the cut"),  # the central aggregator's own
+        (T.round_decision(1), b"decision during the cut"),
+        (T.site_partial(2, SITE), b"partial during the cut"),
+    ]
+    got = fed.until(site_seen, fed.on(T.round_decision(1)), BRIDGE_WAIT, "the decision")
+    assert [x for x in _seen(got) if x[0] != T.site_bridge(SITE)] == [
+        (T.site_receipt(1, SITE), b"receipt during the cut"),
+        (T.round_decision(1), b"decision during the cut"),
+    ]
