@@ -67,7 +67,7 @@ class SiteUplink:
     restart_timeout: tuple[int, int] = DEFAULT_RESTART_TIMEOUT
 
 
-def uplink_info(site: SiteUplink, federation: str) -> dict[str, Any]:
+def uplink_info(site: SiteUplink, federation: str | None) -> dict[str, Any]:
     """The bundle's uplink.json, checked against the site's name, ``federation`` and the
     names the central broker's certificate gives it (the bridge verifies the upstream host)."""
     validate_name("site name", site.name)
@@ -82,7 +82,7 @@ def uplink_info(site: SiteUplink, federation: str) -> dict[str, Any]:
     if info.get("site") != site.name:
         owner = info.get("site")
         raise ValueError(f"{site.bundle} is site {owner!r}'s bundle, not {site.name!r}'s")
-    if federation not in ("default", info["federation"]):
+    if federation is not None and federation != info["federation"]:
         raise ValueError(
             f"--federation {federation} contradicts the site's bundle ({info['federation']})"
         )

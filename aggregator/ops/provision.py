@@ -120,7 +120,7 @@ def broker_init(
     host: str | None = None,
     port: int = 8883,
     bind: str = "",
-    federation: str = "default",
+    federation: str | None = None,
     run_as: str | None = None,
     require_certificate: bool = False,
     dashboard_port: int | None = None,
@@ -130,10 +130,11 @@ def broker_init(
 ) -> Report:
     """Create (or complete) a provisioned broker directory; see the module docstring.
 
-    ``site`` makes it a site broker's (docs/sites.md): the federation comes from the site's
-    bundle (``federation`` must agree), the central model-signing key is pinned instead of
-    a key made here, acl.conf gives the aggregator the site aggregator's rights, and
-    mosquitto.conf ends with the bridge to the central broker.
+    ``federation`` defaults to ``default``. ``site`` makes it a site broker's (docs/sites.md):
+    the federation comes from the site's bundle (``federation``, if given, must agree), the
+    central model-signing key is pinned instead of a key made here, acl.conf gives the
+    aggregator the site aggregator's rights, and mosquitto.conf ends with the bridge to the
+    central broker.
 
     ``dashboard_port`` adds the web dashboard's wss listener on that port (same ``bind``,
     same certificate, the monitor's login only), and a plain HTTP listener serving its page
@@ -141,10 +142,9 @@ def broker_init(
     ``DIR/dashboard``; None (the default here; ``fedmq broker init`` passes 8884) leaves
     them out.
     """
-    uplink = uplink_info(site, federation) if site is not None else None
-    if uplink is not None:
-        federation = uplink["federation"]
-    validate_name("federation", federation)
+    if site is not None:
+        federation = str(uplink_info(site, federation)["federation"])
+    federation = validate_name("federation", federation or "default")
     if dashboard_port is not None and dashboard_page_port is None:
         dashboard_page_port = dashboard_port + 1
     ports = {"port": port, "dashboard port": dashboard_port, "page port": dashboard_page_port}

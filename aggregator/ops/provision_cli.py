@@ -80,7 +80,7 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``broker init`` or ``device add``; print the report; exit code."""
+    """Run ``broker init``, ``broker add-site`` or ``device add``; print the report; exit code."""
     try:
         if args.command == "broker" and args.broker_command == "add-site":
             report = site_add(args.dir, args.name, force=args.force)
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                 host=args.host,
                 port=args.port,
                 bind=args.bind,
-                federation=args.federation or "default",
+                federation=args.federation,
                 site=_site_uplink(args),
                 run_as=args.broker_user,
                 require_certificate=args.require_certificate,

@@ -442,3 +442,13 @@ def test_a_central_monitor_takes_the_sites_topics_as_known_not_as_problems() -> 
         state.apply(topic, payload, retain=False)
 
     assert list(state.problems) == []
+
+
+def test_an_explicit_default_federation_contradicting_the_bundle_is_refused(tmp_path: Path) -> None:
+    central = tmp_path / "central"
+    provision.broker_init(central, port=18883, federation=FED)
+    site_add(central, SITE)
+    uplink = SiteUplink(SITE, Upstream("localhost", 18883), central / "sites" / SITE)
+
+    with pytest.raises(ValueError, match=r"--federation default contradicts .*\(fx\)"):
+        provision.broker_init(tmp_path / "site", federation="default", site=uplink)
