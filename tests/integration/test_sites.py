@@ -8,6 +8,7 @@ shown absent by waiting for a marker published after it (:func:`fed.until`).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -362,3 +363,48 @@ def test_an_uplink_cut_and_healed_delivers_what_waited_on_both_sides(sites: Site
         (T.site_receipt(1, SITE), b"receipt during the cut"),
         (T.round_decision(1), b"decision during the cut"),
     ]
+
+
+def _held_model(log: Path) -> str:
+    """The ``round: hash`` an agent logged holding when it stopped."""
+    found = re.search(r"holding the global model of round (\S+): (\w+)", log.read_text())
+    assert found, f"no final model line in {log}"
+    return f"{found[1]}: {found[2]}"
+
+
+def test_a_pinned_device_at_the_site_follows_the_central_aggregators_signed_run(
+    sites: Sites, tmp_path: Path
+) -> None:
+    # A real signing aggregator and a device (pi-c) on the central broker; pi-0 at the site,
+    # pinned to the central key (its bundle's model-signing.pub). No site aggregator exists
+    # yet, so pi-0 is not selected: it must get the signed model, its deltas and the signed
+    # `finished` through the bridge, and its presence must not reach the central aggregator.
+    data = fed.write_client_data(tmp_path / "data", 2)
+    central_url = f"mqtts://localhost:{sites.central.broker.port}"
+    site_url = f"mqtts://localhost:{sites.site.broker.port}"
+    agg_toml = sites.central.root / "identities" / "aggregator" / "aggregator.toml"
+    procs = [
+        fed.start_aggregator(
+            central_url, tmp_path, "--config", str(agg_toml), rounds=2, min_clients=1
+        )
+    ]
+    for name, tier, url, path in (
+        ("pi-c", sites.central, central_url, data[0]),
+        ("pi-0", sites.site, site_url, data[1]),
+    ):
+        toml = tier.root / "devices" / name / "agent.toml"
+        procs.append(fed.start_agent(url, name, path, tmp_path, "--config", str(toml)))
+    try:
+        assert fed.wait_exit(procs[0], 180, tmp_path / "aggregator.log") == 0
+        codes = fed.wait_agents(procs[1:], ["pi-c", "pi-0"], tmp_path)
+    finally:
+        fed.stop(procs)
+
+    assert codes == [0, 0]  # pi-0 too: the central's signed `finished` crossed the bridge
+    assert [r["participants"] for r in fed.metrics(tmp_path)] == [["pi-c"], ["pi-c"]]
+    site_log = (tmp_path / "pi-0.log").read_text()
+    assert "global model of round 0" in site_log  # the signed full model, verified
+    assert "refused" not in site_log and "rejected" not in site_log
+    assert _held_model(tmp_path / "pi-0.log") == _held_model(tmp_path / "pi-c.log")
+    assert _held_model(tmp_path / "pi-0.log").startswith("2: ")
+    assert "pi-0" not in (tmp_path / "aggregator.log").read_text()
