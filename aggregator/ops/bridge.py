@@ -22,6 +22,7 @@ from shared.protocol.topics import Topics, validate_name
 # 60 s keeps the retries cheap for the central broker while bounding the catch-up delay.
 DEFAULT_RESTART_TIMEOUT = (5, 60)
 QOS = 1
+LATEST_ONLY_QOS = 0  # the global model's retained frames: see topic_lines
 # Hostnames as RFC 1123 allows them (letters, digits, '-', dots), which is also all that
 # can appear in a Mosquitto config line without quoting.
 _HOST_RE = re.compile(
@@ -129,9 +130,21 @@ def bridge_local_clientid(site: str) -> str:
 
 
 def topic_lines(federation: str, site: str) -> list[str]:
-    """The bridge's ``topic`` lines: the downlink ``in``, the uplink ``out``, QoS 1."""
+    """The bridge's ``topic`` lines: the downlink ``in``, the uplink ``out``.
+
+    QoS 1, except the global model's frames (full, delta, ONNX, and chunks): QoS 0, so the
+    central broker queues none of them for a disconnected site. Each is retained and
+    superseded by the next; the bridge subscribes again at every connect, which brings the
+    latest retained copy, and fedmq clients at the site use clean sessions and subscribe
+    again after every reconnect too. At QoS 1 every stale model of an outage crossed the
+    uplink after it, then the latest once more (docs/sites.md, measured).
+    """
     topics = Topics(federation)
-    down = [f"topic {t} in {QOS}" for t in topics.site_downlink(site)]
+    latest_only = set(topics.global_payloads)
+    down = [
+        f"topic {t} in {LATEST_ONLY_QOS if t in latest_only else QOS}"
+        for t in topics.site_downlink(site)
+    ]
     up = [f"topic {t} out {QOS}" for t in topics.site_uplink(site)]
     return down + up
 

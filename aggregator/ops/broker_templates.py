@@ -212,8 +212,10 @@ notifications true
 notifications_local_only false
 notification_topic {notification_topic}
 
-# What crosses, QoS 1 each: "in" central -> site, "out" site -> central. Nothing a device
-# publishes (updates, statuses, inference traffic) matches an "out" line.
+# What crosses: "in" central -> site, "out" site -> central. Nothing a device publishes
+# (updates, statuses, inference traffic) matches an "out" line. QoS 1, except the global
+# model's retained frames (QoS 0): the central broker queues none of them while the uplink
+# is down, and the bridge's subscription at reconnect brings the latest one alone.
 {topics}
 """
 

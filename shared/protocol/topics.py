@@ -197,15 +197,22 @@ class Topics:
         signed status) and the central aggregator's receipts for this site's partials.
         Nothing else: no device's update, status or receipt, no other site's topics.
         """
-        chunked = [self.global_model, self.global_delta, self.global_onnx]
         return [
             self.global_meta,
-            *[t for base in chunked for t in (base, _chunks(base))],
+            *self.global_payloads,
             self.round_start_any,
             self.round_decision_any,
             self.aggregator_status,
             self.site_receipt_any(site),
         ]
+
+    @property
+    def global_payloads(self) -> list[str]:
+        """Subscriptions to the retained binary frames of the current global model (full, as a
+        delta, as ONNX) and their chunks: state whose latest retained copy is all a late
+        subscriber needs (each new one supersedes the last)."""
+        bases = [self.global_model, self.global_delta, self.global_onnx]
+        return [t for base in bases for t in (base, _chunks(base))]
 
     def site_uplink(self, site: str) -> list[str]:
         """The subscriptions a site's bridge exports to the central broker (site -> central):

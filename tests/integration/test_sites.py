@@ -340,11 +340,17 @@ def test_an_uplink_cut_and_healed_delivers_what_waited_on_both_sides(sites: Site
     site_agg = _connect(sites.site, "aggregator")
     site_seen = fed.collect(site_agg, "fl/v1/#")
     device = _connect(sites.site, "pi-0")
+    _publish(agg, T.global_model, b"model 0", retain=True)
+    fed.until(site_seen, fed.on(T.global_model), BRIDGE_WAIT, "model 0 on the site")
 
     sites.uplink.cut()  # both brokers keep running; the WAN between them is gone
     fed.until(central_seen, _bridge_state(b"0"), BRIDGE_WAIT, "the bridge's will")
     _publish(agg, T.site_receipt(1, SITE), b"receipt during the cut")
-    _publish(agg, T.round_decision(1), b"decision during the cut")
+    _publish(agg, T.round_start(2), b"round 2", retain=True)
+    for r in (1, 2, 3):
+        _publish(agg, T.global_model, f"model {r}".encode(), retain=True)
+    _publish(agg, T.round_start(2), b"", retain=True)  # round 2 closes: its announcement cleared
+    _publish(agg, T.round_decision(2), b"decision during the cut")
     _publish(device, T.update(2, "pi-0"), b"update during the cut")
     _publish(site_agg, T.site_partial(2, SITE), b"partial during the cut")
     # The site carries on locally: its devices' updates reach the site aggregator.
@@ -353,16 +359,25 @@ def test_an_uplink_cut_and_healed_delivers_what_waited_on_both_sides(sites: Site
     sites.uplink.heal()
 
     got = fed.until(central_seen, fed.on(T.site_partial(2, SITE)), BRIDGE_WAIT, "the partial")
-    assert [x for x in _seen(got) if x[0] != T.site_bridge(SITE)] == [
-        (T.site_receipt(1, SITE), b"receipt during the cut"),  # the central aggregator's own
-        (T.round_decision(1), b"decision during the cut"),
-        (T.site_partial(2, SITE), b"partial during the cut"),
-    ]
-    got = fed.until(site_seen, fed.on(T.round_decision(1)), BRIDGE_WAIT, "the decision")
-    assert [x for x in _seen(got) if x[0] != T.site_bridge(SITE)] == [
+    assert (T.site_partial(2, SITE), b"partial during the cut") in _seen(got)
+    assert T.update(2, "pi-0") not in {m.topic for m in got}
+    after = fed.until(site_seen, fed.on(T.round_decision(2)), BRIDGE_WAIT, "the decision")
+    if T.global_model not in {m.topic for m in after}:
+        after += fed.until(site_seen, fed.on(T.global_model), BRIDGE_WAIT, "the latest model")
+    _publish(agg, T.round_decision(3), b"marker")  # after it, nothing of the cut is pending
+    after += fed.until(site_seen, fed.on(T.round_decision(3)), BRIDGE_WAIT, "the marker")
+    seen = [x for x in _seen(after) if x[0] != T.site_bridge(SITE)]
+    # QoS 1 state, queued on the central broker, in order: the announcement set then cleared
+    # (so the site retains no stale round), the receipt, the decision.
+    assert [x for x in seen if x[0] != T.global_model] == [
         (T.site_receipt(1, SITE), b"receipt during the cut"),
-        (T.round_decision(1), b"decision during the cut"),
+        (T.round_start(2), b"round 2"),
+        (T.round_start(2), b""),
+        (T.round_decision(2), b"decision during the cut"),
+        (T.round_decision(3), b"marker"),
     ]
+    # The model (QoS 0, retained): the latest alone crosses, once, not the stale ones.
+    assert [x for x in seen if x[0] == T.global_model] == [(T.global_model, b"model 3")]
 
 
 def _held_model(log: Path) -> str:

@@ -228,8 +228,16 @@ def test_bridge_topic_lines_send_downlink_in_and_uplink_out(tmp_path: Path) -> N
     topics = [v.split() for k, v in _bridge((site / "mosquitto.conf").read_text()) if k == "topic"]
 
     assert [(p, d, q) for p, d, q in topics if d == "in"] == [
-        (p, "in", "1") for p in T.site_downlink(SITE)
+        (p, "in", "0" if p in T.global_payloads else "1") for p in T.site_downlink(SITE)
     ]
+    assert {p for p, _, q in topics if q == "0"} == {
+        T.global_model,
+        T.global_model + "/chunk/+",
+        T.global_delta,
+        T.global_delta + "/chunk/+",
+        T.global_onnx,
+        T.global_onnx + "/chunk/+",
+    }
     assert [(p, d, q) for p, d, q in topics if d == "out"] == [
         (p, "out", "1") for p in T.site_uplink(SITE)
     ]
