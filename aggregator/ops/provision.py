@@ -160,7 +160,11 @@ def broker_init(
     state: dict[str, object] = {"host": host or "localhost", "port": port, "federation": federation}
     if site is not None:
         state |= {"site": site.name, "upstream": str(site.upstream)}
-    w.write(root / STATE_FILE, json.dumps(state, indent=1).encode() + b"\n", secret=False)
+    state_text = json.dumps(state, indent=1)
+    if site is None:
+        w.write(root / STATE_FILE, state_text.encode() + b"\n", secret=False)
+    else:  # records the --upstream the bridge uses, so it follows it as mosquitto.conf does
+        _sync(root / STATE_FILE, state_text.splitlines(), report, secret=False)
     new_ca = not (root / "ca.key").exists() or not (root / "ca.crt").exists() or force
     if new_ca:
         ca = pki.make_ca()
@@ -204,10 +208,11 @@ def broker_init(
             root, federation, site.name, site.upstream, password, site.restart_timeout
         )
         report.notes.append(f"bridge: to {site.upstream} as site {site.name} (docs/sites.md)")
-    # With a bridge it holds the site's uplink password: private, as passwd is; rewritten
-    # when a re-issued bundle (`broker add-site --force`) brought a new one.
-    new_uplink = report.of(root / UPLINK_DIR / "password") == "rotated"
-    w.write(root / "mosquitto.conf", conf.encode(), secret=site is not None, rotate=new_uplink)
+    if site is None:
+        w.write(root / "mosquitto.conf", conf.encode(), secret=False)
+    else:  # derived from the flags and the bundle, and holds the uplink password: kept in
+        # step with them (another --upstream, a re-issued bundle), private as passwd is
+        _sync(root / "mosquitto.conf", conf.splitlines(), report)
     sync_password_file(root, report)
     if new_ca and any((root / "devices").glob("*/password")):
         report.notes.append(

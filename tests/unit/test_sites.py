@@ -404,6 +404,23 @@ def test_a_reissued_bundle_brings_its_new_password_into_the_bridge(tmp_path: Pat
     assert dict(_bridge((site / "mosquitto.conf").read_text()))["remote_password"] == new
 
 
+def test_a_rerun_with_another_upstream_rewrites_the_bridge_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    central, site = _central_and_site(tmp_path)
+    before = {p: p.read_bytes() for p in site.rglob("*") if p.is_file()}
+    uplink = SiteUplink(SITE, Upstream("127.0.0.1", 18883), central / "sites" / SITE)
+
+    report = provision.broker_init(site, port=18884, site=uplink)
+
+    conf = site.resolve() / "mosquitto.conf"
+    assert report.of(conf) == "updated"
+    assert dict(_bridge(conf.read_text()))["address"] == "127.0.0.1:18883"
+    changed = {p for p in site.rglob("*") if p.is_file() and p.read_bytes() != before.get(p)}
+    assert changed == {site / "mosquitto.conf", site / "provision.json"}
+    assert json.loads((site / "provision.json").read_text())["upstream"] == "127.0.0.1:18883"
+
+
 def test_sites_are_added_on_the_central_broker_only(tmp_path: Path) -> None:
     _, site = _central_and_site(tmp_path)
 
