@@ -1,5 +1,5 @@
-"""Embedded copies of ``broker_config/mosquitto-prod.conf``, ``mosquitto-dashboard.conf`` and
-``acl.conf``.
+"""Embedded copies of ``broker_config/mosquitto-prod.conf``, ``mosquitto-dashboard.conf``,
+``mosquitto-bridge.conf`` and ``acl.conf``.
 
 ``fedmq broker init`` must work from an installed wheel, where ``broker_config/`` is absent;
 a unit test keeps these strings identical to the files (edit the files, then copy here).
@@ -145,6 +145,78 @@ http_dir {dir}/dashboard
 allow_anonymous false
 password_file {dir}/nobody.passwd
 use_username_as_clientid true
+"""
+
+BRIDGE_CONF_TEMPLATE = """\
+# fedmq site bridge: this (site) broker's connection to the central broker (docs/sites.md).
+#
+# This is a TEMPLATE: `fedmq broker init DIR --site NAME --upstream HOST:PORT --uplink BUNDLE`
+# appends it, rendered, to the site's DIR/mosquitto.conf, last (every line after
+# `connection` belongs to the bridge), filling in the site's name, the --upstream address,
+# DIR (whose uplink/ holds the site's credentials for the central broker, copied from the
+# bundle `fedmq broker add-site NAME` wrote on the central side), the site's uplink
+# password, the client ids, the notification topic, the backoff and the topic lines (one
+# per topic pattern that crosses, generated from shared/protocol/topics.py).
+# broker_config/README.md and docs/sites.md explain every setting.
+connection fedmq-site-{site}
+address {address}
+
+# The site's login on the central broker. The central broker takes the client id from the
+# login (use_username_as_clientid), so remote_clientid is the login too: one bridge per
+# site. The local client id holds a ':', which no provisioned login can (fedmq names are
+# [A-Za-z0-9_.-]), so no local device can take over the bridge's session here.
+remote_username {site}
+remote_password {remote_password}
+remote_clientid {site}
+local_clientid {local_clientid}
+
+# TLS to the central broker: verify it against the central CA (hostname included), and
+# present the site's client certificate (for a central broker with --require-certificate).
+bridge_cafile {dir}/uplink/ca.crt
+bridge_certfile {dir}/uplink/client.crt
+bridge_keyfile {dir}/uplink/client.key
+bridge_tls_version tlsv1.2
+bridge_insecure false
+
+# MQTT 3.1.1, not 5: a Mosquitto 2.0 bridge speaking MQTT 5 sends no session expiry
+# interval, so the central broker ends the bridge's session at every disconnect and drops
+# what it had queued for the site (eclipse/mosquitto#1632, #2424, #2980; Mosquitto 2.1
+# adds bridge_session_expiry_interval). 3.1.1 with cleansession false keeps the session.
+bridge_protocol_version mqttv311
+# Announce a bridge (not an ordinary client) to the central Mosquitto: retained messages
+# keep their retain flag across the bridge and messages never loop back.
+try_private true
+
+# A persistent session on both sides: QoS 1 messages for the site wait on the central
+# broker while the uplink is down, the site's partials wait here (in this broker's
+# persistence file across a restart), each bounded by max_queued_messages and
+# max_queued_bytes above.
+cleansession false
+local_cleansession false
+
+# Reconnect with jittered exponential backoff: base and cap in seconds.
+start_type automatic
+restart_timeout {restart_timeout}
+keepalive_interval 60
+
+# The central broker disconnects a client that sends a packet over its max_packet_size
+# (2,000,000 bytes, as here): such a message is dropped here instead of cutting the bridge.
+# fedmq chunks payloads over 1 MB, so none of its messages is near it.
+bridge_max_packet_size 2000000
+bridge_outgoing_retain true
+bridge_attempt_unsubscribe false
+
+# The bridge's state, retained "1" (connected) or "0" (its will on the central broker),
+# on the site's own topic: the central broker's ACL lets the site write there only.
+notifications true
+notifications_local_only false
+notification_topic {notification_topic}
+
+# What crosses: "in" central -> site, "out" site -> central. Nothing a device publishes
+# (updates, statuses, inference traffic) matches an "out" line. QoS 1, except the global
+# model's retained frames (QoS 0): the central broker queues none of them while the uplink
+# is down, and the bridge's subscription at reconnect brings the latest one alone.
+{topics}
 """
 
 ACL = """\

@@ -151,6 +151,17 @@ def issue(ca: Issued, common_name: str, *, server_names: list[str] | None = None
     return Issued(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
+def server_names(cert_pem: bytes) -> list[str]:
+    """The DNS names and IP addresses in a server certificate's SAN (empty without one)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    return [*san.get_values_for_type(x509.DNSName), *ips]
+
+
 def _general_name(name: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(name))

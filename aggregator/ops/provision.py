@@ -22,6 +22,13 @@ Layout of DIR (secrets 0600)::
     devices/NAME/infer/       password, client.crt/.key of NAME-infer, the device's inference
                               server: one login per process that connects, since the broker
                               gives each login one connection (use_username_as_clientid)
+    sites/NAME/               (central broker, `fedmq broker add-site NAME`) the bundle of
+                              site NAME's bridge: password, client.crt/.key, ca.crt,
+                              model-signing.pub, uplink.json; acl.conf gets its block
+    uplink/                   (site broker, `broker init --site NAME --uplink BUNDLE`) the
+                              copy of that bundle the bridge section of mosquitto.conf (then
+                              0600: it holds the uplink password) reads; model-signing.pub is
+                              the central one, so the site's devices pin the central key
 
 Re-running is safe: an existing file is kept and reported; ``--force`` rotates (rewrites)
 what the command creates. ``passwd`` is derived from the identities' password files and is
@@ -38,6 +45,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aggregator.ops import pki
+from aggregator.ops.bridge import (
+    SITES_DIR,
+    UPLINK_DIR,
+    UPLINK_FILES,
+    SiteUplink,
+    central_site_acl,
+    render_bridge_conf,
+    site_acl,
+    uplink_info,
+)
 from aggregator.ops.broker_templates import ACL, DASHBOARD_CONF_TEMPLATE, PROD_CONF_TEMPLATE
 from aggregator.ops.client_files import mosquitto_sub_defaults, toml_file, toml_table
 from aggregator.ops.dashboard import dashboard_url, install_page
@@ -103,14 +120,21 @@ def broker_init(
     host: str | None = None,
     port: int = 8883,
     bind: str = "",
-    federation: str = "default",
+    federation: str | None = None,
     run_as: str | None = None,
     require_certificate: bool = False,
     dashboard_port: int | None = None,
     dashboard_page_port: int | None = None,
+    site: SiteUplink | None = None,
     force: bool = False,
 ) -> Report:
     """Create (or complete) a provisioned broker directory; see the module docstring.
+
+    ``federation`` defaults to ``default``. ``site`` makes it a site broker's (docs/sites.md):
+    the federation comes from the site's bundle (``federation``, if given, must agree), the
+    central model-signing key is pinned instead of a key made here, acl.conf gives the
+    aggregator the site aggregator's rights, and mosquitto.conf ends with the bridge to the
+    central broker.
 
     ``dashboard_port`` adds the web dashboard's wss listener on that port (same ``bind``,
     same certificate, the monitor's login only), and a plain HTTP listener serving its page
@@ -118,7 +142,9 @@ def broker_init(
     ``DIR/dashboard``; None (the default here; ``fedmq broker init`` passes 8884) leaves
     them out.
     """
-    validate_name("federation", federation)
+    if site is not None:
+        federation = str(uplink_info(site, federation)["federation"])
+    federation = validate_name("federation", federation or "default")
     if dashboard_port is not None and dashboard_page_port is None:
         dashboard_page_port = dashboard_port + 1
     ports = {"port": port, "dashboard port": dashboard_port, "page port": dashboard_page_port}
@@ -131,8 +157,14 @@ def broker_init(
     w = _Writer(force, report)
     root = root.resolve()
     (root / "data").mkdir(parents=True, exist_ok=True)
-    state = {"host": host or "localhost", "port": port, "federation": federation}
-    w.write(root / STATE_FILE, json.dumps(state, indent=1).encode() + b"\n", secret=False)
+    state: dict[str, object] = {"host": host or "localhost", "port": port, "federation": federation}
+    if site is not None:
+        state |= {"site": site.name, "upstream": str(site.upstream)}
+    state_text = json.dumps(state, indent=1)
+    if site is None:
+        w.write(root / STATE_FILE, state_text.encode() + b"\n", secret=False)
+    else:  # records the --upstream the bridge uses, so it follows it as mosquitto.conf does
+        _sync(root / STATE_FILE, state_text.splitlines(), report, secret=False)
     new_ca = not (root / "ca.key").exists() or not (root / "ca.crt").exists() or force
     if new_ca:
         ca = pki.make_ca()
@@ -149,7 +181,11 @@ def broker_init(
         new_ca,
         lambda: pki.issue(ca, "fedmq broker", server_names=names),
     )
-    if force or not (root / "model-signing.key").exists():
+    if site is not None:  # the site's devices verify the central aggregator's models
+        for name in UPLINK_FILES:
+            _copy(w, site.bundle / name, root / UPLINK_DIR / name, secret=name.endswith("key"))
+        _copy(w, site.bundle / "model-signing.pub", root / "model-signing.pub", secret=False)
+    elif force or not (root / "model-signing.key").exists():
         key = signing.generate_keypair()
         w.write(root / "model-signing.key", signing.private_pem(key), secret=True, rotate=True)
         w.write(root / "model-signing.pub", signing.public_pem(key), secret=False, rotate=True)
@@ -159,14 +195,24 @@ def broker_init(
         _identity(w, root / "identities" / name, name, ca, new_ca)
     _aggregator_toml(w, root)
     _monitor_files(w, root)
-    w.write(root / "acl.conf", ACL.encode(), secret=False)
+    sync_acl(root, report)
     conf = render_conf(root, port, bind, run_as, require_certificate)
     if dashboard_port is not None and dashboard_page_port is not None:
         conf += "\n" + render_dashboard_conf(root, dashboard_port, dashboard_page_port, bind)
         for action, path in install_page(root / DASHBOARD_DIR, dashboard_port, federation):
             report.add(action, path)
         w.write(root / "nobody.passwd", b"", secret=False)
-    w.write(root / "mosquitto.conf", conf.encode(), secret=False)
+    if site is not None:  # last: every line after `connection` is the bridge's
+        password = (root / UPLINK_DIR / "password").read_text().strip()
+        conf += "\n" + render_bridge_conf(
+            root, federation, site.name, site.upstream, password, site.restart_timeout
+        )
+        report.notes.append(f"bridge: to {site.upstream} as site {site.name} (docs/sites.md)")
+    if site is None:
+        w.write(root / "mosquitto.conf", conf.encode(), secret=False)
+    else:  # derived from the flags and the bundle, and holds the uplink password: kept in
+        # step with them (another --upstream, a re-issued bundle), private as passwd is
+        _sync(root / "mosquitto.conf", conf.splitlines(), report)
     sync_password_file(root, report)
     if new_ca and any((root / "devices").glob("*/password")):
         report.notes.append(
@@ -197,6 +243,8 @@ def device_add(
     server = inference_server_id(name)  # also refuses "-infer" names and ones too long for it
     if name in RESERVED:
         raise ValueError(f"{name!r} is a reserved identity; choose another device name")
+    if (root / SITES_DIR / name).exists():
+        raise ValueError(f"{name!r} is a site's login here; choose another device name")
     state = load_state(root)
     fed = validate_name("federation", federation or str(state["federation"]))
     report = Report()
@@ -221,6 +269,28 @@ def device_add(
         f"as {server}); reload a running broker: kill -HUP $(pidof mosquitto)"
     )
     return report
+
+
+def sync_acl(root: Path, report: Report) -> None:
+    """Write acl.conf from the template and the provisioned sites (a site broker: the site's
+    form of it), unless it already says exactly that."""
+    state = load_state(root)
+    federation = str(state["federation"])
+    if "site" in state:
+        text = site_acl(federation, str(state["site"]))
+    else:
+        sites = sorted(p.parent.name for p in (root / SITES_DIR).glob("*/password"))
+        text = "\n".join([ACL, *[central_site_acl(federation, s) for s in sites]])
+    _sync(root / "acl.conf", text.splitlines(), report, secret=False)
+
+
+def _copy(w: _Writer, src: Path, dst: Path, *, secret: bool) -> None:
+    """Copy ``src`` to ``dst`` when it differs (a bundle re-issued on the central side)."""
+    data = src.read_bytes()
+    if dst.exists() and dst.read_bytes() == data and not w.force:
+        w.report.add("kept", dst)
+        return
+    w.write(dst, data, secret=secret, rotate=True)
 
 
 def _device_toml(
@@ -294,14 +364,14 @@ def sync_password_file(root: Path, report: Report) -> None:
     _sync(root / "dashboard.passwd", dashboard, report)
 
 
-def _sync(path: Path, lines: list[str], report: Report) -> None:
-    """Write a password file unless it already holds exactly ``lines``."""
+def _sync(path: Path, lines: list[str], report: Report, *, secret: bool = True) -> None:
+    """Write a derived file (password file, ACL) unless it already holds exactly ``lines``."""
     text = "\n".join(lines) + "\n"
     if path.exists() and path.read_text() == text:
         report.add("kept", path)
         return
     existed = path.exists()
-    _Writer(True, report).write(path, text.encode(), secret=True)
+    _Writer(True, report).write(path, text.encode(), secret=secret)
     report.actions[-1] = ("updated" if existed else "created", path)
 
 
@@ -323,6 +393,7 @@ def _identities(root: Path) -> list[tuple[str, Path]]:
         server = p.parent / INFER_DIR / "password"
         if server.exists():  # device_add writes it only for a name that has a server id
             found.append((inference_server_id(p.parent.name), server))
+    found += [(p.parent.name, p) for p in sorted((root / SITES_DIR).glob("*/password"))]
     return [(user, p) for user, p in found if p.exists()]
 
 
@@ -373,6 +444,8 @@ def _aggregator_toml(w: _Writer, root: Path) -> None:
         "key_file": str(ident / "client.key"),
         "signing_key": str(root / "model-signing.key"),
     }
+    if "site" in state:  # a site aggregator signs nothing: its devices pin the central key
+        del settings["signing_key"]
     # Rewritten when the password was rotated in this run, so the two never disagree.
     rotate = w.report.of(ident / "password") in ("created", "rotated")
     w.write(

@@ -1,11 +1,13 @@
-"""The command line of provisioning: ``fedmq broker init`` and ``fedmq device add``."""
+"""The command line of provisioning: ``fedmq broker init``, ``broker add-site``, ``device add``."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from aggregator.ops.bridge import SiteUplink, parse_upstream
 from aggregator.ops.provision import broker_init, device_add
+from aggregator.ops.sites import site_add
 from shared.protocol.topics import TopicError
 
 # MQTT over secure WebSockets: 8884 by the custom of public brokers (MQTT over TLS 8883,
@@ -22,7 +24,10 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p_init.add_argument("--host", help="name or IP devices use to reach the broker (in the SAN)")
     p_init.add_argument("--port", type=int, default=8883, help="TLS listener port (default 8883)")
     p_init.add_argument("--bind", default="", help="listen on this address only (default: all)")
-    p_init.add_argument("--federation", default="default", help="federation of agent.toml files")
+    p_init.add_argument(
+        "--federation",
+        help="federation of agent.toml files (default: default; a site: its bundle's)",
+    )
     p_init.add_argument("--broker-user", help="account mosquitto runs as (default: you)")
     p_init.add_argument("--require-certificate", action="store_true", help="mutual TLS")
     p_init.add_argument(
@@ -41,7 +46,25 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p_init.add_argument(
         "--no-dashboard", action="store_true", help="no dashboard listeners (MQTT over TLS only)"
     )
+    p_init.add_argument(
+        "--site", help="write a site broker bridged to the central one (docs/sites.md)"
+    )
+    p_init.add_argument(
+        "--upstream", help="with --site: HOST:PORT of the central broker's TLS listener"
+    )
+    p_init.add_argument(
+        "--uplink",
+        type=Path,
+        help="with --site: the site's bundle, `fedmq broker add-site NAME` on the central "
+        "broker's directory wrote it in sites/NAME",
+    )
     p_init.add_argument("--force", action="store_true", help="rotate existing keys and secrets")
+    p_site = b_sub.add_parser(
+        "add-site", help="a site's bridge login, certificate and ACL on the central broker"
+    )
+    p_site.add_argument("name", help="site name: its bridge's login on the central broker")
+    p_site.add_argument("--dir", type=Path, required=True, help="the central `broker init` dir")
+    p_site.add_argument("--force", action="store_true", help="rotate this site's secrets")
     p_device = sub.add_parser("device", help="provision devices")
     d_sub = p_device.add_subparsers(dest="device_command", required=True)
     p_add = d_sub.add_parser(
@@ -57,15 +80,18 @@ def add_subcommands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``broker init`` or ``device add``; print the report; exit code."""
+    """Run ``broker init``, ``broker add-site`` or ``device add``; print the report; exit code."""
     try:
-        if args.command == "broker":
+        if args.command == "broker" and args.broker_command == "add-site":
+            report = site_add(args.dir, args.name, force=args.force)
+        elif args.command == "broker":
             report = broker_init(
                 args.dir,
                 host=args.host,
                 port=args.port,
                 bind=args.bind,
                 federation=args.federation,
+                site=_site_uplink(args),
                 run_as=args.broker_user,
                 require_certificate=args.require_certificate,
                 dashboard_port=None if args.no_dashboard else args.dashboard_port,
@@ -85,3 +111,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print("\n".join(report.lines()))
     return 0
+
+
+def _site_uplink(args: argparse.Namespace) -> SiteUplink | None:
+    """``--site``, ``--upstream`` and ``--uplink``: all three or none."""
+    given = {"--site": args.site, "--upstream": args.upstream, "--uplink": args.uplink}
+    if not any(v is not None for v in given.values()):
+        return None
+    missing = [flag for flag, value in given.items() if value is None]
+    if missing:
+        raise ValueError(f"a site broker needs --site, --upstream and --uplink: missing {missing}")
+    return SiteUplink(args.site, parse_upstream(args.upstream), args.uplink.resolve())

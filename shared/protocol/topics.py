@@ -20,6 +20,18 @@ Layout (protocol version in the namespace, like Sparkplug's ``spBv1.0``)::
                                            device {cid}'s inference server
     fl/v1/{fed}/infer/{cid}-infer/response/{req}
                                            JSON answer of {cid}'s inference server to {req}
+    fl/v1/{fed}/sites/{site}/round/{r}/partial
+                                           binary frame: site {site}'s partial aggregate of
+                                           round {r} (one weighted sum + total samples; QoS 1)
+    fl/v1/{fed}/sites/{site}/round/{r}/receipt
+                                           JSON: the central aggregator's receipt for it
+    fl/v1/{fed}/sites/{site}/status        retained JSON: the site aggregator's status (will)
+    fl/v1/{fed}/sites/{site}/bridge        retained "1" | "0": the site broker's bridge to the
+                                           central broker is up | down (Mosquitto writes it)
+
+Sites (docs/sites.md): a site runs its own broker, bridged to the central one. Only the
+topics of :meth:`Topics.site_downlink` (central -> site) and :meth:`Topics.site_uplink`
+(site -> central) cross the bridge; nothing a device publishes is among them.
 
 ``{cid}-infer`` is the inference server's own identity (:func:`inference_server_id`): its
 client id and, on a provisioned broker, its login, so the server never shares a connection
@@ -157,6 +169,63 @@ class Topics:
     def _infer(self, client_id: str) -> str:
         return f"{self.root}/infer/{inference_server_id(client_id)}"
 
+    def site_partial(self, round_id: int, site: str) -> str:
+        """Where site ``site`` publishes its partial aggregate of ``round_id``."""
+        return f"{self.site_root(site)}/round/{_round(round_id)}/partial"
+
+    def site_receipt(self, round_id: int, site: str) -> str:
+        """Where the central aggregator acknowledges site ``site``'s partial of ``round_id``."""
+        return f"{self.site_root(site)}/round/{_round(round_id)}/receipt"
+
+    def site_receipt_any(self, site: str) -> str:
+        """Subscription to the central aggregator's receipts for site ``site``, all rounds."""
+        return f"{self.site_root(site)}/round/+/receipt"
+
+    def site_status(self, site: str) -> str:
+        """Retained status of site ``site``'s aggregator."""
+        return f"{self.site_root(site)}/status"
+
+    def site_bridge(self, site: str) -> str:
+        """Retained ``1``/``0``: site ``site``'s bridge is connected (the bridge's notification)."""
+        return f"{self.site_root(site)}/bridge"
+
+    def site_downlink(self, site: str) -> list[str]:
+        """The subscriptions a site's bridge imports from the central broker (central -> site).
+
+        What the site's devices need to join and follow rounds (the signed global model, full
+        and as a delta, its meta and ONNX form, announcements, decisions, the aggregator's
+        signed status) and the central aggregator's receipts for this site's partials.
+        Nothing else: no device's update, status or receipt, no other site's topics.
+        """
+        return [
+            self.global_meta,
+            *self.global_payloads,
+            self.round_start_any,
+            self.round_decision_any,
+            self.aggregator_status,
+            self.site_receipt_any(site),
+        ]
+
+    @property
+    def global_payloads(self) -> list[str]:
+        """Subscriptions to the retained binary frames of the current global model (full, as a
+        delta, as ONNX) and their chunks: state whose latest retained copy is all a late
+        subscriber needs (each new one supersedes the last)."""
+        bases = [self.global_model, self.global_delta, self.global_onnx]
+        return [t for base in bases for t in (base, _chunks(base))]
+
+    def site_uplink(self, site: str) -> list[str]:
+        """The subscriptions a site's bridge exports to the central broker (site -> central):
+        the site's partials (and their chunks) and its aggregator's status, nothing else.
+        The bridge's own state (:meth:`site_bridge`) reaches the central broker without a
+        topic line (Mosquitto publishes it there itself)."""
+        partial = f"{self.site_root(site)}/round/+/partial"
+        return [partial, _chunks(partial), self.site_status(site)]
+
+    def site_root(self, site: str) -> str:
+        """Prefix of every topic of site ``site`` (``sites/{site}``)."""
+        return f"{self.root}/sites/{validate_name('site name', site)}"
+
     @property
     def metrics(self) -> str:
         """Per-round metrics published by the aggregator."""
@@ -198,6 +267,11 @@ class Topics:
         """What the aggregator decided about ``round_id`` at its deadline (or on closing)."""
         return f"{self.root}/round/{_round(round_id)}/decision"
 
+    @property
+    def round_decision_any(self) -> str:
+        """Subscription to every round's decision."""
+        return f"{self.root}/round/+/decision"
+
     def agent_status(self, client_id: str) -> str:
         """Retained presence/status of one agent."""
         return f"{self.root}/agents/{validate_agent_id(client_id)}/status"
@@ -215,10 +289,11 @@ class ParsedTopic:
     federation: str
     kind: str  # aggregator_status | global_meta | global_model | global_delta | global_onnx |
     # metrics | round_start | update | receipt | decision | agent_status | infer_request |
-    # infer_response
+    # infer_response | site_partial | site_receipt | site_status | site_bridge
     round_id: int | None = None
     client_id: str | None = None  # infer_*: the device whose inference server it is
     requester: str | None = None  # infer_request | infer_response: who asked
+    site: str | None = None  # site_*: the site
 
 
 def parse(topic: str) -> ParsedTopic:
@@ -244,6 +319,8 @@ def parse(topic: str) -> ParsedTopic:
         cid = device_of_server(rest[1])
         who = validate_name("requester", rest[3])
         return ParsedTopic(fed, f"infer_{rest[2]}", client_id=cid, requester=who)
+    if len(rest) >= 3 and rest[0] == "sites":
+        return _parse_site(fed, rest, topic)
     if len(rest) >= 3 and rest[0] == "round":
         round_id = _parse_round(rest[1], topic)
         if len(rest) == 3 and rest[2] == "start":
@@ -253,6 +330,16 @@ def parse(topic: str) -> ParsedTopic:
         if len(rest) == 4 and rest[2] in ("update", "receipt"):
             cid = validate_agent_id(rest[3])
             return ParsedTopic(fed, rest[2], round_id=round_id, client_id=cid)
+    raise TopicError(f"unknown fedmq topic: {topic!r}")
+
+
+def _parse_site(fed: str, rest: list[str], topic: str) -> ParsedTopic:
+    """``sites/{site}/...`` (``rest`` starts at ``sites``)."""
+    site = validate_name("site name", rest[1])
+    if len(rest) == 3 and rest[2] in ("status", "bridge"):
+        return ParsedTopic(fed, f"site_{rest[2]}", site=site)
+    if len(rest) == 5 and rest[2] == "round" and rest[4] in ("partial", "receipt"):
+        return ParsedTopic(fed, f"site_{rest[4]}", round_id=_parse_round(rest[3], topic), site=site)
     raise TopicError(f"unknown fedmq topic: {topic!r}")
 
 
@@ -290,6 +377,11 @@ def chunk_topic(topic: str, index: int) -> str:
 def chunk_subscription(subscription: str) -> str | None:
     """The subscription covering the chunks of ``subscription`` (None: ``#`` covers them)."""
     return None if subscription.endswith("#") else f"{subscription}/{CHUNK_LEVEL}/+"
+
+
+def _chunks(pattern: str) -> str:
+    """The subscription covering every chunk of the topics ``pattern`` matches."""
+    return f"{pattern}/{CHUNK_LEVEL}/+"
 
 
 def split_chunk_topic(topic: str) -> tuple[str, int] | None:
