@@ -96,6 +96,11 @@ LATER_FINGERPRINT_FIELDS: dict[str, object] = {
     "dp_expected_clients": None,
     "dp_accountant": "rdp",  # z derived from ε depends on it
     "proximal_mu": 0.0,
+    # The asynchronous mode (aggregator/async_config.py).
+    "mode": "sync",
+    "buffer": 10,
+    "max_staleness": 5,
+    "staleness_weight": "poly:0.5",
 }
 
 

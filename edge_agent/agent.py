@@ -198,9 +198,16 @@ class EdgeAgent:
         self.announcement, self.round_ends = ann, ends
         self.sync.on_announcement(ann.round, ann.base_hash, ann.download_codec, ann.run)
         # Its fate is unknown (a lost receipt may have said "accepted"): dropped, not given
-        # back to the residual, which could count its mass twice.
-        for old in self.outbox.drop_before(ann.round):
+        # back to the residual, which could count its mass twice. Asynchronous mode: an
+        # update counts up to max_staleness versions later, so it stays until then.
+        for old in self.outbox.drop_before(_oldest_countable(ann)):
             log.info("round %d is over: its unacknowledged update is dropped", old)
+        if ann.mode == "async":
+            # A new version: an update still held (refused "busy", or its receipt lost) is
+            # owed to this window (a reconnect's retained copy: the reconnect re-sends).
+            for held in self.outbox.rounds():
+                if held < ann.round:
+                    self._resend(held, "new version", coalesce=item.retain)
         stored = self.outbox.base_hash(ann.round)
         if stored is not None and stored != ann.base_hash:
             # Another run of the federation (or a rolled-back aggregator): train afresh.
@@ -289,8 +296,13 @@ class EdgeAgent:
         ann, model = self.announcement, self.sync.model
         if ann is None or model is None or ann.round in self.done_rounds:
             return
-        if self.cfg.client_id not in ann.selected or model.model_hash != ann.base_hash:
-            return  # not invited, or the announced base model has not arrived yet
+        if model.model_hash != ann.base_hash:
+            return  # the announced base model has not arrived yet
+        if ann.mode == "async":
+            if self.outbox.rounds():
+                return  # one update in flight at a time: train again once it is answered
+        elif self.cfg.client_id not in ann.selected:
+            return  # not invited
         unusable = self.device_data.reload()  # before the status: it declares the sample count
         self.data, self.val = self.device_data.train, self.device_data.val
         if unusable:
@@ -394,17 +406,28 @@ class EdgeAgent:
         reconnected = self.transport.connect_count != self.seen_connects
         self.seen_connects = self.transport.connect_count
         ann = self.announcement
-        if ann is None or ann.round not in self.done_rounds:
+        if ann is None:
+            return
+        if ann.mode == "async":  # every held update of the window, not only this round's
+            oldest = _oldest_countable(ann)
+            for round_id in sorted(r for r in self.sent_at if r >= oldest):
+                self._resend_due(round_id, reconnected)
+            return
+        if ann.round not in self.done_rounds:
             return
         if self.clock.monotonic() > self.round_ends and not reconnected:
             return
-        last = self.sent_at.get(ann.round)
+        self._resend_due(ann.round, reconnected)
+
+    def _resend_due(self, round_id: int, reconnected: bool) -> None:
+        """Re-send the update of ``round_id`` after a reconnect, or when its timer is up."""
+        last = self.sent_at.get(round_id)
         if reconnected and last is not None:
-            self._resend(ann.round, "reconnected", coalesce=True)
+            self._resend(round_id, "reconnected", coalesce=True)
         elif not self.transport.is_connected():
             return  # the reconnect re-sends
         elif last is None or self.clock.monotonic() - last >= self.cfg.resend_after_s:
-            self._resend(ann.round, "no receipt yet" if last is not None else "restarted")
+            self._resend(round_id, "no receipt yet" if last is not None else "restarted")
 
     # --- outbound ----------------------------------------------------------------------
     def _publish_status(
@@ -429,3 +452,8 @@ class EdgeAgent:
             skipped=skipped[:300],
             model_fingerprint=model_fingerprint,
         ).to_json()
+
+
+def _oldest_countable(ann: msg.RoundStart) -> int:
+    """The oldest round whose update the aggregator may still count under ``ann``."""
+    return ann.round - ann.max_staleness if ann.mode == "async" else ann.round

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator import config as aggregator_config
+from aggregator.async_config import DESCRIPTIONS as ASYNC_DESCRIPTIONS
 from aggregator.config import AggregatorConfig
 from aggregator.ops.monitor_view import MonitorConfig, add_monitor_arguments
 from aggregator.strategy_config import DESCRIPTIONS as STRATEGY_DESCRIPTIONS
@@ -112,6 +113,7 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "`state_dir`, else a new one (the start time in milliseconds); a value contradicting "
         'the checkpoint\'s is an error (docs/security.md, "Runs")',
         **STRATEGY_DESCRIPTIONS,
+        **ASYNC_DESCRIPTIONS,
     },
     "agent": {
         **_COMMON,
