@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import platform
+import queue
 import threading
 import time
 
 import numpy as np
 
 from edge_agent.announcements import DeviceLimits, check_announcement, check_finished, open_until
+from edge_agent.availability import OnlineSpells
 from edge_agent.config import AgentConfig
 from edge_agent.device_data import DeviceData
 from edge_agent.local_training import (
@@ -95,20 +97,28 @@ class EdgeAgent:
         self.rounds_trained = 0
         self.stop_event = threading.Event()
         status_topic = self.topics.agent_status(cfg.client_id)
-        self.transport = connect(
-            Session(
-                cfg.client_id,
-                subscriptions=(
-                    (self.topics.global_model, 1),
-                    (self.topics.global_delta, 1),
-                    (self.topics.round_start_any, 1),
-                    (self.topics.receipt_any_round(cfg.client_id), 1),
-                    (self.topics.aggregator_status, 1),
-                ),
-                will=Outbound(status_topic, self._status("offline"), retain=True),
-                births=lambda: [Outbound(status_topic, self._status("online"), retain=True)],
-            )
+        self.connect = connect
+        self.session = Session(
+            cfg.client_id,
+            subscriptions=(
+                (self.topics.global_model, 1),
+                (self.topics.global_delta, 1),
+                (self.topics.round_start_any, 1),
+                (self.topics.receipt_any_round(cfg.client_id), 1),
+                (self.topics.aggregator_status, 1),
+            ),
+            will=Outbound(status_topic, self._status("offline"), retain=True),
+            births=lambda: [Outbound(status_topic, self._status("online"), retain=True)],
         )
+        self.transport = connect(self.session)
+        # --online F: on-line in random spells (None: always); edge_agent/availability.py.
+        self.spells = (
+            OnlineSpells(cfg.online, cfg.online_spell_s, cfg.client_id, self.clock.monotonic())
+            if cfg.online < 1
+            else None
+        )
+        self.offline_spells = 0
+        self.away = False  # in an off-line spell: disconnected on purpose
 
     # --- life cycle --------------------------------------------------------------------
     def run(self) -> int:
@@ -126,21 +136,24 @@ class EdgeAgent:
             )
         self.transport.start(timeout=self.cfg.connect_timeout)
         while not self.stop_event.is_set():
+            if self.spells is not None and not self._follow_spells():
+                continue
             item = self.clock.wait(self.transport.inbox, 0.5)
             if item is not None:
                 self._dispatch(item)
             self._sync_subscriptions()
             self._maybe_train()
             self._maybe_resend()
-        self.transport.stop(
-            [
-                Outbound(
-                    self.topics.agent_status(self.cfg.client_id),
-                    self._status("offline"),
-                    retain=True,
-                )
-            ]
-        )
+        if not self.away:  # an off-line spell has already said goodbye
+            self.transport.stop(
+                [
+                    Outbound(
+                        self.topics.agent_status(self.cfg.client_id),
+                        self._status("offline"),
+                        retain=True,
+                    )
+                ]
+            )
         model = self.sync.model
         log.info(
             "%s: stopped after training %d rounds (%d global deltas applied); holding the "
@@ -156,6 +169,34 @@ class EdgeAgent:
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current step."""
         self.stop_event.set()
+
+    def _follow_spells(self) -> bool:
+        """``--online``: disconnect at an off-line spell, reconnect after it; True when on-line.
+
+        Off-line, the device is gone as a powered-off one is: its last status says offline,
+        nothing reaches it. Its state (model, outbox, residual) stays, and after the spell it
+        connects again, takes the retained model and round, and re-sends what it holds.
+        """
+        assert self.spells is not None
+        online = self.spells.at(self.clock.monotonic())
+        if online == (not self.away):  # no change (a broker outage is the transport's)
+            if self.away:
+                self.clock.wait(queue.Queue(), 0.5)
+            return online
+        self.away = not online
+        if not online:
+            self.offline_spells += 1
+            log.info("%s: off-line for %.0fs", self.cfg.client_id, self.spells.until
+                     - self.clock.monotonic())  # fmt: skip
+            self.transport.stop([Outbound(self.topics.agent_status(self.cfg.client_id),
+                                          self._status("offline"), retain=True)])  # fmt: skip
+            return False
+        log.info("%s: on-line again", self.cfg.client_id)
+        self.transport = self.connect(self.session)
+        self.transport.start(timeout=self.cfg.connect_timeout)
+        self.full_subscribed = True  # the session subscribes to the full model again
+        self.seen_connects = 0  # re-send what is held, as after any reconnect
+        return True
 
     # --- inbound -----------------------------------------------------------------------
     def _dispatch(self, item: Inbound) -> None:
@@ -319,7 +360,9 @@ class EdgeAgent:
             return
         self._publish_status("training", ann.round)
         try:
-            local = self.trainer.train(ann.model, model.params, ann.train, self.data, self.val)
+            local = self.trainer.train(
+                ann.model, model.params, ann.train, self.data, self.val, self.cfg.slowdown
+            )
             t0 = time.perf_counter()
             payload = self._encode_update(ann, local)
         except (DivergedTraining, UnusableRound, FrameError) as exc:

@@ -151,8 +151,12 @@ class LocalTrainer:
         params: TrainParams,
         data: ArrayDataset,
         val: ArrayDataset | None,
+        slowdown: float = 1.0,
     ) -> LocalRound:
         """Train from ``global_params``; return the delta (local − global) and statistics.
+
+        ``slowdown``: train slowdown× as long in wall time (``--slowdown``: real extra time
+        after each batch, shared/runtime/training.py).
 
         Raises DivergedTraining when the loss or the trained weights are not finite,
         UnusableRound when the model cannot be built here or the data does not fit it.
@@ -180,6 +184,7 @@ class LocalTrainer:
             seed=seed,
             regression_loss=params.regression_loss,
             proximal_mu=params.proximal_mu,
+            slowdown=slowdown,
         )
         result = train_local(model, data, cfg)
         # Figures for the operator, rounded: at 100× compression the header is ~10 % of an

@@ -162,6 +162,13 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "modified within this many seconds (0: any age)",
         "max_rows": "sensor data: rows read per round at most (newest files first; a single "
         "file over it is refused), bounding the device's memory",
+        "slowdown": "testing heterogeneous fleets: train this many times as long (real extra "
+        "wall time after each batch; 1: as fast as the machine allows)",
+        "online": "testing heterogeneous fleets: the fraction of the time the device is "
+        "on-line, in random spells (it disconnects and reconnects, keeping its state; 1: "
+        "always)",
+        "online_spell_s": "mean length of an on-line spell in seconds (off-line spells: "
+        "`online_spell_s`·(1 − `online`)/`online`)",
     },
     "inference": {
         **_COMMON,

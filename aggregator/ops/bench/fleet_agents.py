@@ -80,12 +80,15 @@ class SharedTrainer(LocalTrainer):
         params: msg.TrainParams,
         data: ArrayDataset,
         val: ArrayDataset | None,
+        slowdown: float = 1.0,
     ) -> LocalRound:
         asked = time.time()
         with self._lock:
             start = time.time()
             result = super().train(spec, global_params, params, data, val)
             end = time.time()
+        # A slower device: its extra time is its own, not the shared model's (the lock).
+        time.sleep((slowdown - 1) * (end - start))
         self._events.write(
             ev="train", client=self.client_id, asked=asked, start=start, end=end, seed=params.seed
         )
