@@ -361,8 +361,9 @@ class EdgeAgent:
         self._publish_status("training", ann.round)
         try:
             local = self.trainer.train(
-                ann.model, model.params, ann.train, self.data, self.val, self.cfg.slowdown
-            )
+                ann.model, model.params, ann.train, self.data, self.val,
+                self.cfg.slowdown, self.cfg.min_batch_ms / 1000,
+            )  # fmt: skip
             t0 = time.perf_counter()
             payload = self._encode_update(ann, local)
         except (DivergedTraining, UnusableRound, FrameError) as exc:

@@ -73,6 +73,7 @@ class AgentConfig:
     # wall time after each batch), and be on-line this fraction of the time in random spells
     # of mean online_spell_s seconds (edge_agent/availability.py).
     slowdown: float = 1.0
+    min_batch_ms: float = 0.0  # the emulated device's own time per batch, at least
     online: float = 1.0
     online_spell_s: float = 60.0
 
@@ -96,6 +97,8 @@ class AgentConfig:
             raise ValueError("max-local-epochs and max-batch-size must be ≥ 1")
         if not 1 <= self.slowdown <= 1000:
             raise ValueError("slowdown must be in [1, 1000]")
+        if not 0 <= self.min_batch_ms <= 60_000:
+            raise ValueError("min-batch-ms must be in [0, 60000]")
         if not 0 < self.online <= 1:
             raise ValueError("online must be in (0, 1]")
         if not self.online_spell_s > 0:
@@ -200,6 +203,11 @@ def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
         "--slowdown",
         type=float,
         help="train X× as long: real extra wall time after each batch (default 1)",
+    )
+    group.add_argument(
+        "--min-batch-ms",
+        type=float,
+        help="emulate a device whose batch takes at least this long (× --slowdown; default 0)",
     )
     group.add_argument(
         "--online",

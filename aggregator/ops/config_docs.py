@@ -164,6 +164,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "file over it is refused), bounding the device's memory",
         "slowdown": "testing heterogeneous fleets: train this many times as long (real extra "
         "wall time after each batch; 1: as fast as the machine allows)",
+        "min_batch_ms": "testing heterogeneous fleets: emulate a device whose batch takes at "
+        "least this many ms (times `slowdown`), so that devices sharing a machine's cores keep "
+        "their own speeds while the cores are not all busy (0: the machine's speed)",
         "online": "testing heterogeneous fleets: the fraction of the time the device is "
         "on-line, in random spells (it disconnects and reconnects, keeping its state; 1: "
         "always)",

@@ -42,8 +42,11 @@ class TrainConfig:
     # starts from (the global model); 0 = plain SGD.
     proximal_mu: float = 0.0
     # A slower device on this machine (a heterogeneous fleet to test on): after each batch,
-    # sleep (slowdown − 1)× the time the batch took, so training takes slowdown× the wall time.
+    # sleep so that it lasts slowdown × max(its own time, min_batch_s): slowdown× the wall
+    # time, and with min_batch_s a device of that speed however many share this machine's
+    # cores (as long as they are not all busy).
     slowdown: float = 1.0
+    min_batch_s: float = 0.0
 
     def __post_init__(self) -> None:
         """Reject nonsensical values early, with the offending field named."""
@@ -53,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 1 <= self.slowdown <= 1000:
             raise ValueError(f"slowdown must be in [1, 1000], got {self.slowdown}")
+        if not 0 <= self.min_batch_s <= 60:
+            raise ValueError(f"min_batch_s must be in [0, 60], got {self.min_batch_s}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -223,8 +228,9 @@ def train_local(model: nn.Module, data: ArrayDataset, cfg: TrainConfig) -> Train
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach().double() * len(idx)
-            if cfg.slowdown > 1:
-                extra = (cfg.slowdown - 1) * (time.perf_counter() - batch_start)
+            if cfg.slowdown > 1 or cfg.min_batch_s > 0:
+                took = time.perf_counter() - batch_start
+                extra = cfg.slowdown * max(took, cfg.min_batch_s) - took
                 time.sleep(extra)
                 slowed += extra
             steps += 1

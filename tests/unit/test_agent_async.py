@@ -123,6 +123,18 @@ def test_slowdown_adds_real_wall_time_after_each_batch() -> None:
     assert slowed.train_loss == results[1.0].train_loss  # the same training, only slower
 
 
+def test_a_minimum_batch_time_paces_every_batch() -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", INPUT_SHAPE, NUM_CLASSES)
+    cfg = TrainConfig(batch_size=64, lr=0.05, seed=3, slowdown=2.0, min_batch_s=0.05)
+
+    result = train_local(model, make_dataset(256, seed=1), cfg)
+
+    # 4 batches, each lasting at least 2 × 50 ms: slept at least what the batches did not take.
+    assert result.steps == 4
+    assert result.train_time_s >= 4 * 0.1 and result.slowed_s > 0
+
+
 def test_a_part_time_agent_goes_offline_keeps_its_update_and_resends_it_back_online(
     fed: Federation, agg: ScriptedAggregator
 ) -> None:

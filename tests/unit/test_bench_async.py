@@ -47,11 +47,13 @@ def test_the_slow_devices_are_the_fraction_and_the_same_for_a_seed() -> None:
 
 
 def test_slow_and_part_time_devices_get_their_agent_flags() -> None:
-    args = _args("--slowdown", "5", "--online", "0.6", "--online-spell-s", "30")
+    args = _args("--slowdown", "5", "--online", "0.6", "--online-spell-s", "30",
+                 "--min-batch-ms", "40")  # fmt: skip
     flags = device_flags(args, slow=[3])
 
-    assert flags(3) == ["--slowdown", "5", "--online", "0.6", "--online-spell-s", "30"]
-    assert flags(4) == ["--online", "0.6", "--online-spell-s", "30"]
+    part_time = ["--online", "0.6", "--online-spell-s", "30"]
+    assert flags(3) == ["--slowdown", "5", "--min-batch-ms", "40", *part_time]
+    assert flags(4) == ["--min-batch-ms", "40", *part_time]
 
 
 def test_each_modes_settings_are_ones_the_aggregator_accepts() -> None:

@@ -54,6 +54,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agents", dest="clients", type=int, help="devices (default 20)")
     p.add_argument("--slow-fraction", type=float, default=0.3, help="share of slow devices")
     p.add_argument("--slowdown", type=float, default=5.0, help="how much slower they train")
+    p.add_argument(
+        "--min-batch-ms",
+        type=float,
+        default=0.0,
+        help="every device's own time per batch, at least (× --slowdown): device speeds that "
+        "do not depend on how many devices share this machine's cores (default 0: none)",
+    )
     p.add_argument("--online", type=float, default=1.0, help="on-line fraction of every device")
     p.add_argument("--online-spell-s", type=float, default=60.0, help="mean on-line spell")
     p.add_argument("--target-accuracy", type=float, default=0.85, help="(default 0.85)")
@@ -80,6 +87,8 @@ def device_flags(args: argparse.Namespace, slow: Sequence[int]) -> Callable[[int
 
     def flags(i: int) -> list[str]:
         out = ["--slowdown", f"{args.slowdown:g}"] if i in slow else []
+        if args.min_batch_ms > 0:
+            out += ["--min-batch-ms", f"{args.min_batch_ms:g}"]
         if args.online < 1:
             out += ["--online", f"{args.online:g}", "--online-spell-s", f"{args.online_spell_s:g}"]
         return out
@@ -123,7 +132,7 @@ def run_async_bench(args: argparse.Namespace) -> int:
     result = {
         "command": command,
         "title": f"{args.model}, {args.clients} devices ({len(slow)} {args.slowdown:g}× slower, "
-        f"on-line {100 * args.online:.0f} %), {args.partition} α={args.alpha}",
+        f"on-line {100 * args.online:.0f} %{_pace(args)}), {args.partition} α={args.alpha}",
         "task": _task(args),
         "slow_devices": slow,
         "sync": sync,
@@ -191,6 +200,10 @@ def _wait(
         print(f"    no result after {timeout:.0f}s, stopping it", flush=True)
 
 
+def _pace(args: argparse.Namespace) -> str:
+    return f", batches ≥ {args.min_batch_ms:g} ms" if args.min_batch_ms > 0 else ""
+
+
 def _line(run: dict[str, Any]) -> str:
     acc = run["final_accuracy"]
     to = run["time_to_target_s"]
@@ -205,7 +218,7 @@ def _task(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
         "dataset", "model", "clients", "partition", "alpha", "rounds", "samples_per_client",
         "local_epochs", "batch_size", "lr", "momentum", "seed", "codec", "slow_fraction",
-        "slowdown", "online", "online_spell_s", "buffer", "max_staleness", "staleness_weight",
-        "server_lr", "round_timeout",
+        "slowdown", "min_batch_ms", "online", "online_spell_s", "buffer", "max_staleness",
+        "staleness_weight", "server_lr", "round_timeout",
     )  # fmt: skip
     return {k: getattr(args, k) for k in keys}
