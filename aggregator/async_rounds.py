@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aggregator.intake import UpdateIntake
+from aggregator.intake import Offer, UpdateIntake
 from aggregator.round_strategy import RoundAggregate
 from aggregator.rounds import ACCEPT, RoundPhase, RoundState, Verdict
 from shared.protocol.frames import FrameHeader
@@ -166,6 +166,11 @@ class VersionWindow(RoundState):
         self.staleness.append(self.round_id - base_round)
         self.rejected.pop(client_id, None)
 
+    def decline(self, client_id: str, reason: str) -> None:
+        """A final refusal: recorded (nobody is waited for in a window)."""
+        if client_id not in self.accepted:
+            self.reject(client_id, reason)
+
     def phase(self, now: float) -> RoundPhase:
         """Complete at ``buffer`` accepted updates; at the deadline as a synchronous round."""
         if self.closed:
@@ -261,6 +266,16 @@ class AsyncIntake(UpdateIntake):
         """The typed window and aggregate (the base class knows them as protocols)."""
         self.window, self.aggregate = window, aggregate
         return self
+
+    def offer(self, topic_round: int, topic_client: str, payload: bytes) -> Offer:
+        """As :meth:`UpdateIntake.offer`; a refused update of an earlier base round is
+        recorded in the window's rejections too (its metrics' ``rejected``)."""
+        result = super().offer(topic_round, topic_client, payload)
+        window = self.window
+        refused = not result.verdict.accepted and topic_client not in window.accepted
+        if refused and topic_round != window.round_id:
+            window.reject(topic_client, result.verdict.reason)
+        return result
 
     def _count(self, head: FrameHeader, tensors: Mapping[str, np.ndarray], client: str) -> None:
         weight = self.window.weight(self.window.round_id - head.round)

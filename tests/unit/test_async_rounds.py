@@ -224,4 +224,5 @@ def test_a_refused_async_update_changes_nothing() -> None:
 
     assert verdict.code == "stale"
     assert (agg.count, window.accepted, window.staleness) == (0, {}, [])
+    assert window.rejected == {"a": verdict.reason}  # in the window's metrics
     assert replace(window) == window  # still a plain dataclass (checkpointable state)
