@@ -119,6 +119,9 @@ class AggregatorService:
         self.async_mode = async_settings(cfg)
         self.initial_hash = self.model_hash  # version 0, round 1's base
         self._window: VersionWindow | None = None  # the last async window (its successor)
+        # Async: updates that arrived between two windows, offered to the next one (bounded:
+        # beyond it they are answered no-round, and their agents re-send them).
+        self.held_updates: list[Inbound] = []
         # Optimizer, clipping, rule and DP (ValueError when they cannot run: exit 1).
         self.strategy = RoundStrategy(strategy_settings(cfg), self.shapes)
         self.strategy.check_capacity(cfg.min_clients)
@@ -334,6 +337,9 @@ class AggregatorService:
         """
         state, intake = rnd.state, rnd.intake
         last_update_at = self.clock.monotonic()
+        held, self.held_updates = self.held_updates, []
+        for waiting in held:
+            self._handle(waiting, intake)
         while (phase := state.phase(self.clock.time())) in (RoundPhase.OPEN, RoundPhase.STARVED):
             if phase is RoundPhase.STARVED:
                 if not self._starved(state, intake):
@@ -529,6 +535,9 @@ class AggregatorService:
             return False
         if intake is None:
             verdict = without_open_round(parsed.round_id, self._last_closed())
+            if verdict.code == "no-round" and len(self.held_updates) < self._hold_room():
+                self.held_updates.append(item)  # async: the next window takes it
+                return False
             self._receipt(parsed.round_id, parsed.client_id, verdict)
             return False
         offer = intake.offer(parsed.round_id, parsed.client_id, item.payload)
@@ -549,6 +558,10 @@ class AggregatorService:
                 offer.verdict.reason,
             )
         return offer.verdict.accepted
+
+    def _hold_room(self) -> int:
+        """Updates held between two async windows, at most (0: sync, none held)."""
+        return 0 if self.async_mode is None else 4 * self.async_mode.buffer
 
     def _last_closed(self) -> int:
         """The last round an update may no longer be counted for (async: the rounds

@@ -146,3 +146,30 @@ def test_an_aggregator_stopped_mid_buffer_resumes_losing_nothing_counting_nothin
     assert (second["round"], second["participants"]) == (2, ["u", "v", "w"])
     assert second["staleness"] == [1, 0, 0]
     assert max(_accepted_receipts(fed).values()) == 1
+
+
+def test_an_update_arriving_between_two_windows_counts_in_the_next_one(
+    fed: Federation,
+) -> None:
+    fed.silent_device("pi-s1")
+    away = fed.silent_device("pi-s2")
+    fed.wait_online("pi-s1", "pi-s2")
+    service = fed.start_aggregator(rounds=2, buffer=2, max_staleness=1, **{**ASYNC,
+                                   "min_clients": 2})  # fmt: skip
+    wait_for(lambda: fed.open_round() == 1, "version window 1")
+    dev, h1 = Device(fed, service), service.initial_hash
+    away.leave()  # below min-clients: after window 1, window 2 waits for two devices on-line
+    dev.send("x", 1, h1)
+    dev.send("y", 1, h1)
+    wait_for(lambda: bool(fed.broker.messages(T.round_decision(1))), "version 1 applied")
+
+    dev.link.publish(T.update(1, "z"), update_frame(service, 1, "z", base_hash=h1))
+    wait_for(lambda: len(service.held_updates) == 1, "z's update held between the windows")
+    fed.silent_device("pi-s2")  # back on-line: window 2 opens and takes z's update
+    wait_for(lambda: len(fed.receipts(1, "z")) == 1, "z's receipt")
+    dev.send("w", 2, _version_hash(fed, 1))
+    assert fed.finish()["aggregator"] == 0
+
+    assert _codes(fed, 1, "z") == ["accepted"]  # counted at once: no no-round, no re-send
+    assert fed.rounds()[1]["participants"] == ["w", "z"]
+    assert fed.rounds()[1]["staleness"] == [1, 0]
