@@ -338,7 +338,10 @@ class AggregatorService:
         state, intake = rnd.state, rnd.intake
         last_update_at = self.clock.monotonic()
         held, self.held_updates = self.held_updates, []
-        for waiting in held:
+        for n, waiting in enumerate(held):
+            if state.phase(self.clock.time()) is not RoundPhase.OPEN:  # K reached: the rest
+                self.held_updates = held[n:] + self.held_updates  # wait for the next window
+                break
             self._handle(waiting, intake)
         while (phase := state.phase(self.clock.time())) in (RoundPhase.OPEN, RoundPhase.STARVED):
             if phase is RoundPhase.STARVED:
