@@ -98,6 +98,11 @@ LATER_FINGERPRINT_FIELDS: dict[str, object] = {
     "proximal_mu": 0.0,
     "lr_schedule": "constant",
     "lr_final": 0.02,
+    # The asynchronous mode (aggregator/async_config.py).
+    "mode": "sync",
+    "buffer": 10,
+    "max_staleness": 5,
+    "staleness_weight": "poly:0.5",
 }
 
 

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+from aggregator.async_config import add_async_arguments, async_checks
 from aggregator.robust import DEFAULT_MAX_ROUND_MEMORY
 from aggregator.strategy_config import add_strategy_arguments, strategy_checks
 from aggregator.update_bounds import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_NORM
@@ -126,6 +127,11 @@ class AggregatorConfig:
     # `lr` to `lr_final` × `lr` at round `rounds` (sent in each round announcement).
     lr_schedule: str = "constant"
     lr_final: float = 0.02
+    # --- asynchronous mode (aggregator/async_config.py, docs/async.md) ---
+    mode: str = "sync"
+    buffer: int = 10
+    max_staleness: int = 5
+    staleness_weight: str = "poly:0.5"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
@@ -158,6 +164,7 @@ class AggregatorConfig:
             (self.max_samples >= 1, "max-samples must be ≥ 1"),
             (0 < self.max_weight_share <= 1, "max-weight-share must be in (0, 1]"),
             *strategy_checks(self),
+            *async_checks(self),
         ]
         for ok, message in checks:
             if not ok:
@@ -268,6 +275,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_weight_arguments(parser)
     add_budget_arguments(parser)
     add_strategy_arguments(parser)
+    add_async_arguments(parser)
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:

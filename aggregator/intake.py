@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from aggregator.rounds import ACCEPT, RoundState, Verdict
 from aggregator.strategy import AggregationError, RoundSum
 from aggregator.update_bounds import norm_violation, sample_violation, value_violation
 from shared.protocol.frames import (
     FrameError,
+    FrameHeader,
     NonFiniteError,
     ShapeMismatchError,
     decode_frame,
@@ -163,11 +166,15 @@ class UpdateIntake:
             val_rmse=_num(meta.get("val_rmse")),
         )
         try:
-            self.acc.add(frame.tensors, head.num_samples, client)
+            self._count(head, frame.tensors, client)
         except AggregationError as exc:
             return Verdict("malformed", f"invalid update: {exc}"), None
-        self.state.accept(client, head.num_samples)
         return ACCEPT, stats
+
+    def _count(self, head: FrameHeader, tensors: Mapping[str, np.ndarray], client: str) -> None:
+        """Add a screened update to the sum and record it (AggregationError: not counted)."""
+        self.acc.add(tensors, head.num_samples, client)
+        self.state.accept(client, head.num_samples)
 
     def decline_wrong_model(self, status: AgentStatus, what: str) -> Verdict | None:
         """A device refused the open round: its build of the model has another fingerprint.

@@ -95,13 +95,16 @@ class Durability:
         rng: np.random.Generator,
         residual: Tensors | None = None,
         strategy: tuple[Tensors, dict[str, Any]] | None = None,
+        window: dict[str, Any] | None = None,
     ) -> None:
         """Checkpoint round ``state.round_id`` as applied, then drop its journal.
 
-        ``strategy``: the strategy's state after the round (RoundStrategy.state()).
+        ``strategy``: the strategy's state after the round (RoundStrategy.state());
+        ``window``: an async version window's entry (VersionWindow.history_entry).
         """
         strategy_tensors, strategy_doc = strategy if strategy is not None else ({}, None)
-        self.history.append({"round": state.round_id, "accepted": dict(state.accepted)})
+        entry = {"round": state.round_id, "accepted": dict(state.accepted), **(window or {})}
+        self.history.append(entry)
         self.store.save(
             Checkpoint(
                 round=state.round_id,

@@ -182,7 +182,7 @@ class RoundAggregate:
         self._sum = StreamingFedAvg(self.shapes, s.max_share)
         # Round 1 of the adaptive bound without a start: its updates wait, unclipped, until
         # the round's γ-quantile norm is known (then clipped to it and counted in order).
-        self._first: list[tuple[Tensors, int, str]] | None = None
+        self._first: list[tuple[Tensors, int, str, float]] | None = None
         if strategy.bootstraps():
             self._first = []
             self._first_capacity = strategy.first_round_room(capacity)
@@ -217,25 +217,46 @@ class RoundAggregate:
             raise StrategyError(str(exc)) from exc
         held.capacity = capacity
 
-    def add(self, delta: Mapping[str, np.ndarray], num_samples: int, client_id: str = "") -> None:
-        """Clip and count one update; AggregationError (nothing counted) when it cannot be."""
+    def add(
+        self,
+        delta: Mapping[str, np.ndarray],
+        num_samples: int,
+        client_id: str = "",
+        weight: float = 1.0,
+    ) -> None:
+        """Clip and count one update; AggregationError (nothing counted) when it cannot be.
+
+        ``weight`` scales the clipped delta (the asynchronous mode's staleness weight w(s),
+        aggregator/async_rounds.py: the sum becomes Σ n·w·Δ / Σ n); DP takes none.
+        """
         if num_samples <= 0:
             raise AggregationError(f"num_samples must be positive, got {num_samples}")
+        if not 0 < weight <= 1:
+            raise AggregationError(f"weight must be in (0, 1], got {weight}")
         check_delta(self.shapes, delta)
         if self._dp is not None:
+            if weight != 1.0:
+                raise AggregationError("differential privacy takes no staleness weight")
             self.norms.append(self._dp.add(delta))
             return
         if self._first is not None:
             if len(self._first) >= self._first_capacity:
                 raise AggregationError(f"round holds at most {self._first_capacity} updates")
             self._first.append(({n: np.array(delta[n], np.float32) for n in self.shapes},
-                                num_samples, client_id))  # fmt: skip
+                                num_samples, client_id, weight))  # fmt: skip
             self.norms.append(update_l2_norm(delta))
             return
-        self.norms.append(self._count(delta, num_samples, client_id))
+        self.norms.append(self._count(delta, num_samples, client_id, weight))
 
-    def _count(self, delta: Mapping[str, np.ndarray], num_samples: int, client_id: str) -> float:
-        """Clip (when this round clips) and fold into the rule; the norm before clipping."""
+    def _count(
+        self,
+        delta: Mapping[str, np.ndarray],
+        num_samples: int,
+        client_id: str,
+        weight: float = 1.0,
+    ) -> float:
+        """Clip (when this round clips), weight, and fold into the rule; the norm before
+        clipping."""
         if self._clipper is None:
             clipped, norm = delta, update_l2_norm(delta)
         else:
@@ -243,6 +264,9 @@ class RoundAggregate:
                 clipped, norm = self._clipper.clip(delta)
             except ClipError as exc:  # not finite: check_delta refused it already
                 raise AggregationError(str(exc)) from exc
+        if weight != 1.0:  # after clipping: a stale update moves the model w(s)× its bound
+            w = np.float32(weight)
+            clipped = {n: np.asarray(v, np.float32) * w for n, v in clipped.items()}
         if self._held is not None:
             self._held.add(clipped, num_samples, client_id)
         else:
@@ -256,8 +280,8 @@ class RoundAggregate:
             return
         self.bound = self.strategy.first_bound(self.norms)
         self._clipper = RoundClipper(self.bound)
-        for delta, num_samples, client_id in held:
-            self._count(delta, num_samples, client_id)
+        for delta, num_samples, client_id, weight in held:
+            self._count(delta, num_samples, client_id, weight)
 
     def capped(self) -> list[tuple[str, int, float]]:
         """Clients whose weight the share cap lowers (streaming FedAvg only)."""

@@ -13,8 +13,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
+from aggregator.async_config import async_settings
+from aggregator.async_rounds import AsyncIntake, VersionWindow, window_from_history
 from aggregator.checkpoint import CheckpointError
 from aggregator.config import AggregatorConfig
 from aggregator.downloads import GlobalDownloads, bytes_down
@@ -48,7 +51,7 @@ from shared.mqtt.base import Connector, Inbound, Outbound, Session
 from shared.protocol import messages as msg
 from shared.protocol import topics
 from shared.protocol.claims import sign_round_start, sign_status
-from shared.protocol.frames import tensors_hash
+from shared.protocol.frames import read_header, tensors_hash
 from shared.protocol.signing import load_private_key
 
 log = logging.getLogger("fedmq.aggregator")
@@ -112,6 +115,13 @@ class AggregatorService:
         self.params: Tensors = self.evaluator.initial_params()
         self.shapes = {n: tuple(v.shape) for n, v in self.params.items()}
         self.model_hash = tensors_hash(self.params)
+        # The asynchronous mode (None: synchronous rounds): docs/async.md.
+        self.async_mode = async_settings(cfg)
+        self.initial_hash = self.model_hash  # version 0, round 1's base
+        self._window: VersionWindow | None = None  # the last async window (its successor)
+        # Async: updates that arrived between two windows, offered to the next one (bounded:
+        # beyond it they are answered no-round, and their agents re-send them).
+        self.held_updates: list[Inbound] = []
         # Optimizer, clipping, rule and DP (ValueError when they cannot run: exit 1).
         self.strategy = RoundStrategy(strategy_settings(cfg), self.shapes)
         self.strategy.check_capacity(cfg.min_clients)
@@ -198,10 +208,15 @@ class AggregatorService:
             )
             return None
         started = self.clock.time()
-        selected = select_clients(self.agents.online(), cfg.fraction, cfg.min_clients, self.rng)
-        state = RoundState(
-            r, self.model_hash, set(selected), cfg.min_clients, started + cfg.round_timeout, started
-        )
+        state: RoundState
+        if self.async_mode is not None:  # every device may contribute: none selected
+            state = self._next_window(r, started)
+        else:
+            selected = select_clients(self.agents.online(), cfg.fraction, cfg.min_clients, self.rng)
+            state = RoundState(
+                r, self.model_hash, set(selected), cfg.min_clients,
+                started + cfg.round_timeout, started,
+            )  # fmt: skip
         try:
             intake = self._intake(state)  # before the announcement: can the round be held?
         except StrategyError as exc:
@@ -210,13 +225,35 @@ class AggregatorService:
         self._announce(state)
         return OpenRound(state, intake, started)
 
+    def _next_window(self, r: int, started: float) -> VersionWindow:
+        """Async: version window ``r`` on the current model (after a restart: from the
+        checkpoint's history)."""
+        assert self.async_mode is not None
+        deadline = started + self.cfg.round_timeout
+        last = self._window
+        if last is not None and last.round_id == r - 1:
+            window = last.successor(r, self.model_hash, deadline, started)
+        else:
+            history = self.durable.history if self.durable is not None else []
+            window = window_from_history(
+                history, self.async_mode, r, self.model_hash, self.cfg.min_clients, deadline,
+                started, self.initial_hash,
+            )  # fmt: skip
+        self._window = window
+        return window
+
     def _intake(self, state: RoundState) -> UpdateIntake:
         cfg = self.cfg
         self.guard.new_round()
-        return UpdateIntake(
+        capacity = len(state.selected)
+        intake_type = UpdateIntake
+        if isinstance(state, VersionWindow):
+            capacity, intake_type = state.buffer, AsyncIntake
+        aggregate = self.strategy.open_round(capacity)
+        intake = intake_type(
             cfg.federation,
             state,
-            self.strategy.open_round(len(state.selected)),
+            aggregate,
             cfg.max_update_bytes,
             cfg.max_update_norm,
             max_samples=cfg.max_samples,
@@ -224,6 +261,10 @@ class AggregatorService:
             headroom=model_headroom(self.params),
             fingerprint=self.evaluator.fingerprint,
         )
+        if isinstance(intake, AsyncIntake):
+            assert isinstance(state, VersionWindow)
+            intake.bind(state, aggregate)
+        return intake
 
     def _restore(self) -> OpenRound | None:
         """Continue from the checkpoint; re-open (and replay) its next round if announced."""
@@ -258,18 +299,25 @@ class AggregatorService:
         started = self.clock.time()
         # A full window after a crash: agents must notice the re-announcement and re-send.
         deadline = max(float(ann["deadline"]), started + self.cfg.round_timeout)
-        state = RoundState(
-            jr.round,
-            self.model_hash,
-            set(ann["selected"]),
-            self.cfg.min_clients,
-            deadline,
-            started,
-            extensions=int(ann["extensions"]),
-        )
+        state: RoundState
+        if self.async_mode is not None:
+            state = self._next_window(jr.round, started)
+            state.deadline, state.extensions = deadline, int(ann["extensions"])
+        else:
+            state = RoundState(
+                jr.round,
+                self.model_hash,
+                set(ann["selected"]),
+                self.cfg.min_clients,
+                deadline,
+                started,
+                extensions=int(ann["extensions"]),
+            )
         intake = self._intake(state)
         for client, payload in self.durable.journal.frames(jr):
-            verdict = intake.offer(jr.round, client, payload).verdict
+            # An async window's updates name their base round (the frame's), not the window.
+            base = read_header(payload).round if self.async_mode is not None else jr.round
+            verdict = intake.offer(base, client, payload).verdict
             if not verdict.accepted:
                 log.error("journaled update of %s refused on replay: %s", client, verdict.reason)
         log.info("round %d resumed with %d journaled updates", jr.round, len(state.accepted))
@@ -289,6 +337,12 @@ class AggregatorService:
         """
         state, intake = rnd.state, rnd.intake
         last_update_at = self.clock.monotonic()
+        held, self.held_updates = self.held_updates, []
+        for n, waiting in enumerate(held):
+            if state.phase(self.clock.time()) is not RoundPhase.OPEN:  # K reached: the rest
+                self.held_updates = held[n:] + self.held_updates  # wait for the next window
+                break
+            self._handle(waiting, intake)
         while (phase := state.phase(self.clock.time())) in (RoundPhase.OPEN, RoundPhase.STARVED):
             if phase is RoundPhase.STARVED:
                 if not self._starved(state, intake):
@@ -312,9 +366,11 @@ class AggregatorService:
         self.round_id = state.round_id
         if self.durable is not None:
             residual = self.downloads.residual
+            window = state.history_entry() if isinstance(state, VersionWindow) else None
             self.durable.applied(
-                state, self.params, self.model_hash, self.rng, residual, self.strategy.state()
-            )
+                state, self.params, self.model_hash, self.rng, residual, self.strategy.state(),
+                window,
+            )  # fmt: skip
         if target is None:
             self._decide(state, "discarded", unusable)
         else:
@@ -346,6 +402,10 @@ class AggregatorService:
         announcement = round_start(
             cfg, state, self.spec, self.run_epoch, self.clock.time(), self.evaluator.fingerprint
         )
+        if isinstance(state, VersionWindow):
+            announcement = msgspec.structs.replace(
+                announcement, mode="async", max_staleness=state.max_staleness
+            )
         if self.signing_key is not None:  # pinned agents follow only signed announcements
             announcement = sign_round_start(self.signing_key, announcement)
         # Retained, so an agent that (re)connects mid-round learns the round at once.
@@ -430,6 +490,10 @@ class AggregatorService:
             onnx_export_s=exported.export_s if exported else None,
             task=self.spec.task,
         )
+        if isinstance(state, VersionWindow):
+            metrics = msgspec.structs.replace(
+                metrics, mode="async", staleness=list(state.staleness)
+            )
         self._publish(self.topics.metrics, metrics.to_json(), retain=True)
         self.metrics.append(metrics)
         quality = (
@@ -473,14 +537,18 @@ class AggregatorService:
                 self._receipt(parsed.round_id, parsed.client_id, answer)
             return False
         if intake is None:
-            verdict = without_open_round(parsed.round_id, self.round_id)
+            verdict = without_open_round(parsed.round_id, self._last_closed())
+            if verdict.code == "no-round" and len(self.held_updates) < self._hold_room():
+                self.held_updates.append(item)  # async: the next window takes it
+                return False
             self._receipt(parsed.round_id, parsed.client_id, verdict)
             return False
         offer = intake.offer(parsed.round_id, parsed.client_id, item.payload)
         if offer.verdict.accepted and self.durable is not None and offer.stats is not None:
-            # Durable before the receipt: an acknowledged update survives a crash.
+            # Durable before the receipt: an acknowledged update survives a crash. Journaled
+            # under the open round (an async update names its base round, an earlier one).
             self.durable.accepted(
-                parsed.round_id, parsed.client_id, offer.stats.num_samples, item.payload
+                intake.state.round_id, parsed.client_id, offer.stats.num_samples, item.payload
             )
         self._receipt(parsed.round_id, parsed.client_id, offer.verdict)
         if not offer.verdict.accepted:
@@ -493,6 +561,17 @@ class AggregatorService:
                 offer.verdict.reason,
             )
         return offer.verdict.accepted
+
+    def _hold_room(self) -> int:
+        """Updates held between two async windows, at most (0: sync, none held)."""
+        return 0 if self.async_mode is None else 4 * self.async_mode.buffer
+
+    def _last_closed(self) -> int:
+        """The last round an update may no longer be counted for (async: the rounds
+        within max_staleness of the next window still may)."""
+        if self.async_mode is None:
+            return self.round_id
+        return self.round_id - self.async_mode.max_staleness
 
     def _wait_for_agents(self, count: int, timeout: float) -> bool:
         deadline = self.clock.monotonic() + timeout

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import platform
+import queue
 import threading
 import time
 
 import numpy as np
 
 from edge_agent.announcements import DeviceLimits, check_announcement, check_finished, open_until
+from edge_agent.availability import OnlineSpells
 from edge_agent.config import AgentConfig
 from edge_agent.device_data import DeviceData
 from edge_agent.local_training import (
@@ -95,20 +97,28 @@ class EdgeAgent:
         self.rounds_trained = 0
         self.stop_event = threading.Event()
         status_topic = self.topics.agent_status(cfg.client_id)
-        self.transport = connect(
-            Session(
-                cfg.client_id,
-                subscriptions=(
-                    (self.topics.global_model, 1),
-                    (self.topics.global_delta, 1),
-                    (self.topics.round_start_any, 1),
-                    (self.topics.receipt_any_round(cfg.client_id), 1),
-                    (self.topics.aggregator_status, 1),
-                ),
-                will=Outbound(status_topic, self._status("offline"), retain=True),
-                births=lambda: [Outbound(status_topic, self._status("online"), retain=True)],
-            )
+        self.connect = connect
+        self.session = Session(
+            cfg.client_id,
+            subscriptions=(
+                (self.topics.global_model, 1),
+                (self.topics.global_delta, 1),
+                (self.topics.round_start_any, 1),
+                (self.topics.receipt_any_round(cfg.client_id), 1),
+                (self.topics.aggregator_status, 1),
+            ),
+            will=Outbound(status_topic, self._status("offline"), retain=True),
+            births=lambda: [Outbound(status_topic, self._status("online"), retain=True)],
         )
+        self.transport = connect(self.session)
+        # --online F: on-line in random spells (None: always); edge_agent/availability.py.
+        self.spells = (
+            OnlineSpells(cfg.online, cfg.online_spell_s, cfg.client_id, self.clock.monotonic())
+            if cfg.online < 1
+            else None
+        )
+        self.offline_spells = 0
+        self.away = False  # in an off-line spell: disconnected on purpose
 
     # --- life cycle --------------------------------------------------------------------
     def run(self) -> int:
@@ -126,21 +136,24 @@ class EdgeAgent:
             )
         self.transport.start(timeout=self.cfg.connect_timeout)
         while not self.stop_event.is_set():
+            if self.spells is not None and not self._follow_spells():
+                continue
             item = self.clock.wait(self.transport.inbox, 0.5)
             if item is not None:
                 self._dispatch(item)
             self._sync_subscriptions()
             self._maybe_train()
             self._maybe_resend()
-        self.transport.stop(
-            [
-                Outbound(
-                    self.topics.agent_status(self.cfg.client_id),
-                    self._status("offline"),
-                    retain=True,
-                )
-            ]
-        )
+        if not self.away:  # an off-line spell has already said goodbye
+            self.transport.stop(
+                [
+                    Outbound(
+                        self.topics.agent_status(self.cfg.client_id),
+                        self._status("offline"),
+                        retain=True,
+                    )
+                ]
+            )
         model = self.sync.model
         log.info(
             "%s: stopped after training %d rounds (%d global deltas applied); holding the "
@@ -156,6 +169,34 @@ class EdgeAgent:
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current step."""
         self.stop_event.set()
+
+    def _follow_spells(self) -> bool:
+        """``--online``: disconnect at an off-line spell, reconnect after it; True when on-line.
+
+        Off-line, the device is gone as a powered-off one is: its last status says offline,
+        nothing reaches it. Its state (model, outbox, residual) stays, and after the spell it
+        connects again, takes the retained model and round, and re-sends what it holds.
+        """
+        assert self.spells is not None
+        online = self.spells.at(self.clock.monotonic())
+        if online == (not self.away):  # no change (a broker outage is the transport's)
+            if self.away:
+                self.clock.wait(queue.Queue(), 0.5)
+            return online
+        self.away = not online
+        if not online:
+            self.offline_spells += 1
+            log.info("%s: off-line for %.0fs", self.cfg.client_id, self.spells.until
+                     - self.clock.monotonic())  # fmt: skip
+            self.transport.stop([Outbound(self.topics.agent_status(self.cfg.client_id),
+                                          self._status("offline"), retain=True)])  # fmt: skip
+            return False
+        log.info("%s: on-line again", self.cfg.client_id)
+        self.transport = self.connect(self.session)
+        self.transport.start(timeout=self.cfg.connect_timeout)
+        self.full_subscribed = True  # the session subscribes to the full model again
+        self.seen_connects = 0  # re-send what is held, as after any reconnect
+        return True
 
     # --- inbound -----------------------------------------------------------------------
     def _dispatch(self, item: Inbound) -> None:
@@ -198,9 +239,16 @@ class EdgeAgent:
         self.announcement, self.round_ends = ann, ends
         self.sync.on_announcement(ann.round, ann.base_hash, ann.download_codec, ann.run)
         # Its fate is unknown (a lost receipt may have said "accepted"): dropped, not given
-        # back to the residual, which could count its mass twice.
-        for old in self.outbox.drop_before(ann.round):
+        # back to the residual, which could count its mass twice. Asynchronous mode: an
+        # update counts up to max_staleness versions later, so it stays until then.
+        for old in self.outbox.drop_before(_oldest_countable(ann)):
             log.info("round %d is over: its unacknowledged update is dropped", old)
+        if ann.mode == "async":
+            # A new version: an update still held (refused "busy", or its receipt lost) is
+            # owed to this window (a reconnect's retained copy: the reconnect re-sends).
+            for held in self.outbox.rounds():
+                if held < ann.round:
+                    self._resend(held, "new version", coalesce=item.retain)
         stored = self.outbox.base_hash(ann.round)
         if stored is not None and stored != ann.base_hash:
             # Another run of the federation (or a rolled-back aggregator): train afresh.
@@ -289,8 +337,13 @@ class EdgeAgent:
         ann, model = self.announcement, self.sync.model
         if ann is None or model is None or ann.round in self.done_rounds:
             return
-        if self.cfg.client_id not in ann.selected or model.model_hash != ann.base_hash:
-            return  # not invited, or the announced base model has not arrived yet
+        if model.model_hash != ann.base_hash:
+            return  # the announced base model has not arrived yet
+        if ann.mode == "async":
+            if self.outbox.rounds():
+                return  # one update in flight at a time: train again once it is answered
+        elif self.cfg.client_id not in ann.selected:
+            return  # not invited
         unusable = self.device_data.reload()  # before the status: it declares the sample count
         self.data, self.val = self.device_data.train, self.device_data.val
         if unusable:
@@ -307,7 +360,10 @@ class EdgeAgent:
             return
         self._publish_status("training", ann.round)
         try:
-            local = self.trainer.train(ann.model, model.params, ann.train, self.data, self.val)
+            local = self.trainer.train(
+                ann.model, model.params, ann.train, self.data, self.val,
+                self.cfg.slowdown, self.cfg.min_batch_ms / 1000,
+            )  # fmt: skip
             t0 = time.perf_counter()
             payload = self._encode_update(ann, local)
         except (DivergedTraining, UnusableRound, FrameError) as exc:
@@ -394,17 +450,28 @@ class EdgeAgent:
         reconnected = self.transport.connect_count != self.seen_connects
         self.seen_connects = self.transport.connect_count
         ann = self.announcement
-        if ann is None or ann.round not in self.done_rounds:
+        if ann is None:
+            return
+        if ann.mode == "async":  # every held update of the window, not only this round's
+            oldest = _oldest_countable(ann)
+            for round_id in sorted(r for r in self.sent_at if r >= oldest):
+                self._resend_due(round_id, reconnected)
+            return
+        if ann.round not in self.done_rounds:
             return
         if self.clock.monotonic() > self.round_ends and not reconnected:
             return
-        last = self.sent_at.get(ann.round)
+        self._resend_due(ann.round, reconnected)
+
+    def _resend_due(self, round_id: int, reconnected: bool) -> None:
+        """Re-send the update of ``round_id`` after a reconnect, or when its timer is up."""
+        last = self.sent_at.get(round_id)
         if reconnected and last is not None:
-            self._resend(ann.round, "reconnected", coalesce=True)
+            self._resend(round_id, "reconnected", coalesce=True)
         elif not self.transport.is_connected():
             return  # the reconnect re-sends
         elif last is None or self.clock.monotonic() - last >= self.cfg.resend_after_s:
-            self._resend(ann.round, "no receipt yet" if last is not None else "restarted")
+            self._resend(round_id, "no receipt yet" if last is not None else "restarted")
 
     # --- outbound ----------------------------------------------------------------------
     def _publish_status(
@@ -429,3 +496,8 @@ class EdgeAgent:
             skipped=skipped[:300],
             model_fingerprint=model_fingerprint,
         ).to_json()
+
+
+def _oldest_countable(ann: msg.RoundStart) -> int:
+    """The oldest round whose update the aggregator may still count under ``ann``."""
+    return ann.round - ann.max_staleness if ann.mode == "async" else ann.round

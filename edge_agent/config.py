@@ -69,6 +69,13 @@ class AgentConfig:
     recent_files: int = 0  # a directory: train on its newest files only (0: all)
     recent_max_age_s: float = 0.0  # a directory: files modified within this (0: any age)
     max_rows: int = 1_000_000  # rows read per round, at most (bounded memory)
+    # A heterogeneous fleet to test on (docs/async.md): train slowdown× as long (real extra
+    # wall time after each batch), and be on-line this fraction of the time in random spells
+    # of mean online_spell_s seconds (edge_agent/availability.py).
+    slowdown: float = 1.0
+    min_batch_ms: float = 0.0  # the emulated device's own time per batch, at least
+    online: float = 1.0
+    online_spell_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.client_id:
@@ -88,6 +95,14 @@ class AgentConfig:
         check_protocol_settings(self.mqtt_version, self.max_chunk_bytes)
         if self.max_local_epochs < 1 or self.max_batch_size < 1:
             raise ValueError("max-local-epochs and max-batch-size must be ≥ 1")
+        if not 1 <= self.slowdown <= 1000:
+            raise ValueError("slowdown must be in [1, 1000]")
+        if not 0 <= self.min_batch_ms <= 60_000:
+            raise ValueError("min-batch-ms must be in [0, 60000]")
+        if not 0 < self.online <= 1:
+            raise ValueError("online must be in (0, 1]")
+        if not self.online_spell_s > 0:
+            raise ValueError("online-spell-s must be > 0")
 
     def source(self) -> SensorSource:
         """How the device reads CSV/Parquet sensor data (unused for image data)."""
@@ -178,6 +193,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the agent trains, so a waiting or presence-only agent stays small)",
     )
     add_sensor_arguments(parser)
+    add_fleet_arguments(parser)
+
+
+def add_fleet_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags making a device slower or part-time (testing heterogeneous fleets)."""
+    group = parser.add_argument_group("heterogeneous fleets (testing, docs/async.md)")
+    group.add_argument(
+        "--slowdown",
+        type=float,
+        help="train X× as long: real extra wall time after each batch (default 1)",
+    )
+    group.add_argument(
+        "--min-batch-ms",
+        type=float,
+        help="emulate a device whose batch takes at least this long (× --slowdown; default 0)",
+    )
+    group.add_argument(
+        "--online",
+        type=float,
+        help="be on-line this fraction of the time, in random spells (default 1: always)",
+    )
+    group.add_argument(
+        "--online-spell-s", type=float, help="mean on-line spell in seconds (default 60)"
+    )
 
 
 def add_sensor_arguments(parser: argparse.ArgumentParser) -> None:

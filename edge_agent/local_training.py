@@ -151,8 +151,14 @@ class LocalTrainer:
         params: TrainParams,
         data: ArrayDataset,
         val: ArrayDataset | None,
+        slowdown: float = 1.0,
+        min_batch_s: float = 0.0,
     ) -> LocalRound:
         """Train from ``global_params``; return the delta (local − global) and statistics.
+
+        ``slowdown``, ``min_batch_s``: an emulated slower device (``--slowdown``,
+        ``--min-batch-ms``): each batch lasts slowdown × max(its own time, min_batch_s), real
+        extra wall time after it (shared/runtime/training.py).
 
         Raises DivergedTraining when the loss or the trained weights are not finite,
         UnusableRound when the model cannot be built here or the data does not fit it.
@@ -180,6 +186,8 @@ class LocalTrainer:
             seed=seed,
             regression_loss=params.regression_loss,
             proximal_mu=params.proximal_mu,
+            slowdown=slowdown,
+            min_batch_s=min_batch_s,
         )
         result = train_local(model, data, cfg)
         # Figures for the operator, rounded: at 100× compression the header is ~10 % of an

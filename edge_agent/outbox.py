@@ -29,13 +29,15 @@ _NAME = re.compile(r"update-(\d{1,9})\.fmq")
 # Refusals that say "not now" rather than "never": the update must stay and be re-sent
 # (an aggregator restarting has no round open yet; a re-announced round comes later; a
 # rate-limited update was not read, and the re-send timer paces the next try).
-RETRYABLE_CODES: frozenset[ReceiptCode] = frozenset({"no-round", "wrong-round", "rate-limited"})
+RETRYABLE_CODES: frozenset[ReceiptCode] = frozenset(
+    {"no-round", "wrong-round", "rate-limited", "busy"}
+)
 # The aggregator summed the update ("duplicate": it summed an earlier copy of it).
 COUNTED_CODES: frozenset[ReceiptCode] = frozenset({"accepted", "duplicate"})
 # Final refusals that say the update came too late, not that it was wrong: its mass is still
 # owed to error feedback (an invalid or over-large update is not given back, it would only be
 # refused again). "no-round" is not among them: it is not final, the update is re-sent.
-MISSED_CODES: frozenset[ReceiptCode] = frozenset({"late", "stale-base"})
+MISSED_CODES: frozenset[ReceiptCode] = frozenset({"late", "stale-base", "stale"})
 
 
 def receipt_is_final(code: ReceiptCode) -> bool:

@@ -53,7 +53,7 @@ def _add_bench_commands(sub: Any) -> None:
             "inprocess", help="the demo's federation in one process (the round-time yardstick)"
         )
     )
-    from aggregator.ops.bench import codecs, compression, fleet, ingest, strategies
+    from aggregator.ops.bench import async_mode, codecs, compression, fleet, ingest, strategies
 
     strategies.add_arguments(
         bench_sub.add_parser(
@@ -81,11 +81,20 @@ def _add_bench_commands(sub: Any) -> None:
             "fleet", help="N real agents (many per process), real broker and aggregator, R rounds"
         )
     )
+    async_mode.add_arguments(
+        bench_sub.add_parser(
+            "async",
+            help="one heterogeneous federation synchronously and asynchronously (FedBuff): "
+            "wall time to a target accuracy",
+        )
+    )
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from aggregator.ops.bench import codecs, compression, fleet, ingest, strategies
+    from aggregator.ops.bench import async_mode, codecs, compression, fleet, ingest, strategies
 
+    if args.bench == "async":
+        return async_mode.run_async_bench(args)
     if args.bench == "strategies":
         return strategies.run_strategies(args)
     if args.bench == "compression":

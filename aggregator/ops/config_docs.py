@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aggregator import config as aggregator_config
+from aggregator.async_config import DESCRIPTIONS as ASYNC_DESCRIPTIONS
 from aggregator.config import AggregatorConfig
 from aggregator.ops.monitor_view import MonitorConfig, add_monitor_arguments
 from aggregator.strategy_config import DESCRIPTIONS as STRATEGY_DESCRIPTIONS
@@ -112,6 +113,7 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "`state_dir`, else a new one (the start time in milliseconds); a value contradicting "
         'the checkpoint\'s is an error (docs/security.md, "Runs")',
         **STRATEGY_DESCRIPTIONS,
+        **ASYNC_DESCRIPTIONS,
     },
     "agent": {
         **_COMMON,
@@ -160,6 +162,16 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "modified within this many seconds (0: any age)",
         "max_rows": "sensor data: rows read per round at most (newest files first; a single "
         "file over it is refused), bounding the device's memory",
+        "slowdown": "testing heterogeneous fleets: train this many times as long (real extra "
+        "wall time after each batch; 1: as fast as the machine allows)",
+        "min_batch_ms": "testing heterogeneous fleets: emulate a device whose batch takes at "
+        "least this many ms (times `slowdown`), so that devices sharing a machine's cores keep "
+        "their own speeds while the cores are not all busy (0: the machine's speed)",
+        "online": "testing heterogeneous fleets: the fraction of the time the device is "
+        "on-line, in random spells (it disconnects and reconnects, keeping its state; 1: "
+        "always)",
+        "online_spell_s": "mean length of an on-line spell in seconds (off-line spells: "
+        "`online_spell_s`·(1 − `online`)/`online`)",
     },
     "inference": {
         **_COMMON,

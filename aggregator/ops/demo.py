@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -187,12 +187,14 @@ def start_processes(
     out: Path,
     aggregator_extra: Sequence[str] = (),
     honest: Sequence[int] | None = None,
+    agent_extra: Callable[[int], Sequence[str]] | None = None,
 ) -> tuple[subprocess.Popen[bytes], list[subprocess.Popen[bytes]]]:
     """Launch the aggregator and one agent per client, each logging to ``out/logs``.
 
     ``aggregator_extra``: more aggregator flags (a strategy); ``honest``: the indices of the
     clients to start agents for (default all: ``fedmq bench strategies`` starts the others
-    as malicious devices itself).
+    as malicious devices itself); ``agent_extra``: more flags of agent ``i`` (``fedmq bench
+    async``: slower and part-time devices).
     """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -250,6 +252,7 @@ def start_processes(
             # take tens of seconds; a real device imports it once, at its first round.
             "--warm-up",
             *child_protocol_flags(args),
+            *(agent_extra(i) if agent_extra is not None else ()),
         )
         with open(logs / f"agent-{i:02d}.log", "wb") as fh:
             agents.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env))

@@ -137,6 +137,7 @@ def older_agents_follow(ann: RoundStart) -> bool:
         ann.model.task == "classification"
         and len(ann.model.input_shape) == 3
         and ann.train.proximal_mu == 0
+        and ann.mode == "sync"
     )
 
 
@@ -146,6 +147,8 @@ def _body(ann: RoundStart) -> dict[str, Any]:
     del body["ts"], body["signature"]
     if not body["train"]["proximal_mu"]:  # as agents older than FedProx sign it
         del body["train"]["proximal_mu"]
+    if body["mode"] == "sync":  # as aggregators older than the asynchronous mode sign it
+        del body["mode"], body["max_staleness"]
     return body
 
 

@@ -42,6 +42,8 @@ MAX_PROXIMAL_MU = 100.0  # FedProx's μ (Li et al. 2020 searched 0.001 … 1)
 MAX_INPUT_DIM = 4096
 MAX_CLASSES = 100_000
 MAX_OUTPUTS = 4096  # values a regression model predicts per sample
+# Versions an asynchronous update may lag behind the current one (docs/async.md).
+MAX_STALENESS = 1000
 # A run epoch (milliseconds since 1970 by default): any JSON number that is exactly an integer.
 MAX_RUN = 2**53 - 1
 
@@ -151,6 +153,12 @@ class RoundStart(Message, frozen=True, kw_only=True):
     # base64 Ed25519 over every field but ts and the signatures, the fingerprint included
     # (claims.py, "fedmq-round-start-v2"); "" = an aggregator older than it.
     signature_v2: Signature = ""
+    # Buffered asynchronous aggregation (FedBuff, docs/async.md): "async" = every device may
+    # train on the newest model it holds and upload a delta naming its base round (``selected``
+    # is empty); updates up to ``max_staleness`` versions old still count. Signed in v2 only
+    # when not "sync" (claims.py); agents older than it see an unsigned-v1 announcement.
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: Annotated[int, msgspec.Meta(ge=0, le=MAX_STALENESS)] = 0
 
 
 class AgentStatus(Message, frozen=True, kw_only=True):
@@ -288,6 +296,10 @@ class RoundMetrics(Message, frozen=True, kw_only=True):
     clipped: NonNeg = 0
     dp_epsilon: float | None = None
     dp_delta: float | None = None
+    # Asynchronous mode (docs/async.md): the staleness (versions behind) of each update this
+    # version applied, in acceptance order; empty for synchronous rounds.
+    mode: Literal["sync", "async"] = "sync"
+    staleness: list[NonNeg] = msgspec.field(default_factory=list)
 
 
 M = TypeVar("M", bound=Message)

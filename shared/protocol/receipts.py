@@ -35,6 +35,11 @@ ReceiptCode = Literal[
     # the device's model is not the aggregator's: its architecture fingerprint (or its update's
     # tensor names/shapes) differs; the reason names the fingerprints
     "wrong-model",
+    # asynchronous mode (docs/async.md): its base version is more than max_staleness behind
+    "stale",
+    # asynchronous mode: this device already has an update counted in the open version
+    # window; re-sent after the next version, it counts there (not final)
+    "busy",
 ]
 RECEIPT_CODES: tuple[ReceiptCode, ...] = get_args(ReceiptCode)
 
@@ -54,6 +59,8 @@ _LEGACY_PREFIXES: tuple[tuple[str, ReceiptCode], ...] = (
     ("undecodable: frame of ", "too-large"),  # "frame of N bytes exceeds the limit of M"
     ("rate limited:", "rate-limited"),
     ("wrong model:", "wrong-model"),
+    ("stale:", "stale"),
+    ("busy:", "busy"),
 )
 
 

@@ -41,6 +41,12 @@ class TrainConfig:
     # FedProx (Li et al. 2020): μ of the proximal term μ/2·‖w − w₀‖², w₀ the weights training
     # starts from (the global model); 0 = plain SGD.
     proximal_mu: float = 0.0
+    # A slower device on this machine (a heterogeneous fleet to test on): after each batch,
+    # sleep so that it lasts slowdown × max(its own time, min_batch_s): slowdown× the wall
+    # time, and with min_batch_s a device of that speed however many share this machine's
+    # cores (as long as they are not all busy).
+    slowdown: float = 1.0
+    min_batch_s: float = 0.0
 
     def __post_init__(self) -> None:
         """Reject nonsensical values early, with the offending field named."""
@@ -48,6 +54,10 @@ class TrainConfig:
             raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 1 <= self.slowdown <= 1000:
+            raise ValueError(f"slowdown must be in [1, 1000], got {self.slowdown}")
+        if not 0 <= self.min_batch_s <= 60:
+            raise ValueError(f"min_batch_s must be in [0, 60], got {self.min_batch_s}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
@@ -72,6 +82,7 @@ class TrainResult:
     steps: int
     train_loss: float
     train_time_s: float
+    slowed_s: float = 0.0  # of train_time_s, the wall time added by ``slowdown``
 
 
 @dataclass(frozen=True)
@@ -204,17 +215,24 @@ def train_local(model: nn.Module, data: ArrayDataset, cfg: TrainConfig) -> Train
     # Accumulate on-tensor: calling .item() every step would force a sync per batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     steps = seen = 0
+    slowed = 0.0
     for _ in range(cfg.local_epochs):
         order = torch.randperm(n, generator=generator).to(x.device)
         for begin in range(0, n, cfg.batch_size):
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 break
+            batch_start = time.perf_counter()
             idx = order[begin : begin + cfg.batch_size]
             model.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach().double() * len(idx)
+            if cfg.slowdown > 1 or cfg.min_batch_s > 0:
+                took = time.perf_counter() - batch_start
+                extra = cfg.slowdown * max(took, cfg.min_batch_s) - took
+                time.sleep(extra)
+                slowed += extra
             steps += 1
             seen += len(idx)
     return TrainResult(
@@ -222,6 +240,7 @@ def train_local(model: nn.Module, data: ArrayDataset, cfg: TrainConfig) -> Train
         steps=steps,
         train_loss=float(loss_sum.item()) / max(seen, 1),
         train_time_s=time.perf_counter() - start,
+        slowed_s=slowed,
     )
 
 

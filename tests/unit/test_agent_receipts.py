@@ -42,6 +42,8 @@ DECISIONS: dict[ReceiptCode, tuple[bool, bool, bool]] = {
     "too-many-samples": (True, False, False),
     "rate-limited": (False, False, False),
     "wrong-model": (True, False, False),
+    "stale": (True, False, True),
+    "busy": (False, False, False),
 }
 
 

@@ -118,7 +118,7 @@ def test_changing_any_signed_field_breaks_the_signature(change: dict[str, Any]) 
 
 def test_every_field_of_the_announcement_is_in_the_v2_claim_but_the_send_time() -> None:
     train = msg.TrainParams(local_epochs=2, batch_size=16, lr=0.05, seed=7, proximal_mu=0.1)
-    ann = _ann(fingerprint="c" * 64, train=train)
+    ann = _ann(fingerprint="c" * 64, train=train, mode="async", max_staleness=3)
     context, body = json.loads(round_start_claim_v2(ann))
 
     assert context == "fedmq-round-start-v2"
@@ -153,11 +153,32 @@ def test_an_agent_older_than_fedprox_refuses_a_fedprox_announcement_and_follows_
         for key in ("ts", "signature", "signature_v2"):
             del body[key]
         del body["train"]["proximal_mu"]
+        del body["mode"], body["max_staleness"]  # nor the asynchronous mode
         return canonical_json("fedmq-round-start-v2", body)
 
     verify_bytes(KEY.public_key(), older_claim(plain), plain.signature_v2, "")
     with pytest.raises(SignatureError):
         verify_bytes(KEY.public_key(), older_claim(prox), prox.signature_v2, "")
+
+
+def test_a_sync_announcement_is_signed_as_aggregators_older_than_the_async_mode_sign_it() -> None:
+    _, body = json.loads(round_start_claim_v2(_ann()))
+
+    assert "mode" not in body and "max_staleness" not in body
+
+
+def test_an_async_announcement_verifies_and_agents_older_than_it_cannot_verify_it() -> None:
+    signed = sign_round_start(KEY, _ann(mode="async", max_staleness=2))
+
+    assert signed.signature == ""  # no v1 signature: older agents cannot follow it
+    verify_round_start(KEY.public_key(), _wire(signed))
+    older = json.loads(signed.to_json())
+    for key in ("ts", "signature", "signature_v2", "mode", "max_staleness"):
+        del older[key]
+    del older["train"]["proximal_mu"]
+    with pytest.raises(SignatureError):
+        verify_bytes(KEY.public_key(), canonical_json("fedmq-round-start-v2", older),
+                     signed.signature_v2, "")  # fmt: skip
 
 
 # --- agents older than model plugins: their structs and claim, as they were -----------------

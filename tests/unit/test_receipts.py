@@ -15,7 +15,10 @@ import msgspec
 import numpy as np
 import pytest
 
+from aggregator.async_rounds import AsyncIntake, VersionWindow
+from aggregator.config import AggregatorConfig
 from aggregator.intake import UpdateIntake, receipt_for
+from aggregator.round_strategy import RoundStrategy, strategy_settings
 from aggregator.rounds import NO_ROUND, RoundState, Verdict, late, without_open_round
 from aggregator.strategy import StreamingFedAvg
 from aggregator.update_budget import IntakeGuard
@@ -71,6 +74,25 @@ def _closed_round() -> Verdict:
     return _offer(_update(), intake)
 
 
+def _async_intake() -> AsyncIntake:
+    window = VersionWindow(
+        ROUND, BASE, set(), 1, 100.0, 0.0, buffer=5, max_staleness=1,
+        bases={ROUND - 1: OTHER_BASE},
+    )  # fmt: skip
+    acc = RoundStrategy(strategy_settings(AggregatorConfig(clip="none")), SHAPES).open_round(5)
+    return AsyncIntake(FED, window, acc, MAX_BYTES).bind(window, acc)
+
+
+def _too_stale() -> Verdict:
+    return _offer(_update(round=ROUND - 2), _async_intake(), round=ROUND - 2)
+
+
+def _second_in_window() -> Verdict:
+    intake = _async_intake()
+    _offer(_update(round=ROUND - 1, base_hash=OTHER_BASE), intake, round=ROUND - 1)
+    return _offer(_update(), intake)
+
+
 # Every way the intake answers an update, with the code it must carry.
 SCENARIOS: dict[str, tuple[Callable[[], Verdict], ReceiptCode]] = {
     "valid": (lambda: _offer(_update()), "accepted"),
@@ -92,6 +114,8 @@ SCENARIOS: dict[str, tuple[Callable[[], Verdict], ReceiptCode]] = {
     "over the norm": (lambda: _offer(_update(), _intake(max_norm=0.5)), "over-norm"),
     "overflowing": (lambda: _offer(_update(), _intake(headroom=0.5)), "non-finite"),
     "over max samples": (lambda: _offer(_update(), _intake(max_samples=5)), "too-many-samples"),
+    "async: staler than allowed": (_too_stale, "stale"),
+    "async: second update in a window": (_second_in_window, "busy"),
 }
 # The service's answer while no round is open (last closed round 3).
 NO_OPEN_ROUND: dict[str, tuple[Callable[[], Verdict], ReceiptCode]] = {

@@ -160,12 +160,14 @@ class MaliciousTrainer(LocalTrainer):
         params: TrainParams,
         data: ArrayDataset,
         val: ArrayDataset | None,
+        slowdown: float = 1.0,
+        min_batch_s: float = 0.0,
     ) -> LocalRound:
         """Train as the agent does (on flipped labels for ``label-flip``), then poison."""
         kind = self.attack.kind
         if kind == "label-flip":
             data = flip_labels(data, spec.num_classes)
-        honest = super().train(spec, global_params, params, data, val)
+        honest = super().train(spec, global_params, params, data, val, slowdown, min_batch_s)
         if kind == "label-flip":
             return honest
         if kind == "alie":

@@ -80,12 +80,17 @@ class SharedTrainer(LocalTrainer):
         params: msg.TrainParams,
         data: ArrayDataset,
         val: ArrayDataset | None,
+        slowdown: float = 1.0,
+        min_batch_s: float = 0.0,
     ) -> LocalRound:
         asked = time.time()
         with self._lock:
             start = time.time()
             result = super().train(spec, global_params, params, data, val)
             end = time.time()
+        # A slower device: its extra time is its own, not the shared model's (the lock).
+        took = end - start
+        time.sleep(slowdown * max(took, min_batch_s * result.meta.get("steps", 0)) - took)
         self._events.write(
             ev="train", client=self.client_id, asked=asked, start=start, end=end, seed=params.seed
         )
