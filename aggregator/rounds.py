@@ -127,10 +127,13 @@ class RoundState:
 
     def decline(self, client_id: str, reason: str) -> None:
         """Record that a selected client cannot train this round (its model differs): the
-        round is complete without it once the others are in (and quorum is met)."""
-        if client_id in self.selected and client_id not in self.accepted:
+        round is complete without it once the others are in (and quorum is met). A client
+        that was not selected is only recorded as rejected (for metrics)."""
+        if client_id in self.accepted:
+            return
+        self.reject(client_id, reason)
+        if client_id in self.selected:
             self.declined.add(client_id)
-            self.reject(client_id, reason)
 
     def phase(self, now: float) -> RoundPhase:
         """Decide whether the round should be applied now."""

@@ -353,3 +353,12 @@ def test_declines_do_not_complete_a_round_below_quorum() -> None:
     state.decline("c", "wrong model")
 
     assert state.phase(now=1.0) is RoundPhase.OPEN
+
+
+def test_a_final_refusal_of_a_client_not_selected_counts_as_a_rejection_only() -> None:
+    state = RoundState(1, "h" * 64, {"a"}, min_clients=1, deadline=100.0, started_at=0)
+
+    state.decline("intruder", "undecodable: not a frame")
+
+    assert state.rejected == {"intruder": "undecodable: not a frame"} and not state.declined
+    assert state.phase(now=1.0) is RoundPhase.OPEN  # a is still waited for
