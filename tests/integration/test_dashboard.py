@@ -359,6 +359,8 @@ def test_dashboard_listeners_admit_only_the_monitor(
         "monitor on the page's port": (f"ws://localhost:{provisioned.page}/mqtt", "monitor"),
     }
     outcome = {}
+    # The loader inflates the vendored MQTT.js after the page's load event: wait for it.
+    page.wait_for_function("() => typeof window.mqtt !== 'undefined'", timeout=UI)
     for what, (url, user) in attempts.items():
         outcome[what] = page.evaluate(LOGIN, [url, user, provisioned.password(user)])
 
