@@ -93,6 +93,8 @@ class EdgeAgent:
         self.outbox = Outbox(cfg.resolved_state_dir(), cfg.federation, cfg.client_id)
         self.done_rounds: set[int] = set(self.outbox.rounds())
         self.sent_at: dict[int, float] = {}  # round → monotonic time of the last send
+        # Async: held updates refused for now ("busy"), sent again at the next version.
+        self.retry_next_version: set[int] = set()
         self.seen_connects = 0
         self.rounds_trained = 0
         self.stop_event = threading.Event()
@@ -236,6 +238,7 @@ class EdgeAgent:
         check_announcement(ann, self.model_key, self.limits, self.announcement)
         if self.announcement is not None and ann.run != self.announcement.run:
             self._new_run(self.announcement.run, ann.run)
+        again = self.announcement is not None and self.announcement.round == ann.round
         self.announcement, self.round_ends = ann, ends
         self.sync.on_announcement(ann.round, ann.base_hash, ann.download_codec, ann.run)
         # Its fate is unknown (a lost receipt may have said "accepted"): dropped, not given
@@ -243,12 +246,18 @@ class EdgeAgent:
         # update counts up to max_staleness versions later, so it stays until then.
         for old in self.outbox.drop_before(_oldest_countable(ann)):
             log.info("round %d is over: its unacknowledged update is dropped", old)
+        self.retry_next_version.intersection_update(self.outbox.rounds())
         if ann.mode == "async":
-            # A new version: an update still held (refused "busy", or its receipt lost) is
-            # owed to this window (a reconnect's retained copy: the reconnect re-sends).
+            # A new version: an update the aggregator asked to send again (refused "busy") is
+            # owed to this window; one merely unanswered may have its receipt on the way (the
+            # aggregator holds updates between windows), so the re-send timer covers it, as in
+            # rounds. A live re-announcement of the same version (a restarted aggregator) gets
+            # every held update again; a reconnect's retained copy: the reconnect re-sends.
             for held in self.outbox.rounds():
-                if held < ann.round:
-                    self._resend(held, "new version", coalesce=item.retain)
+                if held < ann.round and (again or held in self.retry_next_version):
+                    self.retry_next_version.discard(held)
+                    self._resend(held, "asked to" if not again else "re-announced",
+                                 coalesce=item.retain)  # fmt: skip
         stored = self.outbox.base_hash(ann.round)
         if stored is not None and stored != ann.base_hash:
             # Another run of the federation (or a rolled-back aggregator): train afresh.
@@ -275,6 +284,7 @@ class EdgeAgent:
             self.outbox.remove(r)
         self.done_rounds.clear()
         self.sent_at.clear()
+        self.retry_next_version.clear()
         self.feedback.reset()  # mass owed to the old run's model, not to the new one
 
     def _on_receipt(self, item: Inbound) -> None:
@@ -294,6 +304,9 @@ class EdgeAgent:
                 self._give_back(receipt.round)
             self.outbox.remove(receipt.round)
             self.sent_at.pop(receipt.round, None)
+            self.retry_next_version.discard(receipt.round)
+        elif receipt.status == "rejected":  # not counted yet, e.g. "busy": the next version
+            self.retry_next_version.add(receipt.round)
 
     def _give_back(self, round_id: int) -> None:
         """Return a refused top-k / low-rank update's mass to the residual (sent later).

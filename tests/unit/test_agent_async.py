@@ -1,6 +1,7 @@
 """The agent in the asynchronous mode (docs/async.md), against a scripted aggregator over the
 in-memory broker: it trains without being selected, keeps one update in flight, re-sends a
-held update at each new version, and lets go of it once it is too stale to count."""
+held update when asked ("busy") at the next version, when its timer runs out or to a restarted
+aggregator, and lets go of it once it is too stale to count."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_every_agent_trains_on_an_async_announcement_without_being_selected(
     assert agent.rounds_trained == 1
 
 
-def test_an_unanswered_update_is_resent_at_the_next_version_and_blocks_training(
+def test_an_unanswered_update_blocks_training_and_is_resent_by_its_timer_not_per_version(
     fed: Federation, agg: ScriptedAggregator
 ) -> None:
     agg.publish_model()
@@ -44,13 +45,32 @@ def test_an_unanswered_update_is_resent_at_the_next_version_and_blocks_training(
     agg.announce(1, **ASYNC)
     wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
 
+    agg.announce(2, **ASYNC)  # its receipt may be on the way: no copy per new version
+    wait_for(lambda: agent.announcement is not None and agent.announcement.round == 2, "v2")
+    agg.announce(3, **ASYNC)
+    wait_for(lambda: agent.announcement is not None and agent.announcement.round == 3, "v3")
+    assert len(fed.updates(1, "pi-0")) == 1
+    fed.clock.advance(agent.cfg.resend_after_s)  # no receipt for that long: lost, sent again
+
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the timer's re-send")
+    assert fed.updates(3, "pi-0") == [] and agent.rounds_trained == 1  # one in flight
+    agg.receipt(1, "pi-0")
+    wait_for(lambda: len(fed.updates(3, "pi-0")) == 1, "training on the newest version")
+    assert agent.rounds_trained == 2
+
+
+def test_a_restarted_aggregators_live_reannouncement_gets_every_held_update_again(
+    fed: Federation, agg: ScriptedAggregator
+) -> None:
+    agg.publish_model()
+    fed.start_agent("pi-0", seed=1)
+    agg.announce(1, **ASYNC)
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 1, "pi-0's update")
     agg.announce(2, **ASYNC)
 
-    wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the re-send at the new version")
-    assert fed.updates(2, "pi-0") == [] and agent.rounds_trained == 1  # one in flight
-    agg.receipt(1, "pi-0")
-    wait_for(lambda: len(fed.updates(2, "pi-0")) == 1, "training on the newest version")
-    assert agent.rounds_trained == 2
+    agg.announce(2, **ASYNC)  # the same version again, live: the aggregator restarted
+
+    wait_for(lambda: len(fed.updates(1, "pi-0")) == 2, "the re-send to the restarted aggregator")
 
 
 def test_a_busy_update_is_kept_and_sent_again_after_the_next_version(
