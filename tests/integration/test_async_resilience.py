@@ -5,7 +5,8 @@ With K = 3 and three devices, every version window must count each device's upda
 once (a device counts at most once per window), so each version's participants are all three
 and their staleness 0; a lost or doubled update would show in the metrics. No test sleeps:
 each waits for the message or state it needs (the same steps as tests/integration/
-test_resilience.py for synchronous rounds).
+test_resilience.py for synchronous rounds; an agent killed before its receipt is there, run in
+both modes).
 """
 
 from __future__ import annotations
@@ -70,42 +71,6 @@ def broker(tmp_path: Path) -> Iterator[LocalBroker]:
         yield b
     finally:
         b.stop()
-
-
-def test_an_agent_killed_and_restarted_mid_version_is_counted_once(
-    broker: LocalBroker, tmp_path: Path, data: list[Path], mqtt_client: Any
-) -> None:
-    url = broker.url
-    pi2 = T.agent_status("pi-2")
-    inbox = fed.collect(mqtt_client(url), T.round_start(1), pi2, T.update(1, "pi-2"))
-    agents = [_agent(url, i, p, tmp_path) for i, p in enumerate(data)]
-    procs = list(agents)
-    outbox = tmp_path / "state-pi-2" / "outbox" / "update-1.fmq"
-    try:
-        # pi-2 trains only once the aggregator is paused in version window 1: its update is
-        # then sent and in its outbox before any receipt can come; it is killed there.
-        fed.until(inbox, _status(pi2, "online"), 60, "pi-2 online")
-        fed.pause(agents[2:])
-        agg = fed.start_aggregator(url, tmp_path, *ASYNC, rounds=2, min_clients=3)
-        procs.insert(0, agg)
-        fed.next_on(inbox, T.round_start(1), 30)
-        fed.pause([agg])
-        fed.resume(agents[2:])
-        fed.wait_for(outbox.exists, 30, "pi-2's update in its outbox")
-        agents[2].kill()
-        agents[2].wait()
-        fed.until(inbox, _status(pi2, "offline"), 30, "the killed pi-2's will")
-        agents[2] = procs[-1] = _agent(url, 2, data[2], tmp_path)
-        fed.until(inbox, _status(pi2, "online"), 60, "the restarted pi-2 online")
-        fed.until(inbox, fed.on(T.update(1, "pi-2")), 30, "pi-2's update re-sent from its outbox")
-        fed.resume([agg])
-        code = _finish(agg, agents, tmp_path)
-    finally:
-        fed.resume(procs)
-        fed.stop(procs)
-    assert code == 0
-    _assert_each_version_counts_each_device_once(tmp_path, 2)
-    assert not outbox.exists()  # its receipt arrived: the outbox let it go
 
 
 def test_a_broker_killed_mid_version_loses_nothing(

@@ -141,8 +141,14 @@ def test_cnn_fp32_model_and_updates_cross_a_packet_limited_broker(
 
 
 # --- 2 & 6. agent outbox: killed before its receipt; duplicates ---------------------------
+# The asynchronous mode (docs/async.md) with K = 3 of three devices: every version window must
+# count each device once, at staleness 0 (tests/integration/test_async_resilience.py: the rest).
+ASYNC = ("--mode", "async", "--buffer", "3", "--max-staleness", "2", "--no-onnx")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_agent_killed_before_its_receipt_is_counted_once(
-    small_broker: LocalBroker, tmp_path: Path, data: list[Path], mqtt_client: Any
+    small_broker: LocalBroker, tmp_path: Path, data: list[Path], mqtt_client: Any, mode: str
 ) -> None:
     url = small_broker.url
     pi2 = T.agent_status("pi-2")
@@ -155,7 +161,8 @@ def test_agent_killed_before_its_receipt_is_counted_once(
         # certainly sent, and in its outbox, before any receipt can come.
         fed.until(inbox, _status(pi2, "online"), 60, "pi-2 online")
         fed.pause(agents[2:])
-        agg = fed.start_aggregator(url, tmp_path, rounds=2, min_clients=3)
+        extra = ASYNC if mode == "async" else ()
+        agg = fed.start_aggregator(url, tmp_path, *extra, rounds=2, min_clients=3)
         procs.insert(0, agg)
         fed.next_on(inbox, T.round_start(1), 30)
         fed.pause([agg])
@@ -174,6 +181,10 @@ def test_agent_killed_before_its_receipt_is_counted_once(
         fed.stop(procs)
     assert code == 0
     _assert_each_round_counted_once(tmp_path, 2)
+    if mode == "async":
+        assert all(
+            r["mode"] == "async" and r["staleness"] == [0, 0, 0] for r in fed.metrics(tmp_path)
+        )
     assert not outbox.exists()  # its receipt arrived: the outbox let it go
 
 
