@@ -1,6 +1,7 @@
 """``fedmq-aggregator``: run the aggregator service against a real broker.
 
-The service (:mod:`aggregator.service`) takes its transport and clock from here: paho-mqtt to
+With ``--site NAME``, the site aggregator instead (:mod:`aggregator.site_service`). The service
+(:mod:`aggregator.service`) takes its transport and clock from here: paho-mqtt to
 ``--broker`` and the system clock.
 """
 
@@ -12,6 +13,7 @@ import sys
 
 from aggregator.config import AggregatorConfig, add_arguments, from_args
 from aggregator.service import AggregatorService
+from aggregator.site_service import SiteAggregator
 from shared.clock import SystemClock
 from shared.mqtt.base import Connector, TransportError
 from shared.mqtt.reassembly import ReassemblyLimits
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = from_args(args)
+        if cfg.site is not None:  # a site's aggregator (docs/sites.md)
+            return SiteAggregator(cfg, _mqtt(cfg), SystemClock()).run()
         return AggregatorService(cfg, _mqtt(cfg), SystemClock()).run()
     except (ValueError, OSError, TransportError) as exc:
         log.error("%s", exc)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from aggregator.async_config import add_async_arguments, async_checks
 from aggregator.robust import DEFAULT_MAX_ROUND_MEMORY
+from aggregator.site_config import add_site_arguments, site_checks
 from aggregator.strategy_config import add_strategy_arguments, strategy_checks
 from aggregator.update_bounds import DEFAULT_MAX_SAMPLES, DEFAULT_MAX_UPDATE_NORM
 from shared.compression.quantize import CodecError
@@ -95,6 +96,14 @@ class AggregatorConfig:
     # The run epoch agents order models by (with the round). None: continue the run of
     # --state-dir's checkpoint, else start a new one (the start time in milliseconds).
     run: int | None = None
+    # --- sites (docs/sites.md) ---
+    # Run as site NAME's aggregator (beside its bridged site broker): one partial aggregate
+    # per central round instead of a federation of its own.
+    site: str | None = None
+    # The central aggregator's public key (PEM): a site follows only announcements it signed.
+    central_key: str | None = None
+    # The share of a central round's remaining time a site keeps for its partial's trip up.
+    site_margin: float = 0.2
     # --- strategy (aggregator/strategy_config.py, docs/strategies.md) ---
     # The server optimizer applied to each round's aggregated delta.
     strategy: str = "fedavg"
@@ -165,6 +174,7 @@ class AggregatorConfig:
             (0 < self.max_weight_share <= 1, "max-weight-share must be in (0, 1]"),
             *strategy_checks(self),
             *async_checks(self),
+            *site_checks(self),
         ]
         for ok, message in checks:
             if not ok:
@@ -276,6 +286,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_budget_arguments(parser)
     add_strategy_arguments(parser)
     add_async_arguments(parser)
+    add_site_arguments(parser)
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:

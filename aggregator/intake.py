@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aggregator.rounds import ACCEPT, RoundState, Verdict
-from aggregator.strategy import AggregationError, RoundSum
+from aggregator.strategy import AggregationError, PartialSum, RoundSum
 from aggregator.update_bounds import norm_violation, sample_violation, value_violation
 from shared.protocol.frames import (
     FrameError,
@@ -77,9 +77,12 @@ class UpdateIntake:
         declared: Callable[[str], int | None] | None = None,
         headroom: float = math.inf,
         fingerprint: str = "",
+        site_devices: Callable[[str], int] | None = None,
     ) -> None:
         """``fingerprint``: the architecture fingerprint of the aggregator's model, named in
-        the ``wrong-model`` receipt of an update whose tensors are another model's."""
+        the ``wrong-model`` receipt of an update whose tensors are another model's.
+        ``site_devices``: how many devices a contributor stands for when it is a site (its
+        update is a partial aggregate, docs/sites.md), 0 for a device."""
         self.federation = federation
         self.fingerprint = fingerprint
         self.state = state
@@ -91,6 +94,7 @@ class UpdateIntake:
         self.declared = declared or (lambda _client: None)
         # Largest delta value the global model can take without overflowing fp32.
         self.headroom = headroom
+        self.site_devices = site_devices or (lambda _client: 0)
         self.stats: list[UpdateStats] = []
         self.bytes_received = 0
 
@@ -132,7 +136,10 @@ class UpdateIntake:
         if not verdict.accepted:
             return verdict
         # Header-only, so before any decompression.
-        too_many = sample_violation(head.num_samples, self.declared(client), self.max_samples)
+        cap = self.max_samples
+        if cap is not None:  # a site's partial: at most the maximum per device behind it
+            cap *= max(1, self.site_devices(client))
+        too_many = sample_violation(head.num_samples, self.declared(client), cap)
         return Verdict("too-many-samples", too_many) if too_many else ACCEPT
 
     def _decode_and_add(self, client: str, payload: bytes) -> tuple[Verdict, UpdateStats | None]:
@@ -173,7 +180,12 @@ class UpdateIntake:
 
     def _count(self, head: FrameHeader, tensors: Mapping[str, np.ndarray], client: str) -> None:
         """Add a screened update to the sum and record it (AggregationError: not counted)."""
-        self.acc.add(tensors, head.num_samples, client)
+        if self.site_devices(client):
+            if not isinstance(self.acc, PartialSum):
+                raise AggregationError("this round takes no site partial aggregates")
+            self.acc.add_partial(tensors, head.num_samples, client)
+        else:
+            self.acc.add(tensors, head.num_samples, client)
         self.state.accept(client, head.num_samples)
 
     def decline_wrong_model(self, status: AgentStatus, what: str) -> Verdict | None:

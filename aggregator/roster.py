@@ -23,6 +23,7 @@ class AgentRoster:
 
     def __init__(self, warn: Warn) -> None:
         self.agents: dict[str, msg.AgentStatus] = {}
+        self.sites: dict[str, msg.SiteStatus] = {}  # site aggregators (docs/sites.md)
         self._warn = warn
 
     def __contains__(self, client_id: object) -> bool:
@@ -52,11 +53,46 @@ class AgentRoster:
         self.agents[status.client_id] = status
         return status if fresh and status.model_fingerprint else None
 
+    def on_site_status(self, topic: str, payload: bytes) -> None:
+        """Record a site aggregator's status (docs/sites.md): a site is one contributor."""
+        if not payload:
+            return
+        sender = topics.sender_of(topic)
+        try:
+            status = msg.decode(payload, msg.SiteStatus)
+        except msg.MessageError as exc:
+            self._warn(sender, "bad site status on %s: %s", topic, exc)
+            return
+        if topics.parse(topic).site != status.site:
+            self._warn(sender, "ignoring status for site %r on %s", status.site, topic)
+            return
+        if status.site in self.agents:  # a name used by a device (add-site refuses it)
+            self._warn(sender, "ignoring site status of %r: a device has that name", status.site)
+            return
+        before = self.sites.get(status.site)
+        if before is None or (before.state, before.devices) != (status.state, status.devices):
+            log.info("site %s %s, %d devices behind it", status.site, status.state, status.devices)
+        self.sites[status.site] = status
+
+    def note_site(self, name: str) -> None:
+        """``name`` is a site (its partial arrived on its site topic) whose status has not:
+        counted as a site of one device until its status says more."""
+        if name not in self.sites and name not in self.agents:
+            self.sites[name] = msg.SiteStatus(site=name, state="online", devices=1)
+
     def online(self) -> list[str]:
-        """Agents whose last status is not ``offline``, sorted."""
-        return sorted(c for c, s in self.agents.items() if s.state != "offline")
+        """Agents whose last status is not ``offline``, and online sites with devices, sorted."""
+        agents = [c for c, s in self.agents.items() if s.state != "offline"]
+        sites = [n for n, s in self.sites.items() if s.state == "online" and s.devices > 0]
+        return sorted(agents + sites)
 
     def declared_samples(self, client_id: str) -> int | None:
-        """The sample count ``client_id`` declared in its status (None: no status yet)."""
-        status = self.agents.get(client_id)
+        """The sample count ``client_id`` (a device or a site) declared in its status (None:
+        no status yet)."""
+        status = self.agents.get(client_id) or self.sites.get(client_id)
         return status.num_samples if status is not None else None
+
+    def site_devices(self, name: str) -> int:
+        """Devices behind site ``name`` (at least 1), 0 when ``name`` is no site."""
+        status = self.sites.get(name)
+        return 0 if status is None else max(1, status.devices)

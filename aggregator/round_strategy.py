@@ -186,14 +186,15 @@ class RoundAggregate:
         if strategy.bootstraps():
             self._first = []
             self._first_capacity = strategy.first_round_room(capacity)
+        self.partials = 0  # sites' partial aggregates counted (add_partial)
         self.noised = False  # DP: the noise was drawn (the round counts against ε)
         self.next_opt: ServerOptState | None = None
         self.next_clip: ClipState | None = None
 
     @property
     def count(self) -> int:
-        """Updates added this round."""
-        return len(self.norms)
+        """Updates (devices' and sites' partials) added this round."""
+        return len(self.norms) + self.partials
 
     @property
     def clipped(self) -> int:
@@ -247,6 +248,36 @@ class RoundAggregate:
             self.norms.append(update_l2_norm(delta))
             return
         self.norms.append(self._count(delta, num_samples, client_id, weight))
+
+    def add_partial(self, delta: Mapping[str, np.ndarray], num_samples: int, site: str) -> None:
+        """Count a site's partial aggregate (docs/sites.md): the mean of its devices' updates,
+        which the site clipped, weighted by their total samples.
+
+        Not clipped again and kept out of the norms the adaptive bound learns from (a mean is
+        shorter than the updates it averages): flat FedAvg over every device, up to codec
+        error. Only the streaming rule takes it: a robust rule or DP works on devices'
+        updates, which a partial no longer shows (AggregationError, nothing counted).
+        """
+        if num_samples <= 0:
+            raise AggregationError(f"num_samples must be positive, got {num_samples}")
+        if self._dp is not None or self._held is not None:
+            rule = "differential privacy" if self._dp is not None else "a robust rule"
+            raise AggregationError(
+                f"this federation runs {rule}, which needs each device's update: a site's "
+                "partial aggregate cannot be counted (run that site's devices flat)"
+            )
+        check_delta(self.shapes, delta)
+        self._sum.add(delta, num_samples, site)
+        self.partials += 1
+
+    def partial(self) -> Tensors:
+        """A site's round: the rule's Δ without a server step (the central aggregator takes
+        it on); the clipping state it leads to waits in ``next_clip`` for
+        :meth:`RoundStrategy.close`."""
+        delta = self.mean_delta()
+        self.next_clip = self.strategy.next_clip(self._clipper, self.norms)
+        self.next_opt = self.strategy.opt_state
+        return delta
 
     def _count(
         self,

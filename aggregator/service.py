@@ -141,7 +141,13 @@ class AggregatorService:
         self.transport = connect(
             Session(
                 cfg.client_id,
-                subscriptions=((self.topics.update_any, 1), (self.topics.agent_status_any, 1)),
+                subscriptions=(
+                    (self.topics.update_any, 1),
+                    (self.topics.agent_status_any, 1),
+                    # Sites (docs/sites.md): a site aggregator is one contributor.
+                    (self.topics.site_partial_any, 1),
+                    (self.topics.site_status_any, 1),
+                ),
                 will=Outbound(self.topics.aggregator_status, self._status("offline"), retain=True),
             )
         )
@@ -260,6 +266,7 @@ class AggregatorService:
             declared=self.agents.declared_samples,
             headroom=model_headroom(self.params),
             fingerprint=self.evaluator.fingerprint,
+            site_devices=self.agents.site_devices,
         )
         if isinstance(intake, AsyncIntake):
             assert isinstance(state, VersionWindow)
@@ -529,33 +536,42 @@ class AggregatorService:
             if refusal is not None:
                 self._wrong_model(refusal, intake)
             return False
-        if parsed.kind != "update" or parsed.round_id is None or parsed.client_id is None:
+        if parsed.kind == "site_status":
+            self.agents.on_site_status(item.topic, item.payload)
             return False
-        read, answer = self.guard.admit(parsed.client_id, self.clock.monotonic())
+        # A device's update, or a site's partial aggregate (an update whose client is the site).
+        sender = parsed.site if parsed.kind == "site_partial" else parsed.client_id
+        if parsed.kind not in ("update", "site_partial") or parsed.round_id is None or not sender:
+            return False
+        site = parsed.kind == "site_partial"
+        if site and not self.agents.site_devices(sender):
+            self.agents.note_site(sender)  # its partial came before its status
+        read, answer = self.guard.admit(sender, self.clock.monotonic())
         if not read:  # over its budget: dropped unread, answered once per interval
             if answer is not None:
-                self._receipt(parsed.round_id, parsed.client_id, answer)
+                self._receipt(parsed.round_id, sender, answer, site)
             return False
         if intake is None:
             verdict = without_open_round(parsed.round_id, self._last_closed())
             if verdict.code == "no-round" and len(self.held_updates) < self._hold_room():
                 self.held_updates.append(item)  # async: the next window takes it
                 return False
-            self._receipt(parsed.round_id, parsed.client_id, verdict)
+            self._receipt(parsed.round_id, sender, verdict, site)
             return False
-        offer = intake.offer(parsed.round_id, parsed.client_id, item.payload)
+        offer = intake.offer(parsed.round_id, sender, item.payload)
         if offer.verdict.accepted and self.durable is not None and offer.stats is not None:
             # Durable before the receipt: an acknowledged update survives a crash. Journaled
             # under the open round (an async update names its base round, an earlier one).
             self.durable.accepted(
-                intake.state.round_id, parsed.client_id, offer.stats.num_samples, item.payload
+                intake.state.round_id, sender, offer.stats.num_samples, item.payload
             )
-        self._receipt(parsed.round_id, parsed.client_id, offer.verdict)
+        self._receipt(parsed.round_id, sender, offer.verdict, site)
         if not offer.verdict.accepted:
             self._warn(
-                parsed.client_id,
-                "rejected update from %s for round %d (%s): %s",
-                parsed.client_id,
+                sender,
+                "rejected %s from %s for round %d (%s): %s",
+                "partial" if site else "update",
+                sender,
                 parsed.round_id,
                 offer.verdict.code,
                 offer.verdict.reason,
@@ -603,9 +619,10 @@ class AggregatorService:
     def _publish_model(self, final: bool) -> None:
         self.downloads.publish(self.round_id, self.params, self.model_hash, final, self._publish)
 
-    def _receipt(self, round_id: int, client_id: str, verdict: Verdict) -> None:
+    def _receipt(self, round_id: int, client_id: str, verdict: Verdict, site: bool = False) -> None:
         receipt = receipt_for(round_id, client_id, verdict)
-        self._publish(self.topics.receipt(round_id, client_id), receipt.to_json(), wait=False)
+        where = self.topics.site_receipt if site else self.topics.receipt
+        self._publish(where(round_id, client_id), receipt.to_json(), wait=False)
 
     def _publish(self, topic: str, payload: bytes, retain: bool = False, wait: bool = True) -> None:
         if retain and not topic.startswith(f"{self.topics.root}/agents/"):

@@ -15,7 +15,7 @@ import heapq
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -41,6 +41,14 @@ class RoundSum(Protocol):
 
     def apply(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The new global parameters (AggregationError when not finite)."""
+
+
+@runtime_checkable
+class PartialSum(Protocol):
+    """A round sum that also counts sites' partial aggregates (docs/sites.md)."""
+
+    def add_partial(self, delta: Mapping[str, np.ndarray], num_samples: int, site: str) -> None:
+        """Count site ``site``'s mean delta with the weight of its ``num_samples``."""
 
 
 @dataclass(order=True)

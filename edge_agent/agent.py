@@ -20,7 +20,13 @@ import time
 
 import numpy as np
 
-from edge_agent.announcements import DeviceLimits, check_announcement, check_finished, open_until
+from edge_agent.announcements import (
+    DeviceLimits,
+    check_announcement,
+    check_finished,
+    open_until,
+    selects,
+)
 from edge_agent.availability import OnlineSpells
 from edge_agent.config import AgentConfig
 from edge_agent.device_data import DeviceData
@@ -355,7 +361,7 @@ class EdgeAgent:
         if ann.mode == "async":
             if self.outbox.rounds():
                 return  # one update in flight at a time: train again once it is answered
-        elif self.cfg.client_id not in ann.selected:
+        elif not selects(ann, self.cfg.client_id, self.cfg.site):
             return  # not invited
         unusable = self.device_data.reload()  # before the status: it declares the sample count
         self.data, self.val = self.device_data.train, self.device_data.val

@@ -74,6 +74,12 @@ def check_announcement(
         )
 
 
+def selects(ann: RoundStart, client_id: str, site: str = "") -> bool:
+    """Whether a synchronous round invites this device: by its id, or by its site's name
+    (docs/sites.md: the central aggregator selects sites, each site all its devices)."""
+    return client_id in ann.selected or bool(site and site in ann.selected)
+
+
 def open_until(ann: RoundStart, arrived: float, retained: bool) -> float:
     """Until when (the agent's monotonic clock) the round of ``ann`` counts as open.
 

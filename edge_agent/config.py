@@ -14,6 +14,7 @@ from shared.mqtt.options import (
     check_protocol_settings,
 )
 from shared.mqtt.versions import AUTO
+from shared.protocol.topics import validate_name
 from shared.runtime.sensors import SensorSource
 from shared.settings import load_settings
 
@@ -25,6 +26,9 @@ class AgentConfig:
     broker: str = "mqtt://127.0.0.1:1883"
     federation: str = "default"
     client_id: str = ""
+    # The site this device belongs to (docs/sites.md): it trains the rounds that select its
+    # site, and its site aggregator sums its update with its neighbours'. "" = no site.
+    site: str = ""
     data: str = ""
     val_fraction: float = 0.0
     threads: int = 1
@@ -85,6 +89,8 @@ class AgentConfig:
                 "data is required: the device's own data (.npz, IDX, image folder, or "
                 "CSV/Parquet sensor data with label-column or target-columns)"
             )
+        if self.site:
+            validate_name("site", self.site)
         self.source()  # the sensor settings' checks
         if not 0 <= self.val_fraction < 1:
             raise ValueError("val-fraction must be in [0, 1)")
@@ -135,6 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", help="broker URL, e.g. mqtt://192.168.1.10:1883")
     parser.add_argument("--federation", help="federation name")
     parser.add_argument("--client-id", help="this device's id, e.g. pi-07")
+    parser.add_argument(
+        "--site", help="the site this device belongs to (its broker is the site's), e.g. factory-1"
+    )
     parser.add_argument(
         "--data",
         help="the device's data: .npz (x, y), IDX files, image folder, or CSV/Parquet sensor "

@@ -20,6 +20,7 @@ from aggregator import config as aggregator_config
 from aggregator.async_config import DESCRIPTIONS as ASYNC_DESCRIPTIONS
 from aggregator.config import AggregatorConfig
 from aggregator.ops.monitor_view import MonitorConfig, add_monitor_arguments
+from aggregator.site_config import DESCRIPTIONS as SITE_DESCRIPTIONS
 from aggregator.strategy_config import DESCRIPTIONS as STRATEGY_DESCRIPTIONS
 from edge_agent import config as agent_config
 from edge_agent.config import AgentConfig
@@ -114,10 +115,13 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         'the checkpoint\'s is an error (docs/security.md, "Runs")',
         **STRATEGY_DESCRIPTIONS,
         **ASYNC_DESCRIPTIONS,
+        **SITE_DESCRIPTIONS,
     },
     "agent": {
         **_COMMON,
         "client_id": "this device's id (required), e.g. `pi-07`",
+        "site": "the site this device belongs to (docs/sites.md; `fedmq device add` on a site "
+        "broker writes it): it trains the rounds that select its site",
         "data": "the device's own data (required): .npz (x, y), IDX files or an image folder; "
         "with `label_column` or `target_columns` set, CSV/Parquet sensor data: one file, or a "
         "directory whose recent files are re-read at every round",

@@ -302,10 +302,11 @@ def _device_toml(
         "federation": federation,
         "client_id": name,
     }
+    site = {"site": str(state["site"])} if "site" in state else {}  # a site broker's device
     trust = {"ca_file": str(where / "ca.crt"), "model_public_key": str(where / "model-signing.pub")}
     toml = toml_file(
         "agent",
-        {**common, **_login(ddir, where, name), **trust},
+        {**common, **site, **_login(ddir, where, name), **trust},
         '# data = "/var/lib/fedmq/data.npz"   # or pass --data\n',
     )
     # `fedmq-agent serve --config agent.toml` reads this table: the device's client id (its
@@ -446,6 +447,10 @@ def _aggregator_toml(w: _Writer, root: Path) -> None:
     }
     if "site" in state:  # a site aggregator signs nothing: its devices pin the central key
         del settings["signing_key"]
+        # `fedmq-aggregator --config aggregator.toml` runs as this site's aggregator, and
+        # follows only announcements the central aggregator signed.
+        settings["site"] = str(state["site"])
+        settings["central_key"] = str(root / "model-signing.pub")
     # Rewritten when the password was rotated in this run, so the two never disagree.
     rotate = w.report.of(ident / "password") in ("created", "rotated")
     w.write(

@@ -178,6 +178,25 @@ class AgentStatus(Message, frozen=True, kw_only=True):
     model_fingerprint: Fingerprint = ""
 
 
+class SiteStatus(Message, frozen=True, kw_only=True):
+    """Presence of one site aggregator (docs/sites.md); retained on ``sites/{site}/status``
+    with an ``offline`` last will, and carried over the bridge to the central broker.
+
+    The central aggregator treats an online site as one contributor whose update may claim
+    at most ``num_samples`` (its online devices' declared samples) and which stands for
+    ``devices`` devices.
+    """
+
+    site: Name
+    state: Literal["online", "offline"]
+    devices: NonNeg = 0  # devices online behind the site
+    num_samples: NonNeg = 0  # their declared samples, in all
+    round: int = -1  # the last round whose partial the site sent (-1: none yet)
+    # The central round the site is summing now (-1: none), and its devices' updates so far.
+    open_round: int = -1
+    updates: NonNeg = 0
+
+
 class Receipt(Message, frozen=True, kw_only=True):
     """The aggregator's application-level acknowledgement of one update.
 

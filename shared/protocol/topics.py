@@ -181,6 +181,16 @@ class Topics:
         """Subscription to the central aggregator's receipts for site ``site``, all rounds."""
         return f"{self.site_root(site)}/round/+/receipt"
 
+    @property
+    def site_partial_any(self) -> str:
+        """Subscription to every site's partial aggregates (the central aggregator's)."""
+        return f"{self.root}/sites/+/round/+/partial"
+
+    @property
+    def site_status_any(self) -> str:
+        """Subscription to every site aggregator's status (the central aggregator's)."""
+        return f"{self.root}/sites/+/status"
+
     def site_status(self, site: str) -> str:
         """Retained status of site ``site``'s aggregator."""
         return f"{self.site_root(site)}/status"
@@ -347,7 +357,8 @@ def sender_of(topic: str) -> str | None:
     """The login a client's topic is attributed to, None for the aggregator's topics.
 
     ``round/{r}/update/{cid}`` and ``agents/{cid}/status``: the only topics the broker's ACL
-    lets a device write, each under its own id; ``infer/{server}/request/{req}``: the
+    lets a device write, each under its own id; ``sites/{site}/...``: the only ones a site's
+    login may write; ``infer/{server}/request/{req}``: the
     requester, whose login the ACL binds to that level. The key of per-sender bounds (a
     transport's inbox, chunk reassembly), so an inference server bounds and serves each
     requester in turn. Cheap (one split, no validation): it runs on the network thread for
@@ -362,6 +373,8 @@ def sender_of(topic: str) -> str | None:
     if len(parts) == 7 and parts[3] == "infer" and parts[5] == "request":
         return parts[6]
     if len(parts) == 6 and parts[3] == "agents" and parts[5] == "status":
+        return parts[4]
+    if len(parts) >= 6 and parts[3] == "sites":  # a site's status and partials: its login
         return parts[4]
     return None
 

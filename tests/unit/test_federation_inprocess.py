@@ -119,8 +119,12 @@ def test_a_replayed_update_is_refused_as_a_duplicate_and_not_summed(fed: Federat
 
 def test_bad_updates_get_a_reason_and_the_service_keeps_going(fed: Federation) -> None:
     fed.silent_device("pi-x")
+    # Selected and silent: holds round 1 open until the clock moves. Without it, pi-x's
+    # first final refusal (it will send nothing more) completes the round as soon as pi-0's
+    # update is in, and its next frame may find the round closed (late, not stale base).
+    fed.silent_device("pi-quiet")
     fed.start_agent("pi-0", seed=1)
-    fed.wait_online("pi-x", "pi-0")
+    fed.wait_online("pi-x", "pi-quiet", "pi-0")
     service = fed.start_aggregator(rounds=1, min_clients=1, round_timeout=60.0)
     wait_for(lambda: fed.open_round() == 1, "round 1 announced")
     sender = fed.broker.connector(Session("intruder")).start()
