@@ -136,6 +136,10 @@ class SiteAggregator:
         log.info("site %s: the central run finished", self.site)
         return 0
 
+    def stop(self) -> None:
+        """End :meth:`run` at its next wake-up (another thread: tests, a signal handler)."""
+        self.finished = True
+
     def _timeout(self) -> float:
         if self.current is None:
             return 1.0
@@ -428,8 +432,11 @@ class SiteAggregator:
             self._send(round_id)
 
     def _publish_status(self, force: bool = False) -> None:
+        """The site's status, when it changed: at once between rounds (the central selection
+        needs the devices), at most every STATUS_INTERVAL_S while a round is summing."""
         now = self.clock.monotonic()
-        if not force and (not self._status_dirty or now < self._status_due):
+        idle = self.current is None
+        if not force and (not self._status_dirty or (now < self._status_due and not idle)):
             return
         self._status_dirty, self._status_due = False, now + STATUS_INTERVAL_S
         self.transport.publish(
