@@ -253,10 +253,11 @@ class RoundAggregate:
         """Count a site's partial aggregate (docs/sites.md): the mean of its devices' updates,
         which the site clipped, weighted by their total samples.
 
-        Not clipped again and kept out of the norms the adaptive bound learns from (a mean is
-        shorter than the updates it averages): flat FedAvg over every device, up to codec
-        error. Only the streaming rule takes it: a robust rule or DP works on devices'
-        updates, which a partial no longer shows (AggregationError, nothing counted).
+        Not clipped again, not capped by ``max_weight_share`` (its devices were, at the site),
+        and kept out of the norms the adaptive bound learns from (a mean is shorter than the
+        updates it averages): flat FedAvg over every device, up to codec error. Only the
+        streaming rule takes it: a robust rule or DP works on devices' updates, which a
+        partial no longer shows (AggregationError, nothing counted).
         """
         if num_samples <= 0:
             raise AggregationError(f"num_samples must be positive, got {num_samples}")
@@ -266,8 +267,7 @@ class RoundAggregate:
                 f"this federation runs {rule}, which needs each device's update: a site's "
                 "partial aggregate cannot be counted (run that site's devices flat)"
             )
-        check_delta(self.shapes, delta)
-        self._sum.add(delta, num_samples, site)
+        self._sum.add_uncapped(delta, num_samples, site)
         self.partials += 1
 
     def partial(self) -> Tensors:

@@ -100,12 +100,14 @@ class SiteAggregator:
         self.transport = connect(
             Session(
                 cfg.client_id,
+                # Device statuses first: their retained copies then arrive before a retained
+                # announcement, so a restarted site waits for every device online.
                 subscriptions=(
+                    (self.topics.agent_status_any, 1),
                     (self.topics.round_start_any, 1),
                     (self.topics.round_decision_any, 1),
                     (self.topics.aggregator_status, 1),
                     (self.topics.update_any, 1),
-                    (self.topics.agent_status_any, 1),
                     (self.topics.site_receipt_any(self.site), 1),
                 ),
                 will=Outbound(

@@ -135,6 +135,18 @@ class StreamingFedAvg:
             lightest = heapq.heappop(self._held)
             self._fold(lightest.delta, lightest.num_samples)
 
+    def add_uncapped(
+        self, delta: Mapping[str, np.ndarray], num_samples: int, client_id: str = ""
+    ) -> None:
+        """Fold a delta with its full weight, never capped: a site's partial aggregate, whose
+        weight is its devices' samples, each already capped at the site (docs/sites.md)."""
+        if num_samples <= 0:
+            raise AggregationError(f"num_samples must be positive, got {num_samples}")
+        self.check(delta)
+        self.total_samples += num_samples
+        self.count += 1
+        self._fold(delta, num_samples)
+
     def _fold(self, delta: Mapping[str, np.ndarray], num_samples: int) -> None:
         for name, acc in self._sum.items():
             acc += np.asarray(delta[name], dtype=np.float64) * num_samples

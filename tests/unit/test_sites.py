@@ -344,6 +344,12 @@ def test_site_broker_pins_the_central_key_and_makes_no_signing_key(tmp_path: Pat
     agg = tomllib.loads((site / "identities/aggregator/aggregator.toml").read_text())
     assert "signing_key" not in agg["aggregator"]
     assert agg["aggregator"]["federation"] == FED  # from the bundle
+    # `fedmq-aggregator --config aggregator.toml` runs as the site's aggregator, pinned.
+    assert agg["aggregator"]["site"] == SITE
+    assert agg["aggregator"]["central_key"] == str(site.resolve() / "model-signing.pub")
+    device = tomllib.loads((site / "devices/pi-7/agent.toml").read_text())
+    assert device["agent"]["site"] == SITE  # it trains the rounds that select its site
+    assert "site" not in device["inference"]
     assert (site / "acl.conf").read_text() == site_acl(FED, SITE)
     assert stat.S_IMODE((site / "mosquitto.conf").stat().st_mode) == 0o600
     assert stat.S_IMODE((site / "uplink" / "client.key").stat().st_mode) == 0o600
