@@ -2,7 +2,8 @@
 
     with NetProxy(broker.host, broker.port) as proxy:
         agent connects to proxy.url ...
-        proxy.cut()    # every open connection dies, new ones are refused until heal()
+        proxy.cut()    # every open connection dies, new ones are closed at once until heal()
+        proxy.unplug() # the same, and nothing listens: new connections are refused
         proxy.heal()
 
 ``stall()`` keeps connections open but stops forwarding (a black-holed link): the client
@@ -50,14 +51,30 @@ class NetProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
+    def unplug(self) -> None:
+        """Close every proxied connection and stop listening until :meth:`heal`: connection
+        attempts are refused by the kernel (what a client sees when the far end is gone),
+        not accepted and closed (which a TLS client sees as a broken handshake)."""
+        self._up.clear()
+        self._server.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
     def stall(self) -> None:
         """Stop forwarding bytes without closing anything."""
         self._flowing.clear()
 
     def heal(self) -> None:
-        """Accept and forward again."""
+        """Accept and forward again (listening again after :meth:`unplug`)."""
         self._flowing.set()
         self._up.set()
+        if self._server.fileno() == -1:  # unplugged: listen on the same port again
+            self._server = socket.create_server(("127.0.0.1", self.port))
+            threading.Thread(target=self._accept_loop, daemon=True).start()
 
     def close(self) -> None:
         """Stop the proxy and drop every connection."""
