@@ -294,7 +294,7 @@ class EdgeAgent:
             self.outbox.remove(receipt.round)
             self.sender.settled(receipt.round)
         elif receipt.status == "rejected":  # not counted yet, e.g. "busy": the next version
-            self.sender.retry_next_version.add(receipt.round)
+            self.sender.refused_for_now(receipt.round)
 
     def _give_back(self, round_id: int) -> None:
         """Return a refused top-k / low-rank update's mass to the residual (sent later).

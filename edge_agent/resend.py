@@ -94,6 +94,10 @@ class UpdateSender:
         self.sent_at.pop(round_id, None)
         self.retry_next_version.discard(round_id)
 
+    def refused_for_now(self, round_id: int) -> None:
+        """Not counted yet (e.g. "busy"): the update goes again at the next version."""
+        self.retry_next_version.add(round_id)
+
     def reset(self) -> None:
         """A new run: the old run's sends are forgotten."""
         self.sent_at.clear()
