@@ -33,7 +33,7 @@ from shared.protocol.topics import Topics
 log = logging.getLogger("fedmq.aggregator.downloads")
 
 Tensors = dict[str, np.ndarray]
-Publish = Callable[..., None]  # (topic, payload, retain=, wait=) like AggregatorService._publish
+Publish = Callable[..., None]  # (topic, payload, retain=, wait=) like RetainedPublisher.publish
 
 _UNKNOWN = -2  # what the broker retains on global/delta is unknown (e.g. after a restart)
 _CLEARED = -1

@@ -6,8 +6,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgspec
 import numpy as np
 
+from aggregator.async_rounds import VersionWindow
 from aggregator.intake import UpdateIntake
 from aggregator.round_strategy import StrategyFigures
 from aggregator.rounds import RoundState
@@ -55,8 +57,9 @@ def round_start(
 
     ``ts`` is the aggregator's clock now, the one ``state.deadline`` is on: agents count the
     round's time as ``deadline - ts`` on their own clock (edge_agent/announcements.py).
+    An asynchronous version window is announced as such, with its staleness bound.
     """
-    return msg.RoundStart(
+    announcement = msg.RoundStart(
         ts=ts,
         federation=cfg.federation,
         round=state.round_id,
@@ -79,6 +82,27 @@ def round_start(
         download_codec=cfg.download_codec,
         run=run,
         fingerprint=fingerprint,
+    )
+    if isinstance(state, VersionWindow):
+        announcement = msgspec.structs.replace(
+            announcement, mode="async", max_staleness=state.max_staleness
+        )
+    return announcement
+
+
+def round_decision(
+    federation: str, state: RoundState, decision: str, reason: str
+) -> msg.RoundDecision:
+    """What happened to ``state`` (applied, discarded, extended, retried, failed) and why."""
+    return msg.RoundDecision(
+        federation=federation,
+        round=state.round_id,
+        decision=decision,  # type: ignore[arg-type]
+        accepted=len(state.accepted),
+        min_clients=state.min_clients,
+        extensions=state.extensions,
+        deadline=state.deadline,
+        reason=reason,
     )
 
 

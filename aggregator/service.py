@@ -13,12 +13,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import msgspec
 import numpy as np
 
 from aggregator.async_config import async_settings
-from aggregator.async_rounds import AsyncIntake, VersionWindow, window_from_history
-from aggregator.checkpoint import CheckpointError
+from aggregator.async_rounds import AsyncIntake, VersionWindow
 from aggregator.config import AggregatorConfig
 from aggregator.downloads import GlobalDownloads, bytes_down
 from aggregator.evaluation import Evaluator
@@ -26,17 +24,23 @@ from aggregator.intake import UpdateIntake, receipt_for
 from aggregator.metrics_log import MetricsLog
 from aggregator.model_check import next_global_model
 from aggregator.onnx_export import RoundExporter, state_dir_of
+from aggregator.publisher import RetainedPublisher
 from aggregator.resume import (
     EXIT_BUDGET,
     EXIT_STARVED,
     Durability,
     new_run_epoch,
     resolve_run,
-    set_rng_state,
-    starved_action,
 )
 from aggregator.roster import AgentRoster
-from aggregator.round_records import ClosedRound, OpenRound, log_latency, round_start
+from aggregator.round_records import (
+    ClosedRound,
+    OpenRound,
+    log_latency,
+    round_decision,
+    round_start,
+)
+from aggregator.round_report import RoundReporter
 from aggregator.round_strategy import (
     RoundAggregate,
     RoundStrategy,
@@ -44,14 +48,17 @@ from aggregator.round_strategy import (
     strategy_settings,
 )
 from aggregator.rounds import RoundPhase, RoundState, Verdict, select_clients, without_open_round
+from aggregator.service_restore import restore
+from aggregator.starved_rounds import StarvedRounds
 from aggregator.update_bounds import model_headroom
 from aggregator.update_budget import IntakeGuard
+from aggregator.windows import VersionWindows
 from shared.clock import Clock, SystemClock
 from shared.mqtt.base import Connector, Inbound, Outbound, Session
 from shared.protocol import messages as msg
 from shared.protocol import topics
 from shared.protocol.claims import sign_round_start, sign_status
-from shared.protocol.frames import read_header, tensors_hash
+from shared.protocol.frames import tensors_hash
 from shared.protocol.signing import load_private_key
 
 log = logging.getLogger("fedmq.aggregator")
@@ -94,14 +101,8 @@ class AggregatorService:
         self.signing_key = load_private_key(cfg.signing_key) if cfg.signing_key else None
         # Checkpoint + journal only with an explicit --state-dir: resuming is opt-in.
         self.durable = Durability(Path(cfg.state_dir), cfg) if cfg.state_dir else None
-        # This run's epoch (a resumed one is set again by _restore): agents follow the largest.
+        # This run's epoch (a resumed one is set again by restore): agents follow the largest.
         self.run_epoch = resolve_run(cfg.run, None, new_run_epoch(self.clock.time()))
-        # What the broker must hold (retained), re-published after every reconnect: a broker
-        # without persistence forgets it when it restarts. Current state only (one entry per
-        # topic: model, delta, meta, status, metrics, the open round's announcement), so it
-        # does not grow with the rounds: _publish.
-        self._retained: dict[str, bytes] = {}
-        self._seen_connects = 0
         self.exporter = RoundExporter(
             self.spec,
             cfg.federation,
@@ -118,10 +119,9 @@ class AggregatorService:
         # The asynchronous mode (None: synchronous rounds): docs/async.md.
         self.async_mode = async_settings(cfg)
         self.initial_hash = self.model_hash  # version 0, round 1's base
-        self._window: VersionWindow | None = None  # the last async window (its successor)
-        # Async: updates that arrived between two windows, offered to the next one (bounded:
-        # beyond it they are answered no-round, and their agents re-send them).
-        self.held_updates: list[Inbound] = []
+        self.windows = VersionWindows(
+            self.async_mode, cfg.min_clients, self.initial_hash, self.durable
+        )
         # Optimizer, clipping, rule and DP (ValueError when they cannot run: exit 1).
         self.strategy = RoundStrategy(strategy_settings(cfg), self.shapes)
         self.strategy.check_capacity(cfg.min_clients)
@@ -151,18 +151,27 @@ class AggregatorService:
                 will=Outbound(self.topics.aggregator_status, self._status("offline"), retain=True),
             )
         )
+        # What the broker must hold (retained), re-published after every reconnect.
+        self.publisher = RetainedPublisher(self.transport, f"{self.topics.root}/agents/")
+        self.reporter = RoundReporter(
+            cfg, self.spec, self.evaluator, self.exporter, self.metrics, self.publisher.publish,
+            self.topics.metrics,
+        )  # fmt: skip
+        self.starved = StarvedRounds(
+            cfg, self.agents, self.rng, self.clock, self._announce, self._decide
+        )
 
     # --- life cycle --------------------------------------------------------------------
     def run(self) -> int:
         """Run every round; return the process exit code."""
         cfg = self.cfg
         self.transport.start()
-        self._seen_connects = self.transport.connect_count
-        resumed = self._restore()
+        self.publisher.started()
+        resumed = restore(self)
         log.info(
             "federation %s, run %d (agents follow the latest run)", cfg.federation, self.run_epoch
         )
-        self._publish(self.topics.aggregator_status, self._status("running"), retain=True)
+        self.publisher.publish(self.topics.aggregator_status, self._status("running"), retain=True)
         self._publish_model(final=self.round_id >= cfg.rounds)
         current = resumed or self._open_round(self.round_id + 1)
         while current is not None:
@@ -173,7 +182,7 @@ class AggregatorService:
             # The next round starts before this one is evaluated, so held-out evaluation
             # overlaps with the agents' training instead of adding to every round.
             nxt = self._open_round(current.state.round_id + 1)
-            self._report(closed)
+            self.reporter.report(closed)
             if nxt is None and current.state.round_id < cfg.rounds:
                 return self._stop_early()
             current = nxt
@@ -216,7 +225,7 @@ class AggregatorService:
         started = self.clock.time()
         state: RoundState
         if self.async_mode is not None:  # every device may contribute: none selected
-            state = self._next_window(r, started)
+            state = self.windows.next(r, self.model_hash, started + cfg.round_timeout, started)
         else:
             selected = select_clients(self.agents.online(), cfg.fraction, cfg.min_clients, self.rng)
             state = RoundState(
@@ -230,23 +239,6 @@ class AggregatorService:
             return None
         self._announce(state)
         return OpenRound(state, intake, started)
-
-    def _next_window(self, r: int, started: float) -> VersionWindow:
-        """Async: version window ``r`` on the current model (after a restart: from the
-        checkpoint's history)."""
-        assert self.async_mode is not None
-        deadline = started + self.cfg.round_timeout
-        last = self._window
-        if last is not None and last.round_id == r - 1:
-            window = last.successor(r, self.model_hash, deadline, started)
-        else:
-            history = self.durable.history if self.durable is not None else []
-            window = window_from_history(
-                history, self.async_mode, r, self.model_hash, self.cfg.min_clients, deadline,
-                started, self.initial_hash,
-            )  # fmt: skip
-        self._window = window
-        return window
 
     def _intake(self, state: RoundState) -> UpdateIntake:
         cfg = self.cfg
@@ -273,70 +265,6 @@ class AggregatorService:
             intake.bind(state, aggregate)
         return intake
 
-    def _restore(self) -> OpenRound | None:
-        """Continue from the checkpoint; re-open (and replay) its next round if announced."""
-        if self.durable is None:
-            return None
-        restored = self.durable.restore()  # CheckpointError (a ValueError): exit 1
-        ckpt, jr = restored.checkpoint, restored.open_round
-        self._continue_run(restored.run)
-        if ckpt is not None:
-            if {n: tuple(v.shape) for n, v in ckpt.params.items()} != self.shapes:
-                # Same settings, another build of the model: a plugin changed version.
-                raise CheckpointError(
-                    f"the checkpoint's model is another architecture than {self.cfg.model!r} "
-                    f"as built here (fingerprint {self.evaluator.fingerprint}): install the "
-                    "model version it was trained with, or use another --state-dir"
-                )
-            # In the model's tensor order, not the file's (sorted): the download quantizer
-            # draws its rounding noise tensor by tensor, so a resumed run draws as before.
-            order = list(self.shapes)
-            self.params = {n: ckpt.params[n] for n in order}
-            self.model_hash, self.round_id = ckpt.model_hash, ckpt.round
-            res = ckpt.residual
-            self.downloads.residual = None if res is None else {n: res[n] for n in order}
-            self.strategy.load_state(ckpt.strategy_tensors, ckpt.strategy)
-            set_rng_state(self.rng, ckpt.rng_state)
-            self.metrics.entries = self.metrics.earlier(ckpt.round)
-            log.info("resumed from checkpoint: %d rounds applied", ckpt.round)
-        if jr is None or jr.round > self.cfg.rounds:
-            return None
-        ann = jr.announce
-        set_rng_state(self.rng, ann["rng_state"])
-        started = self.clock.time()
-        # A full window after a crash: agents must notice the re-announcement and re-send.
-        deadline = max(float(ann["deadline"]), started + self.cfg.round_timeout)
-        state: RoundState
-        if self.async_mode is not None:
-            state = self._next_window(jr.round, started)
-            state.deadline, state.extensions = deadline, int(ann["extensions"])
-        else:
-            state = RoundState(
-                jr.round,
-                self.model_hash,
-                set(ann["selected"]),
-                self.cfg.min_clients,
-                deadline,
-                started,
-                extensions=int(ann["extensions"]),
-            )
-        intake = self._intake(state)
-        for client, payload in self.durable.journal.frames(jr):
-            # An async window's updates name their base round (the frame's), not the window.
-            base = read_header(payload).round if self.async_mode is not None else jr.round
-            verdict = intake.offer(base, client, payload).verdict
-            if not verdict.accepted:
-                log.error("journaled update of %s refused on replay: %s", client, verdict.reason)
-        log.info("round %d resumed with %d journaled updates", jr.round, len(state.accepted))
-        self._announce(state)
-        return OpenRound(state, intake, started)
-
-    def _continue_run(self, saved: int | None) -> None:
-        """Continue the state directory's run (or start this one); everything signs with it."""
-        assert self.durable is not None
-        self.run_epoch = resolve_run(self.cfg.run, saved, self.run_epoch)
-        self.downloads.run = self.exporter.run = self.durable.run = self.run_epoch
-
     def _close_round(self, rnd: OpenRound) -> ClosedRound | None:
         """Collect updates until the round may be applied; apply it and publish the model.
 
@@ -344,18 +272,16 @@ class AggregatorService:
         """
         state, intake = rnd.state, rnd.intake
         last_update_at = self.clock.monotonic()
-        held, self.held_updates = self.held_updates, []
-        for n, waiting in enumerate(held):
-            if state.phase(self.clock.time()) is not RoundPhase.OPEN:  # K reached: the rest
-                self.held_updates = held[n:] + self.held_updates  # wait for the next window
-                break
+        for waiting in self.windows.release(
+            lambda: state.phase(self.clock.time()) is RoundPhase.OPEN
+        ):
             self._handle(waiting, intake)
         while (phase := state.phase(self.clock.time())) in (RoundPhase.OPEN, RoundPhase.STARVED):
             if phase is RoundPhase.STARVED:
-                if not self._starved(state, intake):
+                if not self.starved.at_deadline(state, _aggregate(intake)):
                     return None
                 continue
-            self._after_reconnect()
+            self.publisher.after_reconnect()
             item = self._next(timeout=min(1.0, max(0.01, state.deadline - self.clock.time())))
             if item is not None and self._handle(item, intake):
                 last_update_at = item.received_at
@@ -388,7 +314,7 @@ class AggregatorService:
         latency_ms = log_latency(
             state.round_id, last_update_at, closed_at, computed_at, published_at
         )
-        self._publish(self.topics.round_start(state.round_id), b"", retain=True)
+        self.publisher.publish(self.topics.round_start(state.round_id), b"", retain=True)
         dl = self.downloads
         return ClosedRound(
             rnd,
@@ -409,14 +335,12 @@ class AggregatorService:
         announcement = round_start(
             cfg, state, self.spec, self.run_epoch, self.clock.time(), self.evaluator.fingerprint
         )
-        if isinstance(state, VersionWindow):
-            announcement = msgspec.structs.replace(
-                announcement, mode="async", max_staleness=state.max_staleness
-            )
         if self.signing_key is not None:  # pinned agents follow only signed announcements
             announcement = sign_round_start(self.signing_key, announcement)
         # Retained, so an agent that (re)connects mid-round learns the round at once.
-        self._publish(self.topics.round_start(state.round_id), announcement.to_json(), retain=True)
+        self.publisher.publish(
+            self.topics.round_start(state.round_id), announcement.to_json(), retain=True
+        )
         log.info(
             "round %d started: %d selected, deadline in %.0fs",
             state.round_id,
@@ -424,96 +348,11 @@ class AggregatorService:
             state.deadline - self.clock.time(),
         )
 
-    def _starved(self, state: RoundState, intake: UpdateIntake) -> bool:
-        """Apply the --on-starved policy; False when the round has to fail."""
-        cfg = self.cfg
-        action = starved_action(state.extensions, cfg.on_starved, cfg.max_extensions)
-        if action == "fail":
-            why = f"below quorum ({len(state.accepted)}/{state.min_clients}) after "
-            log.error("round %d failed: %s%d extensions", state.round_id, why, state.extensions)
-            self._decide(state, "failed", why + f"{state.extensions} extensions")
-            return False
-        if action == "retry":
-            online = [c for c in self.agents.online() if c not in state.accepted]
-            fresh = select_clients(online, cfg.fraction, 1, self.rng) if online else []
-            state.selected = set(state.accepted) | set(fresh) or state.selected
-        self._extend(state, intake)
-        self._decide(state, "retried" if action == "retry" else "extended", "below quorum")
-        return True
-
     def _decide(self, state: RoundState, decision: str, reason: str) -> None:
         """Publish what happened to a round (operators and tests watch this topic)."""
-        body = msg.RoundDecision(
-            federation=self.cfg.federation,
-            round=state.round_id,
-            decision=decision,  # type: ignore[arg-type]
-            accepted=len(state.accepted),
-            min_clients=state.min_clients,
-            extensions=state.extensions,
-            deadline=state.deadline,
-            reason=reason,
-        )
-        self._publish(self.topics.round_decision(state.round_id), body.to_json(), wait=False)
-
-    def _after_reconnect(self) -> None:
-        """After a reconnect, put back what a restarted broker may have forgotten."""
-        if self.transport.connect_count == self._seen_connects:
-            return
-        self._seen_connects = self.transport.connect_count
-        log.warning("reconnected: re-publishing the retained model, meta and round")
-        for topic, payload in list(self._retained.items()):
-            self._publish(topic, payload, retain=True, wait=False)
-
-    def _extend(self, state: RoundState, intake: UpdateIntake) -> None:
-        extra = [c for c in self.agents.online() if c not in state.selected]
-        try:  # a rule holding the round makes room for the newly invited agents
-            _aggregate(intake).grow(len(state.selected) + len(extra))
-        except StrategyError as exc:
-            log.warning("round %d: no room for more agents (%s): none invited", state.round_id, exc)
-            extra = []
-        state.extend(self.clock.time() + self.cfg.round_timeout, extra)
-        log.warning(
-            "round %d below quorum at its deadline (%d/%d accepted): extended by %.0fs, "
-            "%d more agents invited",
-            state.round_id,
-            len(state.accepted),
-            state.min_clients,
-            self.cfg.round_timeout,
-            len(extra),
-        )
-        self._announce(state)
-
-    def _report(self, closed: ClosedRound) -> None:
-        state = closed.round.state
-        evaluation = self.evaluator.evaluate(closed.params)
-        exported = self.exporter.after_round(
-            closed.params, state.round_id, self._publish, closed.frame
-        )
-        metrics = closed.metrics(
-            self.cfg.federation,
-            codec=self.cfg.codec,
-            download_codec=self.cfg.download_codec,
-            evaluation=evaluation,
-            onnx_export_s=exported.export_s if exported else None,
-            task=self.spec.task,
-        )
-        if isinstance(state, VersionWindow):
-            metrics = msgspec.structs.replace(
-                metrics, mode="async", staleness=list(state.staleness)
-            )
-        self._publish(self.topics.metrics, metrics.to_json(), retain=True)
-        self.metrics.append(metrics)
-        quality = (
-            f"rmse={metrics.test_rmse}"
-            if metrics.task == "regression"
-            else f"acc={metrics.test_accuracy}"
-        )
-        log.info(
-            "round %d applied: %d updates, %s, %.1fs",
-            state.round_id,
-            metrics.accepted,
-            quality,
-            metrics.round_time_s,
+        body = round_decision(self.cfg.federation, state, decision, reason)
+        self.publisher.publish(
+            self.topics.round_decision(state.round_id), body.to_json(), wait=False
         )
 
     # --- inbound -----------------------------------------------------------------------
@@ -552,10 +391,9 @@ class AggregatorService:
                 self._receipt(parsed.round_id, sender, answer, site)
             return False
         if intake is None:
-            verdict = without_open_round(parsed.round_id, self._last_closed())
-            if verdict.code == "no-round" and len(self.held_updates) < self._hold_room():
-                self.held_updates.append(item)  # async: the next window takes it
-                return False
+            verdict = without_open_round(parsed.round_id, self.windows.last_closed(self.round_id))
+            if verdict.code == "no-round" and self.windows.hold(item):
+                return False  # async: the next window takes it
             self._receipt(parsed.round_id, sender, verdict, site)
             return False
         offer = intake.offer(parsed.round_id, sender, item.payload)
@@ -578,21 +416,10 @@ class AggregatorService:
             )
         return offer.verdict.accepted
 
-    def _hold_room(self) -> int:
-        """Updates held between two async windows, at most (0: sync, none held)."""
-        return 0 if self.async_mode is None else 4 * self.async_mode.buffer
-
-    def _last_closed(self) -> int:
-        """The last round an update may no longer be counted for (async: the rounds
-        within max_staleness of the next window still may)."""
-        if self.async_mode is None:
-            return self.round_id
-        return self.round_id - self.async_mode.max_staleness
-
     def _wait_for_agents(self, count: int, timeout: float) -> bool:
         deadline = self.clock.monotonic() + timeout
         while len(self.agents.online()) < count:
-            self._after_reconnect()
+            self.publisher.after_reconnect()
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 return False
@@ -617,26 +444,14 @@ class AggregatorService:
 
     # --- outbound ----------------------------------------------------------------------
     def _publish_model(self, final: bool) -> None:
-        self.downloads.publish(self.round_id, self.params, self.model_hash, final, self._publish)
+        self.downloads.publish(
+            self.round_id, self.params, self.model_hash, final, self.publisher.publish
+        )
 
     def _receipt(self, round_id: int, client_id: str, verdict: Verdict, site: bool = False) -> None:
         receipt = receipt_for(round_id, client_id, verdict)
         where = self.topics.site_receipt if site else self.topics.receipt
-        self._publish(where(round_id, client_id), receipt.to_json(), wait=False)
-
-    def _publish(self, topic: str, payload: bytes, retain: bool = False, wait: bool = True) -> None:
-        if retain and not topic.startswith(f"{self.topics.root}/agents/"):
-            if payload:
-                self._retained[topic] = payload
-            else:
-                # A clearance (a closed round's announcement, a global delta) is not state to
-                # put back: a broker that restarted without persistence has nothing to clear,
-                # one with persistence saved it (unless it crashed before its autosave: the
-                # announcement that comes back names a base model no longer current, and
-                # agents that follow a later round refuse it). Kept, they made every
-                # reconnect re-publish one empty message per round ever run.
-                self._retained.pop(topic, None)
-        self.transport.publish(topic, payload, retain=retain, wait=wait)
+        self.publisher.publish(where(round_id, client_id), receipt.to_json(), wait=False)
 
     def _status(self, state: str) -> bytes:
         status = msg.AggregatorStatus(

@@ -10,7 +10,7 @@ aggregator amplify the flood. The same aggregated log carries every other per-me
 (rejected updates, bad statuses), so no sender can turn its messages into log lines.
 
 Sized so honest agents never reach it: an agent sends one update per round and re-sends it at
-most once a second (``edge_agent.agent.RESEND_GAP_S``: after a reconnect, a re-announcement
+most once a second (``edge_agent.resend.RESEND_GAP_S``: after a reconnect, a re-announcement
 or ``resend_after_s`` without a receipt), and every new round refills every bucket, so fast
 rounds do not drain them. Pure: the caller passes the time.
 """

@@ -40,6 +40,7 @@ from edge_agent.local_training import (
 )
 from edge_agent.model_sync import ModelSync
 from edge_agent.outbox import COUNTED_CODES, MISSED_CODES, Outbox, receipt_is_final
+from edge_agent.resend import UpdateSender, oldest_countable
 from edge_agent.residual import DeviceFeedback
 from shared.clock import Clock, SystemClock
 from shared.compression.registry import needs_error_feedback
@@ -52,8 +53,6 @@ from shared.protocol.signing import load_public_key
 log = logging.getLogger("fedmq.agent")
 
 Tensors = dict[str, np.ndarray]
-# Re-sends of one update closer together than this are one re-send.
-RESEND_GAP_S = 1.0
 
 
 class EdgeAgent:
@@ -98,9 +97,6 @@ class EdgeAgent:
         # Unacknowledged updates live on disk: a restarted agent re-sends, never re-trains.
         self.outbox = Outbox(cfg.resolved_state_dir(), cfg.federation, cfg.client_id)
         self.done_rounds: set[int] = set(self.outbox.rounds())
-        self.sent_at: dict[int, float] = {}  # round → monotonic time of the last send
-        # Async: held updates refused for now ("busy"), sent again at the next version.
-        self.retry_next_version: set[int] = set()
         self.seen_connects = 0
         self.rounds_trained = 0
         self.stop_event = threading.Event()
@@ -119,6 +115,11 @@ class EdgeAgent:
             births=lambda: [Outbound(status_topic, self._status("online"), retain=True)],
         )
         self.transport = connect(self.session)
+        # Sends each update, and again until its receipt: edge_agent/resend.py.
+        self.sender = UpdateSender(
+            cfg.client_id, self.topics, self.outbox, self.clock, cfg.resend_after_s,
+            lambda: self.transport, self._send,
+        )  # fmt: skip
         # --online F: on-line in random spells (None: always); edge_agent/availability.py.
         self.spells = (
             OnlineSpells(cfg.online, cfg.online_spell_s, cfg.client_id, self.clock.monotonic())
@@ -250,20 +251,9 @@ class EdgeAgent:
         # Its fate is unknown (a lost receipt may have said "accepted"): dropped, not given
         # back to the residual, which could count its mass twice. Asynchronous mode: an
         # update counts up to max_staleness versions later, so it stays until then.
-        for old in self.outbox.drop_before(_oldest_countable(ann)):
+        for old in self.outbox.drop_before(oldest_countable(ann)):
             log.info("round %d is over: its unacknowledged update is dropped", old)
-        self.retry_next_version.intersection_update(self.outbox.rounds())
-        if ann.mode == "async":
-            # A new version: an update the aggregator asked to send again (refused "busy") is
-            # owed to this window; one merely unanswered may have its receipt on the way (the
-            # aggregator holds updates between windows), so the re-send timer covers it, as in
-            # rounds. A live re-announcement of the same version (a restarted aggregator) gets
-            # every held update again; a reconnect's retained copy: the reconnect re-sends.
-            for held in self.outbox.rounds():
-                if held < ann.round and (again or held in self.retry_next_version):
-                    self.retry_next_version.discard(held)
-                    self._resend(held, "asked to" if not again else "re-announced",
-                                 coalesce=item.retain)  # fmt: skip
+        self.sender.on_announcement(ann, again, coalesce=item.retain)
         stored = self.outbox.base_hash(ann.round)
         if stored is not None and stored != ann.base_hash:
             # Another run of the federation (or a rolled-back aggregator): train afresh.
@@ -275,7 +265,7 @@ class EdgeAgent:
             self.done_rounds.add(ann.round)
             # A live re-announcement (a restarted aggregator) always gets the update again; the
             # retained copy a reconnect brings is the reconnect's own re-send (coalesced).
-            self._resend(ann.round, "round announced", coalesce=item.retain)
+            self.sender.resend(ann.round, "round announced", coalesce=item.retain)
 
     def _new_run(self, old: int, new: int) -> None:
         """A new run of the federation: its rounds start again, the old run's state goes."""
@@ -289,8 +279,7 @@ class EdgeAgent:
         for r in self.outbox.rounds():
             self.outbox.remove(r)
         self.done_rounds.clear()
-        self.sent_at.clear()
-        self.retry_next_version.clear()
+        self.sender.reset()
         self.feedback.reset()  # mass owed to the old run's model, not to the new one
 
     def _on_receipt(self, item: Inbound) -> None:
@@ -309,10 +298,9 @@ class EdgeAgent:
             if code in MISSED_CODES:
                 self._give_back(receipt.round)
             self.outbox.remove(receipt.round)
-            self.sent_at.pop(receipt.round, None)
-            self.retry_next_version.discard(receipt.round)
+            self.sender.settled(receipt.round)
         elif receipt.status == "rejected":  # not counted yet, e.g. "busy": the next version
-            self.retry_next_version.add(receipt.round)
+            self.sender.refused_for_now(receipt.round)
 
     def _give_back(self, round_id: int) -> None:
         """Return a refused top-k / low-rank update's mass to the residual (sent later).
@@ -441,56 +429,19 @@ class EdgeAgent:
         self._publish_status("online", round_id, skipped=why, model_fingerprint=model_fingerprint)
 
     def _send(self, round_id: int, payload: bytes) -> None:
-        self.sent_at[round_id] = self.clock.monotonic()
-        topic = self.topics.update(round_id, self.cfg.client_id)
-        self.transport.publish(topic, payload, qos=1, wait=False)
-
-    def _resend(self, round_id: int, why: str, coalesce: bool = False) -> None:
-        payload = self.outbox.get(round_id)
-        if payload is None:
-            return
-        last = self.sent_at.get(round_id)
-        if coalesce and last is not None and self.clock.monotonic() - last < RESEND_GAP_S:
-            # One event, two triggers (a reconnect and the retained announcement it brings):
-            # the update goes out once.
-            return
-        log.warning("round %d: re-sending the unacknowledged update (%s)", round_id, why)
-        self._send(round_id, payload)
+        """Publish the update of ``round_id``: every send and re-send goes through here."""
+        self.sender.publish(round_id, payload)
 
     def _maybe_resend(self) -> None:
-        """Re-send unacknowledged updates of the open round after a reconnect or a timeout.
+        """Re-send unacknowledged updates after a reconnect or a timeout (edge_agent/resend.py).
 
         The broker may have lost them (it restarted, or the connection died mid-upload),
-        or the aggregator did (it restarted): only a receipt ends the re-sending. The timer
-        waits while the transport is disconnected: a copy sent then would only wait in its
-        queue beside the last one (an agent cut off for an hour would queue one more every
-        ``resend_after_s``), and the reconnect re-sends once anyway.
+        or the aggregator did (it restarted): only a receipt ends the re-sending.
         """
         reconnected = self.transport.connect_count != self.seen_connects
         self.seen_connects = self.transport.connect_count
-        ann = self.announcement
-        if ann is None:
-            return
-        if ann.mode == "async":  # every held update of the window, not only this round's
-            oldest = _oldest_countable(ann)
-            for round_id in sorted(r for r in self.sent_at if r >= oldest):
-                self._resend_due(round_id, reconnected)
-            return
-        if ann.round not in self.done_rounds:
-            return
-        if self.clock.monotonic() > self.round_ends and not reconnected:
-            return
-        self._resend_due(ann.round, reconnected)
-
-    def _resend_due(self, round_id: int, reconnected: bool) -> None:
-        """Re-send the update of ``round_id`` after a reconnect, or when its timer is up."""
-        last = self.sent_at.get(round_id)
-        if reconnected and last is not None:
-            self._resend(round_id, "reconnected", coalesce=True)
-        elif not self.transport.is_connected():
-            return  # the reconnect re-sends
-        elif last is None or self.clock.monotonic() - last >= self.cfg.resend_after_s:
-            self._resend(round_id, "no receipt yet" if last is not None else "restarted")
+        if self.announcement is not None:
+            self.sender.due(self.announcement, self.done_rounds, self.round_ends, reconnected)
 
     # --- outbound ----------------------------------------------------------------------
     def _publish_status(
@@ -515,8 +466,3 @@ class EdgeAgent:
             skipped=skipped[:300],
             model_fingerprint=model_fingerprint,
         ).to_json()
-
-
-def _oldest_countable(ann: msg.RoundStart) -> int:
-    """The oldest round whose update the aggregator may still count under ``ann``."""
-    return ann.round - ann.max_staleness if ann.mode == "async" else ann.round

@@ -164,7 +164,7 @@ def test_an_update_arriving_between_two_windows_counts_in_the_next_one(
     wait_for(lambda: bool(fed.broker.messages(T.round_decision(1))), "version 1 applied")
 
     dev.link.publish(T.update(1, "z"), update_frame(service, 1, "z", base_hash=h1))
-    wait_for(lambda: len(service.held_updates) == 1, "z's update held between the windows")
+    wait_for(lambda: len(service.windows.held) == 1, "z's update held between the windows")
     fed.silent_device("pi-s2")  # back on-line: window 2 opens and takes z's update
     wait_for(lambda: len(fed.receipts(1, "z")) == 1, "z's receipt")
     dev.send("w", 2, _version_hash(fed, 1))

@@ -229,7 +229,7 @@ def test_the_retained_state_put_back_after_a_reconnect_does_not_grow_with_the_ro
         T.round_start(4),
     }
 
-    assert set(service._retained) == current  # before: round/1..3/start, cleared, as well
+    assert set(service.publisher.retained) == current  # before: round/1..3/start, cleared, as well
     fed.broker.disconnect("aggregator")
     since = len(fed.broker.log)  # after its will
     fed.broker.reconnect("aggregator")

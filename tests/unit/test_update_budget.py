@@ -16,7 +16,7 @@ def _guard(burst: int = 10, rate: float = 1.0) -> IntakeGuard:
 
 
 def test_an_agent_resending_once_a_second_is_never_refused() -> None:
-    # An honest agent re-sends at most once a second (edge_agent.agent.RESEND_GAP_S).
+    # An honest agent re-sends at most once a second (edge_agent.resend.RESEND_GAP_S).
     guard = _guard()
 
     read = [guard.admit("pi-0", now=float(t))[0] for t in range(1000)]
