@@ -185,7 +185,8 @@ def run_size(
     if args.mode == "async":  # a window's updates were trained on earlier rounds
         whole_run = counted_once_async(events, metrics)
         for row in rows:
-            row["counted_once"] = whole_run
+            # Trainings that began before the window opened count for it: no training span.
+            row.update(counted_once=whole_run, train_span_s=None, overhead_s=None)
     summary = run_summary(n, events, agent_events, exit_code)
     summary.update(heterogeneity_summary(agent_events))
     summary["agents_peak_rss_mb"] = watch.peak("agents_rss_mb")
