@@ -61,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[10],
         help="fleet size, or sizes run one after the other: 10,100,300,1000 (default 10)",
     )
-    p.add_argument("--rounds", type=_positive, default=3, help="rounds per fleet (default 3)")
+    p.add_argument(
+        "--rounds", type=_positive, default=3, help="rounds per fleet (async: versions; default 3)"
+    )
     p.add_argument("--model", choices=("lenet5", "cnn", "mlp"), default="lenet5")
     p.add_argument("--codec", type=_codec, default="int8", help="update codec (default int8)")
     p.add_argument(
