@@ -27,13 +27,17 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.ops.bench import fleet_hetero
 from aggregator.ops.bench.fleet_report import (
     SYS_COUNTERS,
     FleetEvents,
+    counted_once_async,
+    heterogeneity_summary,
     markdown_table,
     plot,
     round_rows,
     run_summary,
+    settings_line,
 )
 from aggregator.ops.bench.ingest import SOURCE_ROOT, BenchError, _codec, _connect, _positive
 from aggregator.ops.bench.ingest_report import parse_vm_hwm
@@ -57,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[10],
         help="fleet size, or sizes run one after the other: 10,100,300,1000 (default 10)",
     )
-    p.add_argument("--rounds", type=_positive, default=3, help="rounds per fleet (default 3)")
+    p.add_argument(
+        "--rounds", type=_positive, default=3, help="rounds per fleet (async: versions; default 3)"
+    )
     p.add_argument("--model", choices=("lenet5", "cnn", "mlp"), default="lenet5")
     p.add_argument("--codec", type=_codec, default="int8", help="update codec (default int8)")
     p.add_argument(
@@ -76,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--timeout", type=float, default=1800.0, help="seconds per fleet size (default 1800)"
     )
     p.add_argument("--out", type=Path, help="output directory (default runs/fleet-<time>)")
+    fleet_hetero.add_arguments(p)
 
 
 def run_fleet(args: argparse.Namespace) -> int:
@@ -85,6 +92,7 @@ def run_fleet(args: argparse.Namespace) -> int:
     label = (
         f"fedmq bench fleet --agents {','.join(map(str, args.agents))} --rounds {args.rounds} "
         f"--model {args.model} --codec {args.codec} --samples-per-agent {args.samples_per_agent}"
+        f"{fleet_hetero.label(args)}"
     )
     # SIGTERM unwinds like Ctrl-C: the broker, the aggregator and the agent processes stop.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -92,6 +100,7 @@ def run_fleet(args: argparse.Namespace) -> int:
         rows, runs = _run_sizes(args, out, label)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    print(settings_line(fleet_hetero.settings(args)))
     print(markdown_table(rows))
     if rows:
         print(f"plot: {plot(rows, out / 'fleet.png')}")
@@ -127,12 +136,18 @@ def _run_sizes(
         for row in size_rows:
             print(f"    {json.dumps(row)}", flush=True)
         print(f"    {json.dumps(summary)}", flush=True)
-        _write(out, label, rows, runs)
+        _write(out, label, fleet_hetero.settings(args), rows, runs)
     return rows, runs
 
 
-def _write(out: Path, label: str, rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:
-    doc = {"command": label, "rows": rows, "runs": runs}
+def _write(
+    out: Path,
+    label: str,
+    settings: dict[str, Any],
+    rows: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+) -> None:
+    doc = {"command": label, "settings": settings, "rows": rows, "runs": runs}
     (out / "fleet.json").write_text(json.dumps(doc, indent=1))
 
 
@@ -149,8 +164,11 @@ def run_size(
         subs = (t.round_start_any, t.global_meta, t.receipt_any, *SYS_COUNTERS)
         observer = _connect(broker.url, "fleet-observer", subs, 4 * n)
         agg = _start_aggregator(args, n, broker.url, out)
+        slow = fleet_hetero.slow_clients(clients, args.slow_fraction, args.seed)
         agents = [
-            _start_agents(broker.url, ids, data_dir, out, k)
+            _start_agents(
+                broker.url, ids, data_dir, out, k, fleet_hetero.agent_flags(args, ids, slow)
+            )
             for k, ids in enumerate(_split(clients, procs))
         ]
         watch = _FleetWatch(agg, broker.pid, agents, observer, events)
@@ -158,14 +176,21 @@ def run_size(
             watch.until_exit(time.monotonic() + args.timeout)
             exit_code = agg.poll()
             # The agents stop at the aggregator's live "finished": give them time to say offline.
-            watch.wait_agents(time.monotonic() + 60.0)
+            # A part-time one off-line then never hears it (docs/async.md): it is stopped.
+            watch.wait_agents(time.monotonic() + (60.0 if args.online >= 1 else 5.0))
         finally:
             stop_processes([agg, *agents])
             observer.stop()
     agent_events = read_events(out)
     metrics = _metrics(out / "metrics.json")
     rows = round_rows(n, events, agent_events, metrics)
+    if args.mode == "async":  # a window's updates were trained on earlier rounds
+        whole_run = counted_once_async(events, metrics)
+        for row in rows:
+            # Trainings that began before the window opened count for it: no training span.
+            row.update(counted_once=whole_run, train_span_s=None, overhead_s=None)
     summary = run_summary(n, events, agent_events, exit_code)
+    summary.update(heterogeneity_summary(agent_events))
     summary["agents_peak_rss_mb"] = watch.peak("agents_rss_mb")
     return rows, summary
 
@@ -203,14 +228,17 @@ def _env() -> dict[str, str]:
 def _start_aggregator(
     args: argparse.Namespace, n: int, url: str, out: Path
 ) -> subprocess.Popen[bytes]:
-    """``fedmq-aggregator`` for R rounds that waits for all N agents and selects them all
-    (one BLAS thread, as its systemd unit runs it)."""
+    """``fedmq-aggregator`` for R rounds (async: R versions) that waits for all N agents (when
+    part-time: :func:`fleet_hetero.quorum`) and selects them all (one BLAS thread, as its
+    systemd unit runs it)."""
+    deadline = args.round_timeout or args.timeout
     cmd = aggregator_command(
         url,
         FEDERATION,
         *("--model", args.model, "--codec", args.codec, "--rounds", str(args.rounds)),
-        *("--min-clients", str(n), "--fraction", "1", "--max-extensions", "0"),
-        *("--round-timeout", str(args.timeout), "--wait-clients-timeout", str(args.timeout)),
+        *("--min-clients", str(fleet_hetero.quorum(args, n)), "--fraction", "1"),
+        *("--max-extensions", "0", "--round-timeout", str(deadline)),
+        *("--wait-clients-timeout", str(args.timeout), *fleet_hetero.mode_flags(args)),
         *("--metrics-file", str(out / "metrics.json"), "--no-onnx"),
     )
     with open(out / "aggregator.log", "wb") as log:
@@ -218,13 +246,13 @@ def _start_aggregator(
 
 
 def _start_agents(
-    url: str, ids: list[str], data_dir: Path, out: Path, k: int
+    url: str, ids: list[str], data_dir: Path, out: Path, k: int, extra: list[str]
 ) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable, "-m", "aggregator.ops.bench.fleet_agents", "--broker", url,
         "--federation", FEDERATION, "--ids", f"{ids[0]}:{len(ids)}",
         "--data-dir", str(data_dir), "--state-dir", str(out / "state"),
-        "--events", str(out / f"events-{k}.jsonl"),
+        "--events", str(out / f"events-{k}.jsonl"), *extra,
     ]  # fmt: skip
     with open(out / f"agents-{k}.log", "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())

@@ -9,8 +9,16 @@ model object per architecture, trained by one agent at a time (a lock), one BLAS
 
 Each agent's events go to ``FILE`` as JSON lines, with wall-clock times (the same clock as the
 bench and the aggregator, all on one machine): ``train`` (waited for the lock from, trained
-from/until), ``send`` (every publish of an update: the first and each re-send), ``receipt``
-(code), and at the end ``agent`` (connections made, rounds trained, exit code).
+from/until, done after a slow device's extra time), ``send`` (every publish of an update: the
+first and each re-send), ``receipt`` (code), and at the end ``agent`` (connections made,
+rounds trained, its slowdown and on-line fraction, the off-line spells it went through, exit
+code).
+
+A heterogeneous fleet (``fedmq bench fleet --slow-fraction``, ``--online``: docs/async.md):
+``--slow ID,ID --slowdown X`` make those agents train X times as long, ``--min-batch-ms`` and
+``--online P --online-spell-s S`` apply to every agent of the process. Each goes into the
+agent's own :class:`~edge_agent.config.AgentConfig`, which the agent follows as ``fedmq-agent``
+does (the shared trainer's slowdown; the on-line spells of ``edge_agent/availability.py``).
 """
 
 from __future__ import annotations
@@ -92,7 +100,13 @@ class SharedTrainer(LocalTrainer):
         took = end - start
         time.sleep(slowdown * max(took, min_batch_s * result.meta.get("steps", 0)) - took)
         self._events.write(
-            ev="train", client=self.client_id, asked=asked, start=start, end=end, seed=params.seed
+            ev="train",
+            client=self.client_id,
+            asked=asked,
+            start=start,
+            end=end,
+            done=time.time(),  # after the slow device's own extra time
+            seed=params.seed,
         )
         return result
 
@@ -135,6 +149,10 @@ def parse_ids(text: str) -> list[str]:
     return [f"{prefix}{start + i:0{width}d}" for i in range(int(count))]
 
 
+def _id_set(text: str) -> frozenset[str]:
+    return frozenset(part for part in text.split(",") if part)
+
+
 def build_agents(args: argparse.Namespace, events: EventLog) -> list[FleetAgent]:
     """One agent per id, each with its own connection, state directory and data shard."""
     models: dict[tuple[Any, ...], Any] = {}
@@ -151,6 +169,11 @@ def build_agents(args: argparse.Namespace, events: EventLog) -> list[FleetAgent]
             connect_timeout=args.connect_timeout,
             mqtt_version=args.mqtt_version,
             allow_plaintext=True,
+            # A heterogeneous fleet: as fedmq-agent's --slowdown, --min-batch-ms, --online.
+            slowdown=args.slowdown if client_id in args.slow else 1.0,
+            min_batch_ms=args.min_batch_ms,
+            online=args.online,
+            online_spell_s=args.online_spell_s,
         )
         # The agent command line's own connector (fedmq-agent: edge_agent.cli._mqtt).
         agent = FleetAgent(
@@ -176,6 +199,9 @@ def run_agents(agents: list[FleetAgent], events: EventLog) -> int:
             client=agent.cfg.client_id,
             connects=agent.transport.connect_count,
             rounds_trained=agent.rounds_trained,
+            slowdown=agent.cfg.slowdown,
+            online=agent.cfg.online,
+            offline_spells=agent.offline_spells,
             exit_code=codes[agent.cfg.client_id],
             t=time.time(),
         )
@@ -211,7 +237,8 @@ def _lower_priority(how: str) -> None:
         os.nice(10)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The process's flags: its agents, where they write, and how heterogeneous they are."""
     p = argparse.ArgumentParser(prog="python -m aggregator.ops.bench.fleet_agents")
     p.add_argument("--broker", required=True)
     p.add_argument("--federation", required=True)
@@ -229,8 +256,23 @@ def main(argv: list[str] | None = None) -> int:
         help="idle (default): the agents take only CPU time the broker and the aggregator "
         "leave (SCHED_IDLE), as if the devices were other machines; nice: niceness 10",
     )
+    p.add_argument(
+        "--slow",
+        type=_id_set,
+        default=frozenset(),
+        help="ID,ID,...: these train --slowdown× as long",
+    )
+    p.add_argument("--slowdown", type=float, default=1.0, help="(fedmq-agent --slowdown)")
+    p.add_argument("--min-batch-ms", type=float, default=0.0, help="(fedmq-agent --min-batch-ms)")
+    p.add_argument("--online", type=float, default=1.0, help="(fedmq-agent --online)")
+    p.add_argument("--online-spell-s", type=float, default=60.0, help="(fedmq-agent's)")
     p.add_argument("--log-level", default="WARNING")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agents until they all stop (the federation finished, or SIGTERM)."""
+    args = parse_args(argv)
     # A crash in native code (numpy, torch, msgspec) leaves every thread's stack in the log.
     faulthandler.enable(all_threads=False)  # the crashing one: 100s of threads are too many
     _lower_priority(args.priority)

@@ -129,7 +129,8 @@ def round_rows(
         for e in sends:
             first_send.setdefault(e["client"], e["t"])
         waits = sorted(e["t"] - first_send[e["client"]] for e in got if e["client"] in first_send)
-        span = max((e["end"] for e in trains), default=None)
+        # Done: after a slow device's own extra time (events of older runs: the training's end).
+        span = max((e.get("done", e["end"]) for e in trains), default=None)
         round_s = meta_at - ann.published if meta_at is not None else None
         train_span_s = span - ann.published if span is not None else None
         row: dict[str, Any] = {
@@ -195,6 +196,39 @@ def run_summary(
         "reconnects": sum(max(0, e["connects"] - 1) for e in ended),
         "aggregator_exit": exit_code,
     }
+
+
+def counted_once_async(events: FleetEvents, metrics: list[dict[str, Any]]) -> bool:
+    """Async mode (FedBuff): a window counts updates trained on earlier versions, and each
+    receipt names the round its update was trained on, so a window's participants cannot be
+    matched with one round's receipts. Over the whole run instead: no update (device, round)
+    accepted twice, and the windows' participants are exactly the accepted receipts' devices,
+    as many times each."""
+    accepted = [(rr, c) for _, rr, c, code in events.receipts if code == "accepted"]
+    participants = Counter(c for m in metrics for c in m.get("participants", []))
+    return (
+        bool(accepted)
+        and len(accepted) == len(set(accepted))
+        and participants == Counter(c for _, c in accepted)
+    )
+
+
+def heterogeneity_summary(agent_events: list[dict[str, Any]]) -> dict[str, Any]:
+    """How heterogeneous the fleet was, from each agent's own ``agent`` event (its config's
+    slowdown and on-line fraction, the off-line spells it went through): slow agents,
+    part-time agents and their off-line spells summed. Older event files lack the fields."""
+    ended = [e for e in agent_events if e["ev"] == "agent"]
+    return {
+        "agents_slow": sum(1 for e in ended if e.get("slowdown", 1.0) > 1),
+        "agents_part_time": sum(1 for e in ended if e.get("online", 1.0) < 1),
+        "offline_spells": sum(e.get("offline_spells", 0) for e in ended),
+        "rounds_trained": sum(e.get("rounds_trained", 0) for e in ended),
+    }
+
+
+def settings_line(settings: dict[str, Any]) -> str:
+    """The fleet's mode and heterogeneity in one line above the table."""
+    return "settings: " + ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)
 
 
 def _r(x: float | None, digits: int) -> float | None:
