@@ -24,6 +24,7 @@ class AgentRoster:
     def __init__(self, warn: Warn) -> None:
         self.agents: dict[str, msg.AgentStatus] = {}
         self.sites: dict[str, msg.SiteStatus] = {}  # site aggregators (docs/sites.md)
+        self.cut_off: set[str] = set()  # sites whose bridge is down
         self._warn = warn
 
     def __contains__(self, client_id: object) -> bool:
@@ -80,10 +81,27 @@ class AgentRoster:
         if name not in self.sites and name not in self.agents:
             self.sites[name] = msg.SiteStatus(site=name, state="online", devices=1)
 
+    def on_site_bridge(self, site: str, payload: bytes) -> None:
+        """Mosquitto's notification of ``site``'s bridge: ``0`` (its will on the central
+        broker) while the uplink is down, ``1`` once it is back. A site cut off is not
+        selected: a round does not wait for a partial that cannot arrive."""
+        if payload in (b"0", b"1"):
+            if site in self.sites or payload == b"0":
+                log.info("site %s: bridge %s", site, "up" if payload == b"1" else "down")
+            if payload == b"1":
+                self.cut_off.discard(site)
+            else:
+                self.cut_off.add(site)
+
     def online(self) -> list[str]:
-        """Agents whose last status is not ``offline``, and online sites with devices, sorted."""
+        """Agents whose last status is not ``offline``, and online sites with devices and a
+        connected bridge, sorted."""
         agents = [c for c, s in self.agents.items() if s.state != "offline"]
-        sites = [n for n, s in self.sites.items() if s.state == "online" and s.devices > 0]
+        sites = [
+            n
+            for n, s in self.sites.items()
+            if s.state == "online" and s.devices > 0 and n not in self.cut_off
+        ]
         return sorted(agents + sites)
 
     def declared_samples(self, client_id: str) -> int | None:

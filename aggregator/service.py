@@ -147,6 +147,7 @@ class AggregatorService:
                     # Sites (docs/sites.md): a site aggregator is one contributor.
                     (self.topics.site_partial_any, 1),
                     (self.topics.site_status_any, 1),
+                    (self.topics.site_bridge_any, 1),
                 ),
                 will=Outbound(self.topics.aggregator_status, self._status("offline"), retain=True),
             )
@@ -377,6 +378,9 @@ class AggregatorService:
             return False
         if parsed.kind == "site_status":
             self.agents.on_site_status(item.topic, item.payload)
+            return False
+        if parsed.kind == "site_bridge" and parsed.site is not None:
+            self.agents.on_site_bridge(parsed.site, item.payload)
             return False
         # A device's update, or a site's partial aggregate (an update whose client is the site).
         sender = parsed.site if parsed.kind == "site_partial" else parsed.client_id

@@ -187,6 +187,11 @@ class Topics:
         return f"{self.root}/sites/+/round/+/partial"
 
     @property
+    def site_bridge_any(self) -> str:
+        """Subscription to every site bridge's state (Mosquitto's notifications)."""
+        return f"{self.root}/sites/+/bridge"
+
+    @property
     def site_status_any(self) -> str:
         """Subscription to every site aggregator's status (the central aggregator's)."""
         return f"{self.root}/sites/+/status"

@@ -56,6 +56,8 @@ class NetProxy:
         attempts are refused by the kernel (what a client sees when the far end is gone),
         not accepted and closed (which a TLS client sees as a broken handshake)."""
         self._up.clear()
+        with contextlib.suppress(OSError):  # wakes the accept loop: it ends
+            self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
         with self._lock:
             conns, self._conns = self._conns, []

@@ -27,6 +27,7 @@ from aggregator.ops.bridge import SiteUplink, Upstream, central_site_acl
 from aggregator.ops.demo import aggregator_command
 from aggregator.ops.local_broker import LocalBroker, free_port
 from aggregator.ops.sites import site_add
+from shared.protocol import messages as msg
 from shared.protocol.topics import Topics
 from tests.conftest import require_mosquitto
 from tests.integration import federation as fed
@@ -440,10 +441,8 @@ def test_a_site_aggregator_counts_its_devices_once_per_round_across_a_two_round_
     site_url = f"mqtts://localhost:{sites.site.broker.port}"
     agg_toml = sites.central.root / "identities" / "aggregator" / "aggregator.toml"
     site_toml = sites.site.root / "identities" / "aggregator" / "aggregator.toml"
-    central = fed.start_aggregator(
-        central_url, tmp_path, "--config", str(agg_toml), "--round-timeout", "20",
-        "--clip", "none", rounds=5, min_clients=1,
-    )  # fmt: skip
+    watcher = _connect(sites.central, "monitor")
+    site_status = fed.collect(watcher, T.site_status(SITE))
     site_log = tmp_path / "site-aggregator.log"
     with site_log.open("wb") as out:
         site = subprocess.Popen(
@@ -451,14 +450,27 @@ def test_a_site_aggregator_counts_its_devices_once_per_round_across_a_two_round_
              "--state-dir", str(tmp_path / "site-state")],
             stdout=out, stderr=subprocess.STDOUT, env=fed._env(tmp_path), cwd=fed.REPO,
         )  # fmt: skip
-    procs = [central, site]
-    for name, tier, url, path in (
-        ("pi-c", sites.central, central_url, data[0]),
-        ("pi-0", sites.site, site_url, data[1]),
+    procs = [site]
+    for name, tier, url, path, pace in (
+        # pi-c paced (about 2 s a round), so rounds after the heal wait for its update while
+        # the bridge reconnects: the site can take part again.
+        ("pi-c", sites.central, central_url, data[0], "200"),
+        ("pi-0", sites.site, site_url, data[1], "0"),
     ):
         toml = tier.root / "devices" / name / "agent.toml"
-        procs.append(fed.start_agent(url, name, path, tmp_path, "--config", str(toml)))
+        procs.append(
+            fed.start_agent(
+                url, name, path, tmp_path, "--config", str(toml), "--min-batch-ms", pace
+            )
+        )
     try:
+        # The central aggregator starts once the site's status (1 device) is on its broker.
+        fed.until(site_status, _site_with_devices, BRIDGE_WAIT, "the site's status on central")
+        central = fed.start_aggregator(
+            central_url, tmp_path, "--config", str(agg_toml), "--round-timeout", "20",
+            "--clip", "none", rounds=9, min_clients=1,
+        )  # fmt: skip
+        procs.append(central)
         rounds = lambda: fed.metrics(tmp_path) if (tmp_path / "metrics.json").exists() else []  # noqa: E731
         fed.wait_for(lambda: len(rounds()) >= 1, 120, "round 1 applied")
         # Refused, not accepted-and-closed: Mosquitto 2.0.11's TLS bridge, retrying every
@@ -466,19 +478,21 @@ def test_a_site_aggregator_counts_its_devices_once_per_round_across_a_two_round_
         # broker here after a few attempts (docs/sites.md, "Bridge caveats").
         sites.uplink.unplug()
         cut_at = len(rounds())
-        fed.wait_for(lambda: len(rounds()) >= cut_at + 2, 120, "two rounds during the cut")
+        fed.wait_for(lambda: len(rounds()) >= cut_at + 3, 120, "two rounds during the cut")
         sites.uplink.heal()
         assert fed.wait_exit(central, 240, tmp_path / "aggregator.log") == 0
         assert fed.wait_exit(site, 60, site_log) == 0  # the signed `finished` crossed
-        codes = fed.wait_agents(procs[2:], ["pi-c", "pi-0"], tmp_path)
+        codes = fed.wait_agents(procs[1:3], ["pi-c", "pi-0"], tmp_path)
     finally:
         fed.stop(procs)
+        watcher.disconnect()
 
     assert codes == [0, 0]
     parts = [r["participants"] for r in fed.metrics(tmp_path)]
     assert parts[0] == [SITE, "pi-c"]
-    assert parts[cut_at : cut_at + 2] == [["pi-c"], ["pi-c"]]  # the cut rounds: without it
-    assert parts[-1] == [SITE, "pi-c"]  # caught up
+    # The cut rounds (the round open when it began may still have had the site's partial).
+    assert parts[cut_at + 1 : cut_at + 3] == [["pi-c"], ["pi-c"]]
+    assert [SITE, "pi-c"] in parts[cut_at + 3 :]  # it caught up
     text = site_log.read_text()
     counted = re.findall(r"round (\d+): central counted the partial", text)
     assert len(counted) == len(set(counted)) == sum(SITE in p for p in parts)
@@ -488,3 +502,10 @@ def test_a_site_aggregator_counts_its_devices_once_per_round_across_a_two_round_
     assert (tmp_path / "site-state" / "partials").is_dir()
     assert not list((tmp_path / "site-state" / "partials").iterdir())  # every one answered
     assert "pi-0" not in (tmp_path / "aggregator.log").read_text()  # only the site crossed
+
+
+def _site_with_devices(m: mqtt.MQTTMessage) -> bool:
+    if m.topic != T.site_status(SITE) or not m.payload:
+        return False
+    status = msg.decode(m.payload, msg.SiteStatus)
+    return status.state == "online" and status.devices >= 1
