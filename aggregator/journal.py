@@ -97,19 +97,27 @@ class RoundJournal:
             },
         )
 
-    def accept(self, round_id: int, client_id: str, num_samples: int, payload: bytes) -> None:
-        """Persist an accepted update (frame, then journal line) before its receipt."""
+    def accept(
+        self, round_id: int, client_id: str, num_samples: int, payload: bytes, site: bool = False
+    ) -> None:
+        """Persist an accepted update (frame, then journal line) before its receipt;
+        ``site``: a site's partial aggregate (replayed as one, docs/sites.md)."""
         write_atomic(self._frames(round_id) / f"{client_id}.fmq", payload)
-        self._append(
-            round_id,
-            {
-                "event": "accepted",
-                "round": round_id,
-                "client": client_id,
-                "num_samples": num_samples,
-                "sha256": hashlib.sha256(payload).hexdigest(),
-            },
-        )
+        record = {
+            "event": "accepted",
+            "round": round_id,
+            "client": client_id,
+            "num_samples": num_samples,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        if site:
+            record["site"] = True
+        self._append(round_id, record)
+
+    @staticmethod
+    def sites(jr: JournaledRound) -> list[str]:
+        """The contributors of ``jr`` whose journaled update is a site's partial."""
+        return [str(rec["client"]) for rec in jr.accepted if rec.get("site")]
 
     def load(self, round_id: int) -> JournaledRound | None:
         """The journaled state of ``round_id``; None when it was never announced."""

@@ -83,9 +83,11 @@ class Durability:
             self.run,
         )
 
-    def accepted(self, round_id: int, client_id: str, num_samples: int, payload: bytes) -> None:
-        """Journal an accepted update before its receipt is sent."""
-        self.journal.accept(round_id, client_id, num_samples, payload)
+    def accepted(
+        self, round_id: int, client_id: str, num_samples: int, payload: bytes, site: bool = False
+    ) -> None:
+        """Journal an accepted update (``site``: a site's partial) before its receipt is sent."""
+        self.journal.accept(round_id, client_id, num_samples, payload, site)
 
     def applied(
         self,

@@ -405,7 +405,7 @@ class AggregatorService:
             # Durable before the receipt: an acknowledged update survives a crash. Journaled
             # under the open round (an async update names its base round, an earlier one).
             self.durable.accepted(
-                intake.state.round_id, sender, offer.stats.num_samples, item.payload
+                intake.state.round_id, sender, offer.stats.num_samples, item.payload, site
             )
         self._receipt(parsed.round_id, sender, offer.verdict, site)
         if not offer.verdict.accepted:

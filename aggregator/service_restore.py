@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from aggregator.checkpoint import CheckpointError
 from aggregator.resume import resolve_run, set_rng_state
+from aggregator.roster import AgentRoster
 from aggregator.round_records import OpenRound
 from aggregator.rounds import RoundState
 from shared.protocol.frames import read_header
@@ -54,6 +55,7 @@ class Restorable(Protocol):
     metrics: MetricsLog
     async_mode: AsyncSettings | None
     windows: VersionWindows
+    agents: AgentRoster
 
     def _intake(self, state: RoundState) -> UpdateIntake: ...
 
@@ -109,6 +111,8 @@ def restore(service: Restorable) -> OpenRound | None:
             extensions=int(ann["extensions"]),
         )
     intake = service._intake(state)
+    for site in durable.journal.sites(jr):  # before their statuses: replayed as partials
+        service.agents.note_site(site)
     for client, payload in durable.journal.frames(jr):
         # An async window's updates name their base round (the frame's), not the window.
         base = read_header(payload).round if service.async_mode is not None else jr.round

@@ -242,3 +242,17 @@ def test_a_restarted_site_replays_its_journaled_updates_and_sends_one_partial(
     head = decode_frame(partial.payload).header
     assert head.client_id == "site-a" and head.num_samples == 100  # pi-0 replayed, pi-1 new
     assert PartialOutbox(tmp_path).rounds() == [1]  # no receipt yet: it would be re-sent
+
+
+def test_the_central_journal_remembers_which_updates_were_sites_partials(tmp_path: Path) -> None:
+    from aggregator.journal import RoundJournal
+
+    journal = RoundJournal(tmp_path)
+    journal.announce(4, "b" * 64, ["pi-0", "site-a"], 60.0, 0, {})
+    journal.accept(4, "pi-0", 10, _frame("pi-0", 10, round_id=4))
+    journal.accept(4, "site-a", 300, _frame("site-a", 300, round_id=4), site=True)
+    jr = journal.load(4)
+    assert jr is not None and RoundJournal.sites(jr) == ["site-a"]
+    roster = AgentRoster(lambda *_a: None)
+    roster.note_site("site-a")  # a restarted aggregator, before the site's status arrives
+    assert roster.site_devices("site-a") == 1 and roster.site_devices("pi-0") == 0
