@@ -55,6 +55,21 @@ class RoundView:
 
 
 @dataclass
+class SiteView:
+    """What the monitor knows about one site (docs/sites.md): its aggregator's status, its
+    bridge, and the central aggregator's answer to its latest partial."""
+
+    state: str = "unknown"
+    devices: int = 0
+    num_samples: int = 0
+    open_round: int = -1
+    updates: int = 0
+    bridge: str = "?"
+    partial_round: int = -1
+    partial: str = ""  # the receipt code of the latest answered partial
+
+
+@dataclass
 class MonitorState:
     """Everything the view shows, updated one MQTT message at a time."""
 
@@ -65,6 +80,7 @@ class MonitorState:
     receipts_accepted: int = 0
     receipts_rejected: int = 0
     agents: dict[str, AgentView] = field(default_factory=dict)
+    sites: dict[str, SiteView] = field(default_factory=dict)
     history: list[msg.RoundMetrics] = field(default_factory=list)
     global_round: int = -1
     global_hash: str = ""
@@ -98,6 +114,8 @@ class MonitorState:
             self.agents[a.client_id] = AgentView(a.state, a.round, a.num_samples, a.ts or now)
         elif kind == "receipt":
             self._on_receipt(msg.decode(payload, msg.Receipt))
+        elif kind.startswith("site_") and parsed.site:
+            self._on_site(kind, parsed, payload)
         elif kind == "metrics":
             self._on_metrics(msg.decode(payload, msg.RoundMetrics))
         elif kind == "global_meta":
@@ -119,6 +137,20 @@ class MonitorState:
             self.current.deadline, self.current.selected = ann.deadline, list(ann.selected)
             return
         self.current = RoundView(ann.round, ann.deadline, list(ann.selected), ann.codec)
+
+    def _on_site(self, kind: str, parsed: topics.ParsedTopic, payload: bytes) -> None:
+        assert parsed.site is not None
+        view = self.sites.setdefault(parsed.site, SiteView())
+        if kind == "site_status":
+            st = msg.decode(payload, msg.SiteStatus)
+            view.state, view.devices, view.num_samples = st.state, st.devices, st.num_samples
+            view.open_round, view.updates = st.open_round, st.updates
+        elif kind == "site_bridge":
+            view.bridge = {b"1": "up", b"0": "down"}.get(payload, "?")
+        elif kind == "site_receipt" and parsed.round_id is not None:
+            receipt = msg.decode(payload, msg.Receipt)
+            if parsed.round_id >= view.partial_round:
+                view.partial_round, view.partial = parsed.round_id, receipt.effective_code()
 
     def _on_receipt(self, receipt: msg.Receipt) -> None:
         if receipt.status == "accepted":
@@ -150,7 +182,10 @@ class MonitorState:
 # --- rendering ----------------------------------------------------------------------------
 def render(state: MonitorState, now: float) -> RenderableType:
     """The whole screen: header, current round, agents, history."""
-    return Group(_header(state, now), _agents_table(state), _history_table(state))
+    tables = [_agents_table(state), _history_table(state)]
+    if state.sites:
+        tables.insert(0, _sites_table(state))
+    return Group(_header(state, now), *tables)
 
 
 def _header(s: MonitorState, now: float) -> Panel:
@@ -219,6 +254,20 @@ def _agents_table(s: MonitorState) -> Table:
     for cid, a in sorted(s.agents.items()):
         style = _STATE_STYLE.get(a.state, "")
         table.add_row(cid, f"[{style}]{a.state}[/]", str(a.round), str(a.num_samples))
+    return table
+
+
+def _sites_table(s: MonitorState) -> Table:
+    table = Table(title="sites (each one contributor: its devices' partial aggregate)")
+    for col in ("site", "state", "bridge", "devices", "samples", "summing", "last partial"):
+        table.add_column(col)
+    for name, v in sorted(s.sites.items()):
+        style = _STATE_STYLE.get(v.state)
+        state = f"[{style}]{v.state}[/]" if style else v.state
+        summing = f"round {v.open_round}: {v.updates} updates" if v.open_round >= 0 else "-"
+        partial = f"round {v.partial_round}: {v.partial}" if v.partial_round >= 0 else "-"
+        table.add_row(name, state, v.bridge, str(v.devices),
+                      str(v.num_samples), summing, partial)  # fmt: skip
     return table
 
 
@@ -320,7 +369,8 @@ def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
 def subscriptions(t: topics.Topics) -> list[tuple[str, int]]:
     """Every topic the view needs; never the (large) update payloads."""
     subs = [t.aggregator_status, t.global_meta, t.global_onnx, t.metrics, t.round_start_any]
-    return [(topic, 1) for topic in [*subs, t.receipt_any, t.agent_status_any]]
+    sites = [t.site_status_any, t.site_bridge_any, t.site_receipt_all]  # docs/sites.md
+    return [(topic, 1) for topic in [*subs, t.receipt_any, t.agent_status_any, *sites]]
 
 
 def monitor_config(args: argparse.Namespace) -> MonitorConfig:

@@ -192,6 +192,11 @@ class Topics:
         return f"{self.root}/sites/+/bridge"
 
     @property
+    def site_receipt_all(self) -> str:
+        """Subscription to the central aggregator's receipts for every site's partials."""
+        return f"{self.root}/sites/+/round/+/receipt"
+
+    @property
     def site_status_any(self) -> str:
         """Subscription to every site aggregator's status (the central aggregator's)."""
         return f"{self.root}/sites/+/status"

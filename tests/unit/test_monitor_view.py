@@ -228,3 +228,28 @@ def test_monitor_refuses_a_password_and_a_password_file_together(tmp_path: Path)
 
     with pytest.raises(ValueError, match="give one, not both"):
         monitor_config(args)
+
+
+def test_on_the_central_broker_the_monitor_shows_each_site_its_bridge_and_last_partial() -> None:
+    state = MonitorState("shop")
+    status = msg.SiteStatus(
+        site="factory-1", state="online", devices=40, num_samples=2400, open_round=7, updates=31
+    )
+    receipt = msg.Receipt(round=6, client_id="factory-1", status="accepted", code="accepted")
+    for topic, payload in (
+        (T.site_status("factory-1"), status.to_json()),
+        (T.site_bridge("factory-1"), b"1"),
+        (T.site_receipt(6, "factory-1"), receipt.to_json()),
+        (T.site_bridge("factory-2"), b"0"),
+    ):
+        state.apply(topic, payload, retain=False, now=NOW)
+    console = Console(record=True, width=160)
+    console.print(render(state, NOW))
+    text = console.export_text()
+
+    assert not state.problems
+    assert "factory-1" in text and "round 7: 31 updates" in text and "round 6: accepted" in text
+    assert "2400" in text and "40" in text
+    assert state.sites["factory-2"].bridge == "down"
+    subs = {topic for topic, _ in subscriptions(T)}
+    assert {T.site_status_any, T.site_bridge_any, T.site_receipt_all} <= subs
