@@ -256,3 +256,31 @@ def test_the_central_journal_remembers_which_updates_were_sites_partials(tmp_pat
     roster = AgentRoster(lambda *_a: None)
     roster.note_site("site-a")  # a restarted aggregator, before the site's status arrives
     assert roster.site_devices("site-a") == 1 and roster.site_devices("pi-0") == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"site": "site-a", "robust": "median"}, "robust rule or differential privacy"),
+        ({"site": "site-a", "dp_noise_multiplier": 1.0, "dp_expected_clients": 4}, "privacy"),
+        ({"site": "site-a", "mode": "async", "buffer": 2}, "synchronous rounds only"),
+        ({"site": "bad/name"}, "site"),
+        ({"site": "site-a", "site_margin": 1.0}, "site-margin"),
+        ({"central_key": "k.pem"}, "give --site too"),
+    ],
+)
+def test_site_settings_that_cannot_work_are_refused_at_start(
+    overrides: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ValueError, match=problem):
+        AggregatorConfig(**overrides)
+
+
+def test_fedmq_aggregator_with_site_runs_the_site_role(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aggregator.cli import main
+
+    # A missing key: the site role is built (it loads the central key first) and refuses.
+    assert main(["--site", "site-a", "--central-key", str(tmp_path / "none.pem")]) == 1
+    assert "none.pem" in caplog.text
