@@ -250,15 +250,10 @@ class RoundAggregate:
         self.norms.append(self._count(delta, num_samples, client_id, weight))
 
     def add_partial(self, delta: Mapping[str, np.ndarray], num_samples: int, site: str) -> None:
-        """Count a site's partial aggregate (docs/sites.md): the mean of its devices' updates,
-        which the site clipped, weighted by their total samples.
-
-        Not clipped again, not capped by ``max_weight_share`` (its devices were, at the site),
-        and kept out of the norms the adaptive bound learns from (a mean is shorter than the
-        updates it averages): flat FedAvg over every device, up to codec error. Only the
-        streaming rule takes it: a robust rule or DP works on devices' updates, which a
-        partial no longer shows (AggregationError, nothing counted).
-        """
+        """Count a site's partial (docs/sites.md): its devices' mean update, weighted by their
+        samples. Not clipped or capped again (its devices were, at the site), not in the
+        adaptive bound's norms: flat FedAvg up to codec error. A robust rule or DP needs each
+        device's update: AggregationError, nothing counted."""
         if num_samples <= 0:
             raise AggregationError(f"num_samples must be positive, got {num_samples}")
         if self._dp is not None or self._held is not None:

@@ -1,168 +1,55 @@
 """Sites: two real Mosquittos, a central one and a site one bridged to it, both configured by
 `fedmq broker init` (the site's with --site/--upstream/--uplink) and `fedmq broker add-site`.
 
-TLS everywhere (the generated configs have no plain listener), each client with its own
+The brokers: tests/integration/site_brokers.py; the aggregators as processes:
+tests/integration/test_site_rounds.py. TLS everywhere (the generated configs have no plain
+listener), each client with its own
 provisioned login. Nothing is asserted after a fixed sleep: a message that must not cross is
 shown absent by waiting for a marker published after it (:func:`fed.until`).
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
-from aggregator.ops import provision
-from aggregator.ops.bridge import SiteUplink, Upstream, central_site_acl
-from aggregator.ops.demo import aggregator_command
-from aggregator.ops.local_broker import LocalBroker, free_port
-from aggregator.ops.sites import site_add
-from shared.protocol import messages as msg
-from shared.protocol.topics import Topics
-from tests.conftest import require_mosquitto
 from tests.integration import federation as fed
-from tests.integration.netproxy import NetProxy
+from tests.integration.site_brokers import (
+    BRIDGE_WAIT,
+    OTHER_SITE,
+    SITE,
+    Sites,
+    T,
+    bridged_sites,
+    connect,
+)
 
 pytestmark = pytest.mark.integration
-
-FED = fed.FEDERATION
-SITE = "factory-1"
-OTHER_SITE = "factory-2"
-T = Topics(FED)
-# The bridge's first reconnect after a broker comes back: decorrelated jitter from 1 s,
-# capped at 2 s (the generated default is 5 s to 60 s), plus the TLS handshake.
-BRIDGE_WAIT = 30.0
-
-
-@dataclass
-class Tier:
-    """A provisioned directory and the broker running from its mosquitto.conf."""
-
-    root: Path
-    broker: LocalBroker
-
-    def identity(self, user: str) -> Path:
-        """The directory of ``user``'s password and client certificate."""
-        for sub in ("identities", "devices", "sites"):
-            if (self.root / sub / user / "password").exists():
-                return self.root / sub / user
-        raise AssertionError(f"no login {user} in {self.root}")
-
-
-@dataclass
-class Sites:
-    central: Tier
-    site: Tier
-    uplink: NetProxy  # the site's WAN: the bridge reaches the central broker through it
 
 
 @pytest.fixture
 def sites(tmp_path: Path) -> Iterator[Sites]:
     """The central broker (sites factory-1 and factory-2 added, device pi-c) and factory-1's
     broker (device pi-0), both started; the bridge reconnects within 1-2 s."""
-    yield from _sites(tmp_path, open_central_acl=False)
+    yield from bridged_sites(tmp_path, open_central_acl=False)
 
 
 @pytest.fixture(params=[False, True], ids=["generated-acl", "central-acl-open-to-the-site"])
 def either_acl(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sites]:
     """As ``sites``, and once more with the central ACL granting the site's login every fedmq
     topic: then only the bridge's own topic lines keep device traffic on the site."""
-    yield from _sites(tmp_path, open_central_acl=request.param)
+    yield from bridged_sites(tmp_path, open_central_acl=request.param)
 
 
 @pytest.fixture(params=[False, True], ids=["password", "mutual-tls"])
 def either_tls(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Sites]:
     """As ``sites``, and once more with a central broker that requires client certificates
     (`broker init --require-certificate`): the bridge presents the site's."""
-    yield from _sites(tmp_path, require_certificate=request.param)
-
-
-def _sites(
-    tmp_path: Path, *, open_central_acl: bool = False, require_certificate: bool = False
-) -> Iterator[Sites]:
-    require_mosquitto()
-    central_root, site_root = tmp_path / "central", tmp_path / "site"
-    cport, sport = free_port(), free_port()
-    provision.broker_init(
-        central_root,
-        port=cport,
-        bind="127.0.0.1",
-        federation=FED,
-        require_certificate=require_certificate,
-    )
-    provision.device_add(central_root, "pi-c")
-    for name in (SITE, OTHER_SITE):
-        site_add(central_root, name)
-    if open_central_acl:
-        acl = (central_root / "acl.conf").read_text()
-        block = central_site_acl(FED, SITE)
-        assert block in acl
-        opened = f"user {SITE}\ntopic readwrite fl/v1/#\n"
-        (central_root / "acl.conf").write_text(acl.replace(block, opened))
-    wan = NetProxy("127.0.0.1", cport)
-    uplink = SiteUplink(
-        SITE, Upstream("localhost", wan.port), central_root / "sites" / SITE, restart_timeout=(1, 2)
-    )
-    provision.broker_init(site_root, port=sport, bind="127.0.0.1", site=uplink)
-    provision.device_add(site_root, "pi-0")
-    conf = "mosquitto.conf"
-    central = LocalBroker(tmp_path / "run-central", port=cport, template=central_root / conf)
-    site = LocalBroker(tmp_path / "run-site", port=sport, template=site_root / conf)
-    central.start()
-    try:
-        site.start()
-        yield Sites(Tier(central_root, central), Tier(site_root, site), wan)
-    finally:
-        site.stop()
-        central.stop()
-        wan.close()
-
-
-def _connect(
-    tier: Tier,
-    user: str,
-    *,
-    persistent: bool = False,
-    inbox: fed.Inbox | None = None,
-) -> mqtt.Client:
-    """A TLS client logged in as ``user`` with its provisioned password and client
-    certificate, loop running; ``persistent``: a session that outlives the connection;
-    ``inbox`` receives its messages from the start (a persistent session's queued ones)."""
-    ident = tier.identity(user)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
-    client.tls_set(
-        ca_certs=str(tier.root / "ca.crt"),
-        certfile=str(ident / "client.crt"),
-        keyfile=str(ident / "client.key"),
-    )
-    client.username_pw_set(user, (ident / "password").read_text().strip())
-    if inbox is not None:
-        client.on_message = lambda _c, _u, m: inbox.put(m)
-    done = threading.Event()
-    result: list[Any] = []
-
-    def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
-        result.append(rc)
-        done.set()
-
-    client.on_connect = on_connect
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 3600 if persistent else 0
-    client.connect("localhost", tier.broker.port, clean_start=not persistent, properties=props)
-    client.loop_start()
-    assert done.wait(fed.BROKER_WAIT), f"no CONNACK for {user}"
-    assert not result[0].is_failure, f"{user} refused: {result[0]}"
-    return client
+    yield from bridged_sites(tmp_path, require_certificate=request.param)
 
 
 def _publish(client: mqtt.Client, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -188,9 +75,9 @@ def _bridge_up(central: mqtt.Client) -> fed.Inbox:
 
 
 def test_retained_model_and_announcement_on_central_reach_the_sites_devices(sites: Sites) -> None:
-    agg = _connect(sites.central, "aggregator")
+    agg = connect(sites.central, "aggregator")
     _bridge_up(agg)
-    site_agg = _connect(sites.site, "aggregator")
+    site_agg = connect(sites.site, "aggregator")
     site_seen = fed.collect(site_agg, "fl/v1/#")
     state = {
         T.global_meta: b'{"round": 1}',
@@ -207,7 +94,7 @@ def test_retained_model_and_announcement_on_central_reach_the_sites_devices(site
     got = fed.until(site_seen, fed.on(T.round_start(1)), BRIDGE_WAIT, "round 1 on the site")
     # (and the site broker's local copy of its bridge's state, retained before we subscribed)
     assert sorted(x for x in _seen(got) if x[0] != T.site_bridge(SITE)) == sorted(state.items())
-    device = _connect(sites.site, "pi-0")  # joins later: the site broker retained it all
+    device = connect(sites.site, "pi-0")  # joins later: the site broker retained it all
     joined = fed.collect(device, T.global_meta, T.global_model, T.round_start_any)
     got = fed.until(joined, fed.on(T.round_start(1)), fed.BROKER_WAIT, "retained round 1")
     assert all(m.retain for m in got)
@@ -216,9 +103,9 @@ def test_retained_model_and_announcement_on_central_reach_the_sites_devices(site
 
 def test_the_sites_partial_and_status_reach_central(either_tls: Sites) -> None:
     sites = either_tls
-    agg = _connect(sites.central, "aggregator")
+    agg = connect(sites.central, "aggregator")
     central_seen = _bridge_up(agg)
-    site_agg = _connect(sites.site, "aggregator")
+    site_agg = connect(sites.site, "aggregator")
 
     _publish(site_agg, T.site_status(SITE), b'{"state": "running"}', retain=True)
     _publish(site_agg, T.site_partial(1, SITE) + "/chunk/0", b"partial chunk")
@@ -230,7 +117,7 @@ def test_the_sites_partial_and_status_reach_central(either_tls: Sites) -> None:
         (T.site_partial(1, SITE) + "/chunk/0", b"partial chunk"),
         (T.site_partial(1, SITE), b"partial of round 1"),
     ]
-    monitor = _connect(sites.central, "monitor")  # subscribes later: gets the retained status
+    monitor = connect(sites.central, "monitor")  # subscribes later: gets the retained status
     retained = fed.collect(monitor, T.site_status(SITE))
     got = fed.until(retained, fed.on(T.site_status(SITE)), fed.BROKER_WAIT, "retained status")
     assert got[-1].retain  # try_private: the retain flag crossed the bridge
@@ -238,11 +125,11 @@ def test_the_sites_partial_and_status_reach_central(either_tls: Sites) -> None:
 
 def test_nothing_a_device_publishes_crosses_the_bridge(either_acl: Sites) -> None:
     sites = either_acl
-    agg = _connect(sites.central, "aggregator")
+    agg = connect(sites.central, "aggregator")
     central_seen = _bridge_up(agg)
-    site_agg = _connect(sites.site, "aggregator")
+    site_agg = connect(sites.site, "aggregator")
     site_seen = fed.collect(site_agg, "fl/v1/#")
-    device = _connect(sites.site, "pi-0")
+    device = connect(sites.site, "pi-0")
     local = [
         (T.agent_status("pi-0"), b'{"state": "online"}'),
         (T.update(1, "pi-0"), b"private delta of pi-0"),
@@ -265,11 +152,11 @@ def test_central_acl_confines_a_sites_login_to_its_own_topics(sites: Sites) -> N
     # The site's login is its bridge's client id on the central broker (client id =
     # login): with the bridge stopped, a client uses it as a compromised site would.
     sites.site.broker.stop()
-    agg = _connect(sites.central, "aggregator")
+    agg = connect(sites.central, "aggregator")
     central_seen = fed.collect(agg, "fl/v1/#")
-    intruder = _connect(sites.central, SITE)
+    intruder = connect(sites.central, SITE)
     intruder_seen = fed.collect(intruder, "fl/v1/#", T.update_any, T.site_root(OTHER_SITE) + "/#")
-    device = _connect(sites.central, "pi-c")
+    device = connect(sites.central, "pi-c")
     forged = [
         T.site_partial(1, OTHER_SITE),
         T.site_status(OTHER_SITE),
@@ -305,9 +192,9 @@ def test_central_acl_confines_a_sites_login_to_its_own_topics(sites: Sites) -> N
 def test_messages_queued_while_the_uplink_is_down_are_delivered_after(sites: Sites) -> None:
     # Persistent watchers on both brokers, as the two aggregators are: their sessions
     # survive a broker restart (persistence true), so nothing depends on who reconnects first.
-    agg = _connect(sites.central, "aggregator", persistent=True)
+    agg = connect(sites.central, "aggregator", persistent=True)
     central_seen = fed.collect(agg, T.site_root(SITE) + "/#")
-    site_agg = _connect(sites.site, "aggregator", persistent=True)
+    site_agg = connect(sites.site, "aggregator", persistent=True)
     site_seen = fed.collect(site_agg, T.site_receipt_any(SITE), T.round_decision_any)
     fed.until(central_seen, _bridge_state(b"1"), BRIDGE_WAIT, "the bridge up")
 
@@ -318,7 +205,7 @@ def test_messages_queued_while_the_uplink_is_down_are_delivered_after(sites: Sit
     _publish(agg, T.site_receipt(1, SITE), b"receipt while the site was down")
     _publish(agg, T.round_decision(1), b"decision while the site was down")
     sites.site.broker.restart()
-    site_agg = _connect(sites.site, "aggregator", persistent=True, inbox=site_seen)
+    site_agg = connect(sites.site, "aggregator", persistent=True, inbox=site_seen)
     got = fed.until(site_seen, fed.on(T.round_decision(1)), BRIDGE_WAIT, "the decision")
     assert _seen(got) == [
         (T.site_receipt(1, SITE), b"receipt while the site was down"),
@@ -332,17 +219,17 @@ def test_messages_queued_while_the_uplink_is_down_are_delivered_after(sites: Sit
     sites.central.broker.stop()
     _publish(site_agg, T.site_partial(2, SITE), b"partial while central was down")
     sites.central.broker.restart()
-    agg = _connect(sites.central, "aggregator", persistent=True, inbox=central_seen)
+    agg = connect(sites.central, "aggregator", persistent=True, inbox=central_seen)
     got = fed.until(central_seen, fed.on(T.site_partial(2, SITE)), BRIDGE_WAIT, "the partial")
     assert (T.site_partial(2, SITE), b"partial while central was down") in _seen(got)
 
 
 def test_an_uplink_cut_and_healed_delivers_what_waited_on_both_sides(sites: Sites) -> None:
-    agg = _connect(sites.central, "aggregator")
+    agg = connect(sites.central, "aggregator")
     central_seen = _bridge_up(agg)
-    site_agg = _connect(sites.site, "aggregator")
+    site_agg = connect(sites.site, "aggregator")
     site_seen = fed.collect(site_agg, "fl/v1/#")
-    device = _connect(sites.site, "pi-0")
+    device = connect(sites.site, "pi-0")
     _publish(agg, T.global_model, b"model 0", retain=True)
     fed.until(site_seen, fed.on(T.global_model), BRIDGE_WAIT, "model 0 on the site")
 
@@ -381,131 +268,3 @@ def test_an_uplink_cut_and_healed_delivers_what_waited_on_both_sides(sites: Site
     ]
     # The model (QoS 0, retained): the latest alone crosses, once, not the stale ones.
     assert [x for x in seen if x[0] == T.global_model] == [(T.global_model, b"model 3")]
-
-
-def _held_model(log: Path) -> str:
-    """The ``round: hash`` an agent logged holding when it stopped."""
-    found = re.search(r"holding the global model of round (\S+): (\w+)", log.read_text())
-    assert found, f"no final model line in {log}"
-    return f"{found[1]}: {found[2]}"
-
-
-def test_a_pinned_device_at_the_site_follows_the_central_aggregators_signed_run(
-    sites: Sites, tmp_path: Path
-) -> None:
-    # A real signing aggregator and a device (pi-c) on the central broker; pi-0 at the site,
-    # pinned to the central key (its bundle's model-signing.pub). No site aggregator runs
-    # here, so its site is not selected: it must get the signed model, its deltas and the signed
-    # `finished` through the bridge, and its presence must not reach the central aggregator.
-    data = fed.write_client_data(tmp_path / "data", 2)
-    central_url = f"mqtts://localhost:{sites.central.broker.port}"
-    site_url = f"mqtts://localhost:{sites.site.broker.port}"
-    agg_toml = sites.central.root / "identities" / "aggregator" / "aggregator.toml"
-    procs = [
-        fed.start_aggregator(
-            central_url, tmp_path, "--config", str(agg_toml), rounds=2, min_clients=1
-        )
-    ]
-    for name, tier, url, path in (
-        ("pi-c", sites.central, central_url, data[0]),
-        ("pi-0", sites.site, site_url, data[1]),
-    ):
-        toml = tier.root / "devices" / name / "agent.toml"
-        procs.append(fed.start_agent(url, name, path, tmp_path, "--config", str(toml)))
-    try:
-        assert fed.wait_exit(procs[0], 180, tmp_path / "aggregator.log") == 0
-        codes = fed.wait_agents(procs[1:], ["pi-c", "pi-0"], tmp_path)
-    finally:
-        fed.stop(procs)
-
-    assert codes == [0, 0]  # pi-0 too: the central's signed `finished` crossed the bridge
-    assert [r["participants"] for r in fed.metrics(tmp_path)] == [["pi-c"], ["pi-c"]]
-    site_log = (tmp_path / "pi-0.log").read_text()
-    assert "global model of round 0" in site_log  # the signed full model, verified
-    assert "refused" not in site_log and "rejected" not in site_log
-    assert _held_model(tmp_path / "pi-0.log") == _held_model(tmp_path / "pi-c.log")
-    assert _held_model(tmp_path / "pi-0.log").startswith("2: ")
-    assert "pi-0" not in (tmp_path / "aggregator.log").read_text()
-
-
-def test_a_site_aggregator_counts_its_devices_once_per_round_across_a_two_round_cut(
-    sites: Sites, tmp_path: Path
-) -> None:
-    # Central: a signing aggregator and pi-c. Site factory-1: its aggregator (the generated
-    # aggregator.toml: --site, pinned to the central key) and pi-0. The uplink is cut for
-    # two central rounds: they close without the site (quorum 1: pi-c), whatever the site
-    # sent meanwhile waits in the bridge's queue and is answered when it heals, and the site
-    # takes part again in the next round.
-    data = fed.write_client_data(tmp_path / "data", 2)
-    central_url = f"mqtts://localhost:{sites.central.broker.port}"
-    site_url = f"mqtts://localhost:{sites.site.broker.port}"
-    agg_toml = sites.central.root / "identities" / "aggregator" / "aggregator.toml"
-    site_toml = sites.site.root / "identities" / "aggregator" / "aggregator.toml"
-    watcher = _connect(sites.central, "monitor")
-    site_status = fed.collect(watcher, T.site_status(SITE))
-    site_log = tmp_path / "site-aggregator.log"
-    with site_log.open("wb") as out:
-        site = subprocess.Popen(
-            [*aggregator_command(site_url, FED, "--config", str(site_toml)), "--clip", "none",
-             "--state-dir", str(tmp_path / "site-state")],
-            stdout=out, stderr=subprocess.STDOUT, env=fed._env(tmp_path), cwd=fed.REPO,
-        )  # fmt: skip
-    procs = [site]
-    for name, tier, url, path, pace in (
-        # pi-c paced (about 2 s a round), so rounds after the heal wait for its update while
-        # the bridge reconnects: the site can take part again.
-        ("pi-c", sites.central, central_url, data[0], "200"),
-        ("pi-0", sites.site, site_url, data[1], "0"),
-    ):
-        toml = tier.root / "devices" / name / "agent.toml"
-        procs.append(
-            fed.start_agent(
-                url, name, path, tmp_path, "--config", str(toml), "--min-batch-ms", pace
-            )
-        )
-    try:
-        # The central aggregator starts once the site's status (1 device) is on its broker.
-        fed.until(site_status, _site_with_devices, BRIDGE_WAIT, "the site's status on central")
-        central = fed.start_aggregator(
-            central_url, tmp_path, "--config", str(agg_toml), "--round-timeout", "20",
-            "--clip", "none", rounds=9, min_clients=1,
-        )  # fmt: skip
-        procs.append(central)
-        rounds = lambda: fed.metrics(tmp_path) if (tmp_path / "metrics.json").exists() else []  # noqa: E731
-        fed.wait_for(lambda: len(rounds()) >= 1, 120, "round 1 applied")
-        # Refused, not accepted-and-closed: Mosquitto 2.0.11's TLS bridge, retrying every
-        # 1-2 s into a link that accepts and drops it mid-handshake, froze the whole site
-        # broker here after a few attempts (docs/sites.md, "Bridge caveats").
-        sites.uplink.unplug()
-        cut_at = len(rounds())
-        fed.wait_for(lambda: len(rounds()) >= cut_at + 3, 120, "two rounds during the cut")
-        sites.uplink.heal()
-        assert fed.wait_exit(central, 240, tmp_path / "aggregator.log") == 0
-        assert fed.wait_exit(site, 60, site_log) == 0  # the signed `finished` crossed
-        codes = fed.wait_agents(procs[1:3], ["pi-c", "pi-0"], tmp_path)
-    finally:
-        fed.stop(procs)
-        watcher.disconnect()
-
-    assert codes == [0, 0]
-    parts = [r["participants"] for r in fed.metrics(tmp_path)]
-    assert parts[0] == [SITE, "pi-c"]
-    # The cut rounds (the round open when it began may still have had the site's partial).
-    assert parts[cut_at + 1 : cut_at + 3] == [["pi-c"], ["pi-c"]]
-    assert [SITE, "pi-c"] in parts[cut_at + 3 :]  # it caught up
-    text = site_log.read_text()
-    counted = re.findall(r"round (\d+): central counted the partial", text)
-    assert len(counted) == len(set(counted)) == sum(SITE in p for p in parts)
-    refused = re.findall(r"round (\d+): central refused the partial \((\w[\w-]*)\)", text)
-    assert all(code == "late" for _, code in refused)  # sent into the cut, answered after
-    assert not set(counted) & {r for r, _ in refused}
-    assert (tmp_path / "site-state" / "partials").is_dir()
-    assert not list((tmp_path / "site-state" / "partials").iterdir())  # every one answered
-    assert "pi-0" not in (tmp_path / "aggregator.log").read_text()  # only the site crossed
-
-
-def _site_with_devices(m: mqtt.MQTTMessage) -> bool:
-    if m.topic != T.site_status(SITE) or not m.payload:
-        return False
-    status = msg.decode(m.payload, msg.SiteStatus)
-    return status.state == "online" and status.devices >= 1
