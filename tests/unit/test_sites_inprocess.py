@@ -96,3 +96,31 @@ def _decisions(fed: Federation, round_id: int) -> list[str]:
         msg.decode(m.payload, msg.RoundDecision).decision
         for m in fed.broker.messages(T.round_decision(round_id))
     ]
+
+
+def test_a_site_and_a_plain_device_mix_in_one_federation(tmp_path: Path) -> None:
+    mixed = Sites(tmp_path / "mixed")
+    flat = Federation(tmp_path / "flat")
+    settings = {"rounds": 2, "codec": "fp32", "download_codec": "none", "clip": "none"}
+    try:
+        mixed.add_site("a", clip="none")
+        mixed.start_site_agent("a", "a-0", SEEDS["a-0"])
+        mixed.start_site_agent("a", "a-1", SEEDS["a-1"])
+        mixed.start_agent("pi-c", 9)  # on the central broker, as today
+        wait_for(lambda: mixed.site_online("a", 2), "site a online with 2 devices")
+        mixed.wait_online("pi-c")
+        central = mixed.start_aggregator(min_clients=2, **settings)
+        assert set(mixed.finish().values()) == {0}
+        for client, seed in (("a-0", SEEDS["a-0"]), ("a-1", SEEDS["a-1"]), ("pi-c", 9)):
+            flat.start_agent(client, seed)
+        flat.wait_online("a-0", "a-1", "pi-c")
+        reference = flat.start_aggregator(min_clients=3, **settings)
+        assert set(flat.finish().values()) == {0}
+    finally:
+        mixed.stop()
+        flat.stop()
+
+    assert [r["participants"] for r in mixed.rounds()] == [["a", "pi-c"]] * 2
+    assert [r["num_samples"] for r in mixed.rounds()] == [3 * 120] * 2
+    for name, value in reference.params.items():
+        np.testing.assert_allclose(central.params[name], value, rtol=0, atol=2e-5)
