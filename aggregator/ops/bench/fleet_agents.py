@@ -151,6 +151,7 @@ def build_agents(args: argparse.Namespace, events: EventLog) -> list[FleetAgent]
             connect_timeout=args.connect_timeout,
             mqtt_version=args.mqtt_version,
             allow_plaintext=True,
+            site=args.site,
         )
         # The agent command line's own connector (fedmq-agent: edge_agent.cli._mqtt).
         agent = FleetAgent(
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resend-after", type=float, default=30.0)
     p.add_argument("--connect-timeout", type=float, default=120.0)
     p.add_argument("--mqtt-version", default="auto")
+    p.add_argument(
+        "--site", default="", help="every agent's site (its broker is the site's; docs/sites.md)"
+    )
     p.add_argument(
         "--priority",
         choices=("idle", "nice", "normal"),
