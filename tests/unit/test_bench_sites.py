@@ -13,6 +13,13 @@ from aggregator.ops.bench.sites import (
     device_ids,
     observed_topics,
 )
+from aggregator.ops.bench.sites_cut import (
+    BridgeCut,
+    check_cut_arguments,
+    cut_rounds,
+    cut_summary,
+    cut_verdict,
+)
 from aggregator.ops.bench.sites_report import (
     SitesEvents,
     compare,
@@ -163,3 +170,95 @@ def test_a_run_is_complete_when_both_layouts_applied_every_round_with_one_partia
     runs["sites"]["rows"][1] = _row(2)
     runs["flat"]["rows"].pop()
     assert not complete(runs, rounds=2, sites=2)
+
+
+def _cut_args(*argv: str) -> argparse.Namespace:
+    return _parse(["--sites", "2", "--rounds", "4", *argv])
+
+
+def test_cut_flags_name_a_site_and_leave_a_round_after_the_cut() -> None:
+    sites = ["site-0", "site-1"]
+    assert check_cut_arguments(_cut_args(), sites) is None
+    assert check_cut_arguments(_cut_args("--cut-site", "site-1"), sites) is None
+    assert cut_rounds(_cut_args("--cut-site", "site-1")) == [2, 3]
+    assert "not one of" in str(check_cut_arguments(_cut_args("--cut-site", "x"), sites))
+    late = _cut_args("--cut-site", "site-1", "--cut-rounds", "3")
+    assert "--rounds at least 5" in str(check_cut_arguments(late, sites))
+    assert "--sites 2 or more" in str(check_cut_arguments(_cut_args("--cut-site", "a"), ["a"]))
+
+
+class _FakeProxy:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def cut(self) -> None:
+        self.calls.append("cut")
+
+    def heal(self) -> None:
+        self.calls.append("heal")
+
+
+def _status(site: str, open_round: int) -> bytes:
+    return msg.SiteStatus(site=site, state="online", devices=3, open_round=open_round).to_json()
+
+
+def test_the_bridge_is_cut_when_the_site_sums_the_first_round_and_healed_k_rounds_later() -> None:
+    proxy = _FakeProxy()
+    cut = BridgeCut("site-1", proxy, first=2, rounds=2)  # type: ignore[arg-type]
+    ev = _events("sites")  # rounds 1 and 2 announced
+
+    cut.follow(ev)
+    assert proxy.calls == []  # round 2 announced, the site not summing it yet
+    ev.record(T.site_status("site-1"), _status("site-1", 2), 21.0)
+    cut.follow(ev)
+    cut.follow(ev)
+    assert proxy.calls == ["cut"]
+    ev.starts[4] = ev.starts[2]
+    cut.follow(ev)
+    cut.heal("the run ended")
+    assert proxy.calls == ["cut", "heal"]
+
+
+def _receipt(r: int, site: str, code: str) -> bytes:
+    status = "accepted" if code == "accepted" else "rejected"
+    return msg.Receipt(round=r, client_id=site, status=status, code=code).to_json()  # type: ignore[arg-type]
+
+
+def test_a_cut_rounds_partial_refused_late_is_not_counted_twice() -> None:
+    ev = _events("sites")
+    ev.record(T.site_receipt(2, "site-0"), _receipt(2, "site-0", "accepted"), 25.0)
+    ev.record(T.site_receipt(2, "site-1"), _receipt(2, "site-1", "late"), 60.0)
+    ev.partials[2].append("site-1")
+    metrics = [{"round": 2, "participants": ["site-0"]}, {"round": 3, "participants": ["site-0"]}]
+
+    verdict = cut_verdict("site-1", [2, 3], metrics, ev)
+
+    assert verdict["ok"]
+    assert [(r["receipts"], r["counted"]) for r in verdict["rounds"]] == [(["late"], 0), ([], 0)]
+    assert "nothing counted twice" in cut_summary(verdict)
+
+
+def test_a_cut_rounds_partial_counted_without_an_accepted_receipt_fails_the_verdict() -> None:
+    ev = _events("sites")
+    ev.partials[2].append("site-1")
+    metrics = [{"round": 2, "participants": ["site-0", "site-1"]}]
+
+    verdict = cut_verdict("site-1", [2], metrics, ev)
+
+    assert not verdict["ok"]
+    assert "COUNTED TWICE OR LOST" in cut_summary(verdict)
+
+
+def test_a_run_with_a_cut_skips_the_partial_count_of_the_cut_rounds() -> None:
+    runs = {
+        "flat": {"rows": [_row(r, participants=6) for r in (1, 2, 3)], "exit": 0},
+        "sites": {
+            "rows": [_row(1), _row(2, participants=1, partials=1, partial_sites=1), _row(3)],
+            "exit": 0,
+            "cut": {"ok": True},
+        },
+    }
+    assert complete(runs, rounds=3, sites=2, cut=[2])
+    assert not complete(runs, rounds=3, sites=2)
+    runs["sites"]["cut"] = {"ok": False}
+    assert not complete(runs, rounds=3, sites=2, cut=[2])

@@ -46,9 +46,19 @@ from aggregator.ops.bench.fleet import (
 )
 from aggregator.ops.bench.fleet_report import SYS_COUNTERS
 from aggregator.ops.bench.ingest import BenchError, _codec, _connect, _positive
+from aggregator.ops.bench.sites_cut import (
+    FIRST_CUT_ROUND,
+    BridgeCut,
+    add_cut_arguments,
+    check_cut_arguments,
+    cut_rounds,
+    cut_summary,
+    cut_verdict,
+)
 from aggregator.ops.bridge import bridge_local_clientid, topic_lines
 from aggregator.ops.demo import aggregator_command, stop_processes
 from aggregator.ops.local_broker import LocalBroker
+from aggregator.ops.netproxy import NetProxy
 from shared.mqtt.base import Transport
 from shared.protocol.topics import Topics, chunk_subscription
 from shared.runtime.data import save_npz
@@ -81,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.05, help="devices' learning rate (default 0.05)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per layout (default 900)")
     p.add_argument("--out", type=Path, help="output directory (default runs/sites-<time>)")
+    add_cut_arguments(p)
 
 
 def site_names(sites: int) -> list[str]:
@@ -162,7 +173,13 @@ def run_sites(args: argparse.Namespace) -> int:
         f"--samples-per-agent {args.samples_per_agent} --local-epochs {args.local_epochs} "
         f"--batch-size {args.batch_size} --lr {args.lr}"
     )
+    if args.cut_site is not None:
+        label += f" --cut-site {args.cut_site} --cut-rounds {args.cut_rounds}"
     by_site = device_ids(args.sites, args.agents_per_site)
+    problem = check_cut_arguments(args, list(by_site))
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     data_dir = write_shards(
         _training_data(), [c for ids in by_site.values() for c in ids], args.samples_per_agent,
         out / "data",
@@ -188,16 +205,21 @@ def run_sites(args: argparse.Namespace) -> int:
     doc = {"command": label, "summary": summ, "rounds": table, "layouts": runs}
     (out / "sites.json").write_text(json.dumps(doc, indent=1))
     text = report.markdown_table(table, summ)
+    if "cut" in runs["sites"]:
+        text += "\n" + cut_summary(runs["sites"]["cut"])
     (out / "sites.md").write_text(f"`{label}`\n\n{text}\n")
     print(text)
     print(f"plot: {report.plot(table, out / 'sites.png', label)}")
     print(f"written: {out / 'sites.json'}")
-    return 0 if complete(runs, args.rounds, args.sites) else 1
+    return 0 if complete(runs, args.rounds, args.sites, cut_rounds(args)) else 1
 
 
-def complete(runs: dict[str, dict[str, Any]], rounds: int, sites: int) -> bool:
+def complete(
+    runs: dict[str, dict[str, Any]], rounds: int, sites: int, cut: list[int] | None = None
+) -> bool:
     """Both layouts applied rounds 1..R with unique participants and ended well; in the
-    sites layout each round got one partial per site and no device update reached central."""
+    sites layout each round got one partial per site and no device update reached central
+    (a cut round: the cut's own verdict, :func:`sites_cut.cut_verdict`)."""
     for layout in report.LAYOUTS:
         run = runs.get(layout, {})
         rows = [r for r in run.get("rows", []) if r["applied"]]
@@ -206,9 +228,14 @@ def complete(runs: dict[str, dict[str, Any]], rounds: int, sites: int) -> bool:
         if not all(r["participants_unique"] for r in rows):
             return False
     sites_rows = runs["sites"]["rows"]
+    if not runs["sites"].get("cut", {"ok": True})["ok"]:
+        return False
     return all(
-        r["partial_sites"] == r["partials"] == r["participants"] == sites
-        and r["updates_on_central"] == 0
+        r["updates_on_central"] == 0
+        and (
+            r["round"] in (cut or [])
+            or r["partial_sites"] == r["partials"] == r["participants"] == sites
+        )
         for r in sites_rows
     )
 
@@ -224,24 +251,36 @@ def run_layout(
     out.mkdir(parents=True, exist_ok=True)
     n = sum(len(ids) for ids in by_site.values())
     events = report.SitesEvents()
+    cut: BridgeCut | None = None
+    round_timeout = args.timeout
     procs: list[subprocess.Popen[bytes]] = []
     brokers: list[LocalBroker] = []
     try:
         central = LocalBroker(out / "central", extra_config=broker_config(n)).start()
         brokers.append(central)
+        ports = {name: central.port for name in by_site}
+        if layout == "sites" and args.cut_site is not None:
+            proxy = NetProxy(central.host, central.port)  # the cut site's WAN
+            ports[args.cut_site] = proxy.port
+            cut = BridgeCut(args.cut_site, proxy, FIRST_CUT_ROUND, args.cut_rounds)
         observer = _connect(central.url, "sites-observer", observed_topics(FEDERATION), 4 * n)
         try:
-            agents, site_aggs = _start_devices(args, layout, by_site, data_dir, out, brokers)
+            agents, site_aggs = _start_devices(args, layout, by_site, data_dir, out, brokers, ports)
             procs += [*agents, *site_aggs]
             # In both layouts the central aggregator starts once every device is online, so
             # their rounds begin alike (its first model, then round 1 at once).
             _wait_ready(observer, events, agents, by_site, layout == "flat")
             contributors = n if layout == "flat" else len(by_site)
-            agg = _start_central(args, contributors, central.url, out)
+            if cut is not None:  # the cut rounds close at their deadline without the site
+                contributors, round_timeout = contributors - 1, args.cut_deadline
+            agg = _start_central(args, contributors, round_timeout, central.url, out)
             procs.append(agg)
-            watch = _FleetWatch(agg, central.pid, agents, observer, events)
+            watch = _CutWatch(agg, central.pid, agents, observer, events)
+            watch.cut = cut
             watch.until_exit(time.monotonic() + args.timeout)
             exit_code = agg.poll()
+            if cut is not None:  # the site must hear the central aggregator's "finished"
+                cut.heal("the run ended")
             # Everything stops at the central aggregator's "finished": let it say so.
             watch.agents = [*agents, *site_aggs]
             watch.wait_agents(time.monotonic() + 60.0)
@@ -251,10 +290,19 @@ def run_layout(
         stop_processes(procs)
         for broker in reversed(brokers):
             broker.stop()
-    rows = report.layout_rows(layout, events, _metrics(out / "metrics.json"))
+        if cut is not None:
+            cut.proxy.close()
+    metrics = _metrics(out / "metrics.json")
+    rows = report.layout_rows(layout, events, metrics)
     for row in rows:
         print(f"    {json.dumps(row)}", flush=True)
+    extra: dict[str, Any] = {}
+    if cut is not None:
+        extra["cut"] = cut_verdict(cut.site, cut_rounds(args), metrics, events)
+        extra["cut_log"] = cut.log
+        print(f"    cut: {json.dumps(extra['cut'])}", flush=True)
     return {
+        **extra,
         "rows": rows,
         "exit": exit_code,
         "agent_exits": [p.poll() for p in agents],
@@ -271,16 +319,18 @@ def _start_devices(
     data_dir: Path,
     out: Path,
     brokers: list[LocalBroker],
+    bridge_ports: dict[str, int],
 ) -> tuple[list[subprocess.Popen[bytes]], list[subprocess.Popen[bytes]]]:
-    """Per site: its agent processes (and in the sites layout its bridged broker and site
-    aggregator). The flat layout groups the devices into the same processes."""
+    """Per site: its agent processes (and in the sites layout its broker, bridged to
+    127.0.0.1:``bridge_ports[site]``, and its site aggregator). The flat layout groups the
+    devices into the same processes."""
     central = brokers[0]
     agents: list[subprocess.Popen[bytes]] = []
     site_aggs: list[subprocess.Popen[bytes]] = []
     for name, ids in by_site.items():
         url, site = central.url, ""
         if layout == "sites":
-            extra = broker_config(len(ids)) + bridge_config(FEDERATION, name, central.port)
+            extra = broker_config(len(ids)) + bridge_config(FEDERATION, name, bridge_ports[name])
             broker = LocalBroker(out / name / "broker", extra_config=extra).start()
             brokers.append(broker)
             url, site = broker.url, name
@@ -316,13 +366,28 @@ def _wait_ready(
         events.record(item.topic, item.payload, item.received_at + offset)
 
 
-def _central_flags(args: argparse.Namespace, contributors: int, out: Path) -> list[str]:
-    """The central aggregator's flags: R rounds, all ``contributors`` selected, no clipping."""
+class _CutWatch(_FleetWatch):
+    """The fleet bench's watch, cutting and healing a site's bridge as the rounds go."""
+
+    cut: BridgeCut | None = None
+
+    def _step(self) -> None:
+        super()._step()
+        if self.cut is not None:
+            assert isinstance(self.events, report.SitesEvents)
+            self.cut.follow(self.events)
+
+
+def _central_flags(
+    args: argparse.Namespace, contributors: int, round_timeout: float, out: Path
+) -> list[str]:
+    """The central aggregator's flags: R rounds, every online contributor selected, a
+    quorum of ``contributors``, no clipping."""
     return [
         *("--model", args.model, "--codec", args.codec, "--rounds", str(args.rounds)),
         *("--min-clients", str(contributors), "--fraction", "1", "--clip", "none"),
         *("--local-epochs", str(args.local_epochs), "--batch-size", str(args.batch_size)),
-        *("--lr", str(args.lr), "--max-extensions", "0", "--round-timeout", str(args.timeout)),
+        *("--lr", str(args.lr), "--max-extensions", "0", "--round-timeout", str(round_timeout)),
         *("--wait-clients-timeout", str(args.timeout)),
         *("--metrics-file", str(out / "metrics.json"), "--no-onnx"),
         *("--eval-data", str(args.eval_data)),
@@ -330,9 +395,10 @@ def _central_flags(args: argparse.Namespace, contributors: int, out: Path) -> li
 
 
 def _start_central(
-    args: argparse.Namespace, contributors: int, url: str, out: Path
+    args: argparse.Namespace, contributors: int, round_timeout: float, url: str, out: Path
 ) -> subprocess.Popen[bytes]:
-    cmd = aggregator_command(url, FEDERATION, *_central_flags(args, contributors, out))
+    flags = _central_flags(args, contributors, round_timeout, out)
+    cmd = aggregator_command(url, FEDERATION, *flags)
     with open(out / "aggregator.log", "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
 

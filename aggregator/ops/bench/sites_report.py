@@ -49,6 +49,7 @@ class SitesEvents(FleetEvents):
     site_status: dict[str, msg.SiteStatus] = field(default_factory=dict)
     central_bytes: list[tuple[float, int]] = field(default_factory=list)  # t, payload bytes
     devices_online: set[str] = field(default_factory=set)  # on the central broker (flat)
+    site_receipts: list[tuple[int, str, str]] = field(default_factory=list)  # round, site, code
 
     def record(self, topic: str, payload: bytes, t: float) -> None:
         """One message seen on the central broker at wall time ``t``."""
@@ -69,6 +70,10 @@ class SitesEvents(FleetEvents):
                 return
         if parsed is not None and parsed.kind in CENTRAL_KINDS:
             self.central_bytes.append((t, len(payload)))
+        if parsed is not None and parsed.kind == "site_receipt" and parsed.site and payload:
+            receipt = msg.decode(payload, msg.Receipt)
+            self.site_receipts.append((receipt.round, parsed.site, receipt.effective_code()))
+            return
         if parsed is not None and parsed.kind == "site_status" and payload:
             status = msg.decode(payload, msg.SiteStatus)
             self.site_status[status.site] = status
