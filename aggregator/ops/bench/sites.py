@@ -13,9 +13,11 @@ processes (:mod:`aggregator.ops.bench.fleet_agents`, many :class:`EdgeAgent` per
   central aggregator counts each site as one contributor (``--min-clients S``).
 
 An observer on the central broker records ``$SYS/broker/bytes/received`` (every second), the
-announcements, and the payloads of device updates and site partials that reach it. Every byte
-the central broker receives is WAN traffic in the sites layout (the bridges' partials and
-statuses, and the central aggregator's own publishes). It writes ``DIR/sites.json``,
+announcements, and the payloads of device updates and site partials that reach it, and of
+the central aggregator's own publishes: in the sites layout the central broker receives the
+bridges' traffic (partials, statuses) and those, which the report also shows apart (not WAN
+when the aggregator runs beside its broker). ``--cut-site`` (:mod:`.sites_cut`) cuts one
+site's bridge for some rounds. It writes ``DIR/sites.json``,
 ``DIR/sites.md`` and ``DIR/sites.png`` (docs/sites.md, "Measured").
 """
 
@@ -252,8 +254,7 @@ def run_layout(
     n = sum(len(ids) for ids in by_site.values())
     events = report.SitesEvents()
     cut: BridgeCut | None = None
-    round_timeout = args.timeout
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[subprocess.Popen[bytes]] = []  # every process started, stopped at the end
     brokers: list[LocalBroker] = []
     try:
         central = LocalBroker(out / "central", extra_config=broker_config(n)).start()
@@ -265,25 +266,19 @@ def run_layout(
             cut = BridgeCut(args.cut_site, proxy, FIRST_CUT_ROUND, args.cut_rounds)
         observer = _connect(central.url, "sites-observer", observed_topics(FEDERATION), 4 * n)
         try:
-            agents, site_aggs = _start_devices(args, layout, by_site, data_dir, out, brokers, ports)
-            procs += [*agents, *site_aggs]
+            agents, site_aggs = _start_devices(
+                args, layout, by_site, data_dir, out, brokers, ports, procs
+            )
             # In both layouts the central aggregator starts once every device is online, so
             # their rounds begin alike (its first model, then round 1 at once).
             _wait_ready(observer, events, agents, by_site, layout == "flat")
             contributors = n if layout == "flat" else len(by_site)
-            if cut is not None:  # the cut rounds close at their deadline without the site
-                contributors, round_timeout = contributors - 1, args.cut_deadline
-            agg = _start_central(args, contributors, round_timeout, central.url, out)
-            procs.append(agg)
-            watch = _CutWatch(agg, central.pid, agents, observer, events)
+            watch = _CutWatch(
+                _start_central(args, contributors, cut, central.url, out, procs),
+                central.pid, agents, observer, events,
+            )  # fmt: skip
             watch.cut = cut
-            watch.until_exit(time.monotonic() + args.timeout)
-            exit_code = agg.poll()
-            if cut is not None:  # the site must hear the central aggregator's "finished"
-                cut.heal("the run ended")
-            # Everything stops at the central aggregator's "finished": let it say so.
-            watch.agents = [*agents, *site_aggs]
-            watch.wait_agents(time.monotonic() + 60.0)
+            exit_code = _follow_run(watch, args.timeout, cut, site_aggs)
         finally:
             observer.stop()
     finally:
@@ -292,24 +287,50 @@ def run_layout(
             broker.stop()
         if cut is not None:
             cut.proxy.close()
-    metrics = _metrics(out / "metrics.json")
-    rows = report.layout_rows(layout, events, metrics)
-    for row in rows:
-        print(f"    {json.dumps(row)}", flush=True)
-    extra: dict[str, Any] = {}
-    if cut is not None:
-        extra["cut"] = cut_verdict(cut.site, cut_rounds(args), metrics, events)
-        extra["cut_log"] = cut.log
-        print(f"    cut: {json.dumps(extra['cut'])}", flush=True)
     return {
-        **extra,
-        "rows": rows,
+        **_layout_rows(args, layout, out, events, cut),
         "exit": exit_code,
         "agent_exits": [p.poll() for p in agents],
         "site_aggregator_exits": [p.poll() for p in site_aggs],
         "central_broker_mb_in": _mb(events.counter_at("bytes_in", math.inf)),
         "central_broker_mb_out": _mb(events.counter_at("bytes_out", math.inf)),
     }
+
+
+def _follow_run(
+    watch: _CutWatch,
+    timeout: float,
+    cut: BridgeCut | None,
+    site_aggs: list[subprocess.Popen[bytes]],
+) -> int | None:
+    """Watch until the central aggregator exits; its exit code."""
+    watch.until_exit(time.monotonic() + timeout)
+    exit_code = watch.agg.poll()
+    if cut is not None:  # the site must hear the central aggregator's "finished"
+        cut.heal("the run ended")
+    # Everything stops at the central aggregator's "finished": let it say so.
+    watch.agents = [*watch.agents, *site_aggs]
+    watch.wait_agents(time.monotonic() + 60.0)
+    return exit_code
+
+
+def _layout_rows(
+    args: argparse.Namespace,
+    layout: str,
+    out: Path,
+    events: report.SitesEvents,
+    cut: BridgeCut | None,
+) -> dict[str, Any]:
+    """The layout's rows (printed), and the cut's verdict when there was one."""
+    metrics = _metrics(out / "metrics.json")
+    rows = report.layout_rows(layout, events, metrics)
+    for row in rows:
+        print(f"    {json.dumps(row)}", flush=True)
+    if cut is None:
+        return {"rows": rows}
+    verdict = cut_verdict(cut.site, cut_rounds(args), metrics, events)
+    print(f"    cut: {json.dumps(verdict)}", flush=True)
+    return {"rows": rows, "cut": verdict, "cut_log": cut.log}
 
 
 def _start_devices(
@@ -320,6 +341,7 @@ def _start_devices(
     out: Path,
     brokers: list[LocalBroker],
     bridge_ports: dict[str, int],
+    procs: list[subprocess.Popen[bytes]],
 ) -> tuple[list[subprocess.Popen[bytes]], list[subprocess.Popen[bytes]]]:
     """Per site: its agent processes (and in the sites layout its broker, bridged to
     127.0.0.1:``bridge_ports[site]``, and its site aggregator). The flat layout groups the
@@ -335,8 +357,10 @@ def _start_devices(
             brokers.append(broker)
             url, site = broker.url, name
             site_aggs.append(_start_site_aggregator(args, name, url, out / name))
+            procs.append(site_aggs[-1])
         for k, part in enumerate(_split(ids, math.ceil(len(ids) / AGENTS_PER_PROCESS))):
             agents.append(_start_agents(url, part, data_dir, out / name, k, site))
+            procs.append(agents[-1])
     return agents, site_aggs
 
 
@@ -395,12 +419,23 @@ def _central_flags(
 
 
 def _start_central(
-    args: argparse.Namespace, contributors: int, round_timeout: float, url: str, out: Path
+    args: argparse.Namespace,
+    contributors: int,
+    cut: BridgeCut | None,
+    url: str,
+    out: Path,
+    procs: list[subprocess.Popen[bytes]],
 ) -> subprocess.Popen[bytes]:
+    """The central aggregator; with a cut, its rounds close at ``--cut-deadline`` without
+    the cut site (quorum: the others)."""
+    round_timeout = args.timeout
+    if cut is not None:
+        contributors, round_timeout = contributors - 1, args.cut_deadline
     flags = _central_flags(args, contributors, round_timeout, out)
     cmd = aggregator_command(url, FEDERATION, *flags)
     with open(out / "aggregator.log", "wb") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()))
+    return procs[-1]
 
 
 def _start_site_aggregator(
