@@ -53,7 +53,15 @@ def _add_bench_commands(sub: Any) -> None:
             "inprocess", help="the demo's federation in one process (the round-time yardstick)"
         )
     )
-    from aggregator.ops.bench import async_mode, codecs, compression, fleet, ingest, strategies
+    from aggregator.ops.bench import (
+        async_mode,
+        codecs,
+        compression,
+        fleet,
+        ingest,
+        sites,
+        strategies,
+    )
 
     strategies.add_arguments(
         bench_sub.add_parser(
@@ -88,11 +96,22 @@ def _add_bench_commands(sub: Any) -> None:
             "wall time to a target accuracy",
         )
     )
+    sites.add_arguments(
+        bench_sub.add_parser(
+            "sites",
+            help="the same devices flat and behind bridged site brokers: WAN bytes, accuracy, "
+            "round time",
+        )
+    )
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from aggregator.ops.bench import async_mode, codecs, compression, fleet, ingest, strategies
 
+    if args.bench == "sites":
+        from aggregator.ops.bench.sites import run_sites
+
+        return run_sites(args)
     if args.bench == "async":
         return async_mode.run_async_bench(args)
     if args.bench == "strategies":

@@ -21,6 +21,7 @@ import pytest
 from safetensors.numpy import load_file as st_load_file
 
 from aggregator.ops.local_broker import LocalBroker
+from aggregator.ops.netproxy import NetProxy
 from shared.mqtt.transport import MqttTransport
 from shared.protocol import messages as msg
 from shared.protocol.frames import decode_frame, tensors_hash
@@ -28,7 +29,6 @@ from shared.protocol.topics import Topics
 from shared.runtime.data import ArrayDataset, save_npz
 from tests.conftest import require_mosquitto
 from tests.integration import federation as fed
-from tests.integration.netproxy import NetProxy
 
 pytestmark = pytest.mark.integration
 

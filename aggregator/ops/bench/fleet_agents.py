@@ -174,6 +174,7 @@ def build_agents(args: argparse.Namespace, events: EventLog) -> list[FleetAgent]
             min_batch_ms=args.min_batch_ms,
             online=args.online,
             online_spell_s=args.online_spell_s,
+            site=args.site,
         )
         # The agent command line's own connector (fedmq-agent: edge_agent.cli._mqtt).
         agent = FleetAgent(
@@ -249,6 +250,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resend-after", type=float, default=30.0)
     p.add_argument("--connect-timeout", type=float, default=120.0)
     p.add_argument("--mqtt-version", default="auto")
+    p.add_argument(
+        "--site", default="", help="every agent's site (its broker is the site's; docs/sites.md)"
+    )
     p.add_argument(
         "--priority",
         choices=("idle", "nice", "normal"),

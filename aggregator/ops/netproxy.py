@@ -1,4 +1,4 @@
-"""A small threaded TCP proxy that a test can cut and heal, to simulate a network failure.
+"""A small threaded TCP proxy that a test or a bench can cut and heal: a network failure.
 
     with NetProxy(broker.host, broker.port) as proxy:
         agent connects to proxy.url ...
@@ -7,7 +7,8 @@
         proxy.heal()
 
 ``stall()`` keeps connections open but stops forwarding (a black-holed link): the client
-notices only through its keepalive.
+notices only through its keepalive. Used by the integration tests (a device's or a site's
+link) and ``fedmq bench sites --cut-site`` (a site's bridge).
 """
 
 from __future__ import annotations
