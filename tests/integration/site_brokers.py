@@ -18,11 +18,11 @@ from paho.mqtt.properties import Properties
 from aggregator.ops import provision
 from aggregator.ops.bridge import SiteUplink, Upstream, central_site_acl
 from aggregator.ops.local_broker import LocalBroker, free_port
+from aggregator.ops.netproxy import NetProxy
 from aggregator.ops.sites import site_add
 from shared.protocol.topics import Topics
 from tests.conftest import require_mosquitto
 from tests.integration import federation as fed
-from tests.integration.netproxy import NetProxy
 
 FED = fed.FEDERATION
 SITE = "factory-1"

@@ -462,17 +462,23 @@ def test_cli_adds_a_site_and_inits_its_broker(
 
 def test_a_central_monitor_takes_the_sites_topics_as_known_not_as_problems() -> None:
     from aggregator.ops.monitor_view import MonitorState
+    from shared.protocol import messages as msg
 
     state = MonitorState(FED)
+    status = msg.SiteStatus(site=SITE, state="online", devices=3)
+    receipt = msg.Receipt(round=1, client_id=SITE, status="accepted", code="accepted")
     for topic, payload in [
         (T.site_bridge(SITE), b"1"),
-        (T.site_status(SITE), b'{"state": "running"}'),
-        (T.site_partial(1, SITE), b"partial"),
-        (T.site_receipt(1, SITE), b'{"status": "accepted"}'),
+        (T.site_status(SITE), status.to_json()),
+        (T.site_partial(1, SITE), b"partial"),  # the monitor does not read partials
+        (T.site_receipt(1, SITE), receipt.to_json()),
     ]:
         state.apply(topic, payload, retain=False)
 
     assert list(state.problems) == []
+    assert state.sites[SITE].devices == 3 and state.sites[SITE].partial == "accepted"
+    state.apply(T.site_status(SITE), b'{"state": "running"}', retain=False)
+    assert "invalid SiteStatus" in state.problems[-1]  # a broken status: shown, not raised
 
 
 def test_an_explicit_default_federation_contradicting_the_bundle_is_refused(tmp_path: Path) -> None:
