@@ -173,17 +173,18 @@ def test_a_run_is_complete_when_both_layouts_applied_every_round_with_one_partia
 
 
 def _cut_args(*argv: str) -> argparse.Namespace:
-    return _parse(["--sites", "2", "--rounds", "4", *argv])
+    return _parse(["--sites", "2", "--rounds", "6", *argv])
 
 
 def test_cut_flags_name_a_site_and_leave_a_round_after_the_cut() -> None:
     sites = ["site-0", "site-1"]
     assert check_cut_arguments(_cut_args(), sites) is None
     assert check_cut_arguments(_cut_args("--cut-site", "site-1"), sites) is None
-    assert cut_rounds(_cut_args("--cut-site", "site-1")) == [2, 3]
+    # Rounds 2 and 3, and round 4, announced at the heal before the bridge is back.
+    assert cut_rounds(_cut_args("--cut-site", "site-1")) == [2, 3, 4]
     assert "not one of" in str(check_cut_arguments(_cut_args("--cut-site", "x"), sites))
     late = _cut_args("--cut-site", "site-1", "--cut-rounds", "3")
-    assert "--rounds at least 5" in str(check_cut_arguments(late, sites))
+    assert "--rounds at least 7" in str(check_cut_arguments(late, sites))
     assert "--sites 2 or more" in str(check_cut_arguments(_cut_args("--cut-site", "a"), ["a"]))
 
 
@@ -229,13 +230,19 @@ def test_a_cut_rounds_partial_refused_late_is_not_counted_twice() -> None:
     ev.record(T.site_receipt(2, "site-0"), _receipt(2, "site-0", "accepted"), 25.0)
     ev.record(T.site_receipt(2, "site-1"), _receipt(2, "site-1", "late"), 60.0)
     ev.partials[2].append("site-1")
-    metrics = [{"round": 2, "participants": ["site-0"]}, {"round": 3, "participants": ["site-0"]}]
+    metrics = [
+        {"round": 2, "participants": ["site-0"]},
+        {"round": 3, "participants": ["site-0"]},
+        {"round": 4, "participants": ["site-0", "site-1"]},
+    ]
 
-    verdict = cut_verdict("site-1", [2, 3], metrics, ev)
+    verdict = cut_verdict("site-1", metrics, ev)
 
-    assert verdict["ok"]
+    assert verdict["ok"] and verdict["rejoined_at"] == 4
     assert [(r["receipts"], r["counted"]) for r in verdict["rounds"]] == [(["late"], 0), ([], 0)]
     assert "nothing counted twice" in cut_summary(verdict)
+    # A site that never came back before the end fails the verdict.
+    assert not cut_verdict("site-1", metrics[:2], ev)["ok"]
 
 
 def test_a_cut_rounds_partial_counted_without_an_accepted_receipt_fails_the_verdict() -> None:
@@ -243,7 +250,7 @@ def test_a_cut_rounds_partial_counted_without_an_accepted_receipt_fails_the_verd
     ev.partials[2].append("site-1")
     metrics = [{"round": 2, "participants": ["site-0", "site-1"]}]
 
-    verdict = cut_verdict("site-1", [2], metrics, ev)
+    verdict = cut_verdict("site-1", metrics, ev)
 
     assert not verdict["ok"]
     assert "COUNTED TWICE OR LOST" in cut_summary(verdict)

@@ -53,7 +53,6 @@ from aggregator.ops.bench.sites_cut import (
     BridgeCut,
     add_cut_arguments,
     check_cut_arguments,
-    cut_rounds,
     cut_summary,
     cut_verdict,
 )
@@ -213,7 +212,8 @@ def run_sites(args: argparse.Namespace) -> int:
     print(text)
     print(f"plot: {report.plot(table, out / 'sites.png', label)}")
     print(f"written: {out / 'sites.json'}")
-    return 0 if complete(runs, args.rounds, args.sites, cut_rounds(args)) else 1
+    cut = [r["round"] for r in runs["sites"].get("cut", {}).get("rounds", [])]
+    return 0 if complete(runs, args.rounds, args.sites, cut) else 1
 
 
 def complete(
@@ -328,7 +328,7 @@ def _layout_rows(
         print(f"    {json.dumps(row)}", flush=True)
     if cut is None:
         return {"rows": rows}
-    verdict = cut_verdict(cut.site, cut_rounds(args), metrics, events)
+    verdict = cut_verdict(cut.site, metrics, events)
     print(f"    cut: {json.dumps(verdict)}", flush=True)
     return {"rows": rows, "cut": verdict, "cut_log": cut.log}
 
@@ -359,7 +359,8 @@ def _start_devices(
             site_aggs.append(_start_site_aggregator(args, name, url, out / name))
             procs.append(site_aggs[-1])
         for k, part in enumerate(_split(ids, math.ceil(len(ids) / AGENTS_PER_PROCESS))):
-            agents.append(_start_agents(url, part, data_dir, out / name, k, site))
+            pace = args.cut_pace_ms if args.cut_site is not None else 0.0
+            agents.append(_start_agents(url, part, data_dir, out / name, k, site, pace))
             procs.append(agents[-1])
     return agents, site_aggs
 
@@ -452,7 +453,7 @@ def _start_site_aggregator(
 
 
 def _start_agents(
-    url: str, ids: list[str], data_dir: Path, out: Path, k: int, site: str
+    url: str, ids: list[str], data_dir: Path, out: Path, k: int, site: str, pace_ms: float
 ) -> subprocess.Popen[bytes]:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -461,6 +462,7 @@ def _start_agents(
         "--data-dir", str(data_dir), "--state-dir", str(out / "state"),
         "--events", str(out / f"events-{k}.jsonl"),
         *(("--site", site) if site else ()),
+        *(("--min-batch-ms", f"{pace_ms:g}") if pace_ms else ()),
     ]  # fmt: skip
     with open(out / f"agents-{k}.log", "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())

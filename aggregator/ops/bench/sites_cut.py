@@ -34,6 +34,13 @@ def add_cut_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cut-rounds", type=int, default=2, help="rounds without the site (2)")
     p.add_argument(
+        "--cut-pace-ms",
+        type=float,
+        default=400.0,
+        help="with --cut-site: each device's least time per batch, so that rounds last "
+        "longer than the bridge's reconnect and the site can take part again (default 400)",
+    )
+    p.add_argument(
         "--cut-deadline",
         type=float,
         default=30.0,
@@ -50,19 +57,36 @@ def check_cut_arguments(args: argparse.Namespace, sites: list[str]) -> str | Non
         return f"--cut-site {args.cut_site}: not one of {', '.join(sites)}"
     if len(sites) < 2:
         return "--cut-site needs --sites 2 or more (the others carry the cut rounds)"
-    if args.cut_rounds < 1 or args.rounds < FIRST_CUT_ROUND + args.cut_rounds:
+    least = FIRST_CUT_ROUND + args.cut_rounds + 2
+    if args.cut_rounds < 1 or args.rounds < least:
         return (
-            f"--cut-rounds {args.cut_rounds}: needs 1 or more, and --rounds at least "
-            f"{FIRST_CUT_ROUND + args.cut_rounds} (a round after the bridge is back)"
+            f"--cut-rounds {args.cut_rounds}: needs 1 or more, and --rounds at least {least} "
+            "(the round announced at the heal still goes without the site: rounds after it "
+            "show it back)"
         )
     return None
 
 
 def cut_rounds(args: argparse.Namespace) -> list[int]:
-    """The rounds announced while the bridge is down."""
+    """The rounds announced while the bridge is down (the last one at the heal)."""
     if args.cut_site is None:
         return []
-    return list(range(FIRST_CUT_ROUND, FIRST_CUT_ROUND + args.cut_rounds))
+    return list(range(FIRST_CUT_ROUND, FIRST_CUT_ROUND + args.cut_rounds + 1))
+
+
+def affected_rounds(site: str, metrics: list[dict[str, Any]]) -> tuple[list[int], int | None]:
+    """The rounds from the cut's first until the site counts again (it is not selected while
+    its bridge is down: the central aggregator reads Mosquitto's notification), and the
+    round it came back in (None: it did not before the run ended)."""
+    rounds = sorted(m["round"] for m in metrics if "round" in m)
+    back = [
+        m["round"]
+        for m in metrics
+        if m.get("round", 0) > FIRST_CUT_ROUND and site in m.get("participants", [])
+    ]
+    rejoined = min(back) if back else None
+    end = rejoined if rejoined is not None else max(rounds, default=FIRST_CUT_ROUND) + 1
+    return [r for r in rounds if FIRST_CUT_ROUND <= r < end], rejoined
 
 
 @dataclass
@@ -106,11 +130,11 @@ class BridgeCut:
         print(f"    {text}", flush=True)
 
 
-def cut_verdict(
-    site: str, rounds: list[int], metrics: list[dict[str, Any]], events: SitesEvents
-) -> dict[str, Any]:
-    """Whether anything was counted twice around the cut, and what became of each cut
-    round's partial of ``site`` (central's receipts for it, whether it was counted)."""
+def cut_verdict(site: str, metrics: list[dict[str, Any]], events: SitesEvents) -> dict[str, Any]:
+    """Whether anything was counted twice around the cut, what became of each cut round's
+    partial of ``site`` (central's receipts for it, whether it was counted), and whether the
+    site took part again before the run ended."""
+    rounds, rejoined = affected_rounds(site, metrics)
     by_round = {m["round"]: list(m.get("participants", [])) for m in metrics if "round" in m}
     unique = all(len(p) == len(set(p)) for p in by_round.values())
     accepted = Counter((r, s) for r, s, code in events.site_receipts if code == "accepted")
@@ -130,9 +154,10 @@ def cut_verdict(
     return {
         "site": site,
         "rounds": per_round,
+        "rejoined_at": rejoined,
         "participants_unique": unique,
         "each_partial_accepted_once": once,
-        "ok": unique and once and all(r["ok"] for r in per_round),
+        "ok": unique and once and rejoined is not None and all(r["ok"] for r in per_round),
     }
 
 
