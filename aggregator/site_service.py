@@ -91,6 +91,7 @@ class SiteAggregator:
         self.done_round = -1  # the last round whose share the site has finished
         self.contributors: dict[str, int] = {}  # the last partial's devices and samples
         self.sent_at: dict[int, float] = {}
+        self.uplink_up = True  # the bridge's state (assumed up until it says otherwise)
         self.strategy: RoundStrategy | None = None  # built from the first announcement's model
         self._model: tuple[msg.ModelSpec, str] | None = None
         self._status_due = 0.0
@@ -109,6 +110,9 @@ class SiteAggregator:
                     (self.topics.aggregator_status, 1),
                     (self.topics.update_any, 1),
                     (self.topics.site_receipt_any(self.site), 1),
+                    # The bridge's own state, which Mosquitto also publishes on the site
+                    # broker: no re-sends into a cut uplink (its queue holds the partial).
+                    (self.topics.site_bridge(self.site), 1),
                 ),
                 will=Outbound(
                     self.topics.site_status(self.site), self._status("offline"), retain=True
@@ -154,7 +158,7 @@ class SiteAggregator:
         if rnd is not None and self._due(rnd.state):
             self._close(rnd)
         now = self.clock.monotonic()
-        for round_id in self.outbox.rounds():
+        for round_id in self.outbox.rounds() if self.uplink_up else []:
             if now - self.sent_at.get(round_id, -math.inf) >= RESEND_S:
                 log.warning("round %d: no receipt for the partial yet: sending it again", round_id)
                 self._send(round_id)
@@ -362,6 +366,8 @@ class SiteAggregator:
             self._on_decision(item, round_id)
         elif kind == "site_receipt" and round_id is not None and parsed.site == self.site:
             self._on_receipt(item, round_id)
+        elif kind == "site_bridge" and parsed.site == self.site:
+            self._on_bridge(item.payload)
         elif kind == "aggregator_status":
             self._on_central_status(item)
         elif kind == "agent_status":
@@ -369,6 +375,18 @@ class SiteAggregator:
             self._on_device_status(parsed.client_id)
         elif kind == "update" and round_id is not None and parsed.client_id is not None:
             self._on_update(item, round_id, parsed.client_id)
+
+    def _on_bridge(self, payload: bytes) -> None:
+        """The uplink went down (``0``) or came back (``1``). Back: the bridge delivers the
+        partials it queued, so the re-send timers start again from now."""
+        if payload not in (b"0", b"1") or (payload == b"1") == self.uplink_up:
+            return
+        self.uplink_up = payload == b"1"
+        log.warning("site %s: uplink %s", self.site, "back" if self.uplink_up else "down")
+        if self.uplink_up:
+            now = self.clock.monotonic()
+            for round_id in self.outbox.rounds():
+                self.sent_at[round_id] = now
 
     def _on_decision(self, item: Inbound, round_id: int) -> None:
         try:

@@ -284,3 +284,31 @@ def test_fedmq_aggregator_with_site_runs_the_site_role(
     # A missing key: the site role is built (it loads the central key first) and refuses.
     assert main(["--site", "site-a", "--central-key", str(tmp_path / "none.pem")]) == 1
     assert "none.pem" in caplog.text
+
+
+def test_an_unanswered_partial_is_not_resent_into_a_cut_uplink(tmp_path: Path) -> None:
+    from tests.unit.inprocess import Worker
+
+    clock = ManualClock()
+    broker = MemoryBroker(clock)
+    bridge = broker.connector(Session("bridge")).start()  # Mosquitto's notification, here
+    PartialOutbox(tmp_path).put(1, b"partial of round 1")  # from before a restart
+    site = _site(broker, clock, tmp_path)
+    worker = Worker("site", site.run)
+
+    def sent() -> int:
+        return len(broker.messages(T.site_partial(1, "site-a")))
+
+    wait_for(lambda: sent() == 1, "the pending partial sent at start")
+    bridge.publish(T.site_bridge("site-a"), b"0", retain=True)
+    wait_for(lambda: not site.uplink_up, "the uplink seen down")
+    clock.advance(31.0)
+    bridge.publish(T.site_bridge("site-a"), b"0", retain=True)  # a message: the loop turns
+    clock.advance(31.0)
+    bridge.publish(T.site_bridge("site-a"), b"1", retain=True)  # back: its queue delivers
+    wait_for(lambda: site.uplink_up, "the uplink seen back")
+    assert sent() == 1  # nothing re-sent while it was down, nor at once when back
+    clock.advance(31.0)  # still no receipt 30 s after it came back: sent again
+    wait_for(lambda: sent() == 2, "the re-send after the uplink came back")
+    site.stop()
+    assert worker.join() == 0
