@@ -312,3 +312,17 @@ def test_an_unanswered_partial_is_not_resent_into_a_cut_uplink(tmp_path: Path) -
     wait_for(lambda: sent() == 2, "the re-send after the uplink came back")
     site.stop()
     assert worker.join() == 0
+
+
+def test_int8_partials_carry_their_rounding_into_the_next_so_it_does_not_add_up() -> None:
+    enc = PartialEncoder(FED, "site-a")
+    deltas = [_delta(10 + r, 0.05) for r in range(20)]
+    sent_sum = {n: np.zeros(s, np.float64) for n, s in SHAPES.items()}
+    for r, delta in enumerate(deltas, start=1):
+        payload = enc.encode(_ann(round_id=r, codec="int8"), delta, 10, {})
+        for n, v in decode_frame(payload).tensors.items():
+            sent_sum[n] += v
+    for n in SHAPES:  # what was sent in all equals what was summed, but for the last residual
+        true = sum(d[n].astype(np.float64) for d in deltas)
+        np.testing.assert_allclose(sent_sum[n] + enc.feedback.residual[n], true, atol=1e-5)
+        assert np.abs(enc.feedback.residual[n]).max() < 0.05  # one round's rounding at most
