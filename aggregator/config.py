@@ -104,6 +104,8 @@ class AggregatorConfig:
     central_key: str | None = None
     # The share of a central round's remaining time a site keeps for its partial's trip up.
     site_margin: float = 0.2
+    # The codec of a site's partials; "" = each round's announced codec (the devices').
+    partial_codec: str = ""
     # --- strategy (aggregator/strategy_config.py, docs/strategies.md) ---
     # The server optimizer applied to each round's aggregated delta.
     strategy: str = "fedavg"

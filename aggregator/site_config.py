@@ -10,6 +10,8 @@ import argparse
 from typing import Any
 
 from aggregator.strategy_config import dp_enabled
+from shared.compression.quantize import CodecError
+from shared.compression.registry import KNOWN, resolve_codec
 from shared.protocol.topics import TopicError, validate_name
 
 DESCRIPTIONS = {
@@ -17,6 +19,8 @@ DESCRIPTIONS = {
     "partial aggregate of the site's devices per central round; unset: the central aggregator",
     "central_key": "a site aggregator's pinned key (PEM) of the central aggregator: it follows "
     "only announcements signed by it (`broker init --site` writes it)",
+    "partial_codec": "a site aggregator's codec for its partials (e.g. `fp16`, more precise "
+    "than the devices' `int8` for twice its bytes); empty: each round's announced codec",
     "site_margin": "share of a central round's remaining time a site keeps for its partial's "
     "trip up the bridge (the site closes its share earlier by that much)",
 }
@@ -34,6 +38,7 @@ def site_checks(cfg: Any) -> list[tuple[bool, str]]:
     return [
         (name_ok, name_problem),
         (0 <= cfg.site_margin < 1, "site-margin must be in [0, 1)"),
+        (not cfg.partial_codec or _known(cfg.partial_codec), f"partial-codec: one of {KNOWN}"),
         (
             cfg.robust == "fedavg" and not dp_enabled(cfg),
             "site: a site sums its devices' updates with FedAvg; a robust rule or differential "
@@ -57,8 +62,20 @@ def add_site_arguments(parser: argparse.ArgumentParser) -> None:
         "announcements it signed",
     )
     g.add_argument(
+        "--partial-codec",
+        help="codec of the site's partials (default: each round's announced codec)",
+    )
+    g.add_argument(
         "--site-margin",
         type=float,
         help="share of a central round's remaining time kept for the partial's trip up "
         "(default 0.2)",
     )
+
+
+def _known(codec: str) -> bool:
+    try:
+        resolve_codec(codec)
+    except CodecError:
+        return False
+    return True

@@ -57,9 +57,11 @@ class PartialEncoder:
     rounding of the flat federation's. Measured: docs/sites.md.
     """
 
-    def __init__(self, federation: str, site: str) -> None:
+    def __init__(self, federation: str, site: str, codec: str = "") -> None:
+        """``codec``: the partials' codec ("" = each round's announced one)."""
         self.federation = federation
         self.site = site
+        self.codec = codec
         self.feedback = ErrorFeedback()
 
     def encode(
@@ -73,7 +75,7 @@ class PartialEncoder:
             round=ann.round,
             client_id=self.site,
             base_hash=ann.base_hash,
-            codec=ann.codec,
+            codec=self.codec or ann.codec,
             num_samples=num_samples,
             meta=meta,
         )

@@ -84,7 +84,7 @@ class SiteAggregator:
         state_dir = Path(cfg.state_dir) if cfg.state_dir else None
         self.journal = RoundJournal(state_dir) if state_dir else None
         self.outbox = PartialOutbox(state_dir)
-        self.encoder = PartialEncoder(cfg.federation, self.site)
+        self.encoder = PartialEncoder(cfg.federation, self.site, cfg.partial_codec)
         self.devices = AgentRoster(self._warn)
         self.guard = IntakeGuard(log, WARN_INTERVAL_S, cfg.update_burst, cfg.update_rate)
         self.current: SiteRound | None = None

@@ -266,6 +266,7 @@ def test_the_central_journal_remembers_which_updates_were_sites_partials(tmp_pat
         ({"site": "site-a", "mode": "async", "buffer": 2}, "synchronous rounds only"),
         ({"site": "bad/name"}, "site"),
         ({"site": "site-a", "site_margin": 1.0}, "site-margin"),
+        ({"site": "site-a", "partial_codec": "int3"}, "partial-codec"),
         ({"central_key": "k.pem"}, "give --site too"),
     ],
 )
@@ -326,3 +327,9 @@ def test_int8_partials_carry_their_rounding_into_the_next_so_it_does_not_add_up(
         true = sum(d[n].astype(np.float64) for d in deltas)
         np.testing.assert_allclose(sent_sum[n] + enc.feedback.residual[n], true, atol=1e-5)
         assert np.abs(enc.feedback.residual[n]).max() < 0.05  # one round's rounding at most
+
+
+def test_a_site_may_send_its_partials_with_another_codec_than_its_devices() -> None:
+    enc = PartialEncoder(FED, "site-a", codec="fp16")
+    payload = enc.encode(_ann(codec="int8"), _delta(4, 0.1), 10, {})
+    assert decode_frame(payload).header.codec == "fp16"

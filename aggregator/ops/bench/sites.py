@@ -80,6 +80,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=("lenet5", "cnn", "mlp"), default="lenet5")
     p.add_argument("--codec", type=_codec, default="int8", help="update codec (default int8)")
     p.add_argument(
+        "--partial-codec",
+        type=_codec,
+        help="the site aggregators' codec for partials (default: --codec)",
+    )
+    p.add_argument(
         "--samples-per-agent",
         type=_positive,
         default=60,
@@ -174,6 +179,8 @@ def run_sites(args: argparse.Namespace) -> int:
         f"--samples-per-agent {args.samples_per_agent} --local-epochs {args.local_epochs} "
         f"--batch-size {args.batch_size} --lr {args.lr}"
     )
+    if args.partial_codec:
+        label += f" --partial-codec {args.partial_codec}"
     if args.cut_site is not None:
         label += f" --cut-site {args.cut_site} --cut-rounds {args.cut_rounds}"
     by_site = device_ids(args.sites, args.agents_per_site)
@@ -447,6 +454,7 @@ def _start_site_aggregator(
         FEDERATION,
         *("--site", site, "--clip", "none", "--state-dir", str(out / "aggregator-state")),
         *("--model", args.model, "--codec", args.codec),
+        *(("--partial-codec", args.partial_codec) if args.partial_codec else ()),
     )
     with open(out / "site-aggregator.log", "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
