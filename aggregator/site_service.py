@@ -256,7 +256,7 @@ class SiteAggregator:
         if jr is None:
             return
         for client, payload in self.journal.frames(jr):
-            rnd.state.selected.add(client)
+            self._join(rnd, client)
             verdict = rnd.intake.offer(rnd.ann.round, client, payload).verdict
             if not verdict.accepted:
                 log.error("journaled update of %s refused on replay: %s", client, verdict.reason)
@@ -412,7 +412,7 @@ class SiteAggregator:
     def _on_device_status(self, client_id: str | None) -> None:
         rnd = self.current
         if client_id is not None and rnd is not None and client_id in self.devices.online():
-            rnd.state.selected.add(client_id)  # a device online during the round joins it
+            self._join(rnd, client_id)  # a device online during the round joins it
         self._status_dirty = True
 
     def _on_update(self, item: Inbound, round_id: int, client: str) -> None:
@@ -425,7 +425,7 @@ class SiteAggregator:
         if rnd is None or round_id != rnd.ann.round:
             self._receipt(round_id, client, without_open_round(round_id, self.done_round))
             return
-        rnd.state.selected.add(client)  # the site broker's ACL: only this device writes here
+        self._join(rnd, client)  # the site broker's ACL: only this device writes here
         offer = rnd.intake.offer(round_id, client, item.payload)
         if offer.verdict.accepted and self.journal is not None and offer.stats is not None:
             self.journal.accept(round_id, client, offer.stats.num_samples, item.payload)
@@ -434,6 +434,19 @@ class SiteAggregator:
             self._warn(client, "rejected update from %s for round %d (%s): %s", client,
                        round_id, offer.verdict.code, offer.verdict.reason)  # fmt: skip
         self._status_dirty = True
+
+    def _join(self, rnd: SiteRound, client: str) -> None:
+        """``client`` takes part in the open round; the round makes room for it (round 1 of
+        the adaptive clipping bound holds its updates until their median is known)."""
+        if client in rnd.state.selected:
+            return
+        rnd.state.selected.add(client)
+        aggregate = rnd.intake.acc
+        if isinstance(aggregate, RoundAggregate):
+            try:
+                aggregate.grow(len(rnd.state.selected))
+            except StrategyError as exc:  # its update is refused with a receipt instead
+                log.warning("round %d: no room for %s: %s", rnd.ann.round, client, exc)
 
     # --- outbound ----------------------------------------------------------------------
     def _receipt(self, round_id: int, client_id: str, verdict: Verdict) -> None:

@@ -185,9 +185,11 @@ def test_the_outbox_keeps_partials_on_disk_until_answered(tmp_path: Path) -> Non
     assert PartialOutbox(None).rounds() == []
 
 
-def _site(broker: MemoryBroker, clock: ManualClock, state_dir: Path) -> SiteAggregator:
+def _site(
+    broker: MemoryBroker, clock: ManualClock, state_dir: Path, clip: str = "none"
+) -> SiteAggregator:
     cfg = AggregatorConfig(
-        federation=FED, site="site-a", clip="none", model="mlp", input_shape=(8,),
+        federation=FED, site="site-a", clip=clip, model="mlp", input_shape=(8,),
         num_classes=4, state_dir=str(state_dir),
     )  # fmt: skip
     return SiteAggregator(cfg, broker.connector, clock)
@@ -333,3 +335,29 @@ def test_a_site_may_send_its_partials_with_another_codec_than_its_devices() -> N
     enc = PartialEncoder(FED, "site-a", codec="fp16")
     payload = enc.encode(_ann(codec="int8"), _delta(4, 0.1), 10, {})
     assert decode_frame(payload).header.codec == "fp16"
+
+
+def test_a_device_joining_round_one_of_adaptive_clipping_is_counted(tmp_path: Path) -> None:
+    from tests.unit.inprocess import Worker
+
+    clock = ManualClock()
+    broker = MemoryBroker(clock)
+    central = broker.connector(Session("central")).start()
+    devices = broker.connector(Session("devices", ((T.receipt_any, 1),))).start()
+    status = msg.AgentStatus(client_id="pi-0", state="online", num_samples=40)
+    devices.publish(T.agent_status("pi-0"), status.to_json(), retain=True)
+    site = _site(broker, clock, tmp_path, clip="adaptive")  # round 1 holds its updates
+    worker = Worker("site", site.run)
+    central.publish(T.round_start(1), _ann().to_json(), retain=True)
+    wait_for(lambda: site.current is not None and site.strategy is not None, "round 1 open")
+    assert site.current is not None and site.current.state.selected == {"pi-0"}
+    devices.publish(T.update(1, "pi-1"), _device_frame(site, "pi-1", 60))  # joins: no status
+    devices.publish(T.update(1, "pi-0"), _device_frame(site, "pi-0", 40))
+    wait_for(lambda: len(broker.messages(T.site_partial_any)) == 1, "the partial")
+    site.stop()
+    assert worker.join() == 0
+
+    codes = [msg.decode(m.payload, msg.Receipt).code for m in broker.messages(T.receipt_any)]
+    assert codes == ["accepted", "accepted"]
+    (partial,) = broker.messages(T.site_partial_any)
+    assert decode_frame(partial.payload).header.num_samples == 100
