@@ -421,23 +421,28 @@ class AggregatorService:
         return offer.verdict.accepted
 
     def _wait_for_agents(self, count: int, timeout: float) -> bool:
+        """Until ``count`` agents are online (False after ``timeout``), counted after what
+        has already arrived, which may also take some off-line again (part-time devices):
+        the selection then never finds fewer."""
         deadline = self.clock.monotonic() + timeout
-        while len(self.agents.online()) < count:
-            self.publisher.after_reconnect()
-            remaining = deadline - self.clock.monotonic()
-            if remaining <= 0:
-                return False
-            item = self._next(timeout=min(remaining, 1.0))
-            if item is not None:
+        while True:
+            while len(self.agents.online()) < count:
+                self.publisher.after_reconnect()
+                remaining = deadline - self.clock.monotonic()
+                if remaining <= 0:
+                    return False
+                item = self._next(timeout=min(remaining, 1.0))
+                if item is not None:
+                    self._handle(item, None)
+            # Presence that has already arrived counts too (e.g. the burst of retained
+            # statuses right after subscribing): the selection sees every agent known by now.
+            for _ in range(self.transport.inbox.qsize()):
+                item = self._next(timeout=0.0)
+                if item is None:
+                    break
                 self._handle(item, None)
-        # Presence that has already arrived counts too (e.g. the burst of retained statuses
-        # right after subscribing): the selection sees every agent known by now.
-        for _ in range(self.transport.inbox.qsize()):
-            item = self._next(timeout=0.0)
-            if item is None:
-                break
-            self._handle(item, None)
-        return True
+            if len(self.agents.online()) >= count:
+                return True
 
     def _wrong_model(self, status: msg.AgentStatus, intake: UpdateIntake | None) -> None:
         """A device refused a round: another build of the model (intake.decline_wrong_model)."""

@@ -7,8 +7,11 @@ protocol over a real broker and real processes.
 
 from __future__ import annotations
 
+import threading
+
 from aggregator.resume import EXIT_STARVED
-from shared.mqtt.base import Session
+from aggregator.service import AggregatorService
+from shared.mqtt.base import Inbound, Session
 from shared.protocol import messages as msg
 from tests.unit.inprocess import Federation, T, update_frame, wait_for
 
@@ -244,3 +247,29 @@ def test_the_retained_state_put_back_after_a_reconnect_does_not_grow_with_the_ro
     silent.leave()
     fed.clock.advance(61.0)  # round 4 applied; round 5 is pi-0's alone
     assert fed.finish()["aggregator"] == 0
+
+
+def test_an_agent_gone_off_line_while_the_service_waits_is_not_selected(fed: Federation) -> None:
+    # A part-time device's statuses, on-line then off-line, both in the inbox when the service
+    # reaches its quorum of 1 with the first. Returning then, it selected from an empty pool
+    # and stopped ("a round needs at least one selected client"); it now waits on.
+    service = AggregatorService(
+        fed.aggregator_config(min_clients=1), fed.broker.connector, fed.clock
+    )
+    inbox = service.transport.inbox
+
+    def status(state: str) -> Inbound:
+        body = msg.AgentStatus(client_id="pi-x", state=state, num_samples=50)  # type: ignore[arg-type]
+        return Inbound(T.agent_status("pi-x"), body.to_json(), False)
+
+    inbox.put(status("online"))
+    inbox.put(status("offline"))
+    waited: list[bool] = []
+    worker = threading.Thread(target=lambda: waited.append(service._wait_for_agents(1, 60.0)))
+    worker.start()
+    wait_for(lambda: inbox.qsize() == 0, "both statuses read")
+    wait_for(lambda: "pi-x" in service.agents, "pi-x known")
+    inbox.put(status("online"))  # back on-line
+    worker.join(timeout=30)
+    assert waited == [True]
+    assert service.agents.online() == ["pi-x"]  # what the selection then sees
