@@ -106,6 +106,9 @@ class AggregatorConfig:
     site_margin: float = 0.2
     # The codec of a site's partials; "" = each round's announced codec (the devices').
     partial_codec: str = ""
+    # Central: the most devices one site may say it stands for (its status is the site's own
+    # word; its partial may claim at most max_samples per device).
+    max_site_devices: int = 1000
     # --- strategy (aggregator/strategy_config.py, docs/strategies.md) ---
     # The server optimizer applied to each round's aggregated delta.
     strategy: str = "fedavg"

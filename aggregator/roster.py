@@ -21,7 +21,9 @@ Warn = Callable[..., None]  # (sender, fmt, *args): an aggregated, per-sender wa
 class AgentRoster:
     """The latest status of every agent that ever reported one."""
 
-    def __init__(self, warn: Warn) -> None:
+    def __init__(self, warn: Warn, max_site_devices: int = 1000) -> None:
+        """``max_site_devices``: the most devices one site's status may claim."""
+        self.max_site_devices = max_site_devices
         self.agents: dict[str, msg.AgentStatus] = {}
         self.sites: dict[str, msg.SiteStatus] = {}  # site aggregators (docs/sites.md)
         self.cut_off: set[str] = set()  # sites whose bridge is down
@@ -67,6 +69,9 @@ class AgentRoster:
         if topics.parse(topic).site != status.site:
             self._warn(sender, "ignoring status for site %r on %s", status.site, topic)
             return
+        if status.devices > self.max_site_devices:
+            self._warn(sender, "site %s claims %d devices: counted as %d (max-site-devices)",
+                       status.site, status.devices, self.max_site_devices)  # fmt: skip
         if status.site in self.agents:  # a name used by a device (add-site refuses it)
             self._warn(sender, "ignoring site status of %r: a device has that name", status.site)
             return
@@ -113,4 +118,4 @@ class AgentRoster:
     def site_devices(self, name: str) -> int:
         """Devices behind site ``name`` (at least 1), 0 when ``name`` is no site."""
         status = self.sites.get(name)
-        return 0 if status is None else max(1, status.devices)
+        return 0 if status is None else max(1, min(status.devices, self.max_site_devices))

@@ -133,7 +133,7 @@ class AggregatorService:
             self.signing_key,
             run=self.run_epoch,
         )
-        self.agents = AgentRoster(self._warn)
+        self.agents = AgentRoster(self._warn, cfg.max_site_devices)
         self.guard = IntakeGuard(log, WARN_INTERVAL_S, cfg.update_burst, cfg.update_rate)
         self.rng = np.random.default_rng(cfg.seed)
         self.metrics = MetricsLog(cfg.metrics_file)

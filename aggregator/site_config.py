@@ -21,6 +21,8 @@ DESCRIPTIONS = {
     "only announcements signed by it (`broker init --site` writes it)",
     "partial_codec": "a site aggregator's codec for its partials (e.g. `fp16`, more precise "
     "than the devices' `int8` for twice its bytes); empty: each round's announced codec",
+    "max_site_devices": "central aggregator: the most devices a site's status may claim "
+    "(more counts as this many); a site's partial may claim at most `max_samples` per device",
     "site_margin": "share of a central round's remaining time a site keeps for its partial's "
     "trip up the bridge (the site closes its share earlier by that much)",
 }
@@ -28,6 +30,8 @@ DESCRIPTIONS = {
 
 def site_checks(cfg: Any) -> list[tuple[bool, str]]:
     """(holds, message) of every site setting; messages start with the key."""
+    if cfg.max_site_devices < 1:
+        return [(False, "max-site-devices must be ≥ 1")]
     if cfg.site is None:
         return [(cfg.central_key is None, "central-key is a site aggregator's: give --site too")]
     try:
@@ -60,6 +64,11 @@ def add_site_arguments(parser: argparse.ArgumentParser) -> None:
         "--central-key",
         help="the central aggregator's model-signing public key (PEM): follow only "
         "announcements it signed",
+    )
+    g.add_argument(
+        "--max-site-devices",
+        type=int,
+        help="central: the most devices one site may claim (default 1000)",
     )
     g.add_argument(
         "--partial-codec",

@@ -45,12 +45,7 @@ class NetProxy:
     def cut(self) -> None:
         """Close every proxied connection and refuse new ones until :meth:`heal`."""
         self._up.clear()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
+        self._drop_connections()
 
     def unplug(self) -> None:
         """Close every proxied connection and stop listening until :meth:`heal`: connection
@@ -60,6 +55,9 @@ class NetProxy:
         with contextlib.suppress(OSError):  # wakes the accept loop: it ends
             self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
+        self._drop_connections()
+
+    def _drop_connections(self) -> None:
         with self._lock:
             conns, self._conns = self._conns, []
         for s in conns:

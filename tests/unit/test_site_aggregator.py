@@ -361,3 +361,17 @@ def test_a_device_joining_round_one_of_adaptive_clipping_is_counted(tmp_path: Pa
     assert codes == ["accepted", "accepted"]
     (partial,) = broker.messages(T.site_partial_any)
     assert decode_frame(partial.payload).header.num_samples == 100
+
+
+def test_a_site_claiming_more_devices_than_allowed_is_capped_in_its_samples() -> None:
+    warned: list[str] = []
+    roster = AgentRoster(lambda _s, fmt, *a: warned.append(fmt % a), max_site_devices=2)
+    inflated = msg.SiteStatus(site="site-a", state="online", devices=10**6, num_samples=10**9)
+    roster.on_site_status(T.site_status("site-a"), inflated.to_json())
+    assert roster.site_devices("site-a") == 2 and "counted as 2" in warned[0]
+    state = RoundState(1, "b" * 64, {"site-a"}, 1, 60.0, 0.0)
+    intake = UpdateIntake(
+        FED, state, _strategy(clip="none").open_round(1), 10**6, None, max_samples=100,
+        declared=roster.declared_samples, site_devices=roster.site_devices,
+    )  # fmt: skip
+    assert intake.offer(1, "site-a", _frame("site-a", 201)).verdict.code == "too-many-samples"
